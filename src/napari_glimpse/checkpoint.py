@@ -1,0 +1,60 @@
+"""Checkpoints: one file with format version, configs, landmark names, spacing, start
+positions and weights, loaded with ``torch.load(weights_only=True)``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import GlimpseError
+
+FORMAT_VERSION = 1
+KIND = "napari-glimpse-model"
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Read and validate a checkpoint file; clear :class:`GlimpseError` on anything wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise GlimpseError(f"model file not found: {path}")
+    if path.is_dir():
+        raise GlimpseError(f"expected a model file, got a folder: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and unpickler errors vary by version
+        raise GlimpseError(
+            f"{path} is not a napari-glimpse model checkpoint ({exc.__class__.__name__})"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != KIND:
+        raise GlimpseError(f"{path} is not a napari-glimpse model checkpoint")
+    version = ckpt.get("format_version")
+    if not isinstance(version, int):
+        raise GlimpseError(f"{path}: checkpoint has no format version")
+    if version > FORMAT_VERSION:
+        raise GlimpseError(
+            f"{path} was written by a newer napari-glimpse (checkpoint format {version}, this "
+            f"version reads up to {FORMAT_VERSION}); upgrade napari-glimpse"
+        )
+    for key in ("model_config", "landmark_names", "pixel_spacing", "mean_start", "state_dict"):
+        if key not in ckpt:
+            raise GlimpseError(f"{path}: checkpoint lacks {key!r}")
+    return ckpt

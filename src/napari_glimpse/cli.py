@@ -1,0 +1,215 @@
+"""The ``napari-glimpse`` command line: train, predict, evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from .errors import GlimpseError
+
+
+def _positive_float(s: str) -> float:
+    v = float(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return v
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="napari-glimpse",
+        description="Cephalometric landmarks with a foveated pyramid glimpse CNN.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model on a labelled split")
+    t.add_argument("--data", required=True, help="dataset folder (Kaggle CSV or ISBI layout) or a CSV file")
+    t.add_argument("--split", default="train", help="split to train on (default: train)")
+    t.add_argument("--out", required=True, help="model file to write")
+    t.add_argument("--config", choices=["compact", "paper"], default="compact",
+                   help="compact (default; trains on a CPU) or paper (ResNet-34 as published)")
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    t.add_argument("--time-budget", type=_positive_float, metavar="MIN",
+                   help="stop after this many minutes of training; the schedule fits the budget")
+    t.add_argument("--max-steps", type=_positive_int, help="stop after this many optimizer steps")
+    t.add_argument("--resume", action="store_true", help="continue from OUT.resume")
+    t.add_argument("--init", metavar="MODEL", help="start from this model's weights (fine-tuning)")
+    t.add_argument("--pretrained", nargs="?", const=True, metavar="PATH",
+                   help="paper trunk: ImageNet weights from torchvision, or a local ResNet-34 state dict")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch-size", type=_positive_int)
+    t.add_argument("--lr", type=_positive_float)
+    t.add_argument("--val-fraction", type=float, default=0.0,
+                   help="hold out this fraction of the split as validation, reported as training goes")
+    t.add_argument("--spacing", type=_positive_float, help="pixel spacing in mm (default 0.1)")
+    t.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
+
+    pr = sub.add_parser("predict", help="predict landmarks on images or folders")
+    pr.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
+    pr.add_argument("--model", help="model file (default: the model shipped in the package)")
+    pr.add_argument("--out", required=True, help="CSV to write (Kaggle layout)")
+    pr.add_argument("--confidence-out", help="CSV of per-landmark confidence (default: OUT with _confidence)")
+    pr.add_argument("--iterations", type=_positive_int, default=3)
+    pr.add_argument("--starts", type=_positive_int, default=1, help="perturbed starts averaged per landmark")
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--threads", type=_positive_int)
+
+    e = sub.add_parser("evaluate", help="ISBI metrics (MRE, SDR) on a labelled split")
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", default="test1")
+    e.add_argument("--model", help="model file (default: the model shipped in the package)")
+    e.add_argument("--iterations", type=_positive_int, default=3)
+    e.add_argument("--starts", type=_positive_int, default=1)
+    e.add_argument("--ground-truth", default="mean", help="mean (default), senior or junior")
+    e.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
+    e.add_argument("--predictions", metavar="CSV", help="also write the predictions (Kaggle layout)")
+    e.add_argument("--spacing", type=_positive_float)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--threads", type=_positive_int)
+    return p
+
+
+def _threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .inference import GlimpseModel
+    from .io import load_dataset
+    from .training import presets, train
+
+    ds = load_dataset(a.data, a.split, a.spacing)
+    mcfg, tcfg = presets(a.config, len(ds), len(ds.landmark_names))
+    over = {"seed": a.seed}
+    if a.batch_size:
+        over["batch_size"] = a.batch_size
+    if a.lr:
+        over["lr"] = a.lr
+    if a.max_steps:
+        over["max_steps"] = a.max_steps
+    elif a.time_budget:
+        over["max_steps"] = None
+    tcfg = replace(tcfg, **over)
+    val = None
+    if a.val_fraction:
+        if not 0 < a.val_fraction < 1:
+            raise GlimpseError("--val-fraction must be between 0 and 1")
+        import numpy as np
+
+        order = np.random.default_rng(a.seed).permutation(len(ds))
+        n_val = max(1, int(round(a.val_fraction * len(ds))))
+        val, ds = ds.subset(sorted(order[:n_val])), ds.subset(sorted(order[n_val:]))
+    init = GlimpseModel.load(a.init, a.device) if a.init else None
+    if a.pretrained and a.config != "paper":
+        raise GlimpseError("--pretrained applies to --config paper (the ResNet-34 trunk)")
+    cmd = "napari-glimpse " + " ".join(sys.argv[1:]) if sys.argv else ""
+    meta = {"command": cmd, "data": str(a.data), "split": a.split}
+    if a.init:
+        meta["parent"] = str(a.init)
+    model = train(
+        ds, a.out, mcfg, tcfg, device=a.device,
+        time_budget_s=a.time_budget * 60 if a.time_budget else None,
+        resume=a.resume, init=init, pretrained=a.pretrained, val=val, meta=meta,
+    )
+    m = model.meta
+    msg = f"wrote {a.out}: {m['train_steps']} steps in {m['train_wall_s'] / 60:.1f} min"
+    last = m["history"][-1] if m.get("history") else {}
+    if "val_mre_mm" in last:
+        msg += f", validation MRE {last['val_mre_mm']:.2f} mm"
+    print(msg)
+    return 0
+
+
+def _confidence_path(out: Path, given: str | None) -> Path:
+    return Path(given) if given else out.with_name(out.stem + "_confidence.csv")
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .inference import GlimpseModel
+    from .io import expand_image_args, write_landmarks_csv, write_table_csv
+
+    paths = expand_image_args(a.images)
+    model = GlimpseModel.load(a.model, a.device)
+    preds, conf = [], []
+    t = time.perf_counter()
+    for p in tqdm(paths, desc="predict", unit="image", disable=len(paths) < 2):
+        tr = model.predict(p, iterations=a.iterations, starts=a.starts)
+        preds.append(tr.final)
+        conf.append(tr.confidence)
+    dt = time.perf_counter() - t
+    out = Path(a.out)
+    names = [p.name for p in paths]
+    write_landmarks_csv(out, names, np.stack(preds))
+    cpath = _confidence_path(out, a.confidence_out)
+    k = len(model.landmark_names)
+    write_table_csv(cpath, ["image_path"] + [f"{i + 1}_confidence" for i in range(k)],
+                    [[n] + [f"{v:.3f}" for v in c] for n, c in zip(names, conf)])
+    print(f"wrote {out} and {cpath}: {len(paths)} image(s), {dt / len(paths):.2f} s per image")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .inference import GlimpseModel
+    from .io import load_dataset, write_landmarks_csv
+    from .metrics import format_table
+    from .training import evaluate_model
+
+    ds = load_dataset(a.data, a.split, a.spacing)
+    model = GlimpseModel.load(a.model, a.device)
+    if len(model.landmark_names) != len(ds.landmark_names):
+        raise GlimpseError(f"model has {len(model.landmark_names)} landmarks, data has {len(ds.landmark_names)}")
+    res = evaluate_model(model, ds, a.iterations, a.starts, a.ground_truth)
+    preds = res.pop("predictions")
+    res.pop("errors_mm")
+    res.update({"model": a.model or "default", "data": str(a.data), "split": a.split,
+                "ground_truth": a.ground_truth, "iterations": a.iterations, "starts": a.starts})
+    print(format_table(res))
+    print(f"{res['n_images']} images, {res['seconds_per_image']:.2f} s per image")
+    if a.predictions:
+        write_landmarks_csv(a.predictions, [p.name for p in ds.image_paths], preds)
+    if a.json:
+        text = json.dumps(res, indent=2)
+        if a.json == "-":
+            print(text)
+        else:
+            Path(a.json).write_text(text + "\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        _threads(getattr(a, "threads", None))
+        return {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate}[a.command](a)
+    except GlimpseError as exc:
+        print(f"napari-glimpse: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("napari-glimpse: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:  # disk full, permission denied on the output, ...
+        print(f"napari-glimpse: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Inference: iterate glimpses from the mean start and return the whole trajectory."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import FORMAT_VERSION, KIND, atomic_torch_save, read_checkpoint
+from .errors import GlimpseError
+from .glimpse import PyramidStack, frame_to_image, sample_glimpses
+from .io import read_image, to_grey_uint8
+from .model import GlimpseModelNet, ModelConfig
+from .pyramid import Pyramid, build_pyramid
+
+DEFAULT_MODEL = Path(__file__).parent / "models" / "default.pt"
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a clear error."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GlimpseError("--device cuda asked for, but no CUDA GPU is available")
+    return dev
+
+
+def autocast(device: torch.device, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """What the model did on one image.
+
+    ``positions[t, k]`` is landmark ``k``'s estimate (x, y, full-resolution pixels) before
+    iteration ``t``; ``positions[0]`` is the start and ``positions[-1]`` the answer.
+    ``glimpses[t, k, l]`` is the ``P x P`` patch of level ``l`` seen at iteration ``t`` (uint8) and
+    ``heatmaps[t, k, l, c]`` the trunk's softmax map of channel ``c`` (float16); both only on
+    request. ``uncertainty_mm`` is the spread of the perturbed starts' answers (or, with one
+    start, the length of the last step); ``confidence = exp(-uncertainty_mm / 2 mm)``.
+    """
+
+    positions: np.ndarray
+    uncertainty_mm: np.ndarray
+    landmark_names: tuple[str, ...]
+    pixel_spacing: float
+    image_shape: tuple[int, int]
+    patch: int
+    glimpses: np.ndarray | None = None
+    heatmaps: np.ndarray | None = None
+
+    @property
+    def final(self) -> np.ndarray:
+        return self.positions[-1]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """``(T, K, 2)`` the step taken at each iteration (the offset arrows)."""
+        return np.diff(self.positions, axis=0)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return np.exp(-self.uncertainty_mm / 2.0)
+
+    @property
+    def iterations(self) -> int:
+        return self.positions.shape[0] - 1
+
+
+class GlimpseModel:
+    """A trained detector: network, configuration and the metadata it was trained with."""
+
+    def __init__(
+        self,
+        net: GlimpseModelNet,
+        landmark_names: Sequence[str],
+        pixel_spacing: float,
+        mean_start: np.ndarray,
+        std_start: np.ndarray | None = None,
+        train_config: dict | None = None,
+        meta: dict | None = None,
+    ):
+        self.net = net
+        self.config: ModelConfig = net.cfg
+        self.landmark_names = tuple(landmark_names)
+        self.pixel_spacing = float(pixel_spacing)
+        self.mean_start = np.asarray(mean_start, dtype=np.float64)
+        self.std_start = (
+            np.asarray(std_start, dtype=np.float64) if std_start is not None else np.zeros_like(self.mean_start)
+        )
+        self.train_config = dict(train_config or {})
+        self.meta = dict(meta or {})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    # ----------------------------------------------------------------------------- files
+    def to_checkpoint(self) -> dict:
+        return {
+            "kind": KIND,
+            "format_version": FORMAT_VERSION,
+            "model_config": self.config.to_dict(),
+            "train_config": self.train_config,
+            "landmark_names": list(self.landmark_names),
+            "pixel_spacing": self.pixel_spacing,
+            "mean_start": torch.as_tensor(self.mean_start, dtype=torch.float64),
+            "std_start": torch.as_tensor(self.std_start, dtype=torch.float64),
+            "meta": self.meta,
+            "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_torch_save(self.to_checkpoint(), path)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, device: str | torch.device | None = "cpu", source: str = "checkpoint") -> "GlimpseModel":
+        try:
+            cfg = ModelConfig.from_dict(ckpt["model_config"])
+            net = GlimpseModelNet(cfg)
+        except (TypeError, ValueError) as exc:
+            raise GlimpseError(f"{source}: bad model configuration: {exc}") from None
+        try:
+            net.load_state_dict(ckpt["state_dict"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            detail = first[1].strip() if len(first) > 1 else first[0]
+            raise GlimpseError(f"{source}: weights do not fit the model configuration ({detail})") from None
+        mean_start = np.asarray(ckpt["mean_start"], dtype=np.float64)
+        if mean_start.shape != (cfg.n_landmarks, 2) or len(ckpt["landmark_names"]) != cfg.n_landmarks:
+            raise GlimpseError(f"{source}: start positions or landmark names do not match {cfg.n_landmarks} landmarks")
+        net.eval().to(resolve_device(device))
+        return cls(
+            net,
+            ckpt["landmark_names"],
+            ckpt["pixel_spacing"],
+            mean_start,
+            ckpt.get("std_start"),
+            ckpt.get("train_config"),
+            ckpt.get("meta"),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, device: str | torch.device | None = "auto") -> "GlimpseModel":
+        """Load a checkpoint file; ``None`` loads the default model shipped in the package."""
+        if path is None:
+            path = DEFAULT_MODEL
+            if not path.exists():
+                raise GlimpseError(f"the default model is missing from the package ({path}); pass --model")
+        return cls.from_checkpoint(read_checkpoint(path), device, source=str(path))
+
+    # ------------------------------------------------------------------------- inference
+    def pyramid(self, image: np.ndarray | str | os.PathLike | Pyramid) -> Pyramid:
+        if isinstance(image, Pyramid):
+            if len(image) != self.config.n_levels:
+                raise GlimpseError(f"pyramid has {len(image)} levels, the model needs {self.config.n_levels}")
+            return image
+        if isinstance(image, (str, os.PathLike)):
+            image = read_image(image)
+        return build_pyramid(to_grey_uint8(image), self.config.n_levels, self.config.patch)
+
+    def predict(
+        self,
+        image: np.ndarray | str | os.PathLike | Pyramid,
+        iterations: int = 3,
+        landmarks: Sequence[int] | None = None,
+        starts: int = 1,
+        start: np.ndarray | None = None,
+        record_glimpses: bool = False,
+        record_heatmaps: bool = False,
+        bf16: bool | None = None,
+        seed: int = 0,
+    ) -> Trajectory:
+        """Locate the landmarks in one image.
+
+        Parameters
+        ----------
+        image : array, path or Pyramid
+            The cephalogram (grey or RGB, any bit depth).
+        iterations : int
+            Glimpse steps per landmark (3 suffice).
+        landmarks : sequence of int, optional
+            Indices of the landmarks to locate (default all).
+        starts : int
+            Number of starts per landmark: the mean start plus ``starts - 1`` perturbed by half
+            the training spread; the answer is their mean and their spread the uncertainty.
+        start : (K, 2) array, optional
+            Start positions instead of the training mean.
+        record_glimpses, record_heatmaps : bool
+            Keep every iteration's patches / softmax maps in the trajectory (first start only).
+        bf16 : bool, optional
+            bfloat16 autocast; default on for the paper trunk, off for the compact one.
+        """
+        if iterations < 1:
+            raise GlimpseError("iterations must be at least 1")
+        pyr = self.pyramid(image)
+        h, w = pyr.shape
+        ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
+        dev = self.device
+        use_bf16 = (self.config.trunk == "paper") if bf16 is None else bf16
+        stack = PyramidStack([pyr]).to(dev)
+        base = self.mean_start[ks] if start is None else np.asarray(start, dtype=np.float64)[ks]
+        # image size differs from training: scale the mean start with it
+        if start is None and "train_image_shape" in self.meta:
+            th, tw = self.meta["train_image_shape"]
+            base = base * np.array([w / tw, h / th])
+        centers = np.repeat(base[None], starts, axis=0)
+        if starts > 1:
+            rng = np.random.default_rng(seed)
+            centers[1:] += rng.normal(size=centers[1:].shape) * 0.5 * self.std_start[ks][None]
+        n_s, n_k = centers.shape[:2]
+        c = torch.as_tensor(centers.reshape(-1, 2), dtype=torch.float32, device=dev)
+        lm = torch.as_tensor(np.tile(ks, n_s), dtype=torch.long, device=dev)
+        idx = torch.zeros(len(c), dtype=torch.long, device=dev)
+        lo = torch.zeros(2, device=dev)
+        hi = torch.tensor([w - 1.0, h - 1.0], device=dev)
+        c = torch.maximum(torch.minimum(c, hi), lo)
+        positions = [c.clone()]
+        glimpses, heatmaps = [], []
+        self.net.eval()
+        with torch.inference_mode(), autocast(dev, use_bf16):
+            for _ in range(iterations):
+                patches = sample_glimpses(stack, idx, c, self.config.patch)
+                if record_heatmaps:
+                    out, hm = self.net(patches, lm, heatmaps=True)
+                    heatmaps.append(hm[:n_k].to(torch.float16).cpu().numpy())
+                else:
+                    out = self.net(patches, lm)
+                if record_glimpses:
+                    glimpses.append(patches[:n_k].round().clamp(0, 255).to(torch.uint8).cpu().numpy())
+                step = out.float() * self.config.offset_unit
+                c = torch.maximum(torch.minimum(c + step, hi), lo)
+                positions.append(c.clone())
+        pos = torch.stack(positions).cpu().numpy().astype(np.float64).reshape(iterations + 1, n_s, n_k, 2)
+        final = pos[-1].mean(axis=0)
+        if n_s > 1:
+            unc = np.sqrt(((pos[-1] - final[None]) ** 2).sum(-1).mean(0)) * self.pixel_spacing
+        else:
+            unc = np.linalg.norm(pos[-1, 0] - pos[-2, 0], axis=-1) * self.pixel_spacing
+        traj_pos = pos[:, 0].copy()
+        traj_pos[-1] = final
+        return Trajectory(
+            positions=traj_pos,
+            uncertainty_mm=unc,
+            landmark_names=tuple(self.landmark_names[k] for k in ks),
+            pixel_spacing=self.pixel_spacing,
+            image_shape=(h, w),
+            patch=self.config.patch,
+            glimpses=np.stack(glimpses) if record_glimpses else None,
+            heatmaps=np.stack(heatmaps) if record_heatmaps else None,
+        )

@@ -1,0 +1,90 @@
+"""Gaussian image pyramid: x2 down per level, stored as uint8.
+
+Level ``l`` pixel ``j`` sits at full-resolution coordinate ``j * 2**l`` (blur, then keep every
+second pixel), so a point ``p`` in full-resolution pixels is at ``p / 2**l`` on level ``l``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import GlimpseError
+
+def levels_for(shape: tuple[int, int], patch: int = 64, slack: float = 1.25) -> int:
+    """Number of levels so that the top level fits about one glimpse.
+
+    The top level's longer side is at most ``slack * patch`` pixels: 6 levels for a
+    1935x2400 cephalogram with 64-pixel glimpses (top level 61x75).
+    """
+    side = max(shape)
+    return 1 + max(0, math.ceil(math.log2(side / (slack * patch))))
+
+
+def _down2(x: torch.Tensor) -> torch.Tensor:
+    """Blur with the 5-tap binomial kernel (reflect padding), keeping every other pixel.
+
+    Only the kept pixels are computed: output ``j`` is the blur at input ``2 j``.
+    """
+    w = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
+    h, wd = x.shape[-2:]
+    mode = "reflect" if min(h, wd) > 2 else "replicate"
+    ho, wo = (h + 1) // 2, (wd + 1) // 2
+    xp = F.pad(x, (0, 0, 2, 2), mode=mode)
+    y = sum(c * xp[..., k : k + 2 * ho : 2, :] for k, c in enumerate(w))
+    yp = F.pad(y, (2, 2, 0, 0), mode=mode)
+    return sum(c * yp[..., k : k + 2 * wo : 2] for k, c in enumerate(w))
+
+
+@dataclass(frozen=True, eq=False)
+class Pyramid:
+    """The levels of one image, finest first, each a 2-D ``uint8`` tensor."""
+
+    levels: tuple[torch.Tensor, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.levels[0].shape)  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self.levels)
+
+
+def build_pyramid(image: np.ndarray | torch.Tensor, n_levels: int, patch: int = 64) -> Pyramid:
+    """Build an ``n_levels`` Gaussian pyramid of a grey ``uint8`` image."""
+    img = torch.as_tensor(np.asarray(image))
+    if img.ndim != 2:
+        raise GlimpseError(f"expected a 2-D grey image, got shape {tuple(img.shape)}")
+    h, w = img.shape
+    if h < patch or w < patch:
+        raise GlimpseError(f"image is {w}x{h} pixels, smaller than one {patch}x{patch} glimpse")
+    x = img.to(torch.float32)[None, None]
+    levels = [img.to(torch.uint8).contiguous()]
+    for _ in range(1, n_levels):
+        x = _down2(x)
+        levels.append(x[0, 0].round().clamp(0, 255).to(torch.uint8).contiguous())
+    return Pyramid(tuple(levels))
+
+
+@lru_cache(maxsize=8)
+def _cached(path: str, mtime: float, n_levels: int, patch: int) -> Pyramid:
+    from .io import read_image
+
+    return build_pyramid(read_image(path), n_levels, patch)
+
+
+def pyramid_from_file(path, n_levels: int, patch: int = 64) -> Pyramid:
+    """Read an image and build its pyramid, cached on (path, mtime, levels)."""
+    import os
+
+    p = os.fspath(path)
+    try:
+        mtime = os.path.getmtime(p)
+    except OSError:
+        mtime = -1.0
+    return _cached(p, mtime, n_levels, patch)

@@ -1,0 +1,351 @@
+"""Training: random starts, augmented glimpses, offset regression, budgeted and resumable."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_torch_save, read_checkpoint
+from .errors import GlimpseError
+from .glimpse import PyramidStack, frame_to_image, image_to_frame, sample_glimpses
+from .inference import GlimpseModel, autocast, resolve_device
+from .io import Dataset
+from .model import GlimpseModelNet, ModelConfig
+from .pyramid import build_pyramid, levels_for
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and augmentation.
+
+    ``start_mode``: ``mean`` draws starts from N(mean, std) of the landmark's training positions
+    and follows the model for ``train_iterations`` detached steps (the paper); ``mixture`` also
+    draws a ``near_fraction`` of starts around the target at a log-uniform radius in
+    ``near_sigma_px`` (one independent glimpse each: what later iterations see, at a fraction of
+    the cost).
+    """
+
+    batch_size: int = 64
+    lr: float = 1e-3
+    schedule: str = "cosine"  # cosine | paper (lr, then lr/10 for the second half)
+    warmup: float = 0.02
+    max_steps: int | None = 20000
+    train_iterations: int = 1
+    start_mode: str = "mixture"
+    near_fraction: float = 0.7
+    near_sigma_px: tuple[float, float] = (3.0, 150.0)
+    start_std_scale: float = 1.0
+    rotation_deg: float = 15.0
+    log_scale: float = 0.05
+    noise: float = 0.01
+    bf16: bool = False
+    ground_truth: str = "mean"
+    save_every_s: float = 300.0
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "near_sigma_px" in d:
+            d["near_sigma_px"] = tuple(d["near_sigma_px"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["near_sigma_px"] = list(self.near_sigma_px)
+        return d
+
+
+def presets(name: str, n_train: int = 150, n_landmarks: int = 19) -> tuple[ModelConfig, TrainConfig]:
+    """``compact``: the default that trains on 2 CPU cores; ``paper``: as published
+    (ResNet-34 trunk, one network per landmark, 10 iterations, Adam 20 epochs at 1e-4 then 20 at
+    1e-5, batch of 1 image, an epoch being every training image once per landmark)."""
+    if name == "compact":
+        return ModelConfig(n_landmarks=n_landmarks), TrainConfig()
+    if name == "paper":
+        steps = 40 * n_train * n_landmarks
+        return (
+            ModelConfig(trunk="paper", mode="per_landmark", n_landmarks=n_landmarks),
+            TrainConfig(
+                batch_size=1, lr=1e-4, schedule="paper", warmup=0.0, max_steps=steps,
+                train_iterations=10, start_mode="mean", bf16=True,
+            ),
+        )
+    raise GlimpseError(f"unknown config {name!r} (compact or paper)")
+
+
+def learning_rate(cfg: TrainConfig, progress: float) -> float:
+    progress = min(max(progress, 0.0), 1.0)
+    if cfg.schedule == "paper":
+        return cfg.lr if progress < 0.5 else cfg.lr * 0.1
+    if progress < cfg.warmup:
+        return cfg.lr * (0.1 + 0.9 * progress / cfg.warmup)
+    p = (progress - cfg.warmup) / max(1e-9, 1 - cfg.warmup)
+    return 1e-2 * cfg.lr + 0.5 * (cfg.lr - 1e-2 * cfg.lr) * (1 + math.cos(math.pi * p))
+
+
+class TrainingData:
+    """Pyramids of all training images plus ground truth, ready for batched sampling."""
+
+    def __init__(self, dataset: Dataset, n_levels: int, patch: int, ground_truth: str = "mean",
+                 progress: bool = False):
+        from tqdm.auto import tqdm
+
+        if len(dataset) == 0:
+            raise GlimpseError("the training set is empty")
+        pyramids = []
+        for i in tqdm(range(len(dataset)), desc="pyramids", disable=not progress, leave=False):
+            img = dataset.image(i)
+            dataset.check_inside(i, img.shape)
+            pyramids.append(build_pyramid(img, n_levels, patch))
+        self.stack = PyramidStack(pyramids)
+        self.shapes = np.array([p.shape for p in pyramids])
+        self.truth = torch.as_tensor(dataset.ground_truth(ground_truth), dtype=torch.float32)
+        self.n_images, self.n_landmarks = self.truth.shape[:2]
+
+
+def _save_resume(path: Path, model: GlimpseModel, opt, step: int, elapsed: float, gen: torch.Generator,
+                 history: list) -> None:
+    ck = model.to_checkpoint()
+    ck["train_state"] = {
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "elapsed_s": elapsed,
+        "rng": gen.get_state(),
+        "history": history,
+    }
+    atomic_torch_save(ck, path)
+
+
+def resume_path(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".resume")
+
+
+def train(
+    dataset: Dataset,
+    out: str | os.PathLike,
+    model_config: ModelConfig | None = None,
+    train_config: TrainConfig | None = None,
+    device: str = "auto",
+    time_budget_s: float | None = None,
+    resume: bool = False,
+    init: GlimpseModel | None = None,
+    pretrained: str | bool | None = None,
+    val: Dataset | None = None,
+    progress: bool = True,
+    callback: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    meta: dict | None = None,
+) -> GlimpseModel:
+    """Train a glimpse model on ``dataset`` and write it to ``out``.
+
+    Training stops at ``train_config.max_steps`` or after ``time_budget_s`` seconds of wall time
+    (whichever comes first; the learning-rate schedule follows the nearer one), or when
+    ``should_stop()`` returns True. Every ``save_every_s`` a resumable state is written to
+    ``out + '.resume'``; ``resume=True`` continues from it. ``init`` starts from an existing model
+    (fine-tuning); ``pretrained`` loads ImageNet weights into the paper trunk (True: torchvision,
+    or a path to a local ResNet-34 state dict). ``callback`` receives a dict per step.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    dev = resolve_device(device)
+    tcfg = train_config or TrainConfig()
+    rpath = resume_path(out)
+    state = None
+    if resume:
+        if not rpath.exists():
+            raise GlimpseError(f"nothing to resume: {rpath} does not exist")
+        ck = read_checkpoint(rpath)
+        state = ck.get("train_state")
+        if state is None:
+            raise GlimpseError(f"{rpath} holds no training state")
+        model = GlimpseModel.from_checkpoint(ck, dev, source=str(rpath))
+        tcfg = TrainConfig.from_dict(ck.get("train_config", {}))
+        mcfg = model.config
+    elif init is not None:
+        model = init
+        model.net.to(dev)
+        mcfg = model.config
+    else:
+        mcfg = model_config or ModelConfig(n_landmarks=len(dataset.landmark_names))
+        if mcfg.n_landmarks != len(dataset.landmark_names):
+            mcfg = replace(mcfg, n_landmarks=len(dataset.landmark_names))
+        torch.manual_seed(tcfg.seed)
+        net = GlimpseModelNet(mcfg)
+        if pretrained:
+            net.load_pretrained_trunk(None if pretrained is True else str(pretrained))
+        model = None  # built once the data's statistics are known
+
+    data = TrainingData(dataset, mcfg.n_levels, mcfg.patch, tcfg.ground_truth, progress=progress)
+    if min(data.shapes.min(axis=0)) < mcfg.patch:
+        raise GlimpseError("an image is smaller than one glimpse")
+    if model is None:
+        truth = data.truth.numpy().astype(np.float64)
+        shape = tuple(int(v) for v in np.median(data.shapes, axis=0))
+        auto = levels_for(shape, mcfg.patch)
+        m = dict(meta or {})
+        m.update({"train_image_shape": list(shape), "auto_levels": auto, "n_train_images": len(dataset),
+                  "train_images": [p.name for p in dataset.image_paths]})
+        model = GlimpseModel(net.to(dev), dataset.landmark_names, dataset.pixel_spacing,
+                             truth.mean(axis=0), truth.std(axis=0), tcfg.to_dict(), m)
+    else:
+        model.train_config = tcfg.to_dict()
+        if meta:
+            model.meta.update(meta)
+    if tuple(model.landmark_names) != tuple(dataset.landmark_names) and len(model.landmark_names) != len(dataset.landmark_names):
+        raise GlimpseError(
+            f"model has {len(model.landmark_names)} landmarks, data has {len(dataset.landmark_names)}"
+        )
+
+    net = model.net
+    net.train()
+    opt = torch.optim.Adam(net.parameters(), lr=tcfg.lr)
+    gen = torch.Generator().manual_seed(tcfg.seed)
+    step, elapsed0, history = 0, 0.0, []
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        elapsed0 = float(state["elapsed_s"])
+        gen.set_state(state["rng"])
+        history = list(state.get("history", []))
+
+    stack = data.stack.to(dev)
+    truth = data.truth.to(dev)
+    shapes = torch.as_tensor(data.shapes, dtype=torch.float32, device=dev)
+    mean = torch.as_tensor(model.mean_start, dtype=torch.float32, device=dev)
+    std = torch.as_tensor(model.std_start, dtype=torch.float32, device=dev) * tcfg.start_std_scale
+    n_i, n_k = data.n_images, data.n_landmarks
+    unit = mcfg.offset_unit
+    max_steps = tcfg.max_steps
+    if max_steps is None and time_budget_s is None:
+        raise GlimpseError("give a step limit or a time budget")
+
+    def progress_of(s: int, el: float) -> float:
+        ps = s / max_steps if max_steps else 0.0
+        pt = el / time_budget_s if time_budget_s else 0.0
+        return max(ps, pt)
+
+    t0 = time.monotonic()
+    last_save = t0
+    ema = None
+    bar = tqdm(total=1000, desc="train", unit="‰", disable=not progress, bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+    stopped = "budget"
+    try:
+        while True:
+            elapsed = elapsed0 + time.monotonic() - t0
+            frac = progress_of(step, elapsed)
+            if frac >= 1.0:
+                break
+            if should_stop is not None and should_stop():
+                stopped = "cancelled"
+                break
+            lr = learning_rate(tcfg, frac)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            b = tcfg.batch_size
+            img = torch.randint(0, n_i, (b,), generator=gen).to(dev)
+            lm = torch.randint(0, n_k, (b,), generator=gen).to(dev)
+            target = truth[img, lm]
+            size = shapes[img].flip(-1)  # (w, h)
+            start = mean[lm] + torch.randn(b, 2, generator=gen).to(dev) * std[lm]
+            if tcfg.start_mode == "mixture":
+                lo, hi = math.log(tcfg.near_sigma_px[0]), math.log(tcfg.near_sigma_px[1])
+                sig = torch.exp(lo + (hi - lo) * torch.rand(b, 1, generator=gen)).to(dev)
+                near = target + torch.randn(b, 2, generator=gen).to(dev) * sig
+                pick = (torch.rand(b, 1, generator=gen) < tcfg.near_fraction).to(dev)
+                start = torch.where(pick, near, start)
+            c = torch.minimum(start.clamp(min=0), size - 1)
+            ang = ((torch.rand(b, generator=gen) * 2 - 1) * math.radians(tcfg.rotation_deg)).to(dev)
+            scl = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * tcfg.log_scale).to(dev)
+            opt.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for _ in range(tcfg.train_iterations):
+                patches = sample_glimpses(stack, img, c, mcfg.patch, ang, scl)
+                if tcfg.noise > 0:
+                    patches = patches + torch.randn(patches.shape, generator=gen).to(dev) * (255.0 * tcfg.noise)
+                with autocast(dev, tcfg.bf16):
+                    pred = net(patches, lm).float()
+                tgt = image_to_frame(target - c, ang, scl) / unit
+                loss = torch.sqrt(((pred - tgt) ** 2).sum(-1) + 1e-8).mean() / tcfg.train_iterations
+                loss.backward()
+                loss_sum += float(loss.detach())
+                c = c + frame_to_image(pred.detach() * unit, ang, scl)
+                c = torch.minimum(c.clamp(min=0), size - 1)
+            opt.step()
+            step += 1
+            # loss in mm of the mean radial error over the batch
+            loss_mm = loss_sum * unit * model.pixel_spacing
+            ema = loss_mm if ema is None else 0.98 * ema + 0.02 * loss_mm
+            newfrac = progress_of(step, elapsed0 + time.monotonic() - t0)
+            bar.n = min(1000, int(newfrac * 1000))
+            bar.set_postfix_str(f"step {step} loss {ema:.2f} mm lr {lr:.1e}", refresh=False)
+            bar.refresh()
+            info = {"step": step, "progress": newfrac, "loss_mm": ema, "lr": lr,
+                    "elapsed_s": elapsed0 + time.monotonic() - t0}
+            if callback is not None:
+                callback(info)
+            if time.monotonic() - last_save > tcfg.save_every_s:
+                rec = dict(info)
+                if val is not None:
+                    net.eval()
+                    rec["val_mre_mm"] = evaluate_model(model, val, progress=False)["overall"]["mre_mm"]
+                    net.train()
+                    bar.write(f"step {step}: val MRE {rec['val_mre_mm']:.2f} mm")
+                history.append(rec)
+                _save_resume(rpath, model, opt, step, info["elapsed_s"], gen, history)
+                last_save = time.monotonic()
+    finally:
+        bar.close()
+    elapsed = elapsed0 + time.monotonic() - t0
+    net.eval()
+    rec = {"step": step, "elapsed_s": elapsed, "loss_mm": ema, "stopped": stopped}
+    if val is not None:
+        rec["val_mre_mm"] = evaluate_model(model, val, progress=False)["overall"]["mre_mm"]
+    history.append(rec)
+    model.meta.update({"train_steps": step, "train_wall_s": elapsed, "history": history,
+                       "train_device": str(dev), "torch": torch.__version__, "stopped": stopped})
+    _save_resume(rpath, model, opt, step, elapsed, gen, history)
+    model.save(out)
+    return model
+
+
+def predict_dataset(model: GlimpseModel, dataset: Dataset, iterations: int = 3, starts: int = 1,
+                    progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Predict every image of a dataset: ``(N, K, 2)`` positions and ``(N, K)`` uncertainty (mm)."""
+    from tqdm.auto import tqdm
+
+    preds, unc = [], []
+    for i in tqdm(range(len(dataset)), desc="predict", disable=not progress, leave=False):
+        img = dataset.image(i)
+        dataset.check_inside(i, img.shape)
+        tr = model.predict(img, iterations=iterations, starts=starts)
+        preds.append(tr.final)
+        unc.append(tr.uncertainty_mm)
+    return np.stack(preds), np.stack(unc)
+
+
+def evaluate_model(model: GlimpseModel, dataset: Dataset, iterations: int = 3, starts: int = 1,
+                   ground_truth: str = "mean", progress: bool = True) -> dict:
+    """Predict a labelled dataset and summarise errors (see :func:`metrics.summarize`)."""
+    from .metrics import radial_errors, summarize
+
+    t = time.perf_counter()
+    preds, _ = predict_dataset(model, dataset, iterations, starts, progress)
+    dt = time.perf_counter() - t
+    err = radial_errors(preds, dataset.ground_truth(ground_truth), dataset.pixel_spacing)
+    out = summarize(err, model.landmark_names)
+    out["seconds_per_image"] = dt / len(dataset)
+    out["n_images"] = len(dataset)
+    out["predictions"] = preds
+    out["errors_mm"] = err
+    return out
