@@ -8,6 +8,7 @@ The core (this package minus ``_widgets``) imports no Qt::
     traj.final                               # (19, 2) x, y in pixels
 """
 
+from .corrections import Correction, CorrectionLog, ReviewState
 from .errors import GlimpseError
 from .inference import GlimpseModel, Trajectory
 from .io import Dataset, load_dataset, read_image, read_landmarks_csv, write_landmarks_csv
@@ -23,5 +24,5 @@ __all__ = [
     "GlimpseError", "GlimpseModel", "Trajectory", "Dataset", "load_dataset", "read_image",
     "read_landmarks_csv", "write_landmarks_csv", "ISBI_LANDMARKS", "radial_errors", "summarize",
     "ModelConfig", "Pyramid", "build_pyramid", "TrainConfig", "evaluate_model", "presets", "train",
-    "__version__",
+    "Correction", "CorrectionLog", "ReviewState", "__version__",
 ]

@@ -1,6 +1,9 @@
-"""npe2 reader: landmark files (Kaggle-layout CSV, ISBI txt) as a Points layer.
+"""npe2 readers: cephalograms as grey Image layers, landmark files (Kaggle-layout CSV, ISBI txt)
+as Points layers.
 
 Returns napari LayerData tuples; no napari or Qt import. Points are (row, col) = (y, x).
+Images are read with :func:`napari_glimpse.io.read_image` (what the model sees); DICOM files
+(``.dcm``/``.dicom``) only when pydicom is installed.
 """
 
 from __future__ import annotations
@@ -10,8 +13,61 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GlimpseError
-from .io import read_isbi_txt, read_landmarks_csv
+from .io import IMAGE_SUFFIXES, read_image, read_isbi_txt, read_landmarks_csv, to_grey_uint8
 from .landmarks import ISBI_LANDMARKS
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+def have_pydicom() -> bool:
+    try:
+        import pydicom  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def read_dicom(path: str | Path) -> tuple[np.ndarray, float | None]:
+    """Read a DICOM cephalogram as grey ``uint8`` plus its pixel spacing in mm (if recorded)."""
+    try:
+        import pydicom
+    except ImportError:
+        raise GlimpseError("reading DICOM needs pydicom: pip install 'napari-glimpse[dicom]'") from None
+    try:
+        ds = pydicom.dcmread(str(path))
+        arr = np.asarray(ds.pixel_array)
+    except Exception as exc:  # pydicom raises many kinds (missing handlers, bad files)
+        raise GlimpseError(f"cannot read DICOM {path}: {exc.__class__.__name__}: {exc}") from None
+    if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
+        arr = arr[0]  # multi-frame: the first frame
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    icept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    if slope != 1 or icept != 0:
+        arr = arr.astype(np.float32) * slope + icept
+    img = to_grey_uint8(arr)
+    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        img = 255 - img
+    spacing = None
+    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
+        val = getattr(ds, tag, None)
+        if val:
+            spacing = float(val[0])
+            break
+    return img, spacing
+
+
+def read_cephalogram(path: str):
+    """Reader: one grey image layer; ``metadata['path']`` records the file."""
+    p = Path(path)
+    spacing = None
+    if p.suffix.lower() in DICOM_SUFFIXES:
+        img, spacing = read_dicom(p)
+    else:
+        img = read_image(p)
+    meta = {"path": str(p)}
+    if spacing is not None:
+        meta["pixel_spacing_mm"] = spacing
+    return [(img, {"name": p.stem, "colormap": "gray", "metadata": meta}, "image")]
 
 
 def _points_layer(coords: np.ndarray, name: str, image_names: list[str] | None = None):
@@ -42,6 +98,10 @@ def get_reader(path):
     if isinstance(path, list):
         return None
     p = Path(path)
+    if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+        return read_cephalogram
+    if p.suffix.lower() in DICOM_SUFFIXES and p.is_file():
+        return read_cephalogram if have_pydicom() else None
     if p.suffix.lower() == ".csv":
         try:
             with open(p) as f:

@@ -39,7 +39,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     if path.is_dir():
         raise GlimpseError(f"expected a model file, got a folder: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # TorchVersion (a str subclass) sits in the metadata of files written by older trainings
+        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and unpickler errors vary by version
         raise GlimpseError(
             f"{path} is not a napari-glimpse model checkpoint ({exc.__class__.__name__})"

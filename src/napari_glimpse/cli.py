@@ -56,6 +56,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--spacing", type=_positive_float, help="pixel spacing in mm (default 0.1)")
     t.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
 
+    f = sub.add_parser("finetune", help="fine-tune a model on reviewed labels (e.g. exported corrections)")
+    f.add_argument("--model", help="model to start from (default: the shipped model)")
+    f.add_argument("--data", required=True, help="reviewed labels: a Kaggle-layout CSV or a dataset folder")
+    f.add_argument("--split", default="train", help="split, when --data is a folder")
+    f.add_argument("--mix-data", metavar="DIR", help="also train on this dataset's --mix-split (e.g. the original set)")
+    f.add_argument("--mix-split", default="train")
+    f.add_argument("--out", required=True, help="new model file (records its parent)")
+    f.add_argument("--max-steps", type=_positive_int, default=200)
+    f.add_argument("--time-budget", type=_positive_float, metavar="MIN")
+    f.add_argument("--lr", type=_positive_float, default=1e-4)
+    f.add_argument("--batch-size", type=_positive_int)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--device", default="auto")
+    f.add_argument("--threads", type=_positive_int)
+    f.add_argument("--progress-json", action="store_true",
+                   help="print one JSON line per step on stdout (for the napari widget)")
+
     pr = sub.add_parser("predict", help="predict landmarks on images or folders")
     pr.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     pr.add_argument("--model", help="model file (default: the model shipped in the package)")
@@ -125,6 +142,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         ds, a.out, mcfg, tcfg, device=a.device,
         time_budget_s=a.time_budget * 60 if a.time_budget else None,
         resume=a.resume, init=init, pretrained=a.pretrained, val=val, meta=meta,
+        max_steps=a.max_steps,
     )
     m = model.meta
     msg = f"wrote {a.out}: {m['train_steps']} steps in {m['train_wall_s'] / 60:.1f} min"
@@ -132,6 +150,41 @@ def cmd_train(a: argparse.Namespace) -> int:
     if "val_mre_mm" in last:
         msg += f", validation MRE {last['val_mre_mm']:.2f} mm"
     print(msg)
+    return 0
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from .inference import GlimpseModel
+    from .io import concat_datasets, load_dataset
+    from .training import TrainConfig, train
+
+    parent = GlimpseModel.load(a.model, a.device)
+    ds = load_dataset(a.data, a.split)
+    if a.mix_data:
+        ds = concat_datasets([ds, load_dataset(a.mix_data, a.mix_split)])
+    if len(ds.landmark_names) != len(parent.landmark_names):
+        raise GlimpseError(f"model has {len(parent.landmark_names)} landmarks, data has {len(ds.landmark_names)}")
+    base = TrainConfig.from_dict(parent.train_config)
+    over = {"lr": a.lr, "seed": a.seed, "warmup": 0.0, "max_steps": a.max_steps, "save_every_s": 60.0}
+    if a.batch_size:
+        over["batch_size"] = a.batch_size
+    tcfg = replace(base, **over)
+    callback = None
+    if a.progress_json:
+        def callback(info: dict) -> None:
+            print(json.dumps({k: info[k] for k in ("step", "progress", "loss_mm", "elapsed_s")}), flush=True)
+    from .inference import DEFAULT_MODEL
+
+    parent_path = str(a.model or DEFAULT_MODEL)
+    model = train(
+        ds, a.out, train_config=tcfg, device=a.device, init=parent,
+        time_budget_s=a.time_budget * 60 if a.time_budget else None,
+        progress=not a.progress_json, callback=callback,
+        meta={"parent": parent_path, "parent_meta": {k: parent.meta.get(k) for k in ("command", "train_steps")},
+              "finetune_data": str(a.data), "command": "napari-glimpse " + " ".join(sys.argv[1:])},
+    )
+    print(json.dumps({"done": True, "out": str(a.out), "steps": model.meta["train_steps"]}) if a.progress_json
+          else f"wrote {a.out}: fine-tuned {model.meta['train_steps']} steps from {parent_path}")
     return 0
 
 
@@ -199,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parser.parse_args(argv)
     try:
         _threads(getattr(a, "threads", None))
-        return {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate}[a.command](a)
+        return {"train": cmd_train, "finetune": cmd_finetune, "predict": cmd_predict, "evaluate": cmd_evaluate}[a.command](a)
     except GlimpseError as exc:
         print(f"napari-glimpse: error: {exc}", file=sys.stderr)
         return 2

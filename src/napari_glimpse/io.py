@@ -7,6 +7,7 @@ top-left pixel, as in the ISBI data.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -51,12 +52,15 @@ def to_grey_uint8(arr: np.ndarray) -> np.ndarray:
     """Convert an image array (grey or RGB/RGBA, any dtype) to grey ``uint8``."""
     arr = np.asarray(arr)
     if arr.ndim == 3:
+        was_uint8 = arr.dtype == np.uint8
         if arr.shape[-1] in (3, 4):
             arr = arr[..., :3].astype(np.float32).mean(axis=-1)
         elif arr.shape[0] in (3, 4):
             arr = arr[:3].astype(np.float32).mean(axis=0)
         else:
             raise GlimpseError(f"expected a 2-D grey or RGB image, got shape {arr.shape}")
+        if was_uint8:
+            return (arr + 0.5).astype(np.uint8)
     if arr.ndim != 2:
         raise GlimpseError(f"expected a 2-D grey or RGB image, got shape {arr.shape}")
     if arr.dtype == np.uint8:
@@ -89,17 +93,17 @@ def read_landmarks_csv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError) as exc:
         raise GlimpseError(f"cannot read {path}: {exc}") from None
-    rows = [r for r in rows if any(c.strip() for c in r)]
-    if not rows:
+    numbered = [(i, r) for i, r in enumerate(rows, start=1) if any(c.strip() for c in r)]
+    if not numbered:
         raise GlimpseError(f"{path} is empty")
-    header = [c.strip() for c in rows[0]]
+    header = [c.strip() for c in numbered[0][1]]
     if len(header) < 3 or (len(header) - 1) % 2 != 0 or header[0] != "image_path":
         raise GlimpseError(
             f"{path}: header must be image_path,1_x,1_y,...,K_x,K_y (got {len(header)} columns)"
         )
     n = (len(header) - 1) // 2
     names, coords = [], []
-    for lineno, row in enumerate(rows[1:], start=2):
+    for lineno, row in numbered[1:]:
         if len(row) != len(header):
             raise GlimpseError(
                 f"{path}:{lineno}: expected {len(header)} columns, got {len(row)}"
@@ -137,16 +141,17 @@ def write_landmarks_csv(
     coords = np.asarray(coords, dtype=np.float64)
     if coords.ndim != 3 or coords.shape[-1] != 2 or coords.shape[0] != len(names):
         raise ValueError(f"coords must be (N, K, 2) with N={len(names)}, got {coords.shape}")
-    lines = [",".join(landmark_columns(coords.shape[1]))]
-    for name, c in zip(names, coords):
-        lines.append(",".join([name] + [f"{v:.{decimals}f}" for v in c.reshape(-1)]))
-    _atomic_write_text(Path(path), "\n".join(lines) + "\n")
+    rows = [[name] + [f"{v:.{decimals}f}" for v in c.reshape(-1)] for name, c in zip(names, coords)]
+    write_table_csv(path, landmark_columns(coords.shape[1]), rows)
 
 
 def write_table_csv(path: str | os.PathLike, header: Sequence[str], rows: Sequence[Sequence]) -> None:
     """Write a small CSV table atomically."""
-    lines = [",".join(header)] + [",".join(str(v) for v in r) for r in rows]
-    _atomic_write_text(Path(path), "\n".join(lines) + "\n")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    _atomic_write_text(Path(path), buf.getvalue())
 
 
 def read_isbi_txt(path: str | os.PathLike, n_landmarks: int = 19) -> np.ndarray:
@@ -327,4 +332,19 @@ def load_dataset(
     raise GlimpseError(
         f"{root}: no labels for split {split!r} (looked for {split}_senior.csv, {split}_junior.csv, "
         f"{split}.csv and the ISBI RawImage/AnnotationsByMD layout)"
+    )
+
+
+def concat_datasets(parts: Sequence[Dataset]) -> Dataset:
+    """Join datasets; each image's labels are the mean of its own annotators."""
+    parts = list(parts)
+    names = parts[0].landmark_names
+    for d in parts[1:]:
+        if len(d.landmark_names) != len(names):
+            raise GlimpseError("datasets have different numbers of landmarks")
+    return Dataset(
+        [p for d in parts for p in d.image_paths],
+        {"labels": np.concatenate([d.ground_truth("mean") for d in parts])},
+        names,
+        parts[0].pixel_spacing,
     )

@@ -145,6 +145,7 @@ def train(
     callback: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     meta: dict | None = None,
+    max_steps: int | None = None,
 ) -> GlimpseModel:
     """Train a glimpse model on ``dataset`` and write it to ``out``.
 
@@ -152,7 +153,7 @@ def train(
     (whichever comes first; the learning-rate schedule follows the nearer one), or when
     ``should_stop()`` returns True. Every ``save_every_s`` a resumable state is written to
     ``out + '.resume'``; ``resume=True`` continues from it. ``init`` starts from an existing model
-    (fine-tuning); ``pretrained`` loads ImageNet weights into the paper trunk (True: torchvision,
+    (fine-tuning); ``max_steps`` overrides the step limit (also on resume); ``pretrained`` loads ImageNet weights into the paper trunk (True: torchvision,
     or a path to a local ResNet-34 state dict). ``callback`` receives a dict per step.
     """
     from tqdm.auto import tqdm
@@ -226,6 +227,9 @@ def train(
     std = torch.as_tensor(model.std_start, dtype=torch.float32, device=dev) * tcfg.start_std_scale
     n_i, n_k = data.n_images, data.n_landmarks
     unit = mcfg.offset_unit
+    if max_steps is not None:
+        tcfg = replace(tcfg, max_steps=max_steps)
+        model.train_config = tcfg.to_dict()
     max_steps = tcfg.max_steps
     if max_steps is None and time_budget_s is None:
         raise GlimpseError("give a step limit or a time budget")
@@ -313,7 +317,7 @@ def train(
         rec["val_mre_mm"] = evaluate_model(model, val, progress=False)["overall"]["mre_mm"]
     history.append(rec)
     model.meta.update({"train_steps": step, "train_wall_s": elapsed, "history": history,
-                       "train_device": str(dev), "torch": torch.__version__, "stopped": stopped})
+                       "train_device": str(dev), "torch": str(torch.__version__), "stopped": stopped})
     _save_resume(rpath, model, opt, step, elapsed, gen, history)
     model.save(out)
     return model

@@ -1,0 +1,274 @@
+"""What the napari widgets draw, computed from a :class:`~napari_glimpse.inference.Trajectory`.
+
+Plain numpy: no Qt and no napari import, so it is tested headless. Layer data follows napari:
+points are ``(row, col) = (y, x)``; an image layer's pixel ``j`` sits at ``translate + j * scale``.
+
+Geometry of a glimpse (see :mod:`napari_glimpse.glimpse`): level ``l`` samples a ``P x P`` patch
+at ``2**l`` full-resolution pixels per sample, centred on the estimate ``c``; sample ``j`` lies at
+``c + (j - (P - 1) / 2) * 2**l``. The trunk's ``h x w`` heatmap cell ``m`` pools samples
+``m * P/h ... (m + 1) * P/h - 1``, so its centre lies at ``c + ((m + 0.5) * P / h - P / 2) * 2**l``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .inference import Trajectory
+from .landmarks import ISBI_ABBREVIATIONS, ISBI_LANDMARKS
+
+# 19 well-separated hues (tab20 without its grey), RGBA 0..1
+_PALETTE = np.array([
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207), (174, 199, 232),
+    (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148),
+    (247, 182, 210), (219, 219, 141), (158, 218, 229), (255, 255, 255),
+], dtype=np.float64) / 255.0
+
+LayerData = tuple[Any, dict, str]
+
+
+def landmark_colors(n: int) -> np.ndarray:
+    """``(n, 4)`` RGBA, one distinct colour per landmark (cycling past 19)."""
+    rgb = _PALETTE[np.arange(n) % len(_PALETTE)]
+    return np.column_stack([rgb, np.ones(n)])
+
+
+def confidence_colors(confidence: np.ndarray) -> np.ndarray:
+    """``(n, 4)`` RGBA from red (0) through yellow (0.5) to green (1)."""
+    c = np.clip(np.asarray(confidence, dtype=np.float64), 0.0, 1.0)
+    r = np.clip(2.0 * (1.0 - c), 0.0, 1.0)
+    g = np.clip(2.0 * c, 0.0, 1.0)
+    return np.column_stack([r, g, np.zeros_like(c), np.ones_like(c)])
+
+
+def abbreviations(names: Sequence[str]) -> list[str]:
+    """Short labels: the ISBI abbreviations for ISBI names, else the names themselves."""
+    table = dict(zip(ISBI_LANDMARKS, ISBI_ABBREVIATIONS))
+    return [table.get(n, n) for n in names]
+
+
+def points_size(image_shape: tuple[int, int]) -> float:
+    """A marker size (data pixels) that stays visible with the whole image in view."""
+    return float(max(12.0, round(max(image_shape) / 65.0)))
+
+
+def landmark_content(
+    positions: np.ndarray,
+    names: Sequence[str],
+    confidence: np.ndarray | None = None,
+    uncertainty_mm: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Data and per-point styling of a landmarks Points layer.
+
+    ``positions`` is ``(K, 2)`` x, y with NaN rows for missing landmarks (left out). Returns
+    ``data`` (y, x), ``features`` (``landmark``, ``abbr``, 1-based ``index``, ``confidence``,
+    ``uncertainty_mm``), ``face_color`` (one colour per landmark) and ``border_color``
+    (confidence: red = unsure, green = sure; grey when unknown).
+    """
+    pos = np.asarray(positions, dtype=np.float64)
+    k = len(pos)
+    present = np.isfinite(pos).all(axis=1)
+    conf = np.full(k, np.nan) if confidence is None else np.asarray(confidence, dtype=np.float64)
+    unc = np.full(k, np.nan) if uncertainty_mm is None else np.asarray(uncertainty_mm, dtype=np.float64)
+    border = confidence_colors(np.nan_to_num(conf, nan=0.5))
+    border[~np.isfinite(conf)] = (0.6, 0.6, 0.6, 1.0)
+    feats = {
+        "landmark": np.asarray(list(names), dtype=object)[present],
+        "abbr": np.asarray(abbreviations(names), dtype=object)[present],
+        "index": np.arange(1, k + 1)[present],
+        "confidence": conf[present],
+        "uncertainty_mm": unc[present],
+    }
+    return {
+        "data": pos[present][:, ::-1].copy(),
+        "features": feats,
+        "face_color": landmark_colors(k)[present],
+        "border_color": border[present],
+    }
+
+
+def landmarks_layer_from(
+    positions: np.ndarray,
+    names: Sequence[str],
+    confidence: np.ndarray | None = None,
+    uncertainty_mm: np.ndarray | None = None,
+    image_shape: tuple[int, int] = (2400, 1935),
+    name: str = "landmarks",
+    image_path: str | os.PathLike | None = None,
+    pixel_spacing: float | None = None,
+) -> LayerData:
+    """A landmarks Points layer from ``(K, 2)`` x, y positions (see :func:`landmark_content`).
+
+    The layer's metadata carries the image path and the landmark names.
+    """
+    c = landmark_content(positions, names, confidence, uncertainty_mm)
+    size = points_size(image_shape)
+    kwargs: dict[str, Any] = {
+        "name": name,
+        "features": c["features"],
+        "face_color": c["face_color"],
+        "border_color": c["border_color"],
+        "border_width": 0.3,
+        "border_width_is_relative": True,
+        "size": size,
+        "text": {
+            "string": "{abbr}",
+            "size": 12,
+            "color": "yellow",
+            "anchor": "upper_left",
+            "translation": [-0.6 * size, 0.6 * size],
+        },
+        "metadata": {
+            "napari_glimpse": True,
+            "image_path": str(image_path) if image_path is not None else None,
+            "landmark_names": list(names),
+            "pixel_spacing": pixel_spacing,
+        },
+    }
+    return c["data"], kwargs, "points"
+
+
+def landmarks_layer(
+    traj: Trajectory,
+    name: str = "landmarks",
+    image_path: str | os.PathLike | None = None,
+) -> LayerData:
+    """The model's answer as one Points layer: a colour per landmark, confidence as border."""
+    return landmarks_layer_from(
+        traj.final, traj.landmark_names, traj.confidence, traj.uncertainty_mm,
+        traj.image_shape, name, image_path, traj.pixel_spacing,
+    )
+
+
+# ----------------------------------------------------------------------- glimpse explorer
+def level_scale(level: int) -> float:
+    return float(2**level)
+
+
+def glimpse_placement(center_xy: Sequence[float], level: int, patch: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """``(scale, translate)`` (y, x) of an image layer showing a level-``level`` patch."""
+    f = level_scale(level)
+    cx, cy = float(center_xy[0]), float(center_xy[1])
+    off = (patch - 1) / 2.0 * f
+    return (f, f), (cy - off, cx - off)
+
+
+def heatmap_placement(center_xy: Sequence[float], level: int, patch: int, cells: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """``(scale, translate)`` (y, x) of an image layer showing a ``cells x cells`` heatmap."""
+    f = level_scale(level)
+    step = patch / cells * f
+    cx, cy = float(center_xy[0]), float(center_xy[1])
+    first = (0.5 * patch / cells - patch / 2.0) * f
+    return (step, step), (cy + first, cx + first)
+
+
+def glimpse_box(center_xy: Sequence[float], level: int, patch: int) -> np.ndarray:
+    """``(4, 2)`` corners (y, x) of the square a level-``level`` patch covers."""
+    half = patch * level_scale(level) / 2.0
+    cx, cy = float(center_xy[0]), float(center_xy[1])
+    return np.array([[cy - half, cx - half], [cy - half, cx + half], [cy + half, cx + half], [cy + half, cx - half]])
+
+
+def offset_vector(traj: Trajectory, k: int, t: int) -> np.ndarray:
+    """``(1, 2, 2)`` napari vector (start (y, x), step (dy, dx)) of iteration ``t``'s move."""
+    start = traj.positions[t, k]
+    step = traj.positions[t + 1, k] - start
+    return np.array([[[start[1], start[0]], [step[1], step[0]]]], dtype=np.float64)
+
+
+def trajectory_path(traj: Trajectory, k: int, t: int) -> np.ndarray:
+    """``(t + 2, 2)`` (y, x) of the estimates from the start to after iteration ``t``."""
+    return traj.positions[: t + 2, k, ::-1].astype(np.float64).copy()
+
+
+def channel_peakedness(traj: Trajectory, k: int, t: int, level: int) -> np.ndarray:
+    """``(C,)`` maximum of each channel's softmax map (high = the channel points somewhere)."""
+    if traj.heatmaps is None:
+        raise ValueError("the trajectory holds no heatmaps (predict with record_heatmaps=True)")
+    hm = traj.heatmaps[t, k, level].astype(np.float32)
+    return hm.reshape(hm.shape[0], -1).max(axis=1)
+
+
+def top_channels(traj: Trajectory, k: int, t: int, level: int, n: int = 4) -> list[int]:
+    """The ``n`` most peaked channels of a level's heatmaps."""
+    return [int(c) for c in np.argsort(-channel_peakedness(traj, k, t, level))[:n]]
+
+
+def _inferno_like(v: np.ndarray) -> np.ndarray:
+    """A small black-red-yellow-white ramp for ``v`` in [0, 1] -> uint8 RGB."""
+    stops = np.array([[0, 0, 4], [120, 28, 109], [237, 105, 37], [252, 255, 164]], dtype=np.float64)
+    x = np.clip(v, 0, 1) * (len(stops) - 1)
+    i = np.minimum(x.astype(int), len(stops) - 2)
+    f = (x - i)[..., None]
+    return (stops[i] * (1 - f) + stops[i + 1] * f).round().astype(np.uint8)
+
+
+def tile_strip(traj: Trajectory, k: int, t: int, channels: Sequence[int] = (), gap: int = 4) -> np.ndarray:
+    """Iteration ``t``'s glimpse of landmark ``k`` as side-by-side ``P x P`` tiles (uint8 RGB).
+
+    Row 0: the patch of every level (finest first) with the estimate marked; following rows: the
+    softmax heatmap of each channel in ``channels`` per level (nearest-upsampled to ``P x P``,
+    each stretched to its own range).
+    """
+    if traj.glimpses is None:
+        raise ValueError("the trajectory holds no glimpses (predict with record_glimpses=True)")
+    g = traj.glimpses[t, k]  # (L, P, P)
+    n_levels, p = g.shape[0], g.shape[-1]
+    rows = 1 + len(channels)
+    out = np.full((rows * p + (rows - 1) * gap, n_levels * p + (n_levels - 1) * gap, 3), 40, np.uint8)
+    for lv in range(n_levels):
+        x0 = lv * (p + gap)
+        tile = np.repeat(g[lv][..., None], 3, axis=-1)
+        c = p // 2
+        tile[c - 1 : c + 1, max(0, c - 6) : c + 6] = (255, 60, 60)
+        tile[max(0, c - 6) : c + 6, c - 1 : c + 1] = (255, 60, 60)
+        out[:p, x0 : x0 + p] = tile
+        for r, ch in enumerate(channels):
+            if traj.heatmaps is None:
+                break
+            hm = traj.heatmaps[t, k, lv, ch].astype(np.float32)
+            rep = p // hm.shape[-1]
+            hm = (hm - hm.min()) / max(float(hm.max() - hm.min()), 1e-12)
+            up = np.kron(hm, np.ones((rep, rep), np.float32))
+            y0 = (r + 1) * (p + gap)
+            out[y0 : y0 + p, x0 : x0 + p] = _inferno_like(up)
+    return out
+
+
+# ---------------------------------------------------------------------------- animation
+def write_animation(frames: Sequence[np.ndarray], path: str | os.PathLike, fps: float = 2.0) -> Path:
+    """Write RGB(A) ``frames`` as a GIF (looping) or MP4 with imageio.
+
+    Raises ``RuntimeError`` with an install hint when imageio (or its ffmpeg plugin for MP4) is
+    missing.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".gif", ".mp4"):
+        raise ValueError(f"animation must be .gif or .mp4, got {path.name}")
+    try:
+        import imageio.v2 as imageio
+    except ImportError:
+        raise RuntimeError("exporting animations needs imageio: pip install 'napari-glimpse[video]'") from None
+    frames = [np.ascontiguousarray(np.asarray(f)[..., :3]) for f in frames]
+    if not frames:
+        raise ValueError("no frames to write")
+    h = min(f.shape[0] for f in frames)
+    w = min(f.shape[1] for f in frames)
+    if suffix == ".mp4":
+        h, w = h - h % 2, w - w % 2  # yuv420p wants even sizes
+    frames = [f[:h, :w] for f in frames]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix == ".gif":
+        imageio.mimsave(path, frames, duration=1000.0 / fps, loop=0)
+    else:
+        try:
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            raise RuntimeError("MP4 export needs imageio-ffmpeg: pip install 'napari-glimpse[video]'") from None
+        imageio.mimsave(path, frames, fps=fps, macro_block_size=1)
+    return path

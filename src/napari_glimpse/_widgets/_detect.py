@@ -1,0 +1,498 @@
+"""Detect widget: propose the landmarks of a cephalogram (or of a folder, image by image).
+
+The model runs in a napari worker thread; only the returned numbers reach the GUI thread,
+which makes the layers. A table lists the landmarks, sortable by confidence.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from napari.qt.threading import create_worker
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .._layer_data import abbreviations, landmarks_layer, landmarks_layer_from
+from .._reader import DICOM_SUFFIXES, have_pydicom, read_dicom
+from ..errors import GlimpseError
+from ..inference import Trajectory
+from ..io import IMAGE_SUFFIXES, read_image, to_grey_uint8
+from ._state import (
+    Detection,
+    GlimpseState,
+    camera_of,
+    error_text,
+    image_path_of,
+    set_layer_content,
+    state_for,
+    status,
+)
+
+STAGES = ("reading image", "loading model", "building pyramid", "glimpsing")
+
+
+@dataclass
+class _JobResult:
+    image: np.ndarray
+    trajectory: Trajectory | None
+    image_path: Path | None
+
+
+def _read_any(path: Path) -> np.ndarray:
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return read_dicom(path)[0]
+    return read_image(path)
+
+
+def _detect_job(image_path: Path | None, image: np.ndarray | None, get_model: Callable | None,
+                model_key: tuple, iterations: int):
+    """Worker body (no Qt, no layers): read, load the model, build the pyramid, predict."""
+    import pandas  # noqa: F401  napari's first Points layer imports it: here, not in the GUI thread
+
+    yield 0
+    img = _read_any(image_path) if image is None else to_grey_uint8(image)
+    if get_model is None:
+        return _JobResult(img, None, image_path)
+    yield 1
+    model = get_model(model_key)
+    yield 2
+    pyr = model.pyramid(img)
+    yield 3
+    traj = model.predict(pyr, iterations=iterations, record_glimpses=True, record_heatmaps=True)
+    return _JobResult(img, traj, image_path)
+
+
+def focus_landmark(state: GlimpseState, k: int, zoom: float | None = None) -> bool:
+    """Select landmark ``k`` (0-based) in the current points layer and centre the view on it."""
+    det = state.current
+    viewer = state.viewer
+    if det is None or viewer is None or det.points_layer not in viewer.layers:
+        return False
+    layer = det.points_layer
+    rows = np.nonzero(np.asarray(layer.features["index"]) == k + 1)[0] if "index" in layer.features else []
+    if len(rows):
+        r = int(rows[0])
+        layer.selected_data = {r}
+        cam = camera_of(viewer)
+        cam.center = tuple(layer.data_to_world(layer.data[r]))
+        if zoom is not None:
+            cam.zoom = zoom
+    state.select_landmark(k)
+    return True
+
+
+class _SortItem(QTableWidgetItem):
+    """A table cell showing text but sorting by a number."""
+
+    def __init__(self, text: str, key: float):
+        super().__init__(text)
+        self.key = float(key)
+        self.setFlags(self.flags() & ~Qt.ItemIsEditable)
+
+    def __lt__(self, other):  # noqa: D105
+        if isinstance(other, _SortItem):
+            return bool(self.key < other.key)
+        return super().__lt__(other)
+
+
+class DetectWidget(QWidget):
+    """Model, device and iterations; Detect on the chosen image layer or a folder of images."""
+
+    detected = Signal(object)  # Detection, once its layers are in the viewer
+
+    def __init__(self, napari_viewer: Any):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = state_for(napari_viewer)
+        self._worker = None
+        self._t_click = 0.0
+        self.folder_images: list[Path] = []
+        self.folder_index = -1
+        self.last_seconds: float | None = None
+
+        # -- model
+        model_box = QGroupBox("Model")
+        form = QFormLayout(model_box)
+        self.model_edit = QLineEdit()
+        self.model_edit.setPlaceholderText("shipped default model")
+        self.model_edit.setToolTip("Checkpoint file (.pt); empty = the model shipped with napari-glimpse")
+        self.model_edit.editingFinished.connect(self._model_edited)
+        browse = QPushButton("…")
+        browse.setToolTip("Choose a checkpoint file")
+        browse.setFixedWidth(28)
+        browse.clicked.connect(self._browse_model)
+        default = QPushButton("Default")
+        default.setToolTip("Use the model shipped with napari-glimpse")
+        default.clicked.connect(lambda: self.set_model(None))
+        row = QHBoxLayout()
+        row.addWidget(self.model_edit, 1)
+        row.addWidget(browse)
+        row.addWidget(default)
+        form.addRow("Checkpoint", row)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu", "cuda"])
+        self.device_combo.setToolTip("auto: CUDA when available, else CPU")
+        self.device_combo.currentTextChanged.connect(self._device_changed)
+        self.iter_spin = QSpinBox()
+        self.iter_spin.setRange(1, 20)
+        self.iter_spin.setValue(3)
+        self.iter_spin.setToolTip("Glimpse steps per landmark (3 suffice)")
+        row2 = QHBoxLayout()
+        row2.addWidget(self.device_combo)
+        row2.addWidget(QLabel("Iterations"))
+        row2.addWidget(self.iter_spin)
+        form.addRow("Device", row2)
+
+        # -- image
+        img_box = QGroupBox("Image")
+        iform = QVBoxLayout(img_box)
+        self.layer_combo = QComboBox()
+        self.layer_combo.setToolTip("Image layer to detect on (when no folder is open)")
+        iform.addWidget(self.layer_combo)
+        frow = QHBoxLayout()
+        self.folder_btn = QPushButton("Open folder…")
+        self.folder_btn.setToolTip("Review a folder of cephalograms one by one")
+        self.folder_btn.clicked.connect(self._browse_folder)
+        self.prev_btn = QPushButton("◀")
+        self.prev_btn.setToolTip("Previous image of the folder")
+        self.next_btn = QPushButton("▶")
+        self.next_btn.setToolTip("Next image of the folder")
+        for b in (self.prev_btn, self.next_btn):
+            b.setFixedWidth(32)
+        self.prev_btn.clicked.connect(lambda: self.go(-1))
+        self.next_btn.clicked.connect(lambda: self.go(+1))
+        frow.addWidget(self.folder_btn)
+        frow.addWidget(self.prev_btn)
+        frow.addWidget(self.next_btn)
+        iform.addLayout(frow)
+        self.folder_label = QLabel("no folder open")
+        iform.addWidget(self.folder_label)
+        self.auto_check = QCheckBox("Detect when moving to an image")
+        self.auto_check.setChecked(True)
+        self.auto_check.setToolTip("Images already in the corrections log show their logged landmarks instead")
+        iform.addWidget(self.auto_check)
+
+        # -- run
+        self.run_btn = QPushButton("Detect landmarks")
+        self.run_btn.clicked.connect(lambda: self.detect())
+        self.progress = QProgressBar()
+        self.progress.setRange(0, len(STAGES))
+        self.progress.setValue(0)
+        self.progress.setTextVisible(True)
+        self.progress.setFormat("idle")
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+
+        # -- table
+        self.table = QTableWidget(0, 4)
+        self.table.setHorizontalHeaderLabels(["#", "Landmark", "Confidence", "±mm"])
+        self.table.verticalHeader().setVisible(False)
+        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        self.table.setSelectionMode(QAbstractItemView.SingleSelection)
+        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        hh = self.table.horizontalHeader()
+        hh.setSectionResizeMode(1, QHeaderView.Stretch)
+        for c in (0, 2, 3):
+            hh.setSectionResizeMode(c, QHeaderView.ResizeToContents)
+        self.table.setSortingEnabled(True)
+        self.table.setToolTip("Click a landmark to select it and centre the view on it; click a header to sort")
+        self.table.itemSelectionChanged.connect(self._row_selected)
+
+        lay = QVBoxLayout(self)
+        lay.addWidget(model_box)
+        lay.addWidget(img_box)
+        lay.addWidget(self.run_btn)
+        lay.addWidget(self.progress)
+        lay.addWidget(self.status_label)
+        lay.addWidget(self.table, 1)
+
+        self.viewer.layers.events.inserted.connect(self._refresh_layers)
+        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self.state.model_changed.connect(self._sync_model_edit)
+        self._refresh_layers()
+        self._update_nav()
+        self._sync_model_edit()
+
+    # ------------------------------------------------------------------------ inputs
+    def set_model(self, path: str | Path | None) -> None:
+        self.state.set_model(path, self.device_combo.currentText())
+
+    def _sync_model_edit(self) -> None:
+        text = str(self.state.model_path) if self.state.model_path else ""
+        if self.model_edit.text() != text:
+            self.model_edit.setText(text)
+
+    def _model_edited(self) -> None:
+        text = self.model_edit.text().strip()
+        cur = str(self.state.model_path) if self.state.model_path else ""
+        if text != cur:
+            self.set_model(text or None)
+
+    def _browse_model(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Model checkpoint", "", "napari-glimpse model (*.pt);;All files (*)")
+        if path:
+            self.set_model(path)
+
+    def _device_changed(self, dev: str) -> None:
+        self.state.device = dev
+
+    def _image_layers(self) -> list:
+        from napari.layers import Image
+
+        return [ly for ly in self.viewer.layers if isinstance(ly, Image) and not ly.name.startswith("glimpse")]
+
+    def _refresh_layers(self, event=None) -> None:
+        cur = self.layer_combo.currentText()
+        names = [ly.name for ly in self._image_layers()]
+        self.layer_combo.blockSignals(True)
+        self.layer_combo.clear()
+        self.layer_combo.addItems(names)
+        if cur in names:
+            self.layer_combo.setCurrentText(cur)
+        self.layer_combo.blockSignals(False)
+
+    def set_image_layer(self, name: str) -> None:
+        self._refresh_layers()
+        self.layer_combo.setCurrentText(name)
+
+    # ------------------------------------------------------------------------ folder
+    def _browse_folder(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Folder of cephalograms")
+        if path:
+            self.open_folder(path)
+
+    def open_folder(self, folder: str | Path, start: bool = True):
+        """List the images of ``folder`` and show the first one (detecting if so set)."""
+        folder = Path(folder)
+        if (folder / "images").is_dir():
+            folder = folder / "images"
+        suffixes = IMAGE_SUFFIXES + (DICOM_SUFFIXES if have_pydicom() else ())
+        try:
+            imgs = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and p.is_file())
+        except OSError as exc:
+            status(self.status_label, f"cannot list {folder}: {exc}", error=True)
+            return None
+        if not imgs:
+            status(self.status_label, f"no images ({', '.join(suffixes)}) in {folder}", error=True)
+            return None
+        self.folder_images = imgs
+        self.folder_index = -1
+        return self.show_image(0, start=start)
+
+    def go(self, step: int, start: bool = True):
+        """Move ``step`` images along the folder."""
+        if not self.folder_images:
+            return None
+        i = min(max(self.folder_index + step, 0), len(self.folder_images) - 1)
+        if i == self.folder_index:
+            return None
+        return self.show_image(i, start=start)
+
+    def _update_nav(self) -> None:
+        n = len(self.folder_images)
+        busy = self._worker is not None
+        self.prev_btn.setEnabled(n > 0 and self.folder_index > 0 and not busy)
+        self.next_btn.setEnabled(n > 0 and self.folder_index < n - 1 and not busy)
+        self.run_btn.setEnabled(not busy)
+        if n:
+            p = self.folder_images[self.folder_index] if self.folder_index >= 0 else None
+            self.folder_label.setText(f"{self.folder_index + 1}/{n}: {p.name if p else ''}  ({p.parent if p else ''})")
+        self.layer_combo.setEnabled(not n)
+
+    def show_image(self, i: int, start: bool = True):
+        """Show folder image ``i``: its logged landmarks if it has any, else detect (if set)."""
+        self.folder_index = i
+        path = self.folder_images[i]
+        log = self.state.log
+        logged = log is not None and log.state.has_proposal(path)
+        predict = self.auto_check.isChecked() and not logged
+        return self._run(path, None, None, predict, start)
+
+    # ------------------------------------------------------------------------ detect
+    def detect(self, start: bool = True):
+        """Detect on the folder's current image or the chosen image layer; returns the worker.
+
+        With ``start=False`` the caller starts it (``worker.start()``), e.g. inside
+        ``qtbot.waitSignal``.
+        """
+        if self.folder_images and self.folder_index >= 0:
+            return self._run(self.folder_images[self.folder_index], None, None, True, start)
+        layers = self._image_layers()
+        layer = next((ly for ly in layers if ly.name == self.layer_combo.currentText()), None)
+        if layer is None:
+            layer = next((ly for ly in layers), None)
+        if layer is None:
+            status(self.status_label, "open a cephalogram (or a folder) first", error=True)
+            return None
+        if layer.rgb or np.asarray(layer.data).ndim == 2:
+            data = np.asarray(layer.data)
+        else:
+            status(self.status_label, f"{layer.name}: expected a 2-D grey or RGB image", error=True)
+            return None
+        return self._run(image_path_of(layer), data, layer, True, start)
+
+    def _run(self, path: Path | None, data: np.ndarray | None, layer: Any, predict: bool, start: bool):
+        if self._worker is not None:
+            status(self.status_label, "busy: wait for the running detection", error=True)
+            return None
+        self._t_click = time.perf_counter()
+        self.state.device = self.device_combo.currentText()
+        key = self.state.model_key()
+        worker = create_worker(
+            _detect_job, path if data is None else None, data,
+            self.state.get_model if predict else None, key, self.iter_spin.value(),
+            _start_thread=False,
+        )
+        worker.yielded.connect(self._on_stage)
+        worker.returned.connect(lambda res: self._on_result(res, path, layer))
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        self.progress.setValue(0)
+        self.progress.setFormat("starting")
+        status(self.status_label, f"detecting on {path.name if path else (layer.name if layer else '')}…"
+               if predict else f"opening {path.name if path else ''}…")
+        self._update_nav()
+        if start:
+            worker.start()
+        return worker
+
+    def _on_stage(self, i: int) -> None:
+        self.progress.setValue(i)
+        self.progress.setFormat(STAGES[i])
+
+    def _on_error(self, exc: BaseException) -> None:
+        status(self.status_label, error_text(exc), error=True)
+        self.progress.setFormat("failed")
+
+    def _on_finished(self) -> None:
+        self._worker = None
+        self._update_nav()
+
+    def _on_result(self, res: _JobResult, path: Path | None, layer: Any) -> None:
+        viewer = self.viewer
+        old = self.state.current
+        image_layer = layer
+        if layer is None:  # a folder image: one image layer, reused
+            name = path.stem if path else "cephalogram"
+            image_layer = old.image_layer if old is not None and old.image_layer in viewer.layers else None
+            if image_layer is not None and old.extra.get("from_folder"):
+                image_layer.data = res.image
+                image_layer.name = name
+                image_layer.metadata = {"path": str(path)}
+                image_layer.reset_contrast_limits()
+            else:
+                image_layer = viewer.add_image(res.image, name=name, colormap="gray", metadata={"path": str(path)})
+        reuse = old.points_layer if (old is not None and old.image_layer is image_layer
+                                     and old.points_layer in viewer.layers) else None
+        image_name = path.name if path is not None else image_layer.name
+        log = self.state.log
+        traj = res.trajectory
+        names: tuple[str, ...] = ()
+        warn = ""
+        layer_data = None
+        if traj is not None:
+            names = tuple(traj.landmark_names)
+            try:  # before the layer changes: the corrections widget compares the layer with the log
+                self.state.record_proposal(path, traj, self.state.model_name())
+            except GlimpseError as exc:
+                warn = f" (not logged: {exc})"
+            if path is None:
+                warn = " (image has no file: corrections are not logged)"
+            layer_data = landmarks_layer(traj, f"{Path(image_name).stem} landmarks", path)
+        elif path is not None and log is not None and log.state.has_proposal(path):
+            names = log.state.landmark_names
+            layer_data = landmarks_layer_from(
+                log.state.positions(path), names, log.state.confidence(path),
+                image_shape=res.image.shape, name=f"{path.stem} landmarks", image_path=path)
+        points_layer = None
+        if layer_data is not None:
+            data, kw, _ = layer_data
+            if reuse is not None:  # same image: rewrite the layer (removing one costs napari a gc pass)
+                content = {"data": data, **{k: kw[k] for k in ("features", "face_color", "border_color")}}
+                set_layer_content(self.state, reuse, content, name=kw["name"], metadata=kw["metadata"], size=kw["size"])
+                points_layer = reuse
+            else:
+                points_layer = viewer.add_points(data, **kw)
+                points_layer.scale = image_layer.scale
+                points_layer.translate = image_layer.translate
+            points_layer.mode = "select"
+        elif reuse is not None:
+            viewer.layers.remove(reuse)
+        seconds = time.perf_counter() - self._t_click
+        det = Detection(
+            image_name=image_name, image_path=path, image_layer=image_layer, points_layer=points_layer,
+            trajectory=traj, model_name=self.state.model_name(), landmark_names=names,
+            seconds=seconds, extra={"from_folder": layer is None},
+        )
+        self.state.set_current(det)
+        self._fill_table(det)
+        self.progress.setValue(len(STAGES))
+        if traj is not None:
+            self.last_seconds = seconds
+            self.progress.setFormat("done")
+            status(self.status_label, f"{len(traj.final)} landmarks on {image_name} in {seconds:.2f} s "
+                   f"({self.state.model_name()}){warn}")
+        else:
+            self.progress.setFormat("shown")
+            status(self.status_label, f"{image_name}: " + ("landmarks from the corrections log" if points_layer
+                   else "press Detect"))
+        if viewer.layers.selection.active is not points_layer and points_layer is not None:
+            viewer.layers.selection.active = points_layer
+        if layer is None:
+            viewer.reset_view()
+        self.detected.emit(det)
+
+    # ------------------------------------------------------------------------ table
+    def _fill_table(self, det: Detection) -> None:
+        self.table.setSortingEnabled(False)
+        self.table.setRowCount(0)
+        layer = det.points_layer
+        if layer is not None and len(layer.data):
+            f = layer.features
+            idx = np.asarray(f["index"])
+            conf = np.asarray(f["confidence"], dtype=float)
+            unc = np.asarray(f["uncertainty_mm"], dtype=float)
+            names = list(f["landmark"])
+            self.table.setRowCount(len(idx))
+            abbr = abbreviations(names)
+            for r in range(len(idx)):
+                self.table.setItem(r, 0, _SortItem(str(int(idx[r])), float(idx[r])))
+                self.table.setItem(r, 1, _SortItem(f"{names[r]} ({abbr[r]})", float(idx[r])))
+                c = conf[r]
+                self.table.setItem(r, 2, _SortItem(f"{c:.2f}" if np.isfinite(c) else "–", c if np.isfinite(c) else 2.0))
+                u = unc[r]
+                self.table.setItem(r, 3, _SortItem(f"{u:.1f}" if np.isfinite(u) else "–", u if np.isfinite(u) else -1.0))
+        self.table.setSortingEnabled(True)
+        self.table.sortItems(2, Qt.AscendingOrder)
+
+    def _row_selected(self) -> None:
+        rows = self.table.selectionModel().selectedRows()
+        if not rows:
+            return
+        item = self.table.item(rows[0].row(), 0)
+        if item is None:
+            return
+        focus_landmark(self.state, int(item.text()) - 1)

@@ -1,0 +1,364 @@
+"""Glimpse explorer: what the model saw and did, iteration by iteration, for one landmark.
+
+Over the image, at true scale and position: every pyramid level's patch as an image layer
+(level ``l`` covers ``64 * 2**l`` pixels centred on the estimate) with its outline, the offset
+the model predicted as an arrow (Vectors), the estimates so far (a path and points) and the
+softmax heatmap of a chosen trunk channel. In the widget: the patches side by side, with the
+heatmaps under them. An iteration slider (with play) steps through; the animation exports to
+GIF/MP4. Everything drawn comes from the detection's :class:`~napari_glimpse.inference.Trajectory`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtGui import QImage, QPixmap
+from qtpy.QtWidgets import (
+    QApplication,
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSlider,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .. import _layer_data as ld
+from ._state import Detection, camera_of, error_text, state_for, status
+
+PREFIX = "glimpse"
+LEVEL_COLORS = ["#ff4040", "#ff9f1c", "#ffe600", "#3ddc84", "#33b5ff", "#c77dff", "#ff70a6", "#ffffff"]
+
+
+class ExplorerWidget(QWidget):
+    """Step through one landmark's glimpses, offsets, trajectory and heatmaps."""
+
+    def __init__(self, napari_viewer: Any):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.state = state_for(napari_viewer)
+        self.det: Detection | None = None
+        self.layers: dict[str, Any] = {}
+        self._updating = False
+
+        self.landmark_combo = QComboBox()
+        self.landmark_combo.setToolTip("Landmark to explore")
+        self.landmark_combo.currentIndexChanged.connect(lambda _: self.update_layers())
+
+        self.slider = QSlider(Qt.Horizontal)
+        self.slider.setRange(0, 0)
+        self.slider.setToolTip("Iteration: the glimpse seen and the step taken")
+        self.slider.valueChanged.connect(lambda _: self.update_layers())
+        self.iter_label = QLabel("iteration –")
+        self.play_btn = QPushButton("▶ Play")
+        self.play_btn.setCheckable(True)
+        self.play_btn.setToolTip("Cycle through the iterations")
+        self.play_btn.toggled.connect(self._toggle_play)
+        self._timer = QTimer(self)
+        self._timer.setInterval(900)
+        self._timer.timeout.connect(self._advance)
+        srow = QHBoxLayout()
+        srow.addWidget(self.slider, 1)
+        srow.addWidget(self.iter_label)
+        srow.addWidget(self.play_btn)
+
+        self.max_level = QSpinBox()
+        self.max_level.setRange(0, 0)
+        self.max_level.setToolTip("Show the pyramid levels 0 … this one over the image")
+        self.max_level.valueChanged.connect(lambda _: self.update_layers())
+        self.hm_check = QCheckBox("heatmap")
+        self.hm_check.setChecked(True)
+        self.hm_check.setToolTip("Show the trunk's softmax map of one channel over the image")
+        self.hm_check.toggled.connect(lambda _: self.update_layers())
+        self.hm_level = QSpinBox()
+        self.hm_level.setRange(0, 0)
+        self.hm_level.setToolTip("Pyramid level of the heatmap shown over the image")
+        self.hm_level.valueChanged.connect(lambda _: self.update_layers())
+        self.channel = QSpinBox()
+        self.channel.setRange(0, 0)
+        self.channel.setToolTip("Trunk channel whose softmax heatmap is shown")
+        self.channel.valueChanged.connect(lambda _: self.update_layers())
+        self.auto_channel = QCheckBox("most peaked")
+        self.auto_channel.setChecked(True)
+        self.auto_channel.setToolTip("Pick the channel whose softmax is the most concentrated")
+        self.auto_channel.toggled.connect(self._auto_toggled)
+
+        form = QFormLayout()
+        form.addRow("Landmark", self.landmark_combo)
+        form.addRow("Iteration", srow)
+        form.addRow("Levels up to", self.max_level)
+        hrow = QHBoxLayout()
+        hrow.addWidget(self.hm_check)
+        hrow.addWidget(QLabel("level"))
+        hrow.addWidget(self.hm_level)
+        hrow.addWidget(QLabel("channel"))
+        hrow.addWidget(self.channel)
+        hrow.addWidget(self.auto_channel)
+        form.addRow(hrow)
+
+        self.tiles = QLabel("run Detect, then pick a landmark")
+        self.tiles.setAlignment(Qt.AlignCenter)
+        self.tiles.setMinimumHeight(90)
+        self.tiles.setToolTip("Top: the patch of each level (finest left); below: the chosen channel's heatmap")
+        self.info = QLabel("")
+        self.info.setWordWrap(True)
+
+        focus = QPushButton("Centre view")
+        focus.setToolTip("Centre and zoom the view on the glimpse")
+        focus.clicked.connect(lambda: self.focus())
+        self.fps = QSpinBox()
+        self.fps.setRange(1, 30)
+        self.fps.setValue(2)
+        self.fps.setSuffix(" fps")
+        export = QPushButton("Export animation…")
+        export.setToolTip("Write the iterations as a GIF or MP4 (imageio)")
+        export.clicked.connect(self._browse_export)
+        erow = QHBoxLayout()
+        erow.addWidget(focus)
+        erow.addWidget(self.fps)
+        erow.addWidget(export)
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(self.tiles)
+        lay.addWidget(self.info)
+        lay.addLayout(erow)
+        lay.addWidget(self.status_label)
+        lay.addStretch(1)
+
+        self.state.detection_changed.connect(self.set_detection)
+        self.state.landmark_selected.connect(self.set_landmark)
+        self.set_detection(self.state.current)
+
+    # ------------------------------------------------------------------------ inputs
+    @property
+    def traj(self):
+        return self.det.trajectory if self.det is not None else None
+
+    def set_detection(self, det: Detection | None) -> None:
+        self.det = det
+        traj = self.traj
+        self._updating = True
+        try:
+            self.landmark_combo.clear()
+            if traj is None or traj.glimpses is None:
+                self._remove_layers()
+                self.tiles.setPixmap(QPixmap())
+                self.tiles.setText("run Detect on this image to explore its glimpses")
+                return
+            abbr = ld.abbreviations(traj.landmark_names)
+            self.landmark_combo.addItems([f"{i + 1}. {n} ({a})" for i, (n, a) in enumerate(zip(traj.landmark_names, abbr))])
+            n_levels = traj.glimpses.shape[2]
+            self.slider.setRange(0, traj.iterations - 1)
+            self.slider.setValue(0)
+            self.max_level.setRange(0, n_levels - 1)
+            self.max_level.setValue(n_levels - 1)
+            self.hm_level.setRange(0, n_levels - 1)
+            if traj.heatmaps is not None:
+                self.channel.setRange(0, traj.heatmaps.shape[3] - 1)
+            if self.state.selected_landmark is not None and self.state.selected_landmark < len(traj.landmark_names):
+                self.landmark_combo.setCurrentIndex(self.state.selected_landmark)
+        finally:
+            self._updating = False
+        self.update_layers()
+
+    def set_landmark(self, k: int) -> None:
+        if 0 <= k < self.landmark_combo.count():
+            self.landmark_combo.setCurrentIndex(k)
+
+    def set_iteration(self, t: int) -> None:
+        self.slider.setValue(t)
+
+    def _auto_toggled(self, on: bool) -> None:
+        self.channel.setEnabled(not on)
+        self.update_layers()
+
+    def _toggle_play(self, on: bool) -> None:
+        self.play_btn.setText("⏸ Pause" if on else "▶ Play")
+        if on:
+            self._timer.start()
+        else:
+            self._timer.stop()
+
+    def _advance(self) -> None:
+        n = self.slider.maximum() + 1
+        self.slider.setValue((self.slider.value() + 1) % n)
+
+    # ------------------------------------------------------------------------ layers
+    def _layer(self, key: str, factory):
+        layer = self.layers.get(key)
+        if layer is None or layer not in self.viewer.layers:
+            layer = factory()
+            self.layers[key] = layer
+        return layer
+
+    def _remove_layers(self) -> None:
+        for layer in list(self.layers.values()):
+            if layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+        self.layers.clear()
+
+    def current_channel(self) -> int:
+        traj, k, t = self.traj, self.landmark_combo.currentIndex(), self.slider.value()
+        if traj is None or traj.heatmaps is None:
+            return 0
+        if self.auto_channel.isChecked():
+            c = ld.top_channels(traj, k, t, self.hm_level.value(), 1)[0]
+            self.channel.blockSignals(True)
+            self.channel.setValue(c)
+            self.channel.blockSignals(False)
+            return c
+        return self.channel.value()
+
+    def update_layers(self) -> None:
+        """Draw landmark ``k``'s iteration ``t`` over the image and in the tiles."""
+        traj = self.traj
+        if self._updating or traj is None or traj.glimpses is None or self.landmark_combo.currentIndex() < 0:
+            return
+        k, t = self.landmark_combo.currentIndex(), self.slider.value()
+        v = self.viewer
+        img_layer = self.det.image_layer
+        base_scale = np.asarray(img_layer.scale) if img_layer is not None else np.ones(2)
+        base_tr = np.asarray(img_layer.translate) if img_layer is not None else np.zeros(2)
+        center = traj.positions[t, k]
+        n_levels, patch = traj.glimpses.shape[2], traj.patch
+        top = self.max_level.value()
+        active = v.layers.selection.active
+        # coarse levels first (below), fine last (on top)
+        for lv in reversed(range(n_levels)):
+            scale, tr = ld.glimpse_placement(center, lv, patch)
+            layer = self._layer(f"L{lv}", lambda lv=lv, scale=scale: v.add_image(
+                traj.glimpses[t, k, lv], name=f"{PREFIX} L{lv} ({patch * 2 ** lv}px)", colormap="gray",
+                contrast_limits=(0, 255), opacity=0.92, scale=tuple(np.asarray(scale) * base_scale)))
+            layer.data = traj.glimpses[t, k, lv]
+            layer.translate = tuple(np.asarray(tr) * base_scale + base_tr)
+            layer.visible = lv <= top
+        boxes = [ld.glimpse_box(center, lv, patch) for lv in range(top + 1)]
+        shp = self._layer("boxes", lambda: v.add_shapes(
+            boxes, shape_type="rectangle", name=f"{PREFIX} outlines", edge_color=LEVEL_COLORS[: top + 1],
+            face_color="transparent", edge_width=5, scale=tuple(base_scale), translate=tuple(base_tr)))
+        if len(shp.data) == len(boxes):
+            shp.data = boxes  # keeps each outline's type and colour
+        else:
+            shp.data = []
+            shp.add_rectangles(boxes, edge_color=[LEVEL_COLORS[i % len(LEVEL_COLORS)] for i in range(len(boxes))],
+                               face_color="transparent", edge_width=5)
+        # heatmap
+        hm_on = self.hm_check.isChecked() and traj.heatmaps is not None
+        ch = self.current_channel()
+        if hm_on:
+            hl = self.hm_level.value()
+            hm = traj.heatmaps[t, k, hl, ch].astype(np.float32)
+            hm = (hm - hm.min()) / max(float(hm.max() - hm.min()), 1e-12)
+            scale, tr = ld.heatmap_placement(center, hl, patch, hm.shape[-1])
+            hml = self._layer("heatmap", lambda: v.add_image(
+                hm, name=f"{PREFIX} heatmap", colormap="inferno", blending="additive", opacity=0.55,
+                contrast_limits=(0, 1)))
+            hml.data = hm
+            hml.scale = tuple(np.asarray(scale) * base_scale)
+            hml.translate = tuple(np.asarray(tr) * base_scale + base_tr)
+            hml.visible = True
+        elif "heatmap" in self.layers and self.layers["heatmap"] in v.layers:
+            self.layers["heatmap"].visible = False
+        # trajectory and arrow
+        path = ld.trajectory_path(traj, k, t)
+        pth = self._layer("path", lambda: v.add_shapes(
+            [path], shape_type="path", name=f"{PREFIX} path", edge_color="cyan", edge_width=4,
+            scale=tuple(base_scale), translate=tuple(base_tr)))
+        pth.data = [path]
+        pts = self._layer("estimates", lambda: v.add_points(
+            path, name=f"{PREFIX} estimates", size=14, face_color="cyan", border_color="black",
+            scale=tuple(base_scale), translate=tuple(base_tr)))
+        pts.data = path
+        vec = ld.offset_vector(traj, k, t)
+        arr = self._layer("offset", lambda: v.add_vectors(
+            vec, name=f"{PREFIX} offset", edge_color="#ff3030", edge_width=10, opacity=1.0,
+            vector_style="arrow", scale=tuple(base_scale), translate=tuple(base_tr)))
+        arr.data = vec
+        lm = self.det.points_layer
+        if lm is not None and lm in v.layers and v.layers.index(lm) != len(v.layers) - 1:
+            v.layers.move(v.layers.index(lm), len(v.layers))  # landmarks stay on top
+        if active is not None and active in v.layers:
+            v.layers.selection.active = active  # adding layers must not steal the selection
+        # widget side
+        channels = [ch] if hm_on else []
+        strip = ld.tile_strip(traj, k, t, channels)
+        self._show_strip(strip)
+        step = traj.positions[t + 1, k] - traj.positions[t, k]
+        mm = float(np.hypot(*step)) * traj.pixel_spacing
+        self.iter_label.setText(f"{t + 1}/{traj.iterations}")
+        self.info.setText(
+            f"<b>{traj.landmark_names[k]}</b> iteration {t + 1}: glimpse at "
+            f"({center[0]:.0f}, {center[1]:.0f}) px, step ({step[0]:+.0f}, {step[1]:+.0f}) px = {mm:.1f} mm"
+            + (f"; heatmap: level {self.hm_level.value()}, channel {ch}" if hm_on else "")
+        )
+
+    def _show_strip(self, strip: np.ndarray) -> None:
+        h, w, _ = strip.shape
+        strip = np.ascontiguousarray(strip)
+        qimg = QImage(strip.data, w, h, 3 * w, QImage.Format_RGB888).copy()
+        target = max(w, min(2 * w, max(self.tiles.width() - 8, w)))
+        self.tiles.setPixmap(QPixmap.fromImage(qimg).scaledToWidth(target, Qt.FastTransformation))
+
+    def focus(self, level: int = 3) -> None:
+        """Centre the view on the current glimpse, zoomed so level ``level``'s square fills it."""
+        traj = self.traj
+        if traj is None:
+            return
+        k, t = self.landmark_combo.currentIndex(), self.slider.value()
+        c = traj.positions[t, k]
+        v = self.viewer
+        cam = camera_of(v)
+        cam.center = (float(c[1]), float(c[0]))
+        size = min(getattr(v, "_canvas_size", (600, 600)))
+        cam.zoom = max(size, 100) / (traj.patch * 2**level * 1.15)
+
+    # ------------------------------------------------------------------------ export
+    def _browse_export(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Export glimpse animation", "glimpse.gif", "GIF (*.gif);;MP4 (*.mp4)")
+        if path:
+            self.export(path)
+
+    def frames(self, source: str = "canvas") -> list[np.ndarray]:
+        """One RGB frame per iteration: the viewer canvas (``canvas``) or the tile strip (``tiles``)."""
+        traj = self.traj
+        if traj is None:
+            raise ValueError("nothing to export: run Detect first")
+        k = self.landmark_combo.currentIndex()
+        keep = self.slider.value()
+        out = []
+        try:
+            for t in range(traj.iterations):
+                self.slider.setValue(t)
+                self.update_layers()
+                if source == "tiles":
+                    out.append(ld.tile_strip(traj, k, t, [self.current_channel()] if traj.heatmaps is not None else []))
+                else:
+                    QApplication.processEvents()
+                    out.append(np.asarray(self.viewer.screenshot(canvas_only=True, flash=False)))
+        finally:
+            self.slider.setValue(keep)
+        return out
+
+    def export(self, path: str | Path, fps: float | None = None, source: str = "canvas") -> Path | None:
+        """Write the iterations of the current landmark as an animated GIF or MP4."""
+        try:
+            frames = self.frames(source)
+            if len(frames) > 1:
+                frames.append(frames[-1])  # dwell on the answer
+            out = ld.write_animation(frames, path, fps or self.fps.value())
+        except (ValueError, RuntimeError, OSError) as exc:
+            status(self.status_label, error_text(exc), error=True)
+            return None
+        status(self.status_label, f"wrote {out} ({len(frames)} frames)")
+        return out

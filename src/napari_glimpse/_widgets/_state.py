@@ -1,0 +1,237 @@
+"""State the napari-glimpse dock widgets of one viewer share, and small Qt helpers.
+
+One :class:`GlimpseState` per viewer (:func:`state_for`): which model detects, the current
+image's detection (its trajectory and its landmarks Points layer), the selected landmark and
+the corrections log. Widgets talk to each other only through its signals. It holds the loaded
+model object so that widgets do not load it twice; all model logic stays in the core.
+
+Nothing here may run in a worker thread except :meth:`GlimpseState.get_model`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import QLabel
+
+from ..corrections import CorrectionLog
+from ..errors import GlimpseError
+from ..inference import DEFAULT_MODEL, GlimpseModel, Trajectory
+
+LANDMARKS_KEY = "napari_glimpse"  # points layers made here carry metadata[LANDMARKS_KEY] = True
+
+
+@dataclass
+class Detection:
+    """The landmarks shown for one image.
+
+    ``trajectory`` is ``None`` when the points were restored from the corrections log without
+    running the model.
+    """
+
+    image_name: str
+    image_path: Path | None
+    image_layer: Any
+    points_layer: Any
+    trajectory: Trajectory | None
+    model_name: str
+    landmark_names: tuple[str, ...]
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class GlimpseState(QObject):
+    """Shared state of one viewer's napari-glimpse widgets (see the module docstring)."""
+
+    model_changed = Signal()
+    detection_changed = Signal(object)  # Detection or None
+    landmark_selected = Signal(int)     # 0-based landmark index
+    log_changed = Signal()              # a log was opened, or records were appended
+    export_written = Signal(str)        # path of a reviewed-labels CSV
+
+    def __init__(self, viewer: Any):
+        super().__init__()
+        self._viewer = weakref.ref(viewer)
+        self.model_path: Path | None = None  # None: the shipped default
+        self.device: str = "auto"
+        self._model: GlimpseModel | None = None
+        self._model_key: tuple | None = None
+        self._model_lock = threading.Lock()
+        self.current: Detection | None = None
+        self.detections: dict[str, Detection] = {}
+        self.log: CorrectionLog | None = None
+        self.selected_landmark: int | None = None
+        self._quiet = 0
+
+    @contextlib.contextmanager
+    def quiet(self):
+        """While widgets rewrite a landmarks layer themselves: its data events are not edits."""
+        self._quiet += 1
+        try:
+            yield
+        finally:
+            self._quiet -= 1
+
+    @property
+    def is_quiet(self) -> bool:
+        return self._quiet > 0
+
+    @property
+    def viewer(self) -> Any:
+        return self._viewer()
+
+    # ------------------------------------------------------------------------ the model
+    def model_name(self) -> str:
+        return self.model_path.name if self.model_path is not None else "default"
+
+    def set_model(self, path: str | os.PathLike | None, device: str | None = None) -> None:
+        """Choose the model (``None`` = shipped default) and device used by the next detection."""
+        self.model_path = Path(path) if path else None
+        if device is not None:
+            self.device = device
+        self.model_changed.emit()
+
+    def model_key(self) -> tuple:
+        """``(path or None for the default, file mtime, device)``: a new file reloads."""
+        try:
+            mtime = os.path.getmtime(self.model_path or DEFAULT_MODEL)
+        except OSError:
+            mtime = None
+        return (str(self.model_path) if self.model_path else None, mtime, self.device)
+
+    def get_model(self, key: tuple | None = None) -> GlimpseModel:
+        """The loaded model for ``key`` (default: the current choice); loads on first use.
+
+        Safe to call from a worker thread (it touches no Qt object).
+        """
+        key = key or self.model_key()
+        with self._model_lock:
+            if self._model is None or self._model_key != key:
+                self._model = GlimpseModel.load(key[0], key[2])
+                self._model_key = key
+            return self._model
+
+    # ------------------------------------------------------------------- detections
+    def set_current(self, det: Detection | None) -> None:
+        self.current = det
+        if det is not None:
+            self.detections[det.image_name] = det
+        self.detection_changed.emit(det)
+
+    def select_landmark(self, k: int) -> None:
+        self.selected_landmark = int(k)
+        self.landmark_selected.emit(int(k))
+
+    # ---------------------------------------------------------------------- the log
+    def open_log(self, path: str | os.PathLike, image_dir: str | os.PathLike | None = None,
+                 landmark_names: tuple[str, ...] | None = None) -> CorrectionLog:
+        """Open (or create on first record) the corrections log at ``path`` (a folder or .jsonl)."""
+        self.log = CorrectionLog(path, landmark_names, image_dir=image_dir)
+        self.log_changed.emit()
+        return self.log
+
+    def ensure_log(self, image_path: Path, landmark_names: tuple[str, ...]) -> CorrectionLog:
+        """The open log, or the default one in ``image_path``'s folder."""
+        if self.log is None:
+            self.open_log(image_path.parent, image_path.parent, landmark_names)
+        assert self.log is not None
+        return self.log
+
+    def record_proposal(self, image_path: Path | None, traj: Trajectory, model_name: str) -> None:
+        """Log a fresh model proposal for a file-backed image (nothing without a file)."""
+        if image_path is None:
+            return
+        log = self.ensure_log(image_path, tuple(traj.landmark_names))
+        log.propose(image_path, traj.final, model_name, traj.confidence)
+        self.log_changed.emit()
+
+
+_STATES: dict[int, GlimpseState] = {}
+
+
+def state_for(viewer: Any) -> GlimpseState:
+    """The shared state of ``viewer``'s widgets (created on first use, dropped with the viewer)."""
+    key = id(viewer)
+    st = _STATES.get(key)
+    if st is None or st.viewer is not viewer:
+        st = _STATES[key] = GlimpseState(viewer)
+        weakref.finalize(viewer, _STATES.pop, key, None)
+    return st
+
+
+# ------------------------------------------------------------------------- Qt helpers
+def status(label: QLabel, text: str, error: bool = False) -> None:
+    """Show a one-line status; errors in red (and in the tooltip, for long messages)."""
+    label.setText(text)
+    label.setToolTip(text)
+    label.setStyleSheet("color: #ff6b6b;" if error else "")
+
+
+def error_text(exc: BaseException) -> str:
+    if isinstance(exc, GlimpseError):
+        return str(exc)
+    return f"{exc.__class__.__name__}: {exc}"
+
+
+def camera_of(viewer: Any) -> Any:
+    """The viewer's camera (``viewer.scene.camera`` from napari 0.9, ``viewer.camera`` before)."""
+    scene = getattr(viewer, "scene", None)
+    cam = getattr(scene, "camera", None) if scene is not None else None
+    return cam if cam is not None else viewer.camera
+
+
+def image_path_of(layer: Any) -> Path | None:
+    """The file an image layer was read from (our reader's metadata, or napari's source)."""
+    md = getattr(layer, "metadata", None) or {}
+    p = md.get("path")
+    if not p:
+        src = getattr(layer, "source", None)
+        p = getattr(src, "path", None)
+    return Path(p) if p else None
+
+
+def set_layer_content(state: GlimpseState, layer: Any, content: dict, **attrs: Any) -> None:
+    """Rewrite a landmarks Points layer in place (data, features, colours; ``attrs`` too).
+
+    Quiet: the corrections widget does not take this for an edit.
+    """
+    with state.quiet():
+        layer.selected_data = set()
+        layer.data = content["data"]
+        layer.features = content["features"]
+        if len(content["data"]):
+            layer.face_color = content["face_color"]
+            layer.border_color = content["border_color"]
+        for k, v in attrs.items():
+            setattr(layer, k, v)
+        layer.refresh()
+
+
+def layer_positions(layer: Any, n_landmarks: int) -> np.ndarray:
+    """``(K, 2)`` x, y of a landmarks Points layer by its ``index`` feature; NaN where missing.
+
+    Points without a usable index, or repeating one, are ignored.
+    """
+    out = np.full((n_landmarks, 2), np.nan)
+    data = np.asarray(layer.data, dtype=np.float64)
+    feats = layer.features
+    if "index" not in feats or len(data) == 0:
+        return out
+    seen = set()
+    for row, idx in zip(data, np.asarray(feats["index"])):
+        try:
+            k = int(idx) - 1
+        except (TypeError, ValueError):
+            continue
+        if 0 <= k < n_landmarks and k not in seen:
+            seen.add(k)
+            out[k] = row[-2:][::-1]
+    return out

@@ -1,0 +1,144 @@
+"""Shared fixtures: synthetic cephalogram-like data sets and a tiny trained model.
+
+Everything runs on one CPU thread (the machines have two cores and often train in the
+background); models are tiny (3 landmarks, 3 pyramid levels, width 8).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+from napari_glimpse.io import landmark_columns  # noqa: E402
+from napari_glimpse.model import ModelConfig  # noqa: E402
+from napari_glimpse.training import TrainConfig  # noqa: E402
+
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2015"
+
+# Synthetic landmarks: three bright blobs of different shapes and sizes, each jittered around
+# its own mean position (as landmarks are on real cephalograms).
+SYN_SIZE = 256
+SYN_MEANS = np.array([[80.0, 80.0], [176.0, 96.0], [128.0, 180.0]])
+SYN_JITTER = 40.0
+
+
+def draw_blob(img: np.ndarray, k: int, x: float, y: float) -> None:
+    """Draw landmark ``k``'s blob centred on (x, y) (x = column, y = row), in place."""
+    h, w = img.shape
+    yy, xx = np.mgrid[:h, :w]
+    dx, dy = xx - x, yy - y
+    if k == 0:  # filled disc, radius 7
+        mask = dx**2 + dy**2 <= 7**2
+    elif k == 1:  # hollow square, 17 px side, 3 px wall
+        a = np.maximum(np.abs(dx), np.abs(dy))
+        mask = (a <= 8.5) & (a >= 5.5)
+    else:  # plus sign, arms 11 px, 3 px thick
+        mask = ((np.abs(dx) <= 1.5) & (np.abs(dy) <= 11.5)) | ((np.abs(dy) <= 1.5) & (np.abs(dx) <= 11.5))
+    img[mask] = 230
+
+
+def synthetic_image(coords: np.ndarray, rng: np.random.Generator, size: int = SYN_SIZE) -> np.ndarray:
+    """A dark noisy ``size x size`` uint8 image with one blob per landmark at ``coords`` (K, 2)."""
+    img = rng.normal(40, 8, size=(size, size)).clip(0, 255)
+    for k, (x, y) in enumerate(coords):
+        draw_blob(img, k, x, y)
+    return img.astype(np.uint8)
+
+
+def synthetic_coords(n: int, rng: np.random.Generator) -> np.ndarray:
+    """``(n, 3, 2)`` integer landmark positions around :data:`SYN_MEANS`."""
+    c = SYN_MEANS[None] + rng.uniform(-SYN_JITTER, SYN_JITTER, size=(n, len(SYN_MEANS), 2))
+    return np.round(c)
+
+
+def save_png(path: Path, img: np.ndarray) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path)
+    return path
+
+
+def write_csv(path: Path, names, coords: np.ndarray, fmt: str = "{:g}") -> Path:
+    """Write a Kaggle-layout CSV by hand (independently of the package's writer)."""
+    coords = np.asarray(coords)
+    lines = [",".join(landmark_columns(coords.shape[1]))]
+    for name, c in zip(names, coords):
+        lines.append(",".join([name] + [fmt.format(v) for v in c.reshape(-1)]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def make_kaggle_dataset(root: Path, n: int = 6, split: str = "train", seed: int = 0,
+                        size: int = SYN_SIZE, junior_shift: float | None = 2.0,
+                        first_id: int = 1) -> dict:
+    """Write ``root/images/NNN.png`` and ``root/{split}_senior.csv`` (+ ``_junior.csv``).
+
+    The junior annotator is the senior one shifted by ``junior_shift`` pixels in x (so the
+    mean ground truth is the senior + shift / 2). Returns the paths and the coordinates.
+    """
+    rng = np.random.default_rng(seed)
+    coords = synthetic_coords(n, rng)
+    names = [f"{first_id + i:03d}.png" for i in range(n)]
+    for name, c in zip(names, coords):
+        save_png(root / "images" / name, synthetic_image(c, rng, size))
+    senior = write_csv(root / f"{split}_senior.csv", names, coords)
+    out = {"root": root, "names": names, "senior": coords, "senior_csv": senior,
+           "paths": [root / "images" / nm for nm in names]}
+    if junior_shift is not None:
+        junior = coords + np.array([junior_shift, 0.0])
+        out["junior"] = junior
+        out["junior_csv"] = write_csv(root / f"{split}_junior.csv", names, junior)
+        out["mean"] = (coords + junior) / 2
+    else:
+        out["mean"] = coords
+    return out
+
+
+@pytest.fixture
+def kaggle_dataset(tmp_path):
+    """Factory: ``kaggle_dataset(n=6, split='train', seed=0, ...)`` -> dict (see make_kaggle_dataset)."""
+
+    def make(n: int = 6, split: str = "train", seed: int = 0, subdir: str = "data", **kw) -> dict:
+        return make_kaggle_dataset(tmp_path / subdir, n=n, split=split, seed=seed, **kw)
+
+    return make
+
+
+TINY_MODEL_CONFIG = ModelConfig(n_landmarks=3, n_levels=3, width=8, hidden=(64, 32))
+TINY_TRAIN_CONFIG = TrainConfig(batch_size=8, max_steps=8, save_every_s=1e9, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small Kaggle-layout synthetic data set (train: 6 images, test1: 3 images)."""
+    root = tmp_path_factory.mktemp("tinydata")
+    train = make_kaggle_dataset(root, n=6, split="train", seed=1)
+    test = make_kaggle_dataset(root, n=3, split="test1", seed=2, first_id=101)
+    return {"root": root, "train": train, "test1": test}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tiny_data, tmp_path_factory):
+    """A checkpoint of a tiny model trained for a few steps (accuracy irrelevant)."""
+    from napari_glimpse.io import load_dataset
+    from napari_glimpse.training import train
+
+    out = tmp_path_factory.mktemp("tinymodel") / "tiny.pt"
+    ds = load_dataset(tiny_data["root"], "train")
+    train(ds, out, TINY_MODEL_CONFIG, TINY_TRAIN_CONFIG, device="cpu", progress=False)
+    return out
+
+
+@pytest.fixture
+def tiny_model(tiny_model_path):
+    """A fresh :class:`GlimpseModel` loaded from the tiny checkpoint (safe to modify)."""
+    from napari_glimpse.inference import GlimpseModel
+
+    return GlimpseModel.load(tiny_model_path, device="cpu")
