@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,6 @@ from napari_glimpse._reader import get_reader
 from napari_glimpse._writer import layer_to_rows, write_landmarks
 from napari_glimpse.errors import GlimpseError
 from napari_glimpse.io import read_landmarks_csv
-from napari_glimpse.landmarks import ISBI_LANDMARKS
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2015"
 
@@ -117,3 +115,16 @@ def test_sample_data_real_isbi(monkeypatch, tmp_path):
     (data, kw, _), = sd.isbi_cephalogram()
     assert data.shape == (2400, 1935) and data.dtype == np.uint8
     assert Path(kw["metadata"]["path"]).name == "151.jpg"
+
+
+def test_contributions_import_no_qt_and_no_napari():
+    import subprocess
+    import sys
+
+    code = ("import sys, napari_glimpse._reader, napari_glimpse._writer, napari_glimpse._sample_data, "
+            "napari_glimpse._layer_data\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', "
+            "'napari', 'torchvision')]\n"
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr

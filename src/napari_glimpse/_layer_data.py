@@ -240,8 +240,11 @@ def tile_strip(traj: Trajectory, k: int, t: int, channels: Sequence[int] = (), g
 
 
 # ---------------------------------------------------------------------------- animation
-def write_animation(frames: Sequence[np.ndarray], path: str | os.PathLike, fps: float = 2.0) -> Path:
+def write_animation(frames: Sequence[np.ndarray], path: str | os.PathLike, fps: float = 2.0,
+                    hold_last: int = 1) -> Path:
     """Write RGB(A) ``frames`` as a GIF (looping) or MP4 with imageio.
+
+    The last frame stays ``hold_last`` times as long as the others (the answer).
 
     Raises ``RuntimeError`` with an install hint when imageio (or its ffmpeg plugin for MP4) is
     missing.
@@ -264,11 +267,13 @@ def write_animation(frames: Sequence[np.ndarray], path: str | os.PathLike, fps: 
     frames = [f[:h, :w] for f in frames]
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".gif":
-        imageio.mimsave(path, frames, duration=1000.0 / fps, loop=0)
+        durations = [1000.0 / fps] * len(frames)
+        durations[-1] *= max(1, hold_last)
+        imageio.mimsave(path, frames, duration=durations, loop=0)
     else:
         try:
             import imageio_ffmpeg  # noqa: F401
         except ImportError:
             raise RuntimeError("MP4 export needs imageio-ffmpeg: pip install 'napari-glimpse[video]'") from None
-        imageio.mimsave(path, frames, fps=fps, macro_block_size=1)
+        imageio.mimsave(path, frames + [frames[-1]] * (max(1, hold_last) - 1), fps=fps, macro_block_size=1)
     return path

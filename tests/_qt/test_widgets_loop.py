@@ -13,7 +13,6 @@ import os
 import time
 
 import numpy as np
-import pytest
 
 from ._env import LoopWatch, require_gui
 

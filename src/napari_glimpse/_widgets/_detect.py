@@ -363,12 +363,12 @@ class DetectWidget(QWidget):
         worker = create_worker(
             _detect_job, path if data is None else None, data,
             self.state.get_model if predict else None, key, self.iter_spin.value(),
-            _start_thread=False,
+            _start_thread=False, _ignore_errors=True,
         )
         worker.yielded.connect(self._on_stage)
         worker.returned.connect(lambda res: self._on_result(res, path, layer))
         worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
+        worker.finished.connect(lambda: self._on_finished(worker))
         self._worker = worker
         self.progress.setValue(0)
         self.progress.setFormat("starting")
@@ -387,11 +387,13 @@ class DetectWidget(QWidget):
         status(self.status_label, error_text(exc), error=True)
         self.progress.setFormat("failed")
 
-    def _on_finished(self) -> None:
-        self._worker = None
+    def _on_finished(self, worker: Any) -> None:
+        if self._worker is worker:
+            self._worker = None
         self._update_nav()
 
     def _on_result(self, res: _JobResult, path: Path | None, layer: Any) -> None:
+        self._worker = None  # done: the buttons work again from here on
         viewer = self.viewer
         old = self.state.current
         image_layer = layer
@@ -463,6 +465,7 @@ class DetectWidget(QWidget):
             viewer.layers.selection.active = points_layer
         if layer is None:
             viewer.reset_view()
+        self._update_nav()
         self.detected.emit(det)
 
     # ------------------------------------------------------------------------ table

@@ -6,6 +6,9 @@ the model predicted as an arrow (Vectors), the estimates so far (a path and poin
 softmax heatmap of a chosen trunk channel. In the widget: the patches side by side, with the
 heatmaps under them. An iteration slider (with play) steps through; the animation exports to
 GIF/MP4. Everything drawn comes from the detection's :class:`~napari_glimpse.inference.Trajectory`.
+
+The overlay layers exist only while the explorer is shown: hiding (or closing) the widget hides
+them, so they do not cover the image while another widget is in use.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from qtpy.QtWidgets import (
     QApplication,
     QCheckBox,
     QComboBox,
+    QDockWidget,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -35,7 +39,7 @@ from .. import _layer_data as ld
 from ._state import Detection, camera_of, error_text, state_for, status
 
 PREFIX = "glimpse"
-LEVEL_COLORS = ["#ff4040", "#ff9f1c", "#ffe600", "#3ddc84", "#33b5ff", "#c77dff", "#ff70a6", "#ffffff"]
+LEVEL_COLORS = ["#ff5050", "#ff9f1c", "#ffe600", "#3ddc84", "#33b5ff", "#c77dff", "#ff70a6", "#ffffff"]
 
 
 class ExplorerWidget(QWidget):
@@ -48,6 +52,7 @@ class ExplorerWidget(QWidget):
         self.det: Detection | None = None
         self.layers: dict[str, Any] = {}
         self._updating = False
+        self._dock = None
 
         self.landmark_combo = QComboBox()
         self.landmark_combo.setToolTip("Landmark to explore")
@@ -91,6 +96,12 @@ class ExplorerWidget(QWidget):
         self.auto_channel.setToolTip("Pick the channel whose softmax is the most concentrated")
         self.auto_channel.toggled.connect(self._auto_toggled)
 
+        self.n_rows = QSpinBox()
+        self.n_rows.setRange(1, 8)
+        self.n_rows.setValue(2)
+        self.n_rows.setToolTip("Heatmap rows under the tiles: the chosen channel, then the next most peaked ones")
+        self.n_rows.valueChanged.connect(lambda _: self.update_layers())
+
         form = QFormLayout()
         form.addRow("Landmark", self.landmark_combo)
         form.addRow("Iteration", srow)
@@ -103,11 +114,13 @@ class ExplorerWidget(QWidget):
         hrow.addWidget(self.channel)
         hrow.addWidget(self.auto_channel)
         form.addRow(hrow)
+        form.addRow("Heatmap rows", self.n_rows)
 
         self.tiles = QLabel("run Detect, then pick a landmark")
         self.tiles.setAlignment(Qt.AlignCenter)
         self.tiles.setMinimumHeight(90)
-        self.tiles.setToolTip("Top: the patch of each level (finest left); below: the chosen channel's heatmap")
+        self.tiles.setToolTip("Top: the patch of each level (finest left, red cross = the estimate); "
+                              "below: softmax heatmaps, one channel per row")
         self.info = QLabel("")
         self.info.setWordWrap(True)
 
@@ -220,11 +233,53 @@ class ExplorerWidget(QWidget):
             return c
         return self.channel.value()
 
+    def is_shown(self) -> bool:
+        """Visible on screen (not closed, and not a hidden tab of tabified docks)."""
+        return self.isVisible() and not self.visibleRegion().isEmpty()
+
+    def showEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        super().showEvent(event)
+        dock = self.parent()
+        while dock is not None and not isinstance(dock, QDockWidget):
+            dock = dock.parent()
+        if dock is not None and dock is not self._dock:  # tab switches only show in the dock's signal
+            dock.visibilityChanged.connect(self._dock_visibility)
+            self._dock = dock
+        QTimer.singleShot(0, self.update_layers)
+
+    def hideEvent(self, event) -> None:  # noqa: N802 (Qt name)
+        super().hideEvent(event)
+        self._hide_layers()
+
+    def _dock_visibility(self, visible: bool) -> None:
+        if visible:
+            QTimer.singleShot(0, self.update_layers)
+        else:
+            self._hide_layers()
+
+    def _hide_layers(self) -> None:
+        self._timer.stop()
+        self.play_btn.setChecked(False)
+        for layer in self.layers.values():
+            if layer in self.viewer.layers:
+                layer.visible = False
+
+    def tile_channels(self, first: int) -> list[int]:
+        """The channels of the tile rows: ``first``, then the most peaked others."""
+        traj, k, t = self.traj, self.landmark_combo.currentIndex(), self.slider.value()
+        n = self.n_rows.value()
+        if traj is None or traj.heatmaps is None:
+            return []
+        others = [c for c in ld.top_channels(traj, k, t, self.hm_level.value(), n + 1) if c != first]
+        return [first] + others[: n - 1]
+
     def update_layers(self) -> None:
-        """Draw landmark ``k``'s iteration ``t`` over the image and in the tiles."""
+        """Draw landmark ``k``'s iteration ``t`` over the image and in the tiles (when shown)."""
         traj = self.traj
         if self._updating or traj is None or traj.glimpses is None or self.landmark_combo.currentIndex() < 0:
             return
+        if not self.is_shown():
+            return  # drawn when shown
         k, t = self.landmark_combo.currentIndex(), self.slider.value()
         v = self.viewer
         img_layer = self.det.image_layer
@@ -243,6 +298,9 @@ class ExplorerWidget(QWidget):
             layer.data = traj.glimpses[t, k, lv]
             layer.translate = tuple(np.asarray(tr) * base_scale + base_tr)
             layer.visible = lv <= top
+        for key in ("boxes", "path", "estimates", "offset"):
+            if key in self.layers:
+                self.layers[key].visible = True
         boxes = [ld.glimpse_box(center, lv, patch) for lv in range(top + 1)]
         shp = self._layer("boxes", lambda: v.add_shapes(
             boxes, shape_type="rectangle", name=f"{PREFIX} outlines", edge_color=LEVEL_COLORS[: top + 1],
@@ -282,7 +340,7 @@ class ExplorerWidget(QWidget):
         pts.data = path
         vec = ld.offset_vector(traj, k, t)
         arr = self._layer("offset", lambda: v.add_vectors(
-            vec, name=f"{PREFIX} offset", edge_color="#ff3030", edge_width=10, opacity=1.0,
+            vec, name=f"{PREFIX} offset", edge_color="#ff00ff", edge_width=8, opacity=1.0,
             vector_style="arrow", scale=tuple(base_scale), translate=tuple(base_tr)))
         arr.data = vec
         lm = self.det.points_layer
@@ -291,8 +349,7 @@ class ExplorerWidget(QWidget):
         if active is not None and active in v.layers:
             v.layers.selection.active = active  # adding layers must not steal the selection
         # widget side
-        channels = [ch] if hm_on else []
-        strip = ld.tile_strip(traj, k, t, channels)
+        strip = ld.tile_strip(traj, k, t, self.tile_channels(ch) if hm_on else [])
         self._show_strip(strip)
         step = traj.positions[t + 1, k] - traj.positions[t, k]
         mm = float(np.hypot(*step)) * traj.pixel_spacing
@@ -342,7 +399,7 @@ class ExplorerWidget(QWidget):
                 self.slider.setValue(t)
                 self.update_layers()
                 if source == "tiles":
-                    out.append(ld.tile_strip(traj, k, t, [self.current_channel()] if traj.heatmaps is not None else []))
+                    out.append(ld.tile_strip(traj, k, t, self.tile_channels(self.current_channel())))
                 else:
                     QApplication.processEvents()
                     out.append(np.asarray(self.viewer.screenshot(canvas_only=True, flash=False)))
@@ -354,9 +411,7 @@ class ExplorerWidget(QWidget):
         """Write the iterations of the current landmark as an animated GIF or MP4."""
         try:
             frames = self.frames(source)
-            if len(frames) > 1:
-                frames.append(frames[-1])  # dwell on the answer
-            out = ld.write_animation(frames, path, fps or self.fps.value())
+            out = ld.write_animation(frames, path, fps or self.fps.value(), hold_last=2)
         except (ValueError, RuntimeError, OSError) as exc:
             status(self.status_label, error_text(exc), error=True)
             return None

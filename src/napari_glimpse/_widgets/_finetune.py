@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtCore import QPointF, QProcess, QProcessEnvironment, Qt, QTimer, Signal
-from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
+from qtpy.QtCore import QPointF, QProcess, QProcessEnvironment, QTimer, Signal
+from qtpy.QtGui import QColor, QDoubleValidator, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
     QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -124,11 +123,10 @@ class FinetuneWidget(QWidget):
         self.batch.setValue(0)
         self.batch.setSpecialValueText("model's")
         self.batch.setToolTip("Batch size (default: the model's training batch size)")
-        self.lr = QDoubleSpinBox()
-        self.lr.setDecimals(6)
-        self.lr.setRange(1e-6, 1.0)
-        self.lr.setSingleStep(1e-5)
-        self.lr.setValue(1e-4)
+        self.lr = QLineEdit("1e-4")
+        self.lr.setValidator(QDoubleValidator(1e-8, 1.0, 8))
+        self.lr.setMaximumWidth(80)
+        self.lr.setToolTip("Learning rate (Adam)")
         self.threads = QSpinBox()
         self.threads.setRange(1, 64)
         self.threads.setValue(1)
@@ -221,7 +219,7 @@ class FinetuneWidget(QWidget):
             out = str(Path(data).resolve().parent / f"finetuned-{stamp}.pt")
             self.out_edit.setText(out)
         args = ["-m", "napari_glimpse.cli", "finetune", "--data", data, "--out", out,
-                "--max-steps", str(self.steps.value()), "--lr", repr(float(self.lr.value())),
+                "--max-steps", str(self.steps.value()), "--lr", self.lr.text().strip() or "1e-4",
                 "--threads", str(self.threads.value()), "--device", self.device.currentText(),
                 "--progress-json"]
         if self.state.model_path is not None:
@@ -242,6 +240,13 @@ class FinetuneWidget(QWidget):
         data = self.data_edit.text().strip()
         if not data or not Path(data).is_file():
             status(self.status_label, "choose the reviewed labels CSV first (Corrections → Export reviewed…)", error=True)
+            return None
+        try:
+            lr = float(self.lr.text())
+        except ValueError:
+            lr = -1.0
+        if not 0 < lr <= 1:
+            status(self.status_label, f"learning rate {self.lr.text()!r}: expected a number in (0, 1]", error=True)
             return None
         args = self.command()
         self.output = Path(self.out_edit.text().strip())

@@ -1,0 +1,167 @@
+"""Screenshots of the napari widgets on a real cephalogram (docs/*.png, docs/glimpse.gif).
+
+Run under a display (here: ``xvfb-run -a -s "-screen 0 1920x1200x24" python docs/screenshots.py
+--model MODEL``). ``viewer.screenshot(canvas_only=False)`` grabs the whole window; the corrections
+log and the fine-tuned model go to a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parents[1] / "shared" / "data" / "isbi2015"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", help="checkpoint (default: the shipped model)")
+    ap.add_argument("--image", default=str(DATA / "images" / "151.jpg"))
+    ap.add_argument("--out", default=str(HERE))
+    ap.add_argument("--finetune-steps", type=int, default=30)
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="glimpse-shots-"))
+    image = tmp / Path(a.image).name
+    image.symlink_to(Path(a.image).resolve())  # the log goes beside the image: keep it out of the data
+
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*PyQt5 backend.*")
+    from qtpy.QtWidgets import QApplication
+
+    app = QApplication.instance() or QApplication([])
+    import napari
+    from napari.settings import get_settings
+
+    get_settings().application.gui_notification_level = "none"
+    import napari._qt.qt_main_window as qmw
+
+    qmw.SHOW_QT_WARNING = False  # a toast about PyQt5 would cover the canvas
+    viewer = napari.Viewer(title="napari-glimpse")
+    viewer.window._qt_window.resize(1700, 1050)
+
+    from napari_glimpse._widgets._corrections import CorrectionsWidget
+    from napari_glimpse._widgets._detect import DetectWidget
+    from napari_glimpse._widgets._explorer import ExplorerWidget
+    from napari_glimpse._widgets._finetune import FinetuneWidget
+    from napari_glimpse._widgets._state import camera_of
+
+    def pump(seconds: float = 0.3) -> None:
+        t = time.time()
+        while time.time() - t < seconds:
+            app.processEvents()
+            time.sleep(0.01)
+
+    def wait(flag: list, timeout: float = 600) -> None:
+        t = time.time()
+        while not flag and time.time() - t < timeout:
+            app.processEvents()
+            time.sleep(0.01)
+        if not flag:
+            raise SystemExit("timed out")
+
+    widgets = {
+        "Detect landmarks": DetectWidget(viewer),
+        "Glimpse explorer": ExplorerWidget(viewer),
+        "Review and corrections": CorrectionsWidget(viewer),
+        "Fine-tune": FinetuneWidget(viewer),
+    }
+    docks = {name: viewer.window.add_dock_widget(w, name=name, area="right", tabify=True)
+             for name, w in widgets.items()}
+    for d in docks.values():
+        d.setMinimumWidth(470)
+
+    def only(name: str) -> None:
+        docks[name].raise_()
+        viewer.window._qt_window.resize(1700, 1050)
+        pump(0.5)
+
+    detect, explorer, corr, ft = widgets.values()
+    viewer.open(str(image), plugin="napari-glimpse")
+    detect.set_model(a.model)
+    done: list = []
+    detect.detected.connect(done.append)
+    detect.detect()
+    wait(done)
+    det = done[0]
+    print(f"detect: {det.seconds:.2f} s click to points")
+    only("Detect landmarks")
+    viewer.reset_view()
+    pump(0.8)
+    viewer.screenshot(str(out / "detect.png"), canvas_only=False, flash=False)
+
+    # explorer: the landmark whose first step is longest, iteration 1
+    traj = det.trajectory
+    k = int(np.argmax(np.linalg.norm(traj.positions[1] - traj.positions[0], axis=-1)))
+    only("Glimpse explorer")
+    explorer.set_landmark(k)
+    explorer.set_iteration(0)
+    explorer.max_level.setValue(4)
+    explorer.hm_level.setValue(1)
+    explorer.focus(level=2)
+    det.points_layer.opacity = 0.45  # the glimpse under the markers
+    pump(0.8)
+    viewer.screenshot(str(out / "explorer.png"), canvas_only=False, flash=False)
+    frames = explorer.frames()
+    from PIL import Image
+
+    from napari_glimpse._layer_data import write_animation
+
+    small = []
+    for f in frames:
+        im = Image.fromarray(np.asarray(f)[..., :3])
+        im.thumbnail((560, 560))
+        small.append(np.asarray(im))
+    write_animation(small, out / "glimpse.gif", fps=1.2, hold_last=2)
+    det.points_layer.opacity = 1.0
+
+    # corrections: move the least confident landmark a little, undo, redo, accept, export
+    only("Review and corrections")
+    kq = corr.next_landmark()
+    layer = det.points_layer
+    row = int(np.nonzero(np.asarray(layer.features["index"]) == kq + 1)[0][0])
+    d = layer.data.copy()
+    d[row] += (18.0, -12.0)
+    layer.data = d
+    corr.undo()
+    corr.redo()
+    corr.next_landmark()
+    corr.accept()
+    csv = corr.export(tmp / "reviewed.csv")
+    cam = camera_of(viewer)
+    cam.center = tuple(layer.data[row])
+    cam.zoom = 1.2
+    layer.selected_data = {row}
+    pump(0.8)
+    viewer.screenshot(str(out / "corrections.png"), canvas_only=False, flash=False)
+
+    # fine-tune a few steps in the background, then switch detection to the new model
+    only("Fine-tune")
+    viewer.reset_view()
+    ft.set_data(str(csv))
+    ft.steps.setValue(a.finetune_steps)
+    ft.batch.setValue(16)
+    ft.out_edit.setText(str(tmp / "finetuned.pt"))
+    fin: list = []
+    ft.finished.connect(lambda code, path: fin.append((code, path)))
+    ft.start()
+    wait(fin)
+    print("fine-tune:", fin[0], ft.status_label.text())
+    ft.use_new_model()
+    pump(0.8)
+    viewer.screenshot(str(out / "finetune.png"), canvas_only=False, flash=False)
+    viewer.close()
+    print("wrote", sorted(p.name for p in out.glob("*.png")), "and glimpse.gif")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Importing the widgets and detecting *after* a napari canvas exists must not crash.
+
+Here, importing torchvision (or anything that loads torch._dynamo / triton) once a napari
+canvas is up segfaults. The widget path must import none of it. This runs in a subprocess, so
+a segfault fails the test instead of killing pytest.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from ._env import require_gui
+
+require_gui()
+
+SCRIPT = textwrap.dedent(
+    r"""
+    import sys, time
+    model, image = sys.argv[1], sys.argv[2]
+    from qtpy.QtWidgets import QApplication
+    app = QApplication.instance() or QApplication([])
+    import napari
+    import numpy as np
+    viewer = napari.Viewer(show=True)
+    viewer.add_image(np.zeros((64, 64), np.uint8), name="warm-up")
+    for _ in range(20):
+        app.processEvents(); time.sleep(0.01)
+    print("canvas up", flush=True)
+
+    # only now: the plugin's widgets, as napari's Plugins menu would import them
+    from napari_glimpse._widgets._detect import DetectWidget
+    from napari_glimpse._widgets._explorer import ExplorerWidget
+    from napari_glimpse._widgets._corrections import CorrectionsWidget
+    from napari_glimpse._widgets._finetune import FinetuneWidget
+    import torch
+    torch.set_num_threads(1)
+    detect = DetectWidget(viewer)
+    explorer = ExplorerWidget(viewer)
+    corrections = CorrectionsWidget(viewer)
+    finetune = FinetuneWidget(viewer)
+    for w in (detect, explorer, corrections, finetune):
+        viewer.window.add_dock_widget(w)
+    viewer.open(image, plugin="napari-glimpse")
+    detect.set_model(model)
+    done = []
+    detect.detected.connect(done.append)
+    detect.set_image_layer(viewer.layers[-1].name)
+    detect.detect()
+    t0 = time.time()
+    while not done and time.time() - t0 < 240:
+        app.processEvents(); time.sleep(0.01)
+    assert done, "no detection: " + detect.status_label.text()
+    assert len(done[0].points_layer.data) == 19
+    explorer.set_landmark(3); explorer.set_iteration(1)
+    for _ in range(20):
+        app.processEvents(); time.sleep(0.01)
+    bad = [m for m in ("torchvision", "torch._dynamo", "triton", "torch._inductor") if m in sys.modules]
+    assert not bad, f"the widget path imported {bad}"
+    viewer.close()
+    print("ok", flush=True)
+    """
+)
+
+
+def test_widgets_after_canvas_do_not_crash(isbi, isbi_model_path, tmp_path):
+    env = dict(os.environ, NAPARI_GLIMPSE_CONFIG=str(tmp_path / "settings.json"), OMP_NUM_THREADS="1")
+    # the default log would go beside the image: run on a link in a temporary folder instead
+    img = tmp_path / "151.jpg"
+    img.symlink_to(isbi / "images" / "151.jpg")
+    r = subprocess.run([sys.executable, "-c", SCRIPT, str(isbi_model_path), str(img)],
+                       capture_output=True, text=True, timeout=420, env=env, cwd=tmp_path)
+    tail = (r.stdout + r.stderr)[-3000:]
+    assert r.returncode == 0, f"exit {r.returncode} (negative = killed by signal {-r.returncode})\n{tail}"
+    assert "ok" in r.stdout, tail
