@@ -42,18 +42,19 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from napari_glimpse.glimpse import PyramidStack, frame_to_image, image_to_frame, sample_glimpses
-from napari_glimpse.inference import DEFAULT_MODEL, GlimpseModel, autocast, resolve_device
+from napari_glimpse.glimpse import PyramidStack
+from napari_glimpse.inference import DEFAULT_MODEL, GlimpseModel, resolve_device
 from napari_glimpse.io import read_image
 from napari_glimpse.landmarks import ISBI_LANDMARKS, ISBI_PIXEL_SPACING_MM
 from napari_glimpse.model import GlimpseModelNet, ModelConfig
 from napari_glimpse.pyramid import build_pyramid
-from napari_glimpse.training import TrainConfig, presets
+from napari_glimpse.training import TrainConfig, presets, train_step
 
 HERE = Path(__file__).resolve()
 DEFAULT_DATA = HERE.parents[2] / "shared" / "data" / "isbi2015"
@@ -291,41 +292,12 @@ def bench_train(name: str, pyramids, dev: torch.device, bf16_modes: list[bool], 
     # synthetic ground truth near the mean (speed does not depend on the labels)
     truth = (mean[None] + torch.randn(n_i, n_k, 2, generator=gen).to(dev) * std[None])
     truth = torch.minimum(truth.clamp(min=0), shapes[:, None].flip(-1) - 1)
-    unit = mcfg.offset_unit
 
     def step_once(use_bf16: bool) -> float:
-        b = tcfg.batch_size
-        img = torch.randint(0, n_i, (b,), generator=gen).to(dev)
-        lm = torch.randint(0, n_k, (b,), generator=gen).to(dev)
-        target = truth[img, lm]
-        size = shapes[img].flip(-1)
-        start = mean[lm] + torch.randn(b, 2, generator=gen).to(dev) * std[lm]
-        if tcfg.start_mode == "mixture":
-            lo, hi = math.log(tcfg.near_sigma_px[0]), math.log(tcfg.near_sigma_px[1])
-            sig = torch.exp(lo + (hi - lo) * torch.rand(b, 1, generator=gen)).to(dev)
-            near = target + torch.randn(b, 2, generator=gen).to(dev) * sig
-            pick = (torch.rand(b, 1, generator=gen) < tcfg.near_fraction).to(dev)
-            start = torch.where(pick, near, start)
-        c = torch.minimum(start.clamp(min=0), size - 1)
-        ang = ((torch.rand(b, generator=gen) * 2 - 1) * math.radians(tcfg.rotation_deg)).to(dev)
-        scl = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * tcfg.log_scale).to(dev)
-        opt.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for _ in range(tcfg.train_iterations):
-            patches = sample_glimpses(stack, img, c, mcfg.patch, ang, scl)
-            if tcfg.noise > 0:
-                patches = patches + torch.randn(patches.shape, generator=gen).to(dev) * (255.0 * tcfg.noise)
-            with autocast(dev, use_bf16):
-                pred = net(patches, lm).float()
-            tgt = image_to_frame(target - c, ang, scl) / unit
-            loss = torch.sqrt(((pred - tgt) ** 2).sum(-1) + 1e-8).mean() / tcfg.train_iterations
-            loss.backward()
-            loss_sum += float(loss.detach())
-            c = c + frame_to_image(pred.detach() * unit, ang, scl)
-            c = torch.minimum(c.clamp(min=0), size - 1)
-        opt.step()
+        loss = train_step(net, opt, mcfg, replace(tcfg, bf16=use_bf16), stack, truth, shapes,
+                          mean, std, gen)
         sync(dev)
-        return loss_sum
+        return loss
 
     per_step = tcfg.batch_size * tcfg.train_iterations
     res: dict = {

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from .checkpoint import FORMAT_VERSION, KIND, atomic_torch_save, read_checkpoint
 from .errors import GlimpseError
-from .glimpse import PyramidStack, frame_to_image, sample_glimpses
+from .glimpse import PyramidStack, sample_glimpses
 from .io import read_image, to_grey_uint8
 from .model import GlimpseModelNet, ModelConfig
 from .pyramid import Pyramid, build_pyramid

@@ -125,6 +125,61 @@ def _save_resume(path: Path, model: GlimpseModel, opt, step: int, elapsed: float
     atomic_torch_save(ck, path)
 
 
+def train_step(
+    net: GlimpseModelNet,
+    opt: torch.optim.Optimizer,
+    mcfg: ModelConfig,
+    tcfg: TrainConfig,
+    stack: PyramidStack,
+    truth: torch.Tensor,
+    shapes: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    gen: torch.Generator,
+) -> float:
+    """One optimizer step on a random batch of (image, landmark) samples.
+
+    Starts are drawn per ``tcfg.start_mode``; each sample follows ``tcfg.train_iterations``
+    detached glimpse steps, every step's offset error (radial, in ``offset_unit``) adding to the
+    loss. ``truth`` is ``(N, K, 2)``, ``shapes`` ``(N, 2)`` (h, w), ``mean``/``std`` ``(K, 2)``
+    (std already scaled). Returns the batch's mean radial error in offset units.
+    """
+    dev = truth.device
+    n_i, n_k = truth.shape[:2]
+    unit = mcfg.offset_unit
+    b = tcfg.batch_size
+    img = torch.randint(0, n_i, (b,), generator=gen).to(dev)
+    lm = torch.randint(0, n_k, (b,), generator=gen).to(dev)
+    target = truth[img, lm]
+    size = shapes[img].flip(-1)  # (w, h)
+    start = mean[lm] + torch.randn(b, 2, generator=gen).to(dev) * std[lm]
+    if tcfg.start_mode == "mixture":
+        lo, hi = math.log(tcfg.near_sigma_px[0]), math.log(tcfg.near_sigma_px[1])
+        sig = torch.exp(lo + (hi - lo) * torch.rand(b, 1, generator=gen)).to(dev)
+        near = target + torch.randn(b, 2, generator=gen).to(dev) * sig
+        pick = (torch.rand(b, 1, generator=gen) < tcfg.near_fraction).to(dev)
+        start = torch.where(pick, near, start)
+    c = torch.minimum(start.clamp(min=0), size - 1)
+    ang = ((torch.rand(b, generator=gen) * 2 - 1) * math.radians(tcfg.rotation_deg)).to(dev)
+    scl = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * tcfg.log_scale).to(dev)
+    opt.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for _ in range(tcfg.train_iterations):
+        patches = sample_glimpses(stack, img, c, mcfg.patch, ang, scl)
+        if tcfg.noise > 0:
+            patches = patches + torch.randn(patches.shape, generator=gen).to(dev) * (255.0 * tcfg.noise)
+        with autocast(dev, tcfg.bf16):
+            pred = net(patches, lm).float()
+        tgt = image_to_frame(target - c, ang, scl) / unit
+        loss = torch.sqrt(((pred - tgt) ** 2).sum(-1) + 1e-8).mean() / tcfg.train_iterations
+        loss.backward()
+        loss_sum += float(loss.detach())
+        c = c + frame_to_image(pred.detach() * unit, ang, scl)
+        c = torch.minimum(c.clamp(min=0), size - 1)
+    opt.step()
+    return loss_sum
+
+
 def resume_path(out: str | os.PathLike) -> Path:
     out = Path(out)
     return out.with_name(out.name + ".resume")
@@ -225,7 +280,6 @@ def train(
     shapes = torch.as_tensor(data.shapes, dtype=torch.float32, device=dev)
     mean = torch.as_tensor(model.mean_start, dtype=torch.float32, device=dev)
     std = torch.as_tensor(model.std_start, dtype=torch.float32, device=dev) * tcfg.start_std_scale
-    n_i, n_k = data.n_images, data.n_landmarks
     unit = mcfg.offset_unit
     if max_steps is not None:
         tcfg = replace(tcfg, max_steps=max_steps)
@@ -256,36 +310,7 @@ def train(
             lr = learning_rate(tcfg, frac)
             for g in opt.param_groups:
                 g["lr"] = lr
-            b = tcfg.batch_size
-            img = torch.randint(0, n_i, (b,), generator=gen).to(dev)
-            lm = torch.randint(0, n_k, (b,), generator=gen).to(dev)
-            target = truth[img, lm]
-            size = shapes[img].flip(-1)  # (w, h)
-            start = mean[lm] + torch.randn(b, 2, generator=gen).to(dev) * std[lm]
-            if tcfg.start_mode == "mixture":
-                lo, hi = math.log(tcfg.near_sigma_px[0]), math.log(tcfg.near_sigma_px[1])
-                sig = torch.exp(lo + (hi - lo) * torch.rand(b, 1, generator=gen)).to(dev)
-                near = target + torch.randn(b, 2, generator=gen).to(dev) * sig
-                pick = (torch.rand(b, 1, generator=gen) < tcfg.near_fraction).to(dev)
-                start = torch.where(pick, near, start)
-            c = torch.minimum(start.clamp(min=0), size - 1)
-            ang = ((torch.rand(b, generator=gen) * 2 - 1) * math.radians(tcfg.rotation_deg)).to(dev)
-            scl = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * tcfg.log_scale).to(dev)
-            opt.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for _ in range(tcfg.train_iterations):
-                patches = sample_glimpses(stack, img, c, mcfg.patch, ang, scl)
-                if tcfg.noise > 0:
-                    patches = patches + torch.randn(patches.shape, generator=gen).to(dev) * (255.0 * tcfg.noise)
-                with autocast(dev, tcfg.bf16):
-                    pred = net(patches, lm).float()
-                tgt = image_to_frame(target - c, ang, scl) / unit
-                loss = torch.sqrt(((pred - tgt) ** 2).sum(-1) + 1e-8).mean() / tcfg.train_iterations
-                loss.backward()
-                loss_sum += float(loss.detach())
-                c = c + frame_to_image(pred.detach() * unit, ang, scl)
-                c = torch.minimum(c.clamp(min=0), size - 1)
-            opt.step()
+            loss_sum = train_step(net, opt, mcfg, tcfg, stack, truth, shapes, mean, std, gen)
             step += 1
             # loss in mm of the mean radial error over the batch
             loss_mm = loss_sum * unit * model.pixel_spacing
