@@ -198,7 +198,8 @@ class GlimpseModel:
         record_glimpses, record_heatmaps : bool
             Keep every iteration's patches / softmax maps in the trajectory (first start only).
         bf16 : bool, optional
-            bfloat16 autocast; default on for the paper trunk, off for the compact one.
+            bfloat16 autocast (off by default: ``benchmarks/speed.py`` measured it slower on
+            this project's CPUs for both trunks).
         """
         if iterations < 1:
             raise GlimpseError("iterations must be at least 1")
@@ -206,7 +207,7 @@ class GlimpseModel:
         h, w = pyr.shape
         ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
         dev = self.device
-        use_bf16 = (self.config.trunk == "paper") if bf16 is None else bf16
+        use_bf16 = bool(bf16)
         stack = PyramidStack([pyr]).to(dev)
         base = self.mean_start[ks] if start is None else np.asarray(start, dtype=np.float64)[ks]
         # image size differs from training: scale the mean start with it

@@ -76,7 +76,7 @@ def presets(name: str, n_train: int = 150, n_landmarks: int = 19) -> tuple[Model
             ModelConfig(trunk="paper", mode="per_landmark", n_landmarks=n_landmarks),
             TrainConfig(
                 batch_size=1, lr=1e-4, schedule="paper", warmup=0.0, max_steps=steps,
-                train_iterations=10, start_mode="mean", bf16=True,
+                train_iterations=10, start_mode="mean",
             ),
         )
     raise GlimpseError(f"unknown config {name!r} (compact or paper)")
