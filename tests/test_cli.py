@@ -114,13 +114,14 @@ def test_predict(capsys, tiny_data, tiny_model_path, tmp_path):
     np.testing.assert_allclose(coords[names.index(paths[0].name, 1)], ref.final, atol=0.006)
     conf = tmp_path / "preds_confidence.csv"
     clines = conf.read_text().splitlines()
-    assert clines[0] == "image_path,1_confidence,2_confidence,3_confidence"
+    assert clines[0] == "image_path,1_confidence,2_confidence,3_confidence,facing"
     assert len(clines) == 1 + len(names)
     row = clines[1].split(",")
     assert row[0] == paths[0].name
-    vals = np.array(row[1:], float)
+    vals = np.array(row[1:-1], float)
     assert np.all((vals >= 0) & (vals <= 1))
     np.testing.assert_allclose(vals, ref.confidence, atol=0.0006)
+    assert row[-1] == ref.facing
 
 
 def test_predict_confidence_out_and_starts(capsys, tiny_data, tiny_model_path, tmp_path):

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--confidence-out", help="CSV of per-landmark confidence (default: OUT with _confidence)")
     pr.add_argument("--iterations", type=_positive_int, default=3)
     pr.add_argument("--starts", type=_positive_int, default=1, help="perturbed starts averaged per landmark")
+    pr.add_argument("--facing", choices=["auto", "right", "left"], default="auto",
+                    help="which way the patient faces (auto: try both, keep the one that settles)")
     pr.add_argument("--device", default="auto")
     pr.add_argument("--threads", type=_positive_int)
 
@@ -90,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--iterations", type=_positive_int, default=3)
     e.add_argument("--starts", type=_positive_int, default=1)
     e.add_argument("--ground-truth", default="mean", help="mean (default), senior or junior")
+    e.add_argument("--facing", choices=["auto", "right", "left"], default="auto")
+    e.add_argument("--mirror", action="store_true",
+                   help="flip every image left-right (labels flipped to match): the facing-left check")
     e.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
     e.add_argument("--predictions", metavar="CSV", help="also write the predictions (Kaggle layout)")
     e.add_argument("--spacing", type=_positive_float)
@@ -201,20 +206,21 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     paths = expand_image_args(a.images)
     model = GlimpseModel.load(a.model, a.device)
-    preds, conf = [], []
+    preds, conf, facings = [], [], []
     t = time.perf_counter()
     for p in tqdm(paths, desc="predict", unit="image", disable=len(paths) < 2):
-        tr = model.predict(p, iterations=a.iterations, starts=a.starts)
+        tr = model.predict(p, iterations=a.iterations, starts=a.starts, facing=a.facing)
         preds.append(tr.final)
         conf.append(tr.confidence)
+        facings.append(tr.facing)
     dt = time.perf_counter() - t
     out = Path(a.out)
     names = [p.name for p in paths]
     write_landmarks_csv(out, names, np.stack(preds))
     cpath = _confidence_path(out, a.confidence_out)
     k = len(model.landmark_names)
-    write_table_csv(cpath, ["image_path"] + [f"{i + 1}_confidence" for i in range(k)],
-                    [[n] + [f"{v:.3f}" for v in c] for n, c in zip(names, conf)])
+    write_table_csv(cpath, ["image_path"] + [f"{i + 1}_confidence" for i in range(k)] + ["facing"],
+                    [[n] + [f"{v:.3f}" for v in c] + [f] for n, c, f in zip(names, conf, facings)])
     print(f"wrote {out} and {cpath}: {len(paths)} image(s), {dt / len(paths):.2f} s per image")
     return 0
 
@@ -229,11 +235,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     model = GlimpseModel.load(a.model, a.device)
     if len(model.landmark_names) != len(ds.landmark_names):
         raise GlimpseError(f"model has {len(model.landmark_names)} landmarks, data has {len(ds.landmark_names)}")
-    res = evaluate_model(model, ds, a.iterations, a.starts, a.ground_truth)
+    res = evaluate_model(model, ds, a.iterations, a.starts, a.ground_truth, facing=a.facing, mirror=a.mirror)
     preds = res.pop("predictions")
     res.pop("errors_mm")
     res.update({"model": a.model or "default", "data": str(a.data), "split": a.split,
-                "ground_truth": a.ground_truth, "iterations": a.iterations, "starts": a.starts})
+                "ground_truth": a.ground_truth, "iterations": a.iterations, "starts": a.starts,
+                "facing": a.facing, "mirrored": a.mirror})
     print(format_table(res))
     print(f"{res['n_images']} images, {res['seconds_per_image']:.2f} s per image")
     if a.predictions:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,9 @@ class Trajectory:
     iteration ``t``; ``positions[0]`` is the start and ``positions[-1]`` the answer.
     ``glimpses[t, k, l]`` is the ``P x P`` patch of level ``l`` seen at iteration ``t`` (uint8) and
     ``heatmaps[t, k, l, c]`` the trunk's softmax map of channel ``c`` (float16); both only on
-    request. ``uncertainty_mm`` is the spread of the perturbed starts' answers (or, with one
+    request. ``facing`` is ``right`` when the image was read as it is (the training set's
+    orientation) and ``left`` when it was mirrored first: positions are always in the image's own
+    pixels, and glimpses and heatmaps are flipped back to the image's axes. ``uncertainty_mm`` is the spread of the perturbed starts' answers (or, with one
     start, the length of the last step); ``confidence = exp(-uncertainty_mm / 2 mm)``.
     """
 
@@ -57,6 +60,7 @@ class Trajectory:
     patch: int
     glimpses: np.ndarray | None = None
     heatmaps: np.ndarray | None = None
+    facing: str = "right"
 
     @property
     def final(self) -> np.ndarray:
@@ -179,6 +183,7 @@ class GlimpseModel:
         record_heatmaps: bool = False,
         bf16: bool | None = None,
         seed: int = 0,
+        facing: str = "auto",
     ) -> Trajectory:
         """Locate the landmarks in one image.
 
@@ -200,10 +205,51 @@ class GlimpseModel:
         bf16 : bool, optional
             bfloat16 autocast (off by default: ``benchmarks/speed.py`` measured it slower on
             this project's CPUs for both trunks).
+        facing : {"auto", "right", "left"}
+            Which way the patient faces: ``right`` as in the training images, ``left`` for a
+            mirrored cephalogram (the image is flipped, located, and the answer flipped back);
+            ``auto`` runs both and keeps the one whose glimpses settle (smaller mean uncertainty).
         """
         if iterations < 1:
             raise GlimpseError("iterations must be at least 1")
+        if facing not in ("auto", "right", "left"):
+            raise GlimpseError(f"facing must be auto, right or left, not {facing!r}")
         pyr = self.pyramid(image)
+        run = dict(iterations=iterations, landmarks=landmarks, starts=starts, start=start,
+                   record_glimpses=record_glimpses, record_heatmaps=record_heatmaps, bf16=bf16, seed=seed)
+        if facing == "right":
+            return self._run(pyr, **run)
+        w = pyr.shape[1]
+        mirrored = build_pyramid(pyr.levels[0].flip(-1).numpy(), self.config.n_levels, self.config.patch)
+        if start is not None:
+            run["start"] = np.asarray(start, dtype=np.float64) * [-1, 1] + [w - 1, 0]
+        left = self._run(mirrored, **run)
+        run["start"] = start
+        pos = left.positions * [-1, 1] + [w - 1, 0]
+
+        def unflip(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else np.ascontiguousarray(a[..., ::-1])
+
+        left = dataclasses.replace(left, positions=pos, facing="left",
+                                   glimpses=unflip(left.glimpses), heatmaps=unflip(left.heatmaps))
+        if facing == "left":
+            return left
+        right = self._run(pyr, **run)
+        return right if right.uncertainty_mm.mean() <= left.uncertainty_mm.mean() else left
+
+    def _run(
+        self,
+        pyr: Pyramid,
+        iterations: int,
+        landmarks: Sequence[int] | None,
+        starts: int,
+        start: np.ndarray | None,
+        record_glimpses: bool,
+        record_heatmaps: bool,
+        bf16: bool | None,
+        seed: int,
+    ) -> Trajectory:
+        """The glimpse iterations on one pyramid, as the image stands."""
         h, w = pyr.shape
         ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
         dev = self.device

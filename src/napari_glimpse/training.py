@@ -349,27 +349,39 @@ def train(
 
 
 def predict_dataset(model: GlimpseModel, dataset: Dataset, iterations: int = 3, starts: int = 1,
-                    progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Predict every image of a dataset: ``(N, K, 2)`` positions and ``(N, K)`` uncertainty (mm)."""
+                    progress: bool = True, facing: str = "auto", mirror: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Predict every image of a dataset: ``(N, K, 2)`` positions and ``(N, K)`` uncertainty (mm).
+
+    ``mirror`` flips each image left-right before predicting and maps the answer back to the
+    unflipped image, so it compares with the original labels (the facing-left check).
+    """
     from tqdm.auto import tqdm
 
     preds, unc = [], []
     for i in tqdm(range(len(dataset)), desc="predict", disable=not progress, leave=False):
         img = dataset.image(i)
         dataset.check_inside(i, img.shape)
-        tr = model.predict(img, iterations=iterations, starts=starts)
-        preds.append(tr.final)
+        if mirror:
+            img = np.ascontiguousarray(img[:, ::-1])
+        tr = model.predict(img, iterations=iterations, starts=starts, facing=facing)
+        final = tr.final * [-1, 1] + [img.shape[1] - 1, 0] if mirror else tr.final
+        preds.append(final)
         unc.append(tr.uncertainty_mm)
     return np.stack(preds), np.stack(unc)
 
 
 def evaluate_model(model: GlimpseModel, dataset: Dataset, iterations: int = 3, starts: int = 1,
-                   ground_truth: str = "mean", progress: bool = True) -> dict:
-    """Predict a labelled dataset and summarise errors (see :func:`metrics.summarize`)."""
+                   ground_truth: str = "mean", progress: bool = True, facing: str = "auto",
+                   mirror: bool = False) -> dict:
+    """Predict a labelled dataset and summarise errors (see :func:`metrics.summarize`).
+
+    ``mirror`` flips every image left-right and the labels with it (the facing-left check).
+    """
     from .metrics import radial_errors, summarize
 
     t = time.perf_counter()
-    preds, _ = predict_dataset(model, dataset, iterations, starts, progress)
+    preds, _ = predict_dataset(model, dataset, iterations, starts, progress, facing, mirror)
     dt = time.perf_counter() - t
     err = radial_errors(preds, dataset.ground_truth(ground_truth), dataset.pixel_spacing)
     out = summarize(err, model.landmark_names)
