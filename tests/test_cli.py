@@ -297,6 +297,12 @@ def test_cuda_without_gpu(capsys, tiny_data, tiny_model_path, tmp_path):
     assert "no CUDA GPU" in line
 
 
+def test_unknown_device(capsys, tiny_data, tiny_model_path, tmp_path):
+    line = run_error(capsys, "predict", tiny_data["test1"]["paths"][0], "--model", tiny_model_path,
+                     "--out", tmp_path / "p.csv", "--device", "gpu")
+    assert "unknown device 'gpu'" in line
+
+
 def test_resume_honours_a_new_step_limit(capsys, tiny_data, tmp_path):
     # BUG (training.py, train(), line 173: `tcfg = TrainConfig.from_dict(ck.get("train_config", {}))`):
     # on --resume the optimisation settings are taken wholesale from the .resume file and the

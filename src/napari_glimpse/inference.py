@@ -26,7 +26,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a clear error."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise GlimpseError(f"unknown device {device!r} (auto, cpu or cuda)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise GlimpseError("--device cuda asked for, but no CUDA GPU is available")
     return dev

@@ -141,6 +141,16 @@ def test_review_loop_on_a_real_cephalogram(make_napari_viewer, qtbot, isbi, isbi
     ft.use_new_model()
     assert state.model_path == out and detect.model_edit.text() == str(out)
 
+    # Detect again on the accepted image: the reviewed points stay unless replacing is ticked
+    kept = log.state.positions(image)
+    worker = detect.detect(start=False)
+    with qtbot.waitSignal(detect.detected, timeout=120_000):
+        worker.start()
+    assert log.state.is_accepted(image) and log.records[-1].action != "propose"
+    np.testing.assert_allclose(log.state.positions(image), kept)
+    np.testing.assert_allclose(layer.data[:, ::-1], kept)
+
+    detect.replace_check.setChecked(True)
     worker = detect.detect(start=False)
     with qtbot.waitSignal(detect.detected, timeout=120_000) as blocker:
         worker.start()

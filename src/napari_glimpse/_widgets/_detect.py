@@ -190,9 +190,13 @@ class DetectWidget(QWidget):
         self.folder_label = QLabel("no folder open")
         iform.addWidget(self.folder_label)
         self.auto_check = QCheckBox("Detect when moving to an image")
+        self.replace_check = QCheckBox("Replace reviewed points")
+        self.replace_check.setToolTip(
+            "Off: an image with corrections or accepted stays as reviewed when Detect runs again")
         self.auto_check.setChecked(True)
         self.auto_check.setToolTip("Images already in the corrections log show their logged landmarks instead")
         iform.addWidget(self.auto_check)
+        iform.addWidget(self.replace_check)
 
         # -- run
         self.run_btn = QPushButton("Detect landmarks")
@@ -299,6 +303,9 @@ class DetectWidget(QWidget):
             return None
         self.folder_images = imgs
         self.folder_index = -1
+        log = self.state.log
+        if log is None or log.image_dir.resolve() != folder.resolve():
+            self.state.open_log(folder, folder)  # this folder's own log, before anything is shown
         return self.show_image(0, start=start)
 
     def go(self, step: int, start: bool = True):
@@ -415,6 +422,11 @@ class DetectWidget(QWidget):
         names: tuple[str, ...] = ()
         warn = ""
         layer_data = None
+        if (traj is not None and path is not None and log is not None and log.state.has_proposal(path)
+                and (log.state.corrected(path) or log.state.is_accepted(path))
+                and not self.replace_check.isChecked()):
+            traj = None  # never replace an annotator's work silently
+            warn = " (kept the reviewed points: tick 'Replace reviewed points' to use the new detection)"
         if traj is not None:
             names = tuple(traj.landmark_names)
             try:  # before the layer changes: the corrections widget compares the layer with the log

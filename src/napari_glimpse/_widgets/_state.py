@@ -158,7 +158,8 @@ class GlimpseState(QObject):
 
     def ensure_log(self, image_path: Path, landmark_names: tuple[str, ...]) -> CorrectionLog:
         """The open log, or the default one in ``image_path``'s folder."""
-        if self.log is None:
+        if self.log is None or self.log.image_dir.resolve() != image_path.parent.resolve():
+            # records are keyed by file name: each image folder keeps its own log
             self.open_log(image_path.parent, image_path.parent, landmark_names)
         assert self.log is not None
         return self.log
