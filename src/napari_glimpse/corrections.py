@@ -846,35 +846,28 @@ class CorrectionLog:
         The undo is itself a record (``undoes`` = the reverted edit's ``seq``); the undo and
         redo stacks are rebuilt by replay, so they survive closing and reopening the log.
         """
-        name = _image_key(image)
-
-        def build(state: ReviewState, seq: int) -> Correction:
-            t = state.undo_target(name)
-            if t is None:
-                raise _Nothing
-            assert t.k is not None
-            return self._base(name, "undo", seq, state, k=t.k, name=t.name,
-                              old=state.positions(name)[t.k], new=t.old, undoes=t.seq)
-
-        try:
-            return self._append(build)
-        except _Nothing:
-            return None
+        return self._step_history(image, "undo")
 
     def redo(self, image: str | os.PathLike) -> Correction | None:
         """Re-apply the latest undone edit on ``image``; ``None`` if there is none.
 
         Any new move/add/delete (or proposal) on the image clears what can be redone.
         """
+        return self._step_history(image, "redo")
+
+    def _step_history(self, image: str | os.PathLike, action: str) -> Correction | None:
+        """Append an ``undo`` (back to the target's ``old``) or ``redo`` (to its ``new``)."""
         name = _image_key(image)
+        undo = action == "undo"
 
         def build(state: ReviewState, seq: int) -> Correction:
-            t = state.redo_target(name)
+            t = state.undo_target(name) if undo else state.redo_target(name)
             if t is None:
                 raise _Nothing
             assert t.k is not None
-            return self._base(name, "redo", seq, state, k=t.k, name=t.name,
-                              old=state.positions(name)[t.k], new=t.new, redoes=t.seq)
+            link = {"undoes": t.seq} if undo else {"redoes": t.seq}
+            return self._base(name, action, seq, state, k=t.k, name=t.name,
+                              old=state.positions(name)[t.k], new=t.old if undo else t.new, **link)
 
         try:
             return self._append(build)

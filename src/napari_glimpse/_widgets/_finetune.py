@@ -37,6 +37,19 @@ from ._state import state_for, status
 KILL_AFTER_MS = 3000
 
 
+
+def _path_row(placeholder: str, browse) -> tuple[QLineEdit, QHBoxLayout]:
+    """A path field with a "…" browse button beside it."""
+    edit = QLineEdit()
+    edit.setPlaceholderText(placeholder)
+    btn = QPushButton("…")
+    btn.setFixedWidth(28)
+    btn.clicked.connect(browse)
+    row = QHBoxLayout()
+    row.addWidget(edit, 1)
+    row.addWidget(btn)
+    return edit, row
+
 class LossPlot(QWidget):
     """A small line plot of the training loss (mm) per step."""
 
@@ -96,24 +109,11 @@ class FinetuneWidget(QWidget):
         self.last_step = 0
         self.output: Path | None = None
 
-        self.data_edit = QLineEdit()
-        self.data_edit.setPlaceholderText("reviewed labels CSV (Export reviewed… fills this in)")
-        db = QPushButton("…")
-        db.setFixedWidth(28)
-        db.clicked.connect(self._browse_data)
-        drow = QHBoxLayout()
-        drow.addWidget(self.data_edit, 1)
-        drow.addWidget(db)
+        self.data_edit, drow = _path_row("reviewed labels CSV (Export reviewed… fills this in)",
+                                         self._browse_data)
         self.base_label = QLabel()
         self.base_label.setToolTip("Fine-tuning starts from the model the Detect widget uses")
-        self.out_edit = QLineEdit()
-        self.out_edit.setPlaceholderText("new checkpoint (default: next to the CSV)")
-        ob = QPushButton("…")
-        ob.setFixedWidth(28)
-        ob.clicked.connect(self._browse_out)
-        orow = QHBoxLayout()
-        orow.addWidget(self.out_edit, 1)
-        orow.addWidget(ob)
+        self.out_edit, orow = _path_row("new checkpoint (default: next to the CSV)", self._browse_out)
         self.steps = QSpinBox()
         self.steps.setRange(1, 100000)
         self.steps.setValue(200)
