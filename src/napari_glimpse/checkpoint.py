@@ -12,7 +12,7 @@ import torch
 
 from .errors import GlimpseError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional coarse stage; files without one are still written as 1
 KIND = "napari-glimpse-model"
 
 

@@ -27,6 +27,13 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _nonnegative_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="napari-glimpse",
@@ -55,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hold out this fraction of the split as validation, reported as training goes")
     t.add_argument("--spacing", type=_positive_float, help="pixel spacing in mm (default 0.1)")
     t.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
+    t.add_argument("--coarse-minutes", type=_positive_float, metavar="MIN",
+                   help="first train the coarse whole-image stage for MIN minutes (its answer is the "
+                        "glimpses' start and tells which way the patient faces); --time-budget follows")
+    t.add_argument("--levels", type=_positive_int, help="pyramid levels seen by each glimpse (default 6)")
 
     f = sub.add_parser("finetune", help="fine-tune a model on reviewed labels (e.g. exported corrections)")
     f.add_argument("--model", help="model to start from (default: the shipped model)")
@@ -78,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", help="model file (default: the model shipped in the package)")
     pr.add_argument("--out", required=True, help="CSV to write (Kaggle layout)")
     pr.add_argument("--confidence-out", help="CSV of per-landmark confidence (default: OUT with _confidence)")
-    pr.add_argument("--iterations", type=_positive_int, default=3)
+    pr.add_argument("--iterations", type=_nonnegative_int,
+                    help="glimpse steps (default: the model's own choice; 0 = coarse stage only)")
     pr.add_argument("--starts", type=_positive_int, default=1, help="perturbed starts averaged per landmark")
     pr.add_argument("--facing", choices=["auto", "right", "left"], default="auto",
                     help="which way the patient faces (auto: try both, keep the one that settles)")
@@ -89,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="test1")
     e.add_argument("--model", help="model file (default: the model shipped in the package)")
-    e.add_argument("--iterations", type=_positive_int, default=3)
+    e.add_argument("--iterations", type=_nonnegative_int,
+                   help="glimpse steps (default: the model's own choice; 0 = coarse stage only)")
     e.add_argument("--starts", type=_positive_int, default=1)
     e.add_argument("--ground-truth", default="mean", help="mean (default), senior or junior")
     e.add_argument("--facing", choices=["auto", "right", "left"], default="auto")
@@ -117,6 +130,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     ds = load_dataset(a.data, a.split, a.spacing)
     mcfg, tcfg = presets(a.config, len(ds), len(ds.landmark_names))
+    if a.levels:
+        mcfg = replace(mcfg, n_levels=a.levels)
     over = {"seed": a.seed}
     if a.batch_size:
         over["batch_size"] = a.batch_size
@@ -147,7 +162,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         ds, a.out, mcfg, tcfg, device=a.device,
         time_budget_s=a.time_budget * 60 if a.time_budget else None,
         resume=a.resume, init=init, pretrained=a.pretrained, val=val, meta=meta,
-        max_steps=a.max_steps,
+        max_steps=a.max_steps, coarse_budget_s=a.coarse_minutes * 60 if a.coarse_minutes else None,
     )
     m = model.meta
     msg = f"wrote {a.out}: {m['train_steps']} steps in {m['train_wall_s'] / 60:.1f} min"

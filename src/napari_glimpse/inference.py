@@ -7,17 +7,20 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
-from .checkpoint import FORMAT_VERSION, KIND, atomic_torch_save, read_checkpoint
+from .checkpoint import KIND, atomic_torch_save, read_checkpoint
 from .errors import GlimpseError
 from .glimpse import PyramidStack, sample_glimpses
 from .io import read_image, to_grey_uint8
 from .model import GlimpseModelNet, ModelConfig
 from .pyramid import Pyramid, build_pyramid
+
+if TYPE_CHECKING:
+    from .coarse import CoarseNet
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default.pt"
 
@@ -95,8 +98,10 @@ class GlimpseModel:
         std_start: np.ndarray | None = None,
         train_config: dict | None = None,
         meta: dict | None = None,
+        coarse: "CoarseNet | None" = None,
     ):
         self.net = net
+        self.coarse = coarse
         self.config: ModelConfig = net.cfg
         self.landmark_names = tuple(landmark_names)
         self.pixel_spacing = float(pixel_spacing)
@@ -108,6 +113,11 @@ class GlimpseModel:
         self.meta = dict(meta or {})
 
     @property
+    def default_iterations(self) -> int:
+        """Glimpse steps used when none are asked for (``meta['iterations']``, else 3)."""
+        return int(self.meta.get("iterations", 3))
+
+    @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
@@ -115,7 +125,7 @@ class GlimpseModel:
     def to_checkpoint(self) -> dict:
         return {
             "kind": KIND,
-            "format_version": FORMAT_VERSION,
+            "format_version": 1,
             "model_config": self.config.to_dict(),
             "train_config": self.train_config,
             "landmark_names": list(self.landmark_names),
@@ -124,6 +134,16 @@ class GlimpseModel:
             "std_start": torch.as_tensor(self.std_start, dtype=torch.float64),
             "meta": self.meta,
             "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            **self._coarse_checkpoint(),
+        }
+
+    def _coarse_checkpoint(self) -> dict:
+        if self.coarse is None:
+            return {}
+        return {
+            "format_version": 2,  # readers before version 2 would ignore the coarse stage
+            "coarse_config": self.coarse.cfg.to_dict(),
+            "coarse_state_dict": {k: v.detach().cpu() for k, v in self.coarse.state_dict().items()},
         }
 
     def save(self, path: str | os.PathLike) -> None:
@@ -145,6 +165,16 @@ class GlimpseModel:
         mean_start = np.asarray(ckpt["mean_start"], dtype=np.float64)
         if mean_start.shape != (cfg.n_landmarks, 2) or len(ckpt["landmark_names"]) != cfg.n_landmarks:
             raise GlimpseError(f"{source}: start positions or landmark names do not match {cfg.n_landmarks} landmarks")
+        coarse = None
+        if ckpt.get("coarse_state_dict") is not None:
+            from .coarse import CoarseConfig, CoarseNet
+
+            try:
+                coarse = CoarseNet(CoarseConfig.from_dict(ckpt["coarse_config"]))
+                coarse.load_state_dict(ckpt["coarse_state_dict"])
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise GlimpseError(f"{source}: bad coarse stage ({str(exc).splitlines()[0]})") from None
+            coarse.eval().to(resolve_device(device))
         net.eval().to(resolve_device(device))
         return cls(
             net,
@@ -154,6 +184,7 @@ class GlimpseModel:
             ckpt.get("std_start"),
             ckpt.get("train_config"),
             ckpt.get("meta"),
+            coarse,
         )
 
     @classmethod
@@ -178,7 +209,7 @@ class GlimpseModel:
     def predict(
         self,
         image: np.ndarray | str | os.PathLike | Pyramid,
-        iterations: int = 3,
+        iterations: int | None = None,
         landmarks: Sequence[int] | None = None,
         starts: int = 1,
         start: np.ndarray | None = None,
@@ -194,15 +225,17 @@ class GlimpseModel:
         ----------
         image : array, path or Pyramid
             The cephalogram (grey or RGB, any bit depth).
-        iterations : int
-            Glimpse steps per landmark (3 suffice).
+        iterations : int, optional
+            Glimpse steps per landmark (default: :attr:`default_iterations`, the number chosen on
+            validation when the model was made, else 3). With a coarse stage, 0 returns its answer.
         landmarks : sequence of int, optional
             Indices of the landmarks to locate (default all).
         starts : int
             Number of starts per landmark: the mean start plus ``starts - 1`` perturbed by half
             the training spread; the answer is their mean and their spread the uncertainty.
         start : (K, 2) array, optional
-            Start positions instead of the training mean.
+            Start positions instead of the coarse stage's answer (or, without a coarse stage,
+            the training mean).
         record_glimpses, record_heatmaps : bool
             Keep every iteration's patches / softmax maps in the trajectory (first start only).
         bf16 : bool, optional
@@ -211,13 +244,31 @@ class GlimpseModel:
         facing : {"auto", "right", "left"}
             Which way the patient faces: ``right`` as in the training images, ``left`` for a
             mirrored cephalogram (the image is flipped, located, and the answer flipped back);
-            ``auto`` runs both and keeps the one whose glimpses settle (smaller mean uncertainty).
+            ``auto``: with a coarse stage, read from its answer (the landmarks' left-right layout
+            against the training set's); without one, both are run and the one whose glimpses
+            settle (smaller mean uncertainty) is kept.
         """
-        if iterations < 1:
-            raise GlimpseError("iterations must be at least 1")
+        if iterations is None:
+            iterations = self.default_iterations
+        if iterations < (0 if self.coarse is not None else 1):
+            raise GlimpseError("iterations must be at least 1" if self.coarse is None else "iterations must be at least 0")
         if facing not in ("auto", "right", "left"):
             raise GlimpseError(f"facing must be auto, right or left, not {facing!r}")
         pyr = self.pyramid(image)
+        if self.coarse is not None and start is None:
+            from .coarse import facing_of
+
+            start, spread = self.locate_coarse(pyr)
+            if facing == "auto":
+                facing = facing_of(start, self.mean_start)
+            if iterations == 0:
+                ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
+                return Trajectory(
+                    positions=start[ks][None], uncertainty_mm=spread[ks] * self.pixel_spacing,
+                    landmark_names=tuple(self.landmark_names[k] for k in ks), pixel_spacing=self.pixel_spacing,
+                    image_shape=pyr.shape, patch=self.config.patch, facing=facing,
+                    glimpses=np.zeros((0, len(ks), self.config.n_levels, self.config.patch, self.config.patch), np.uint8) if record_glimpses else None,
+                )
         run = dict(iterations=iterations, landmarks=landmarks, starts=starts, start=start,
                    record_glimpses=record_glimpses, record_heatmaps=record_heatmaps, bf16=bf16, seed=seed)
         if facing == "right":
@@ -239,6 +290,16 @@ class GlimpseModel:
             return left
         right = self._run(pyr, **run)
         return right if right.uncertainty_mm.mean() <= left.uncertainty_mm.mean() else left
+
+    def locate_coarse(self, image: np.ndarray | str | os.PathLike | Pyramid) -> tuple[np.ndarray, np.ndarray]:
+        """The coarse stage alone: ``(K, 2)`` positions and ``(K,)`` spread (full-res pixels)."""
+        if self.coarse is None:
+            raise GlimpseError("this model has no coarse stage")
+        from .coarse import locate, view_level
+
+        pyr = self.pyramid(image)
+        lv = view_level(pyr.shape, self.coarse.cfg.input_hw, len(pyr))
+        return locate(self.coarse, pyr.levels[lv], pyr.shape)
 
     def _run(
         self,

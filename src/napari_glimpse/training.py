@@ -18,6 +18,7 @@ from .glimpse import PyramidStack, frame_to_image, image_to_frame, sample_glimps
 from .inference import GlimpseModel, autocast, resolve_device
 from .io import Dataset
 from .model import GlimpseModelNet, ModelConfig
+from .coarse import CoarseConfig, train_coarse, view_levels
 from .pyramid import build_pyramid, levels_for
 
 
@@ -96,7 +97,7 @@ class TrainingData:
     """Pyramids of all training images plus ground truth, ready for batched sampling."""
 
     def __init__(self, dataset: Dataset, n_levels: int, patch: int, ground_truth: str = "mean",
-                 progress: bool = False):
+                 progress: bool = False, coarse: "CoarseConfig | None" = None):
         from tqdm.auto import tqdm
 
         if len(dataset) == 0:
@@ -109,6 +110,8 @@ class TrainingData:
         self.stack = PyramidStack(pyramids)
         self.shapes = np.array([p.shape for p in pyramids])
         self.truth = torch.as_tensor(dataset.ground_truth(ground_truth), dtype=torch.float32)
+        # the coarse stage's whole-image views: (N, 1, h, w) float, median size, normalised truth
+        self.views = view_levels(pyramids, self.truth.numpy(), coarse) if coarse is not None else None
         self.n_images, self.n_landmarks = self.truth.shape[:2]
 
 
@@ -201,6 +204,8 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     meta: dict | None = None,
     max_steps: int | None = None,
+    coarse_budget_s: float | None = None,
+    coarse_config: CoarseConfig | None = None,
 ) -> GlimpseModel:
     """Train a glimpse model on ``dataset`` and write it to ``out``.
 
@@ -210,6 +215,10 @@ def train(
     ``out + '.resume'``; ``resume=True`` continues from it. ``init`` starts from an existing model
     (fine-tuning); ``max_steps`` overrides the step limit (also on resume); ``pretrained`` loads ImageNet weights into the paper trunk (True: torchvision,
     or a path to a local ResNet-34 state dict). ``callback`` receives a dict per step.
+
+    ``coarse_budget_s``: first train a coarse stage (:mod:`napari_glimpse.coarse`, all landmarks
+    from a whole-image view) for that many seconds and attach it, so the glimpses start from its
+    answer; the glimpse budget ``time_budget_s`` comes after it. Not repeated on resume.
     """
     from tqdm.auto import tqdm
 
@@ -231,6 +240,8 @@ def train(
     elif init is not None:
         model = init
         model.net.to(dev)
+        if model.coarse is not None:
+            model.coarse.to(dev)
         mcfg = model.config
     else:
         mcfg = model_config or ModelConfig(n_landmarks=len(dataset.landmark_names))
@@ -242,7 +253,11 @@ def train(
             net.load_pretrained_trunk(None if pretrained is True else str(pretrained))
         model = None  # built once the data's statistics are known
 
-    data = TrainingData(dataset, mcfg.n_levels, mcfg.patch, tcfg.ground_truth, progress=progress)
+    want_coarse = bool(coarse_budget_s) and state is None
+    if want_coarse:
+        coarse_config = coarse_config or CoarseConfig(n_landmarks=len(dataset.landmark_names), seed=tcfg.seed)
+    data = TrainingData(dataset, mcfg.n_levels, mcfg.patch, tcfg.ground_truth, progress=progress,
+                        coarse=coarse_config if want_coarse else None)
     if min(data.shapes.min(axis=0)) < mcfg.patch:
         raise GlimpseError("an image is smaller than one glimpse")
     if model is None:
@@ -268,6 +283,22 @@ def train(
     opt = torch.optim.Adam(net.parameters(), lr=tcfg.lr)
     gen = torch.Generator().manual_seed(tcfg.seed)
     step, elapsed0, history = 0, 0.0, []
+    if want_coarse:
+        views, view_hw, truth_n = data.views
+
+        def coarse_val(cnet) -> float:
+            model.coarse = cnet
+            return evaluate_model(model, val, iterations=0, progress=False)["overall"]["mre_mm"]
+
+        cnet, chist = train_coarse(views, view_hw, truth_n, coarse_config, coarse_budget_s, progress=progress,
+                                   callback=callback, should_stop=should_stop,
+                                   evaluate=coarse_val if val is not None else None,
+                                   eval_every_s=tcfg.save_every_s)
+        model.coarse = cnet.to(dev)
+        model.meta["coarse_train_wall_s"] = chist[-1]["elapsed_s"]
+        model.meta["coarse_history"] = chist
+        data.views = None
+        _save_resume(rpath, model, opt, 0, 0.0, gen, history)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
@@ -348,7 +379,7 @@ def train(
     return model
 
 
-def predict_dataset(model: GlimpseModel, dataset: Dataset, iterations: int = 3, starts: int = 1,
+def predict_dataset(model: GlimpseModel, dataset: Dataset, iterations: int | None = None, starts: int = 1,
                     progress: bool = True, facing: str = "auto", mirror: bool = False
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Predict every image of a dataset: ``(N, K, 2)`` positions and ``(N, K)`` uncertainty (mm).
@@ -371,7 +402,7 @@ def predict_dataset(model: GlimpseModel, dataset: Dataset, iterations: int = 3, 
     return np.stack(preds), np.stack(unc)
 
 
-def evaluate_model(model: GlimpseModel, dataset: Dataset, iterations: int = 3, starts: int = 1,
+def evaluate_model(model: GlimpseModel, dataset: Dataset, iterations: int | None = None, starts: int = 1,
                    ground_truth: str = "mean", progress: bool = True, facing: str = "auto",
                    mirror: bool = False) -> dict:
     """Predict a labelled dataset and summarise errors (see :func:`metrics.summarize`).

@@ -67,7 +67,7 @@ def _read_any(path: Path) -> np.ndarray:
 
 
 def _detect_job(image_path: Path | None, image: np.ndarray | None, get_model: Callable | None,
-                model_key: tuple, iterations: int):
+                model_key: tuple, iterations: int | None):
     """Worker body (no Qt, no layers): read, load the model, build the pyramid, predict."""
     import pandas  # noqa: F401  napari's first Points layer imports it: here, not in the GUI thread
 
@@ -156,9 +156,11 @@ class DetectWidget(QWidget):
         self.device_combo.setToolTip("auto: CUDA when available, else CPU")
         self.device_combo.currentTextChanged.connect(self._device_changed)
         self.iter_spin = QSpinBox()
-        self.iter_spin.setRange(1, 20)
-        self.iter_spin.setValue(3)
-        self.iter_spin.setToolTip("Glimpse steps per landmark (3 suffice)")
+        self.iter_spin.setRange(0, 20)
+        self.iter_spin.setSpecialValueText("model's")
+        self.iter_spin.setValue(0)
+        self.iter_spin.setToolTip("Glimpse steps per landmark (model's: the number chosen on validation "
+                                  "when the model was trained)")
         row2 = QHBoxLayout()
         row2.addWidget(self.device_combo)
         row2.addWidget(QLabel("Iterations"))
@@ -369,7 +371,7 @@ class DetectWidget(QWidget):
         key = self.state.model_key()
         worker = create_worker(
             _detect_job, path if data is None else None, data,
-            self.state.get_model if predict else None, key, self.iter_spin.value(),
+            self.state.get_model if predict else None, key, self.iter_spin.value() or None,
             _start_thread=False, _ignore_errors=True,
         )
         worker.yielded.connect(self._on_stage)

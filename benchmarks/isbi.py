@@ -1,0 +1,221 @@
+#!/usr/bin/env python
+"""ISBI 2015 accuracy benchmark: train under a wall-clock budget, evaluate on Test1.
+
+Protocol (the same for napari-glimpse and the peer):
+
+* Train on ISBI Train 001-130, validate on Train 131-150 (the validation split: every choice,
+  e.g. the number of glimpse iterations, is made on it; Test1 is read only for the final
+  numbers). Ground truth = mean of the senior and junior doctors.
+* ``--budget-min`` minutes of wall time for training (data loading excluded, validation
+  included), on ``--threads`` CPU threads; the process CPU time is recorded too.
+* Evaluate on Test1 (151-300) against the mean of the doctors: MRE +- SD, SDR at 2/2.5/3/4 mm,
+  per-landmark table; the same on every Test1 image mirrored left-right (labels mirrored with
+  it: the facing-left check; glimpse only, the peer is not trained for it).
+* Speed: seconds per image at inference, model loaded, image already decoded in memory
+  (pyramid / resize, network, decoding all included), median over 20 Test1 images, on
+  ``--speed-threads`` threads (default 2: the whole machine).
+
+Methods:
+
+* ``glimpse``: napari-glimpse, coarse whole-image stage for ``--coarse-fraction`` of the budget,
+  then the glimpse network (``--levels`` pyramid levels) for the rest.
+* ``landmarker``: the peer, see ``benchmarks/peer_landmarker.py`` (``pip install
+  -c constraints.txt -e ".[benchmark]"``).
+* ``--evaluate MODEL``: skip training, evaluate an existing napari-glimpse model file.
+
+Usage::
+
+    python benchmarks/isbi.py --method glimpse --budget-min 100 --threads 1 \\
+        --model-out runs/isbi_glimpse.pt --out benchmarks/results/isbi_glimpse.json
+    python benchmarks/isbi.py --method landmarker --budget-min 100 --threads 1 \\
+        --out benchmarks/results/isbi_landmarker.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve()
+DEFAULT_DATA = HERE.parents[2] / "shared" / "data" / "isbi2015"
+N_TRAIN = 130  # Train 001-130 train, 131-150 validate
+
+
+def _summary(pred: np.ndarray, truth: np.ndarray, spacing: float, names) -> dict:
+    from napari_glimpse.metrics import radial_errors, summarize
+
+    s = summarize(radial_errors(pred, truth, spacing), names)
+    return s
+
+
+def _speed(fn, images: list[np.ndarray], threads: int) -> float:
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fn(images[0])  # warm-up
+        ts = []
+        for im in images:
+            t = time.perf_counter()
+            fn(im)
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _glimpse_eval(model, test, val, iterations: int, speed_threads: int, log) -> dict:
+    from napari_glimpse.training import evaluate_model
+
+    out: dict = {}
+    truth = test.ground_truth("mean")
+    r = evaluate_model(model, test, iterations=iterations, progress=False)
+    out["test"] = {k: r[k] for k in ("overall", "per_landmark")}
+    log(f"Test1: MRE {r['overall']['mre_mm']:.3f} mm, SDR2 {r['overall']['sdr']['2']:.1f} %")
+    rm = evaluate_model(model, test, iterations=iterations, progress=False, mirror=True)
+    out["test_mirrored"] = {k: rm[k] for k in ("overall", "per_landmark")}
+    log(f"Test1 mirrored: MRE {rm['overall']['mre_mm']:.3f} mm")
+    out["test_predictions"] = np.asarray(r["predictions"]).round(2).tolist()
+    imgs = [test.image(i) for i in range(20)]
+    out["seconds_per_image"] = _speed(lambda im: model.predict(im, iterations=iterations), imgs, speed_threads)
+    out["speed_threads"] = speed_threads
+    log(f"inference {out['seconds_per_image']:.3f} s/image ({speed_threads} threads)")
+    assert truth.shape == np.asarray(r["predictions"]).shape
+    return out
+
+
+def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
+    from napari_glimpse.coarse import CoarseConfig
+    from napari_glimpse.inference import GlimpseModel
+    from napari_glimpse.model import ModelConfig
+    from napari_glimpse.training import TrainConfig, evaluate_model, train
+
+    res: dict = {"method": "glimpse"}
+    if a.evaluate:
+        model = GlimpseModel.load(a.evaluate, "cpu")
+        res["model"] = str(a.evaluate)
+        res["train"] = {k: model.meta.get(k) for k in ("train_wall_s", "coarse_train_wall_s", "train_steps")}
+    else:
+        mcfg = ModelConfig(n_levels=a.levels)
+        tcfg = TrainConfig(near_fraction=a.near_fraction, near_sigma_px=(a.near_sigma[0], a.near_sigma[1]),
+                           max_steps=None, seed=a.seed, save_every_s=a.eval_every * 60)
+        budget = a.budget_min * 60
+        cb = a.coarse_fraction * budget if a.coarse_fraction > 0 else None
+        ccfg = CoarseConfig(n_landmarks=19, seed=a.seed, width=a.coarse_width)
+        out = Path(a.model_out)
+        t0, c0 = time.monotonic(), time.process_time()
+        model = train(train_ds, out, mcfg, tcfg, device="cpu", time_budget_s=budget - (cb or 0), val=val_ds,
+                      coarse_budget_s=cb, coarse_config=ccfg, progress=not a.quiet)
+        res["train"] = {"wall_s": time.monotonic() - t0, "cpu_s": time.process_time() - c0,
+                        "coarse_wall_s": model.meta.get("coarse_train_wall_s"),
+                        "glimpse_wall_s": model.meta.get("train_wall_s"), "glimpse_steps": model.meta.get("train_steps")}
+        res["config"] = {"model": mcfg.to_dict(), "train": tcfg.to_dict(),
+                         "coarse": ccfg.to_dict() if cb else None, "coarse_fraction": a.coarse_fraction}
+        res["curve"] = model.meta.get("coarse_history", []) + model.meta.get("history", [])
+        res["model"] = str(out)
+    # choose the number of glimpse iterations on the validation split
+    choices = [0, 1, 2, 3] if model.coarse is not None else [1, 2, 3]
+    val = {}
+    for it in choices:
+        val[it] = evaluate_model(model, val_ds, iterations=it, progress=False)["overall"]["mre_mm"]
+        log(f"val, {it} iterations: MRE {val[it]:.3f} mm")
+    best = min(val, key=val.get)
+    res["val_mre_by_iterations"] = {str(k): v for k, v in val.items()}
+    res["iterations"] = best
+    res.update(_glimpse_eval(model, test_ds, val_ds, best, a.speed_threads, log))
+    return res
+
+
+def run_landmarker(a, train_ds, val_ds, test_ds, log) -> dict:
+    sys.path.insert(0, str(HERE.parent))
+    from peer_landmarker import train_and_predict
+
+    def imgs(ds):
+        return [ds.image(i) for i in range(len(ds))]
+
+    tr_i, va_i, te_i = imgs(train_ds), imgs(val_ds), imgs(test_ds)
+    t0, c0 = time.monotonic(), time.process_time()
+    r = train_and_predict(tr_i, train_ds.ground_truth("mean"), va_i, val_ds.ground_truth("mean"), te_i,
+                          budget_s=a.budget_min * 60, threads=a.threads, seed=a.seed, log=log)
+    res = {"method": "landmarker", "config": r.get("config"), "curve": r.get("curve"),
+           "train": {"wall_s": r.get("train_wall_s"), "cpu_s": r.get("train_cpu_s"),
+                     "wall_incl_test_s": time.monotonic() - t0, "cpu_incl_test_s": time.process_time() - c0}}
+    pred = np.asarray(r["test_pred"], dtype=np.float64)
+    s = _summary(pred, test_ds.ground_truth("mean"), test_ds.pixel_spacing, test_ds.landmark_names)
+    res["test"] = s
+    res["test_predictions"] = pred.round(2).tolist()
+    res["seconds_per_image"] = r.get("seconds_per_image")
+    res["speed_threads"] = r.get("speed_threads", a.threads)
+    log(f"Test1: MRE {s['overall']['mre_mm']:.3f} mm, SDR2 {s['overall']['sdr']['2']:.1f} %")
+    return res
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--method", choices=["glimpse", "landmarker"], default="glimpse")
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--budget-min", type=float, default=100.0, help="training wall time, minutes")
+    p.add_argument("--threads", type=int, default=2, help="torch threads while training")
+    p.add_argument("--speed-threads", type=int, default=2, help="torch threads for the speed measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="JSON to write")
+    p.add_argument("--model-out", default="runs/isbi_glimpse.pt", help="glimpse: model file to write")
+    p.add_argument("--evaluate", metavar="MODEL", help="glimpse: evaluate this model instead of training")
+    p.add_argument("--coarse-fraction", type=float, default=0.5)
+    p.add_argument("--coarse-width", type=int, default=16)
+    p.add_argument("--levels", type=int, default=4)
+    p.add_argument("--near-fraction", type=float, default=0.9)
+    p.add_argument("--near-sigma", type=float, nargs=2, default=(2.0, 80.0))
+    p.add_argument("--eval-every", type=float, default=10.0, help="validation every N minutes (curve)")
+    p.add_argument("--limit", type=int, help="smoke test: use only this many train/val/test images")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+
+    from napari_glimpse.io import load_dataset
+
+    torch.set_num_threads(a.threads)
+    root = Path(a.data)
+    if not root.exists():
+        print(f"ISBI data not found at {root}", file=sys.stderr)
+        return 2
+    train_all = load_dataset(root, "train")
+    test = load_dataset(root, "test1")
+    tr_idx, va_idx = list(range(N_TRAIN)), list(range(N_TRAIN, len(train_all)))
+    if a.limit:
+        tr_idx, va_idx = tr_idx[: a.limit], va_idx[: max(2, a.limit // 4)]
+        test = test.subset(range(min(len(test), max(20, a.limit))))
+    train_ds, val_ds = train_all.subset(tr_idx), train_all.subset(va_idx)
+
+    def log(msg: str) -> None:
+        print(f"[{_dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+    log(f"{a.method}: train {len(train_ds)}, val {len(val_ds)}, test {len(test)}; budget {a.budget_min} min, "
+        f"{a.threads} threads")
+    run = run_glimpse if a.method == "glimpse" else run_landmarker
+    res = run(a, train_ds, val_ds, test, log)
+    res.update({
+        "protocol": {"train": "ISBI Train 001-130", "val": "ISBI Train 131-150", "test": "ISBI Test1 151-300",
+                     "ground_truth": "mean of senior and junior", "n_test": len(test), "limit": a.limit},
+        "budget_min": a.budget_min, "threads": a.threads, "seed": a.seed,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                    "python": platform.python_version()},
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    })
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=1, default=float))
+    log(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,319 @@
+"""Coarse first pass: all landmarks at once from a small whole-image view.
+
+A small U-Net looks at the whole cephalogram resampled to ``input_hw`` (320 x 256 by default,
+about 0.75 mm per pixel) and predicts one heatmap per landmark at half that resolution. The
+heatmap peaks (refined by a local soft-argmax) are the glimpse network's starts, replacing the
+training-set mean, so the glimpses only have to refine a point a few millimetres away.
+
+It is trained with left-right flips (landmarks keep their identity), so it finds the landmarks
+whichever way the patient faces; comparing its answer with the training layout tells the facing.
+
+The view is resampled from one pyramid level (the finest that is still at least ``input_hw``)
+through :func:`view_grid`, identically at training (with a random affine) and inference.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .model import _conv_bn
+
+
+@dataclass(frozen=True)
+class CoarseConfig:
+    """Coarse network and its training. ``sigma``: target Gaussian, heatmap pixels."""
+
+    n_landmarks: int = 19
+    input_hw: tuple[int, int] = (320, 256)
+    width: int = 16
+    sigma: float = 1.5
+    batch_size: int = 8
+    lr: float = 2e-3
+    rotation_deg: float = 10.0
+    log_scale: float = 0.1
+    shift: float = 0.05
+    flip: float = 0.5
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CoarseConfig":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "input_hw" in d:
+            d["input_hw"] = tuple(d["input_hw"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_hw"] = list(self.input_hw)
+        return d
+
+
+class CoarseNet(nn.Module):
+    """U-Net, 5 scales (w, 2w, 4w, 8w, 8w channels): (B, 1, H, W) -> (B, K, H/2, W/2) logits."""
+
+    def __init__(self, cfg: CoarseConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        ch = [w, 2 * w, 4 * w, 8 * w, 8 * w]
+        self.stem = nn.Sequential(_conv_bn(1, ch[0], 2), _conv_bn(ch[0], ch[0], 1))
+        self.down = nn.ModuleList(
+            nn.Sequential(_conv_bn(ch[i], ch[i + 1], 2), _conv_bn(ch[i + 1], ch[i + 1], 1)) for i in range(4)
+        )
+        self.up = nn.ModuleList(
+            nn.Sequential(_conv_bn(ch[i + 1] + ch[i], ch[i], 1), _conv_bn(ch[i], ch[i], 1)) for i in range(4)
+        )
+        self.head = nn.Conv2d(ch[0], cfg.n_landmarks, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = ((x / 255.0) - 0.5) / 0.25
+        skips = [self.stem(x.contiguous(memory_format=torch.channels_last))]
+        for d in self.down:
+            skips.append(d(skips[-1]))
+        y = skips.pop()
+        for i in reversed(range(4)):
+            s = skips.pop()
+            y = F.interpolate(y, size=s.shape[-2:], mode="bilinear", align_corners=False)
+            y = self.up[i](torch.cat([y, s], 1))
+        return self.head(y).float()
+
+
+# ------------------------------------------------------------------------------ the view
+def view_level(shape: tuple[int, int], input_hw: tuple[int, int], n_levels: int) -> int:
+    """The coarsest pyramid level that is still at least ``input_hw`` (so nothing is lost)."""
+    h, w = shape
+    ratio = min(h / input_hw[0], w / input_hw[1])
+    return int(min(max(0, math.floor(math.log2(max(ratio, 1.0)))), n_levels - 1))
+
+
+def view_matrix(image_hw: tuple[int, int], angle: torch.Tensor, scale: torch.Tensor, flip: torch.Tensor,
+                shift: torch.Tensor) -> torch.Tensor:
+    """``(B, 2, 3)`` affine from view to image normalised coordinates (``affine_grid``'s theta).
+
+    The rotation and scale act in pixel units (so a rotation does not shear a non-square image);
+    ``flip`` (bool) mirrors left-right; ``shift`` (B, 2) is in normalised units.
+    """
+    h, w = image_hw
+    b = angle.shape[0]
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    fx = torch.where(flip, -1.0, 1.0)
+    # D^-1 R F D with D = diag(w, h)
+    m = torch.zeros(b, 2, 3)
+    m[:, 0, 0] = cos * fx
+    m[:, 0, 1] = -sin * h / w
+    m[:, 1, 0] = sin * w / h * fx
+    m[:, 1, 1] = cos
+    m[:, :, 2] = shift
+    return m
+
+
+def to_normalised(xy: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+    h, w = image_hw
+    return (xy + 0.5) / torch.tensor([w, h], dtype=xy.dtype) * 2 - 1
+
+
+def from_normalised(u: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+    h, w = image_hw
+    return (u + 1) / 2 * torch.tensor([w, h], dtype=u.dtype) - 0.5
+
+
+def render_views(level: torch.Tensor, theta: torch.Tensor, input_hw: tuple[int, int]) -> torch.Tensor:
+    """Resample ``(B, 1, h, w)`` float images through ``theta`` to ``(B, 1, *input_hw)``."""
+    grid = F.affine_grid(theta, [level.shape[0], 1, *input_hw], align_corners=False)
+    return F.grid_sample(level, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def heat_to_view(hm_xy: torch.Tensor, heat_hw: tuple[int, int]) -> torch.Tensor:
+    """Heatmap pixel coordinates -> view normalised coordinates."""
+    return to_normalised(hm_xy, heat_hw)
+
+
+def decode(logits: torch.Tensor, window: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Peak of each heatmap refined by a soft-argmax in a ``(2 window + 1)^2`` neighbourhood.
+
+    Returns ``(B, K, 2)`` heatmap-pixel coordinates (x, y) and ``(B, K)`` spread (pixels).
+    """
+    b, k, h, w = logits.shape
+    p = torch.softmax(logits.reshape(b, k, -1), -1).reshape(b, k, h, w)
+    idx = p.reshape(b, k, -1).argmax(-1)
+    iy, ix = idx // w, idx % w
+    off = torch.arange(-window, window + 1)
+    ys = (iy[..., None] + off).clamp(0, h - 1)  # (B, K, n)
+    xs = (ix[..., None] + off).clamp(0, w - 1)
+    bi = torch.arange(b)[:, None, None, None]
+    ki = torch.arange(k)[None, :, None, None]
+    loc = p[bi, ki, ys[..., :, None], xs[..., None, :]]  # (B, K, n, n)
+    loc = loc / loc.sum((-1, -2), keepdim=True).clamp_min(1e-12)
+    gx = xs[..., None, :].float().expand_as(loc)
+    gy = ys[..., :, None].float().expand_as(loc)
+    mx = (loc * gx).sum((-1, -2))
+    my = (loc * gy).sum((-1, -2))
+    var = (loc * ((gx - mx[..., None, None]) ** 2 + (gy - my[..., None, None]) ** 2)).sum((-1, -2))
+    return torch.stack([mx, my], -1), var.sqrt()
+
+
+def locate(net: CoarseNet, level: torch.Tensor, image_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Run the coarse net on one pyramid level ``(h, w)`` uint8 of an image of ``image_hw``.
+
+    Returns ``(K, 2)`` full-resolution positions and ``(K,)`` spread in full-resolution pixels.
+    """
+    cfg = net.cfg
+    dev = next(net.parameters()).device
+    x = level.to(dev, torch.float32)[None, None]
+    theta = view_matrix(image_hw, torch.zeros(1), torch.ones(1), torch.zeros(1, dtype=torch.bool),
+                        torch.zeros(1, 2)).to(dev)
+    with torch.inference_mode():
+        logits = net(render_views(x, theta, cfg.input_hw)).cpu()
+    heat_hw = tuple(logits.shape[-2:])
+    xy, spread = decode(logits)
+    pos = from_normalised(heat_to_view(xy[0], heat_hw), image_hw)
+    scale = image_hw[1] / heat_hw[1]
+    return pos.numpy().astype(np.float64), (spread[0] * scale).numpy().astype(np.float64)
+
+
+def facing_of(positions: np.ndarray, mean_start: np.ndarray) -> str:
+    """``right`` when the landmarks' left-right layout matches the training set's, else ``left``."""
+    a = positions[:, 0] - positions[:, 0].mean()
+    b = mean_start[:, 0] - mean_start[:, 0].mean()
+    return "right" if float((a * b).sum()) >= 0 else "left"
+
+
+# ------------------------------------------------------------------------------ training
+def gaussian_targets(xy: torch.Tensor, heat_hw: tuple[int, int], sigma: float) -> torch.Tensor:
+    """``(B, K, h, w)`` normalised Gaussians at heatmap-pixel coordinates ``xy`` (B, K, 2)."""
+    h, w = heat_hw
+    gy = torch.arange(h, dtype=torch.float32)[:, None]
+    gx = torch.arange(w, dtype=torch.float32)[None, :]
+    d2 = (gx - xy[..., 0, None, None]) ** 2 + (gy - xy[..., 1, None, None]) ** 2
+    t = torch.exp(-d2 / (2 * sigma**2))
+    return t / t.sum((-1, -2), keepdim=True).clamp_min(1e-12)
+
+
+def train_coarse(
+    levels: torch.Tensor,
+    image_hw: tuple[int, int],
+    truth_n: torch.Tensor,
+    cfg: CoarseConfig,
+    time_budget_s: float,
+    progress: bool = True,
+    callback: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    evaluate: Callable[[CoarseNet], float] | None = None,
+    eval_every_s: float = 300.0,
+) -> tuple[CoarseNet, list[dict]]:
+    """Train a coarse net for ``time_budget_s`` seconds of wall time.
+
+    ``levels``: ``(N, 1, h, w)`` float images (see :func:`view_levels`); ``image_hw``: the
+    typical full-resolution size (for the aspect ratio of rotations); ``truth_n``: ``(N, K, 2)``
+    positions in each image's normalised coordinates (:func:`to_normalised`). ``evaluate(net) -> mm`` is called every ``eval_every_s`` and at the end.
+    Returns the net (eval mode) and its history.
+    """
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    net = CoarseNet(cfg)
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    n = levels.shape[0]
+    heat_hw = (cfg.input_hw[0] // 2, cfg.input_hw[1] // 2)
+    history: list[dict] = []
+    t0 = time.monotonic()
+    last_eval = t0
+    step, ema = 0, None
+    bar = tqdm(total=1000, desc="coarse", unit="‰", disable=not progress,
+               bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+    try:
+        while True:
+            frac = (time.monotonic() - t0) / time_budget_s
+            if frac >= 1.0 or (should_stop is not None and should_stop()):
+                break
+            lr = cfg.lr * (0.1 + 0.9 * frac / 0.03) if frac < 0.03 else \
+                cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (frac - 0.03) / 0.97)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            b = cfg.batch_size
+            i = torch.randint(0, n, (b,), generator=gen)
+            ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(cfg.rotation_deg)
+            scl = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * cfg.log_scale)
+            flip = torch.rand(b, generator=gen) < cfg.flip
+            shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * cfg.shift
+            theta = view_matrix(image_hw, ang, scl, flip, shift)
+            x = render_views(levels[i], theta, cfg.input_hw)
+            # intensity: gamma, contrast, brightness, noise
+            g_ = torch.exp((torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.3)
+            x = 255.0 * (x.clamp(0, 255) / 255.0) ** g_
+            x = x * (1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.15) \
+                + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 15.0
+            x = x + torch.randn(x.shape, generator=gen) * 3.0
+            # landmark positions in the view: o = A^-1 (u - t)
+            a, t = theta[:, :, :2], theta[:, :, 2]
+            u = truth_n[i] - t[:, None, :]
+            o = torch.einsum("bij,bkj->bki", torch.linalg.inv(a), u)
+            hm_xy = from_normalised(o, heat_hw)
+            inside = (o.abs() < 0.98).all(-1).float()
+            target = gaussian_targets(hm_xy, heat_hw, cfg.sigma)
+            logits = net(x)
+            logp = torch.log_softmax(logits.flatten(2), -1)
+            loss = (-(target.flatten(2) * logp).sum(-1) * inside).sum() / inside.sum().clamp_min(1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            lv = loss.item()
+            ema = lv if ema is None else 0.98 * ema + 0.02 * lv
+            bar.n = min(1000, int(1000 * (time.monotonic() - t0) / time_budget_s))
+            bar.set_postfix_str(f"step {step} loss {ema:.3f} lr {lr:.1e}", refresh=False)
+            bar.refresh()
+            info = {"stage": "coarse", "step": step, "loss": ema, "lr": lr, "elapsed_s": time.monotonic() - t0}
+            if callback is not None:
+                callback(info)
+            if evaluate is not None and time.monotonic() - last_eval > eval_every_s:
+                net.eval()
+                info["val_mre_mm"] = evaluate(net)
+                net.train()
+                bar.write(f"coarse step {step}: val MRE {info['val_mre_mm']:.2f} mm")
+                history.append(info)
+                last_eval = time.monotonic()
+    finally:
+        bar.close()
+    net.eval()
+    rec = {"stage": "coarse", "step": step, "loss": ema, "elapsed_s": time.monotonic() - t0}
+    if evaluate is not None:
+        rec["val_mre_mm"] = evaluate(net)
+    history.append(rec)
+    return net, history
+
+
+def view_levels(pyramids: list, truth: np.ndarray, cfg: CoarseConfig
+                ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor]:
+    """Every image's view level (see :func:`view_level`) as one ``(N, 1, h, w)`` float stack.
+
+    ``pyramids``: each image's :class:`~napari_glimpse.pyramid.Pyramid`. Images of different
+    sizes are resampled to twice the view size (positions are carried in normalised
+    coordinates, so nothing else changes). Returns the stack, the median image size and
+    ``(N, K, 2)`` normalised positions.
+    """
+    shapes = np.array([p.shape for p in pyramids])
+    image_hw = tuple(int(v) for v in np.median(shapes, axis=0))
+    truth_n = torch.stack([to_normalised(torch.as_tensor(t, dtype=torch.float32), tuple(s))
+                           for t, s in zip(truth, shapes)])
+    same = bool((shapes == shapes[0]).all())
+    out = []
+    for p in pyramids:
+        lv = view_level(p.shape, cfg.input_hw, len(p))
+        x = p.levels[lv].float()[None, None]
+        if not same:
+            x = F.interpolate(x, size=(2 * cfg.input_hw[0], 2 * cfg.input_hw[1]), mode="bilinear",
+                              antialias=True, align_corners=False)
+        out.append(x[0])
+    return torch.stack(out), image_hw, truth_n  # type: ignore[return-value]
