@@ -104,6 +104,11 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
         model = GlimpseModel.load(a.evaluate, "cpu")
         res["model"] = str(a.evaluate)
         res["train"] = {k: model.meta.get(k) for k in ("train_wall_s", "coarse_train_wall_s", "train_steps")}
+        res["curve"] = model.meta.get("coarse_history", []) + model.meta.get("history", [])
+        if a.train_json:  # the training run's own record (CPU time, configuration)
+            prev = json.loads(Path(a.train_json).read_text())
+            res.update({k: prev[k] for k in ("train", "config", "curve") if k in prev})
+            res["train_json"] = str(a.train_json)
     else:
         mcfg = ModelConfig(n_levels=a.levels)
         tcfg = TrainConfig(near_fraction=a.near_fraction, near_sigma_px=(a.near_sigma[0], a.near_sigma[1]),
@@ -122,22 +127,39 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
                          "coarse": ccfg.to_dict() if cb else None, "coarse_fraction": a.coarse_fraction}
         res["curve"] = model.meta.get("coarse_history", []) + model.meta.get("history", [])
         res["model"] = str(out)
-    # choose the number of glimpse iterations on the validation split
-    choices = [0, 1, 2, 3] if model.coarse is not None else [1, 2, 3]
+    # inference choices, made on the validation split only: glimpse iterations, and (with a
+    # coarse stage) whether to average the coarse answers of the image and its mirror
+    flips = [False, True] if model.coarse is not None else [False]
+    iters = [0, 1, 2, 3] if model.coarse is not None else [1, 2, 3]
     val = {}
-    for it in choices:
-        val[it] = evaluate_model(model, val_ds, iterations=it, progress=False)["overall"]["mre_mm"]
-        log(f"val, {it} iterations: MRE {val[it]:.3f} mm")
+    for f in flips:
+        model.meta["coarse_flip_average"] = f
+        for it in iters:
+            val[(it, f)] = evaluate_model(model, val_ds, iterations=it, progress=False)["overall"]["mre_mm"]
+            log(f"val, {it} iterations, flip average {f}: MRE {val[(it, f)]:.3f} mm")
     best = min(val, key=val.get)
-    res["val_mre_by_iterations"] = {str(k): v for k, v in val.items()}
-    res["iterations"] = best
-    res.update(_glimpse_eval(model, test_ds, val_ds, best, a.speed_threads, log))
+    res["val_mre"] = [{"iterations": it, "coarse_flip_average": f, "mre_mm": v} for (it, f), v in val.items()]
+    res["iterations"], res["coarse_flip_average"] = best
+    model.meta["iterations"], model.meta["coarse_flip_average"] = best
+    model.meta["inference_choice"] = "lowest validation MRE (ISBI Train 131-150) by benchmarks/isbi.py"
+    if a.save_choice:
+        model.save(res["model"])
+        log(f"saved the choice {best} into {res['model']}")
+    res.update(_glimpse_eval(model, test_ds, val_ds, best[0], a.speed_threads, log))
     return res
 
 
 def run_landmarker(a, train_ds, val_ds, test_ds, log) -> dict:
     sys.path.insert(0, str(HERE.parent))
-    from peer_landmarker import train_and_predict
+    from peer_landmarker import inference_speed, train_and_predict
+
+    if a.peer_speed_only:  # time the peer's inference (weights do not matter) on an idle machine
+        res = json.loads(Path(a.peer_speed_only).read_text())
+        res["seconds_per_image_during_run"] = res.get("seconds_per_image")
+        res["seconds_per_image"] = inference_speed([test_ds.image(i) for i in range(20)], a.speed_threads)
+        res["speed_threads"] = a.speed_threads
+        log(f"peer inference {res['seconds_per_image']:.3f} s/image ({a.speed_threads} threads)")
+        return res
 
     def imgs(ds):
         return [ds.image(i) for i in range(len(ds))]
@@ -176,6 +198,11 @@ def main(argv=None) -> int:
     p.add_argument("--near-fraction", type=float, default=0.9)
     p.add_argument("--near-sigma", type=float, nargs=2, default=(2.0, 80.0))
     p.add_argument("--eval-every", type=float, default=10.0, help="validation every N minutes (curve)")
+    p.add_argument("--train-json", metavar="JSON", help="with --evaluate: copy train/config/curve from this run's JSON")
+    p.add_argument("--save-choice", action="store_true",
+                   help="glimpse: write the validation-chosen iterations / flip averaging into the model file")
+    p.add_argument("--peer-speed-only", metavar="JSON",
+                   help="landmarker: re-time inference (median of 20 Test1 images) and update this run's JSON")
     p.add_argument("--limit", type=int, help="smoke test: use only this many train/val/test images")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)

@@ -398,6 +398,33 @@ def train_and_predict(
     }
 
 
+def inference_speed(test_images: list[np.ndarray], threads: int, input_hw: tuple[int, int] = (320, 256)) -> float:
+    """Median seconds per image for the peer's inference (resize + forward + decode + map back).
+
+    Speed does not depend on the weights, so a freshly built model of the benchmark's
+    configuration is timed (after one warm-up image); used to time the peer on an idle machine.
+    """
+    from landmarker.models import SpatialConfigurationNet
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        model = SpatialConfigurationNet(**MODEL_KWARGS).eval()
+        h, w = int(input_hw[0]), int(input_hw[1])
+        ts = []
+        with torch.inference_mode():
+            for i, im in enumerate([test_images[0], *test_images]):
+                t = time.perf_counter()
+                x = _normalise(_resize_image(im, (h, w))[None])
+                p = _decode(model(x))[0].numpy().astype(np.float64)
+                _to_full_xy(p, im.shape[:2], (h, w))
+                if i:
+                    ts.append(time.perf_counter() - t)
+        return float(np.median(ts))
+    finally:
+        torch.set_num_threads(old)
+
+
 # ----------------------------------------------------------------------------------------------
 # smoke mode
 # ----------------------------------------------------------------------------------------------

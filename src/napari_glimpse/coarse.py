@@ -161,23 +161,29 @@ def decode(logits: torch.Tensor, window: int = 2) -> tuple[torch.Tensor, torch.T
     return torch.stack([mx, my], -1), var.sqrt()
 
 
-def locate(net: CoarseNet, level: torch.Tensor, image_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def locate(net: CoarseNet, level: torch.Tensor, image_hw: tuple[int, int], flip_average: bool = False
+           ) -> tuple[np.ndarray, np.ndarray]:
     """Run the coarse net on one pyramid level ``(h, w)`` uint8 of an image of ``image_hw``.
 
-    Returns ``(K, 2)`` full-resolution positions and ``(K,)`` spread in full-resolution pixels.
+    ``flip_average``: also look at the mirrored view and average the two answers (test-time
+    augmentation; the net was trained with flips). Returns ``(K, 2)`` full-resolution positions
+    and ``(K,)`` spread in full-resolution pixels.
     """
     cfg = net.cfg
     dev = next(net.parameters()).device
-    x = level.to(dev, torch.float32)[None, None]
-    theta = view_matrix(image_hw, torch.zeros(1), torch.ones(1), torch.zeros(1, dtype=torch.bool),
-                        torch.zeros(1, 2)).to(dev)
+    n = 2 if flip_average else 1
+    x = level.to(dev, torch.float32)[None, None].expand(n, 1, *level.shape)
+    flip = torch.tensor([False, True][:n])
+    theta = view_matrix(image_hw, torch.zeros(n), torch.ones(n), flip, torch.zeros(n, 2)).to(dev)
     with torch.inference_mode():
         logits = net(render_views(x, theta, cfg.input_hw)).cpu()
     heat_hw = tuple(logits.shape[-2:])
     xy, spread = decode(logits)
-    pos = from_normalised(heat_to_view(xy[0], heat_hw), image_hw)
+    o = heat_to_view(xy, heat_hw)  # (n, K, 2) view coordinates; image = A o with A = diag(+-1, 1)
+    o[1:, :, 0] = -o[1:, :, 0]
+    pos = from_normalised(o.mean(0), image_hw)
     scale = image_hw[1] / heat_hw[1]
-    return pos.numpy().astype(np.float64), (spread[0] * scale).numpy().astype(np.float64)
+    return pos.numpy().astype(np.float64), (spread.mean(0) * scale).numpy().astype(np.float64)
 
 
 def facing_of(positions: np.ndarray, mean_start: np.ndarray) -> str:
@@ -225,7 +231,7 @@ def train_coarse(
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     n = levels.shape[0]
-    heat_hw = (cfg.input_hw[0] // 2, cfg.input_hw[1] // 2)
+    heat_hw = ((cfg.input_hw[0] + 1) // 2, (cfg.input_hw[1] + 1) // 2)  # the stride-2 stem's output
     history: list[dict] = []
     t0 = time.monotonic()
     last_eval = t0

@@ -173,7 +173,8 @@ class GlimpseModel:
                 coarse = CoarseNet(CoarseConfig.from_dict(ckpt["coarse_config"]))
                 coarse.load_state_dict(ckpt["coarse_state_dict"])
             except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-                raise GlimpseError(f"{source}: bad coarse stage ({str(exc).splitlines()[0]})") from None
+                lines = [ln.strip() for ln in str(exc).strip().splitlines()] or [repr(exc)]
+                raise GlimpseError(f"{source}: bad coarse stage ({lines[1] if len(lines) > 1 else lines[0]})") from None
             coarse.eval().to(resolve_device(device))
         net.eval().to(resolve_device(device))
         return cls(
@@ -255,6 +256,12 @@ class GlimpseModel:
         if facing not in ("auto", "right", "left"):
             raise GlimpseError(f"facing must be auto, right or left, not {facing!r}")
         pyr = self.pyramid(image)
+        if iterations == 0 and start is not None:  # nothing to do: the given start is the answer
+            ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
+            st = np.asarray(start, dtype=np.float64)[ks]
+            return Trajectory(positions=st[None], uncertainty_mm=np.zeros(len(ks)),
+                              landmark_names=tuple(self.landmark_names[k] for k in ks), pixel_spacing=self.pixel_spacing,
+                              image_shape=pyr.shape, patch=self.config.patch, facing=facing if facing != "auto" else "right")
         if self.coarse is not None and start is None:
             from .coarse import facing_of
 
@@ -292,14 +299,17 @@ class GlimpseModel:
         return right if right.uncertainty_mm.mean() <= left.uncertainty_mm.mean() else left
 
     def locate_coarse(self, image: np.ndarray | str | os.PathLike | Pyramid) -> tuple[np.ndarray, np.ndarray]:
-        """The coarse stage alone: ``(K, 2)`` positions and ``(K,)`` spread (full-res pixels)."""
+        """The coarse stage alone: ``(K, 2)`` positions and ``(K,)`` spread (full-res pixels).
+
+        With ``meta['coarse_flip_average']`` it averages the image's and its mirror's answers.
+        """
         if self.coarse is None:
             raise GlimpseError("this model has no coarse stage")
         from .coarse import locate, view_level
 
         pyr = self.pyramid(image)
         lv = view_level(pyr.shape, self.coarse.cfg.input_hw, len(pyr))
-        return locate(self.coarse, pyr.levels[lv], pyr.shape)
+        return locate(self.coarse, pyr.levels[lv], pyr.shape, flip_average=bool(self.meta.get("coarse_flip_average")))
 
     def _run(
         self,
