@@ -376,16 +376,20 @@ def test_corrupt_coarse_stage_error_names_the_tensor(coarse_model, tmp_path):
 def test_zero_iterations_return_the_coarse_answer(coarse_model, image):
     pos, spread = coarse_model.locate_coarse(image)
     assert pos.shape == (K, 2) and spread.shape == (K,)
-    tr = coarse_model.predict(image, iterations=0)
+    tr = coarse_model.predict(image, iterations=0, facing="right")
     assert isinstance(tr, Trajectory)
     assert tr.positions.shape == (1, K, 2) and tr.iterations == 0
     np.testing.assert_array_equal(tr.positions[0], pos)
     np.testing.assert_array_equal(tr.final, pos)
     np.testing.assert_allclose(tr.uncertainty_mm, spread * coarse_model.pixel_spacing)
-    assert tr.facing == facing_of(pos, coarse_model.mean_start)
+    assert coarse_model.predict(image, iterations=0).facing == facing_of(pos, coarse_model.mean_start)
+    # facing left: the mirrored image is read the training way round and the answer mirrored back
+    flipped = np.ascontiguousarray(image[:, ::-1])
+    left = coarse_model.predict(image, iterations=0, facing="left")
+    np.testing.assert_allclose(left.final, _mirror(coarse_model.locate_coarse(flipped)[0], 256), atol=1e-4)
     assert tr.image_shape == (256, 256) and tr.landmark_names == ("L1", "L2", "L3")
     # a landmark subset picks rows; the recorded glimpses are empty
-    sub = coarse_model.predict(image, iterations=0, landmarks=[2, 0], record_glimpses=True)
+    sub = coarse_model.predict(image, iterations=0, landmarks=[2, 0], record_glimpses=True, facing="right")
     np.testing.assert_array_equal(sub.positions[0], pos[[2, 0]])
     assert sub.landmark_names == ("L3", "L1") and sub.glimpses.shape == (0, 2, 3, 64, 64)
     # the same from a path, an array and a pyramid
@@ -421,17 +425,29 @@ def test_a_given_start_bypasses_the_coarse_stage(coarse_model, image, monkeypatc
 
 def test_facing_comes_from_the_coarse_answer(coarse_model, image, monkeypatch):
     mean = coarse_model.mean_start
+    canon = mean + [3.0, -2.0]  # what the coarse stage reads on the mirrored image (training way round)
     answer = {"pos": _mirror(mean, 256)}
-    monkeypatch.setattr(coarse_model, "locate_coarse", lambda img: (answer["pos"].copy(), np.ones(K)))
+    seen = []
+
+    def fake(pyr):
+        seen.append(pyr)
+        return (answer["pos"].copy() if len(seen) % 2 else canon.copy()), np.ones(K)
+
+    monkeypatch.setattr(coarse_model, "locate_coarse", fake)
     tr = coarse_model.predict(image, iterations=1)
-    assert tr.facing == "left"
-    np.testing.assert_allclose(tr.positions[0], answer["pos"], atol=1e-3)  # started there, in image pixels
+    assert tr.facing == "left" and len(seen) == 2
+    np.testing.assert_array_equal(seen[1].levels[0].numpy(), image[:, ::-1])  # re-read mirrored
+    np.testing.assert_allclose(tr.positions[0], _mirror(canon, 256), atol=1e-3)  # in image pixels
+    seen.clear()
     assert coarse_model.predict(image, iterations=0).facing == "left"
     # the left run is the mirrored image's run mapped back
-    ref = coarse_model.predict(image, iterations=1, facing="left", start=answer["pos"])
+    seen.clear()
+    ref = coarse_model.predict(image, iterations=1, facing="left", start=_mirror(canon, 256))
     np.testing.assert_allclose(tr.positions, ref.positions, atol=1e-6)
+    seen.clear()
     answer["pos"] = mean.copy()
-    assert coarse_model.predict(image, iterations=1).facing == "right"
+    seen.clear()
+    assert coarse_model.predict(image, iterations=1).facing == "right" and len(seen) == 1
     assert coarse_model.predict(image, iterations=0).facing == "right"
     # an explicit facing overrides the coarse stage's
     answer["pos"] = _mirror(mean, 256)
@@ -444,7 +460,7 @@ def test_flip_average_meta_reaches_locate(coarse_model, image):
     coarse_model.meta["coarse_flip_average"] = True
     avg = coarse_model.locate_coarse(image)[0]
     assert not np.allclose(plain, avg)
-    np.testing.assert_array_equal(coarse_model.predict(image, iterations=0).positions[0], avg)
+    np.testing.assert_array_equal(coarse_model.predict(image, iterations=0, facing="right").positions[0], avg)
 
 
 def test_zero_iterations_with_a_given_start(coarse_model, image):
@@ -521,10 +537,10 @@ def test_train_coarse_learns_the_layout_quickly():
     levels = torch.stack(imgs)[:, None]
     truth_n = to_normalised(torch.as_tensor(pts, dtype=torch.float32), (128, 96))
     seen = []
-    net, hist = train_coarse(levels, (128, 96), truth_n, cfg, time_budget_s=6.0, progress=False,
-                             callback=seen.append, evaluate=lambda n: 1.5)
+    net, hist = train_coarse(levels, (128, 96), truth_n, cfg, time_budget_s=600.0, progress=False,
+                             callback=seen.append, evaluate=lambda n: 1.5, max_steps=250)
     assert not net.training and hist[-1]["stage"] == "coarse" and hist[-1]["val_mre_mm"] == 1.5
-    assert hist[-1]["step"] == len(seen) > 5 and seen[-1]["loss"] < seen[0]["loss"]
+    assert hist[-1]["step"] == len(seen) == 250 and seen[-1]["loss"] < seen[0]["loss"]
     err = [np.linalg.norm(locate(net, lv[0].round().to(torch.uint8), (128, 96))[0] - p, axis=-1).mean()
            for lv, p in zip(levels[:6], pts[:6])]
     base = np.linalg.norm(pts[:6] - pts.mean(0), axis=-1).mean()

@@ -215,8 +215,10 @@ def train_coarse(
     should_stop: Callable[[], bool] | None = None,
     evaluate: Callable[[CoarseNet], float] | None = None,
     eval_every_s: float = 300.0,
+    max_steps: int | None = None,
 ) -> tuple[CoarseNet, list[dict]]:
-    """Train a coarse net for ``time_budget_s`` seconds of wall time.
+    """Train a coarse net for ``time_budget_s`` seconds of wall time (or ``max_steps`` steps,
+    whichever comes first; the learning-rate schedule follows the nearer).
 
     ``levels``: ``(N, 1, h, w)`` float images (see :func:`view_levels`); ``image_hw``: the
     typical full-resolution size (for the aspect ratio of rotations); ``truth_n``: ``(N, K, 2)``
@@ -241,6 +243,8 @@ def train_coarse(
     try:
         while True:
             frac = (time.monotonic() - t0) / time_budget_s
+            if max_steps:
+                frac = max(frac, step / max_steps)
             if frac >= 1.0 or (should_stop is not None and should_stop()):
                 break
             lr = cfg.lr * (0.1 + 0.9 * frac / 0.03) if frac < 0.03 else \

@@ -262,12 +262,20 @@ class GlimpseModel:
             return Trajectory(positions=st[None], uncertainty_mm=np.zeros(len(ks)),
                               landmark_names=tuple(self.landmark_names[k] for k in ks), pixel_spacing=self.pixel_spacing,
                               image_shape=pyr.shape, patch=self.config.patch, facing=facing if facing != "auto" else "right")
+        w = pyr.shape[1]
+        mirrored = None
         if self.coarse is not None and start is None:
             from .coarse import facing_of
 
             start, spread = self.locate_coarse(pyr)
             if facing == "auto":
                 facing = facing_of(start, self.mean_start)
+            if facing == "left":
+                # read the mirrored image the way the training images face, so that a mirrored
+                # cephalogram gets exactly the mirrored answer
+                mirrored = build_pyramid(pyr.levels[0].flip(-1).numpy(), self.config.n_levels, self.config.patch)
+                start, spread = self.locate_coarse(mirrored)
+                start = start * [-1, 1] + [w - 1, 0]
             if iterations == 0:
                 ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
                 return Trajectory(
@@ -280,8 +288,8 @@ class GlimpseModel:
                    record_glimpses=record_glimpses, record_heatmaps=record_heatmaps, bf16=bf16, seed=seed)
         if facing == "right":
             return self._run(pyr, **run)
-        w = pyr.shape[1]
-        mirrored = build_pyramid(pyr.levels[0].flip(-1).numpy(), self.config.n_levels, self.config.patch)
+        if mirrored is None:
+            mirrored = build_pyramid(pyr.levels[0].flip(-1).numpy(), self.config.n_levels, self.config.patch)
         if start is not None:
             run["start"] = np.asarray(start, dtype=np.float64) * [-1, 1] + [w - 1, 0]
         left = self._run(mirrored, **run)
