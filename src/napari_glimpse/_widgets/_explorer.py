@@ -164,10 +164,11 @@ class ExplorerWidget(QWidget):
         self._updating = True
         try:
             self.landmark_combo.clear()
-            if traj is None or traj.glimpses is None:
+            if traj is None or traj.glimpses is None or traj.iterations == 0:
                 self._remove_layers()
                 self.tiles.setPixmap(QPixmap())
-                self.tiles.setText("run Detect on this image to explore its glimpses")
+                self.tiles.setText("run Detect on this image to explore its glimpses" if traj is None or traj.glimpses is None
+                                   else "no glimpses: this detection used the coarse stage only (iterations 0)")
                 return
             abbr = ld.abbreviations(traj.landmark_names)
             self.landmark_combo.addItems([f"{i + 1}. {n} ({a})" for i, (n, a) in enumerate(zip(traj.landmark_names, abbr))])
