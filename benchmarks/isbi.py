@@ -107,7 +107,7 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
         res["curve"] = model.meta.get("coarse_history", []) + model.meta.get("history", [])
         if a.train_json:  # the training run's own record (CPU time, configuration)
             prev = json.loads(Path(a.train_json).read_text())
-            res.update({k: prev[k] for k in ("train", "config", "curve") if k in prev})
+            res.update({k: prev[k] for k in ("train", "config", "curve", "budget_min", "threads", "seed") if k in prev})
             res["train_json"] = str(a.train_json)
     else:
         mcfg = ModelConfig(n_levels=a.levels)
@@ -127,20 +127,30 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
                          "coarse": ccfg.to_dict() if cb else None, "coarse_fraction": a.coarse_fraction}
         res["curve"] = model.meta.get("coarse_history", []) + model.meta.get("history", [])
         res["model"] = str(out)
-    # inference choices, made on the validation split only: glimpse iterations, and (with a
-    # coarse stage) whether to average the coarse answers of the image and its mirror
+    # inference choices, made on the validation split only: glimpse iterations, (with a coarse
+    # stage) whether to average the coarse answers of the image and its mirror, and the weight of
+    # the coarse answer in the final one (blend)
+    from napari_glimpse.metrics import radial_errors
+
     flips = [False, True] if model.coarse is not None else [False]
     iters = [0, 1, 2, 3] if model.coarse is not None else [1, 2, 3]
+    blends = [0.0, 0.25, 0.5] if model.coarse is not None else [0.0]
+    vt = val_ds.ground_truth("mean")
     val = {}
+    model.meta["coarse_blend"] = 0.0
     for f in flips:
         model.meta["coarse_flip_average"] = f
+        preds = {it: evaluate_model(model, val_ds, iterations=it, progress=False)["predictions"] for it in iters}
         for it in iters:
-            val[(it, f)] = evaluate_model(model, val_ds, iterations=it, progress=False)["overall"]["mre_mm"]
-            log(f"val, {it} iterations, flip average {f}: MRE {val[(it, f)]:.3f} mm")
+            for b in blends if it > 0 else [0.0]:
+                p = b * preds[0] + (1 - b) * preds[it] if b else preds[it]
+                val[(it, f, b)] = float(radial_errors(p, vt, val_ds.pixel_spacing).mean())
+                log(f"val: {it} iterations, flip average {f}, coarse blend {b}: MRE {val[(it, f, b)]:.3f} mm")
     best = min(val, key=val.get)
-    res["val_mre"] = [{"iterations": it, "coarse_flip_average": f, "mre_mm": v} for (it, f), v in val.items()]
-    res["iterations"], res["coarse_flip_average"] = best
-    model.meta["iterations"], model.meta["coarse_flip_average"] = best
+    res["val_mre"] = [{"iterations": it, "coarse_flip_average": f, "coarse_blend": b, "mre_mm": v}
+                      for (it, f, b), v in val.items()]
+    res["iterations"], res["coarse_flip_average"], res["coarse_blend"] = best
+    model.meta["iterations"], model.meta["coarse_flip_average"], model.meta["coarse_blend"] = best
     model.meta["inference_choice"] = "lowest validation MRE (ISBI Train 131-150) by benchmarks/isbi.py"
     if a.save_choice:
         model.save(res["model"])
@@ -229,10 +239,11 @@ def main(argv=None) -> int:
         f"{a.threads} threads")
     run = run_glimpse if a.method == "glimpse" else run_landmarker
     res = run(a, train_ds, val_ds, test, log)
+    for k, v in (("budget_min", a.budget_min), ("threads", a.threads), ("seed", a.seed)):
+        res.setdefault(k, v)
     res.update({
         "protocol": {"train": "ISBI Train 001-130", "val": "ISBI Train 131-150", "test": "ISBI Test1 151-300",
                      "ground_truth": "mean of senior and junior", "n_test": len(test), "limit": a.limit},
-        "budget_min": a.budget_min, "threads": a.threads, "seed": a.seed,
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "python": platform.python_version()},
         "date": _dt.datetime.now().isoformat(timespec="seconds"),

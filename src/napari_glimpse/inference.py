@@ -248,6 +248,9 @@ class GlimpseModel:
             ``auto``: with a coarse stage, read from its answer (the landmarks' left-right layout
             against the training set's); without one, both are run and the one whose glimpses
             settle (smaller mean uncertainty) is kept.
+
+        With a coarse stage and ``meta['coarse_blend'] = b > 0`` the answer is ``b`` x the coarse
+        answer + ``(1 - b)`` x the glimpses' (``b`` chosen on validation by ``benchmarks/isbi.py``).
         """
         if iterations is None:
             iterations = self.default_iterations
@@ -264,6 +267,7 @@ class GlimpseModel:
                               image_shape=pyr.shape, patch=self.config.patch, facing=facing if facing != "auto" else "right")
         w = pyr.shape[1]
         mirrored = None
+        coarse_start = None
         if self.coarse is not None and start is None:
             from .coarse import facing_of
 
@@ -276,6 +280,7 @@ class GlimpseModel:
                 mirrored = build_pyramid(pyr.levels[0].flip(-1).numpy(), self.config.n_levels, self.config.patch)
                 start, spread = self.locate_coarse(mirrored)
                 start = start * [-1, 1] + [w - 1, 0]
+            coarse_start = start
             if iterations == 0:
                 ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
                 return Trajectory(
@@ -284,10 +289,25 @@ class GlimpseModel:
                     image_shape=pyr.shape, patch=self.config.patch, facing=facing,
                     glimpses=np.zeros((0, len(ks), self.config.n_levels, self.config.patch, self.config.patch), np.uint8) if record_glimpses else None,
                 )
-        run = dict(iterations=iterations, landmarks=landmarks, starts=starts, start=start,
-                   record_glimpses=record_glimpses, record_heatmaps=record_heatmaps, bf16=bf16, seed=seed)
+        tr = self._predict_facing(pyr, mirrored, facing, iterations=iterations, landmarks=landmarks, starts=starts,
+                                  start=start, record_glimpses=record_glimpses, record_heatmaps=record_heatmaps,
+                                  bf16=bf16, seed=seed)
+        blend = float(self.meta.get("coarse_blend", 0.0)) if coarse_start is not None else 0.0
+        if blend > 0:
+            # the answer blends the glimpses' last estimate with the coarse stage's (two estimators
+            # with partly independent errors; the weight is chosen on validation)
+            ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
+            pos = tr.positions.copy()
+            pos[-1] = blend * coarse_start[ks] + (1 - blend) * pos[-1]
+            tr = dataclasses.replace(tr, positions=pos)
+        return tr
+
+    def _predict_facing(self, pyr: Pyramid, mirrored: Pyramid | None, facing: str, **run) -> Trajectory:
+        """The glimpse iterations for one facing (``auto``: both, keep the settled one)."""
+        start = run["start"]
         if facing == "right":
             return self._run(pyr, **run)
+        w = pyr.shape[1]
         if mirrored is None:
             mirrored = build_pyramid(pyr.levels[0].flip(-1).numpy(), self.config.n_levels, self.config.patch)
         if start is not None:
