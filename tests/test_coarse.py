@@ -584,3 +584,22 @@ def test_train_with_a_coarse_stage_end_to_end(tiny_data, tmp_path):
     assert more.meta["coarse_history"] == loaded.meta["coarse_history"]
     for k, v in model.coarse.state_dict().items():
         assert torch.equal(v, more.coarse.state_dict()[k]), k
+
+
+def test_coarse_blend_mixes_the_two_answers(coarse_model, image):
+    coarse_model.meta.pop("coarse_blend", None)
+    plain = coarse_model.predict(image, iterations=2, facing="right")
+    coarse = coarse_model.predict(image, iterations=0, facing="right").final
+    try:
+        coarse_model.meta["coarse_blend"] = 0.25
+        mixed = coarse_model.predict(image, iterations=2, facing="right")
+        np.testing.assert_allclose(mixed.final, 0.25 * coarse + 0.75 * plain.final, atol=1e-4)
+        np.testing.assert_allclose(mixed.positions[:-1], plain.positions[:-1])  # only the answer changes
+        # a given start means no coarse answer to blend with
+        st = coarse_model.mean_start.copy()
+        coarse_model.meta["coarse_blend"] = 0.0
+        with_start = coarse_model.predict(image, iterations=1, start=st, facing="right").final
+        coarse_model.meta["coarse_blend"] = 0.25
+        np.testing.assert_allclose(coarse_model.predict(image, iterations=1, start=st, facing="right").final, with_start)
+    finally:
+        coarse_model.meta.pop("coarse_blend", None)
