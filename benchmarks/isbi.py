@@ -105,10 +105,30 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
         res["model"] = str(a.evaluate)
         res["train"] = {k: model.meta.get(k) for k in ("train_wall_s", "coarse_train_wall_s", "train_steps")}
         res["curve"] = model.meta.get("coarse_history", []) + model.meta.get("history", [])
-        if a.train_json:  # the training run's own record (CPU time, configuration)
-            prev = json.loads(Path(a.train_json).read_text())
-            res.update({k: prev[k] for k in ("train", "config", "curve", "budget_min", "threads", "seed") if k in prev})
-            res["train_json"] = str(a.train_json)
+        if a.add_coarse:  # a coarse ensemble: the other runs' coarse nets join this model's
+            from napari_glimpse.coarse import CoarseEnsemble, members_of
+
+            nets = members_of(model.coarse)
+            for other in a.add_coarse:
+                nets += members_of(GlimpseModel.load(other, "cpu").coarse)
+            model.coarse = CoarseEnsemble(nets)
+            res["coarse_members"] = [str(a.evaluate), *map(str, a.add_coarse)]
+            log(f"coarse ensemble of {len(nets)} nets")
+        if a.train_json:  # the training runs' own records (CPU time, configuration)
+            prev = [json.loads(Path(f).read_text()) for f in a.train_json]
+            if len(prev) == 1:
+                res.update({k: prev[0][k] for k in ("train", "config", "curve", "budget_min", "threads", "seed")
+                            if k in prev[0]})
+            else:  # runs side by side: wall time is the longest, CPU time adds up
+                res["train"] = {"wall_s": max(p["train"]["wall_s"] for p in prev),
+                                "cpu_s": sum(p["train"]["cpu_s"] for p in prev),
+                                "runs": [p["train"] for p in prev]}
+                res["config"] = {"runs": [p.get("config") for p in prev]}
+                res["curve"] = [dict(c, run=i) for i, p in enumerate(prev) for c in p.get("curve", [])]
+                res["budget_min"] = max(p["budget_min"] for p in prev)
+                res["threads"] = sum(p["threads"] for p in prev)
+                res["seed"] = [p["seed"] for p in prev]
+            res["train_json"] = [str(f) for f in a.train_json]
     else:
         mcfg = ModelConfig(n_levels=a.levels)
         tcfg = TrainConfig(near_fraction=a.near_fraction, near_sigma_px=(a.near_sigma[0], a.near_sigma[1]),
@@ -118,7 +138,7 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
         ccfg = CoarseConfig(n_landmarks=19, seed=a.seed, width=a.coarse_width)
         out = Path(a.model_out)
         t0, c0 = time.monotonic(), time.process_time()
-        model = train(train_ds, out, mcfg, tcfg, device="cpu", time_budget_s=budget - (cb or 0), val=val_ds,
+        model = train(train_ds, out, mcfg, tcfg, device="cpu", time_budget_s=max(budget - (cb or 0), 1.0), val=val_ds,
                       coarse_budget_s=cb, coarse_config=ccfg, progress=not a.quiet)
         res["train"] = {"wall_s": time.monotonic() - t0, "cpu_s": time.process_time() - c0,
                         "coarse_wall_s": model.meta.get("coarse_train_wall_s"),
@@ -208,7 +228,10 @@ def main(argv=None) -> int:
     p.add_argument("--near-fraction", type=float, default=0.9)
     p.add_argument("--near-sigma", type=float, nargs=2, default=(2.0, 80.0))
     p.add_argument("--eval-every", type=float, default=10.0, help="validation every N minutes (curve)")
-    p.add_argument("--train-json", metavar="JSON", help="with --evaluate: copy train/config/curve from this run's JSON")
+    p.add_argument("--train-json", metavar="JSON", nargs="+",
+                   help="with --evaluate: copy train/config/curve from the training runs' JSON (several: runs side by side)")
+    p.add_argument("--add-coarse", metavar="MODEL", nargs="+",
+                   help="with --evaluate: average the coarse stage with these models' coarse nets (an ensemble)")
     p.add_argument("--save-choice", action="store_true",
                    help="glimpse: write the validation-chosen iterations / flip averaging into the model file")
     p.add_argument("--peer-speed-only", metavar="JSON",

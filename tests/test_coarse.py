@@ -15,6 +15,7 @@ from conftest import TINY_MODEL_CONFIG
 from napari_glimpse.checkpoint import FORMAT_VERSION, atomic_torch_save, read_checkpoint
 from napari_glimpse.coarse import (
     CoarseConfig,
+    CoarseEnsemble,
     CoarseNet,
     decode,
     facing_of,
@@ -307,7 +308,7 @@ def test_checkpoint_round_trip_with_a_coarse_stage(coarse_model, image, tmp_path
     p = tmp_path / "coarse.pt"
     coarse_model.save(p)
     ck = read_checkpoint(p)
-    assert ck["format_version"] == 2 == FORMAT_VERSION
+    assert ck["format_version"] == 2 <= FORMAT_VERSION  # a single coarse net stays readable by version-2 readers
     assert ck["coarse_config"] == TINY_COARSE.to_dict()
     torch.load(p, map_location="cpu", weights_only=True)  # still no pickled code
     loaded = GlimpseModel.load(p, device="cpu")
@@ -603,3 +604,59 @@ def test_coarse_blend_mixes_the_two_answers(coarse_model, image):
         np.testing.assert_allclose(coarse_model.predict(image, iterations=1, start=st, facing="right").final, with_start)
     finally:
         coarse_model.meta.pop("coarse_blend", None)
+
+
+# ------------------------------------------------------------------------ coarse ensemble
+def test_ensemble_answer_is_the_mean_of_its_members():
+    a, b = _randomise(CoarseNet(TINY_COARSE), seed=11), _randomise(CoarseNet(TINY_COARSE), seed=12)
+    rng = np.random.default_rng(1)
+    level = torch.as_tensor(rng.integers(0, 256, (64, 64)), dtype=torch.uint8)
+    hw = (256, 256)
+    for flip in (False, True):
+        pa, sa = locate(a, level, hw, flip_average=flip)
+        pb, sb = locate(b, level, hw, flip_average=flip)
+        assert not np.allclose(pa, pb, atol=1.0)  # the members disagree, so the mean is a real test
+        p, s = locate(CoarseEnsemble([a, b]), level, hw, flip_average=flip)
+        np.testing.assert_allclose(p, (pa + pb) / 2, atol=1e-3)
+        np.testing.assert_allclose(s, (sa + sb) / 2, rtol=1e-4)
+    pm, _ = locate(CoarseEnsemble([a, b]), level.flip(-1), hw, flip_average=True)
+    np.testing.assert_allclose(pm, _mirror(locate(CoarseEnsemble([a, b]), level, hw, flip_average=True)[0], 256),
+                               atol=1e-3)
+
+
+def test_ensemble_members_must_agree_on_view_and_landmarks():
+    a = CoarseNet(TINY_COARSE)
+    with pytest.raises(ValueError, match="share"):
+        CoarseEnsemble([a, CoarseNet(replace(TINY_COARSE, n_landmarks=TINY_COARSE.n_landmarks + 1))])
+    with pytest.raises(ValueError, match="at least one"):
+        CoarseEnsemble([])
+
+
+def test_ensemble_checkpoint_round_trip(coarse_model, image, tmp_path):
+    coarse_model.coarse = CoarseEnsemble([coarse_model.coarse, _randomise(CoarseNet(TINY_COARSE), seed=5)])
+    p = tmp_path / "ensemble.pt"
+    coarse_model.save(p)
+    ck = read_checkpoint(p)
+    assert ck["format_version"] == 3 == FORMAT_VERSION
+    assert len(ck["coarse_members"]) == 2 and "coarse_state_dict" not in ck
+    torch.load(p, map_location="cpu", weights_only=True)
+    loaded = GlimpseModel.load(p, device="cpu")
+    assert isinstance(loaded.coarse, CoarseEnsemble) and len(loaded.coarse.members) == 2
+    assert not loaded.coarse.training
+    for kw in ({"iterations": 0}, {"iterations": 1, "facing": "left"}):
+        a, b = coarse_model.predict(image, **kw), loaded.predict(image, **kw)
+        np.testing.assert_array_equal(a.positions, b.positions)
+    # the second member counts: alone, the first gives another answer
+    first = loaded.locate_coarse(image)[0]
+    loaded.coarse = loaded.coarse.members[0]
+    assert not np.allclose(first, loaded.locate_coarse(image)[0])
+
+
+def test_a_version_3_file_is_refused_clearly_by_a_version_2_reader(coarse_model, tmp_path, monkeypatch):
+    import napari_glimpse.checkpoint as ckmod
+
+    coarse_model.coarse = CoarseEnsemble([coarse_model.coarse, coarse_model.coarse])
+    coarse_model.save(tmp_path / "e.pt")
+    monkeypatch.setattr(ckmod, "FORMAT_VERSION", 2)
+    with pytest.raises(GlimpseError, match="newer napari-glimpse"):
+        GlimpseModel.load(tmp_path / "e.pt", device="cpu")

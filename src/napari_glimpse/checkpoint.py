@@ -12,7 +12,7 @@ import torch
 
 from .errors import GlimpseError
 
-FORMAT_VERSION = 2  # 2: optional coarse stage; files without one are still written as 1
+FORMAT_VERSION = 3  # 2: optional coarse stage; 3: coarse ensemble; files are written at the lowest version that holds them
 KIND = "napari-glimpse-model"
 
 

@@ -161,13 +161,42 @@ def decode(logits: torch.Tensor, window: int = 2) -> tuple[torch.Tensor, torch.T
     return torch.stack([mx, my], -1), var.sqrt()
 
 
-def locate(net: CoarseNet, level: torch.Tensor, image_hw: tuple[int, int], flip_average: bool = False
-           ) -> tuple[np.ndarray, np.ndarray]:
+class CoarseEnsemble(nn.Module):
+    """Several coarse nets (same view size and landmarks) whose answers are averaged.
+
+    Nets trained from different seeds make partly independent errors, so the mean of their
+    answers is closer than either (see docs/results.md). :func:`locate` accepts either kind.
+    """
+
+    def __init__(self, members: "list[CoarseNet]"):
+        super().__init__()
+        if not members:
+            raise ValueError("a coarse ensemble needs at least one net")
+        first = members[0].cfg
+        for m in members[1:]:
+            if tuple(m.cfg.input_hw) != tuple(first.input_hw) or m.cfg.n_landmarks != first.n_landmarks:
+                raise ValueError("coarse ensemble members must share the view size and the landmarks")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def cfg(self) -> CoarseConfig:
+        return self.members[0].cfg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (M, B, K, h, w): every member's logits
+        return torch.stack([m(x) for m in self.members])
+
+
+def members_of(net: "CoarseNet | CoarseEnsemble") -> "list[CoarseNet]":
+    return list(net.members) if isinstance(net, CoarseEnsemble) else [net]
+
+
+def locate(net: "CoarseNet | CoarseEnsemble", level: torch.Tensor, image_hw: tuple[int, int],
+           flip_average: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Run the coarse net on one pyramid level ``(h, w)`` uint8 of an image of ``image_hw``.
 
     ``flip_average``: also look at the mirrored view and average the two answers (test-time
-    augmentation; the net was trained with flips). Returns ``(K, 2)`` full-resolution positions
-    and ``(K,)`` spread in full-resolution pixels.
+    augmentation; the net was trained with flips). An ensemble averages its members' answers.
+    Returns ``(K, 2)`` full-resolution positions and ``(K,)`` spread in full-resolution pixels.
     """
     cfg = net.cfg
     dev = next(net.parameters()).device
@@ -176,11 +205,14 @@ def locate(net: CoarseNet, level: torch.Tensor, image_hw: tuple[int, int], flip_
     flip = torch.tensor([False, True][:n])
     theta = view_matrix(image_hw, torch.zeros(n), torch.ones(n), flip, torch.zeros(n, 2)).to(dev)
     with torch.inference_mode():
-        logits = net(render_views(x, theta, cfg.input_hw)).cpu()
+        views = render_views(x, theta, cfg.input_hw)
+        logits = torch.cat([m(views) for m in members_of(net)]).cpu()  # (M n, K, h, w)
     heat_hw = tuple(logits.shape[-2:])
     xy, spread = decode(logits)
-    o = heat_to_view(xy, heat_hw)  # (n, K, 2) view coordinates; image = A o with A = diag(+-1, 1)
-    o[1:, :, 0] = -o[1:, :, 0]
+    o = heat_to_view(xy, heat_hw)  # (M n, K, 2) view coordinates; image = A o with A = diag(+-1, 1)
+    o = o.reshape(-1, n, *o.shape[1:])
+    o[:, 1:, :, 0] = -o[:, 1:, :, 0]
+    o = o.reshape(-1, *o.shape[2:])
     pos = from_normalised(o.mean(0), image_hw)
     scale = image_hw[1] / heat_hw[1]
     return pos.numpy().astype(np.float64), (spread.mean(0) * scale).numpy().astype(np.float64)

@@ -20,7 +20,7 @@ from .model import GlimpseModelNet, ModelConfig
 from .pyramid import Pyramid, build_pyramid
 
 if TYPE_CHECKING:
-    from .coarse import CoarseNet
+    from .coarse import CoarseEnsemble, CoarseNet
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default.pt"
 
@@ -98,7 +98,7 @@ class GlimpseModel:
         std_start: np.ndarray | None = None,
         train_config: dict | None = None,
         meta: dict | None = None,
-        coarse: "CoarseNet | None" = None,
+        coarse: "CoarseNet | CoarseEnsemble | None" = None,
     ):
         self.net = net
         self.coarse = coarse
@@ -140,6 +140,16 @@ class GlimpseModel:
     def _coarse_checkpoint(self) -> dict:
         if self.coarse is None:
             return {}
+        from .coarse import CoarseEnsemble
+
+        if isinstance(self.coarse, CoarseEnsemble):
+            return {
+                "format_version": 3,  # readers before version 3 would not see the ensemble
+                "coarse_members": [
+                    {"config": m.cfg.to_dict(), "state_dict": {k: v.detach().cpu() for k, v in m.state_dict().items()}}
+                    for m in self.coarse.members
+                ],
+            }
         return {
             "format_version": 2,  # readers before version 2 would ignore the coarse stage
             "coarse_config": self.coarse.cfg.to_dict(),
@@ -166,13 +176,19 @@ class GlimpseModel:
         if mean_start.shape != (cfg.n_landmarks, 2) or len(ckpt["landmark_names"]) != cfg.n_landmarks:
             raise GlimpseError(f"{source}: start positions or landmark names do not match {cfg.n_landmarks} landmarks")
         coarse = None
-        if ckpt.get("coarse_state_dict") is not None:
-            from .coarse import CoarseConfig, CoarseNet
+        members = ckpt.get("coarse_members")
+        if members is None and ckpt.get("coarse_state_dict") is not None:
+            members = [{"config": ckpt.get("coarse_config"), "state_dict": ckpt["coarse_state_dict"]}]
+        if members is not None:
+            from .coarse import CoarseConfig, CoarseEnsemble, CoarseNet
 
             try:
-                coarse = CoarseNet(CoarseConfig.from_dict(ckpt["coarse_config"]))
-                coarse.load_state_dict(ckpt["coarse_state_dict"])
-            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                nets = []
+                for m in members:
+                    nets.append(CoarseNet(CoarseConfig.from_dict(m["config"])))
+                    nets[-1].load_state_dict(m["state_dict"])
+                coarse = nets[0] if "coarse_members" not in ckpt else CoarseEnsemble(nets)
+            except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
                 lines = [ln.strip() for ln in str(exc).strip().splitlines()] or [repr(exc)]
                 raise GlimpseError(f"{source}: bad coarse stage ({lines[1] if len(lines) > 1 else lines[0]})") from None
             coarse.eval().to(resolve_device(device))
