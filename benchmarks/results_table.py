@@ -22,8 +22,13 @@ def row(path: Path) -> str:
     mir = r.get("test_mirrored", {}).get("overall", {}).get("mre_mm")
     what = r["method"]
     if what == "glimpse":
-        what += f" (coarse {r.get('config', {}).get('coarse_fraction', '?')}, {r.get('iterations')} it"
-        what += ", flip avg)" if r.get("coarse_flip_average") else ")"
+        cfg = r.get("config") or {}
+        if "coarse_members" in r:
+            what += f" ({len(r['coarse_members'])} coarse nets averaged, {r.get('iterations')} it"
+        else:
+            what += f" (coarse {cfg.get('coarse_fraction', '?')}, {r.get('iterations')} it"
+        what += ", flip avg" if r.get("coarse_flip_average") else ""
+        what += f", blend {r['coarse_blend']})" if r.get("coarse_blend") else ")"
     return (f"| {path.name} | {what} | {r.get('budget_min', '?')} min × {r.get('threads', '?')} thr | "
             f"{wall / 60:.1f} | {cpu / 60 if cpu else float('nan'):.1f} | "
             f"{t['mre_mm']:.2f} ± {t['sd_mm']:.2f} | {t['sdr']['2']:.1f} | {t['sdr']['2.5']:.1f} | "
