@@ -1,0 +1,81 @@
+"""benchmarks/isbi.py: the evaluate path that makes the shipped default (coarse ensemble, the
+inference choice on the validation split within a speed bound, --save-as). Real ISBI data only;
+random tiny networks, so this checks the bookkeeping, not accuracy."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REAL_DATA
+
+from napari_glimpse.coarse import CoarseConfig, CoarseEnsemble, CoarseNet
+from napari_glimpse.inference import GlimpseModel
+from napari_glimpse.io import load_dataset
+from napari_glimpse.model import GlimpseModelNet, ModelConfig
+
+pytestmark = pytest.mark.skipif(not REAL_DATA.exists(), reason=f"ISBI data not at {REAL_DATA}")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "isbi.py"
+
+
+@pytest.fixture(scope="module")
+def isbi():
+    spec = importlib.util.spec_from_file_location("isbi_benchmark", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["isbi_benchmark"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _random_model(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    ds = load_dataset(REAL_DATA, "train").subset(range(10))
+    truth = ds.ground_truth()
+    net = GlimpseModelNet(ModelConfig(n_landmarks=19, n_levels=3, width=8, hidden=(64, 32))).eval()
+    coarse = CoarseNet(CoarseConfig(n_landmarks=19, input_hw=(64, 48), width=4, seed=seed)).eval()
+    GlimpseModel(net, ds.landmark_names, 0.1, truth.mean(0), truth.std(0), coarse=coarse).save(path)
+    return path
+
+
+def _run(isbi, tmp_path: Path, *extra: str) -> dict:
+    a, b = _random_model(tmp_path / "a.pt", 1), _random_model(tmp_path / "b.pt", 2)
+    out = tmp_path / "r.json"
+    rc = isbi.main(["--method", "glimpse", "--data", str(REAL_DATA), "--evaluate", str(a), "--add-coarse", str(b),
+                    "--limit", "3", "--threads", "1", "--speed-threads", "1", "--quiet", "--out", str(out),
+                    "--save-as", str(tmp_path / "ens.pt"), *extra])
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
+def test_ensemble_choice_and_saved_model(isbi, tmp_path):
+    r = _run(isbi, tmp_path, "--max-seconds", "0")
+    assert r["coarse_members"] == [str(tmp_path / "a.pt"), str(tmp_path / "b.pt")]
+    # the grid: iterations 0-3 x flip averaging x blend (blend only with iterations)
+    assert len(r["val_mre"]) == 2 * (1 + 3 * 3)
+    best = min(r["val_mre"], key=lambda v: v["mre_mm"])
+    assert (r["iterations"], r["coarse_flip_average"], r["coarse_blend"]) == (
+        best["iterations"], best["coarse_flip_average"], best["coarse_blend"])
+    assert len(r["speed_checks"]) == 1  # no bound: the first (most accurate) choice is taken
+    saved = GlimpseModel.load(tmp_path / "ens.pt", "cpu")
+    assert isinstance(saved.coarse, CoarseEnsemble) and len(saved.coarse.members) == 2
+    assert saved.meta["iterations"] == r["iterations"] == saved.default_iterations
+    assert saved.meta["coarse_flip_average"] == r["coarse_flip_average"]
+    assert saved.meta["coarse_blend"] == r["coarse_blend"]
+    n_test = r["protocol"]["n_test"]
+    assert np.asarray(r["test_predictions"]).shape == (n_test, 19, 2)
+    assert r["test"]["overall"]["n"] == n_test * 19 and "overall" in r["test_mirrored"]
+    assert r["seconds_per_image"] > 0
+
+
+def test_speed_bound_that_nothing_meets_keeps_the_most_accurate_and_says_so(isbi, tmp_path):
+    r = _run(isbi, tmp_path, "--max-seconds", "1e-6")
+    assert r["speed_bound_met"] is False
+    assert len(r["speed_checks"]) == len(r["val_mre"])  # every choice was timed
+    best = min(r["val_mre"], key=lambda v: v["mre_mm"])
+    assert r["iterations"] == best["iterations"] and r["coarse_blend"] == best["coarse_blend"]
