@@ -660,3 +660,80 @@ def test_a_version_3_file_is_refused_clearly_by_a_version_2_reader(coarse_model,
     monkeypatch.setattr(ckmod, "FORMAT_VERSION", 2)
     with pytest.raises(GlimpseError, match="newer napari-glimpse"):
         GlimpseModel.load(tmp_path / "e.pt", device="cpu")
+
+
+# ------------------------------------------------------------------------ fine-tuning the coarse stage
+def _weights(net: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_coarse_from_init_starts_at_its_weights_and_moves():
+    init = _randomise(CoarseNet(TINY_COARSE), seed=21)
+    before = _weights(init)
+    levels = torch.rand(3, 1, 128, 96) * 255
+    truth_n = torch.rand(3, K, 2) * 1.2 - 0.6
+    other_cfg = replace(TINY_COARSE, width=8)  # ignored: the init's configuration wins
+    net, hist = train_coarse(levels, (256, 192), truth_n, other_cfg, 1e9, progress=False, max_steps=2,
+                             init=init, lr_scale=0.1)
+    assert net is not init and _same(before, _weights(init))  # the init is copied, not changed
+    assert net.cfg == TINY_COARSE and hist[-1]["step"] == 2
+    assert not _same(before, _weights(net))
+
+
+def test_finetune_tunes_every_member_of_the_coarse_ensemble(coarse_model, tiny_data, tmp_path):
+    coarse_model.coarse = CoarseEnsemble([coarse_model.coarse, _randomise(CoarseNet(TINY_COARSE), seed=6)])
+    before = [_weights(m) for m in coarse_model.coarse.members]
+    ds = load_dataset(tiny_data["root"], "train")
+    infos = []
+    model = train(ds, tmp_path / "ft.pt", train_config=TrainConfig(batch_size=4, max_steps=2, save_every_s=1e9),
+                  device="cpu", init=coarse_model, progress=False, callback=infos.append, coarse_steps=3)
+    assert isinstance(model.coarse, CoarseEnsemble) and len(model.coarse.members) == 2
+    for b, m in zip(before, model.coarse.members):
+        assert not _same(b, _weights(m)) and not m.training
+    coarse_infos = [i for i in infos if i.get("stage") == "coarse"]
+    assert [(i["member"], i["step"]) for i in coarse_infos] == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]
+    prog = [i["progress"] for i in coarse_infos]
+    assert prog == sorted(prog) and 0 < prog[0] and prog[-1] == pytest.approx(1.0)
+    assert model.meta["coarse_finetune_steps"] == 3 and len(model.meta["coarse_finetune_history"]) >= 2
+    assert model.meta["train_steps"] == 2
+    loaded = GlimpseModel.load(tmp_path / "ft.pt", device="cpu")
+    for m, n in zip(model.coarse.members, loaded.coarse.members):
+        assert _same(_weights(m), _weights(n))
+
+
+def test_finetune_without_coarse_steps_keeps_the_coarse_stage(coarse_model, tiny_data, tmp_path):
+    before = _weights(coarse_model.coarse)
+    ds = load_dataset(tiny_data["root"], "train")
+    model = train(ds, tmp_path / "ft.pt", train_config=TrainConfig(batch_size=4, max_steps=1, save_every_s=1e9),
+                  device="cpu", init=coarse_model, progress=False)
+    assert _same(before, _weights(model.coarse))
+    assert "coarse_finetune_steps" not in model.meta
+
+
+def test_cli_finetune_tunes_the_coarse_stage_and_reports_it(coarse_model, tiny_data, tmp_path, capsys):
+    import json
+
+    from napari_glimpse.cli import main
+
+    parent = tmp_path / "parent.pt"
+    coarse_model.save(parent)
+    before = _weights(coarse_model.coarse)
+    out = tmp_path / "ft.pt"
+    assert main(["finetune", "--model", str(parent), "--data", str(tiny_data["root"]), "--out", str(out),
+                 "--max-steps", "2", "--batch-size", "2", "--progress-json"]) == 0
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    coarse = [ln for ln in lines if ln.get("stage") == "coarse"]
+    assert [ln["step"] for ln in coarse] == [1, 2]  # --max-steps by default
+    glimpse = [ln for ln in lines if "stage" not in ln and not ln.get("done")]
+    assert [ln["step"] for ln in glimpse] == [1, 2] and all("loss_mm" in ln for ln in glimpse)
+    assert lines.index(coarse[-1]) < lines.index(glimpse[0])  # the coarse stage first
+    assert lines[-1]["done"] is True
+    assert not _same(before, _weights(GlimpseModel.load(out, device="cpu").coarse))
+    # --coarse-steps 0 leaves the coarse stage as it was
+    assert main(["finetune", "--model", str(parent), "--data", str(tiny_data["root"]), "--out", str(out),
+                 "--max-steps", "1", "--batch-size", "2", "--coarse-steps", "0"]) == 0
+    assert _same(before, _weights(GlimpseModel.load(out, device="cpu").coarse))

@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-steps", type=_positive_int, default=200)
     f.add_argument("--time-budget", type=_positive_float, metavar="MIN")
     f.add_argument("--lr", type=_positive_float, default=1e-4)
+    f.add_argument("--coarse-steps", type=_nonnegative_int, metavar="N",
+                   help="steps for each net of the model's coarse stage, fine-tuned first at a tenth of its "
+                        "learning rate (default: --max-steps; 0 keeps it as it is); with --time-budget it "
+                        "gets half the time")
     f.add_argument("--batch-size", type=_positive_int)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default="auto")
@@ -189,16 +193,25 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     if a.batch_size:
         over["batch_size"] = a.batch_size
     tcfg = replace(base, **over)
+    coarse_steps = coarse_budget_s = None
+    glimpse_budget_s = a.time_budget * 60 if a.time_budget else None
+    if parent.coarse is not None and a.coarse_steps != 0:
+        # the coarse stage places the landmarks the glimpses start from (alone, with 0 iterations):
+        # corrections must reach it too
+        coarse_steps = a.coarse_steps if a.coarse_steps is not None else a.max_steps
+        if glimpse_budget_s:
+            coarse_budget_s = glimpse_budget_s = glimpse_budget_s / 2
     callback = None
     if a.progress_json:
         def callback(info: dict) -> None:
-            print(json.dumps({k: info[k] for k in ("step", "progress", "loss_mm", "elapsed_s")}), flush=True)
+            keys = ("stage", "member", "step", "progress", "loss_mm", "elapsed_s")
+            print(json.dumps({k: info[k] for k in keys if k in info}), flush=True)
     from .inference import DEFAULT_MODEL
 
     parent_path = str(a.model or DEFAULT_MODEL)
     model = train(
         ds, a.out, train_config=tcfg, device=a.device, init=parent,
-        time_budget_s=a.time_budget * 60 if a.time_budget else None,
+        time_budget_s=glimpse_budget_s, coarse_budget_s=coarse_budget_s, coarse_steps=coarse_steps,
         progress=not a.progress_json, callback=callback,
         meta={"parent": parent_path, "parent_meta": {k: parent.meta.get(k) for k in ("command", "train_steps")},
               "finetune_data": str(a.data), "command": "napari-glimpse " + " ".join(sys.argv[1:])},

@@ -14,6 +14,7 @@ through :func:`view_grid`, identically at training (with a random affine) and in
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -248,6 +249,8 @@ def train_coarse(
     evaluate: Callable[[CoarseNet], float] | None = None,
     eval_every_s: float = 300.0,
     max_steps: int | None = None,
+    init: CoarseNet | None = None,
+    lr_scale: float = 1.0,
 ) -> tuple[CoarseNet, list[dict]]:
     """Train a coarse net for ``time_budget_s`` seconds of wall time (or ``max_steps`` steps,
     whichever comes first; the learning-rate schedule follows the nearer).
@@ -255,13 +258,19 @@ def train_coarse(
     ``levels``: ``(N, 1, h, w)`` float images (see :func:`view_levels`); ``image_hw``: the
     typical full-resolution size (for the aspect ratio of rotations); ``truth_n``: ``(N, K, 2)``
     positions in each image's normalised coordinates (:func:`to_normalised`). ``evaluate(net) -> mm`` is called every ``eval_every_s`` and at the end.
+    ``init``: fine-tune a copy of this net (its configuration replaces ``cfg``) instead of
+    starting from random weights; ``lr_scale`` scales the learning rate (e.g. 0.1 to fine-tune).
     Returns the net (eval mode) and its history.
     """
     from tqdm.auto import tqdm
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    net = CoarseNet(cfg)
+    if init is not None:
+        cfg = init.cfg
+        net = copy.deepcopy(init).cpu()
+    else:
+        net = CoarseNet(cfg)
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     n = levels.shape[0]
@@ -279,8 +288,8 @@ def train_coarse(
                 frac = max(frac, step / max_steps)
             if frac >= 1.0 or (should_stop is not None and should_stop()):
                 break
-            lr = cfg.lr * (0.1 + 0.9 * frac / 0.03) if frac < 0.03 else \
-                cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (frac - 0.03) / 0.97)))
+            lr = cfg.lr * lr_scale * ((0.1 + 0.9 * frac / 0.03) if frac < 0.03 else
+                                      (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (frac - 0.03) / 0.97))))
             for g in opt.param_groups:
                 g["lr"] = lr
             b = cfg.batch_size
@@ -313,10 +322,14 @@ def train_coarse(
             step += 1
             lv = loss.item()
             ema = lv if ema is None else 0.98 * ema + 0.02 * lv
-            bar.n = min(1000, int(1000 * (time.monotonic() - t0) / time_budget_s))
+            done = (time.monotonic() - t0) / time_budget_s
+            if max_steps:
+                done = max(done, step / max_steps)
+            bar.n = min(1000, int(1000 * done))
             bar.set_postfix_str(f"step {step} loss {ema:.3f} lr {lr:.1e}", refresh=False)
             bar.refresh()
-            info = {"stage": "coarse", "step": step, "loss": ema, "lr": lr, "elapsed_s": time.monotonic() - t0}
+            info = {"stage": "coarse", "step": step, "loss": ema, "lr": lr, "elapsed_s": time.monotonic() - t0,
+                    "progress": min(1.0, done)}
             if callback is not None:
                 callback(info)
             if evaluate is not None and time.monotonic() - last_eval > eval_every_s:

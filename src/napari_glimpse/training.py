@@ -18,7 +18,7 @@ from .glimpse import PyramidStack, frame_to_image, image_to_frame, sample_glimps
 from .inference import GlimpseModel, autocast, resolve_device
 from .io import Dataset
 from .model import GlimpseModelNet, ModelConfig
-from .coarse import CoarseConfig, train_coarse, view_levels
+from .coarse import CoarseConfig, CoarseEnsemble, members_of, train_coarse, view_levels
 from .pyramid import build_pyramid, levels_for
 
 
@@ -206,6 +206,7 @@ def train(
     max_steps: int | None = None,
     coarse_budget_s: float | None = None,
     coarse_config: CoarseConfig | None = None,
+    coarse_steps: int | None = None,
 ) -> GlimpseModel:
     """Train a glimpse model on ``dataset`` and write it to ``out``.
 
@@ -219,6 +220,9 @@ def train(
     ``coarse_budget_s``: first train a coarse stage (:mod:`napari_glimpse.coarse`, all landmarks
     from a whole-image view) for that many seconds and attach it, so the glimpses start from its
     answer; the glimpse budget ``time_budget_s`` comes after it. Not repeated on resume.
+    ``coarse_steps`` caps its steps (with no ``coarse_budget_s``, the cap alone). When ``init``
+    has a coarse stage, that stage is fine-tuned instead (each net of an ensemble for its share
+    of the budget and ``coarse_steps`` steps, at a tenth of its learning rate).
     """
     from tqdm.auto import tqdm
 
@@ -253,8 +257,11 @@ def train(
             net.load_pretrained_trunk(None if pretrained is True else str(pretrained))
         model = None  # built once the data's statistics are known
 
-    want_coarse = bool(coarse_budget_s) and state is None
-    if want_coarse:
+    want_coarse = bool(coarse_budget_s or coarse_steps) and state is None
+    tune_coarse = want_coarse and init is not None and init.coarse is not None
+    if tune_coarse:
+        coarse_config = members_of(init.coarse)[0].cfg
+    elif want_coarse:
         coarse_config = coarse_config or CoarseConfig(n_landmarks=len(dataset.landmark_names), seed=tcfg.seed)
     data = TrainingData(dataset, mcfg.n_levels, mcfg.patch, tcfg.ground_truth, progress=progress,
                         coarse=coarse_config if want_coarse else None)
@@ -290,13 +297,32 @@ def train(
             model.coarse = cnet
             return evaluate_model(model, val, iterations=0, progress=False)["overall"]["mre_mm"]
 
-        cnet, chist = train_coarse(views, view_hw, truth_n, coarse_config, coarse_budget_s, progress=progress,
-                                   callback=callback, should_stop=should_stop,
-                                   evaluate=coarse_val if val is not None else None,
-                                   eval_every_s=tcfg.save_every_s)
-        model.coarse = cnet.to(dev)
-        model.meta["coarse_train_wall_s"] = chist[-1]["elapsed_s"]
-        model.meta["coarse_history"] = chist
+        budget_s = coarse_budget_s or 1e12
+        if tune_coarse:  # fine-tune the given coarse stage, member by member
+            members = members_of(model.coarse)
+            tuned, chist, walls = [], [], []
+            for j, m in enumerate(members):
+                def cb(info: dict, j: int = j) -> None:
+                    if callback is not None:
+                        callback({**info, "member": j, "progress": (j + info["progress"]) / len(members)})
+
+                cnet, h = train_coarse(views, view_hw, truth_n, m.cfg, budget_s / len(members), progress=progress,
+                                       callback=cb, should_stop=should_stop, max_steps=coarse_steps,
+                                       init=m, lr_scale=0.1)
+                tuned.append(cnet.to(dev))
+                chist += [dict(x, member=j) for x in h]
+                walls.append(h[-1]["elapsed_s"])
+            model.coarse = CoarseEnsemble(tuned) if len(members) > 1 else tuned[0]
+            model.meta["coarse_finetune_steps"] = coarse_steps
+            model.meta["coarse_finetune_wall_s"] = sum(walls)
+        else:
+            cnet, chist = train_coarse(views, view_hw, truth_n, coarse_config, budget_s, progress=progress,
+                                       callback=callback, should_stop=should_stop,
+                                       evaluate=coarse_val if val is not None else None,
+                                       eval_every_s=tcfg.save_every_s, max_steps=coarse_steps)
+            model.coarse = cnet.to(dev)
+            model.meta["coarse_train_wall_s"] = chist[-1]["elapsed_s"]
+        model.meta["coarse_finetune_history" if tune_coarse else "coarse_history"] = chist
         data.views = None
         _save_resume(rpath, model, opt, 0, 0.0, gen, history)
     if state is not None:
