@@ -29,16 +29,22 @@ def levels_for(shape: tuple[int, int], patch: int = 64, slack: float = 1.25) -> 
 def _down2(x: torch.Tensor) -> torch.Tensor:
     """Blur with the 5-tap binomial kernel (reflect padding), keeping every other pixel.
 
-    Only the kept pixels are computed: output ``j`` is the blur at input ``2 j``.
+    Only the kept pixels are computed: output ``j`` is the blur at input ``2 j``. Rows, then
+    columns (on the transposed result, so both passes read along rows), accumulating in place.
     """
     w = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
     h, wd = x.shape[-2:]
     mode = "reflect" if min(h, wd) > 2 else "replicate"
     ho, wo = (h + 1) // 2, (wd + 1) // 2
     xp = F.pad(x, (0, 0, 2, 2), mode=mode)
-    y = sum(c * xp[..., k : k + 2 * ho : 2, :] for k, c in enumerate(w))
-    yp = F.pad(y, (2, 2, 0, 0), mode=mode)
-    return sum(c * yp[..., k : k + 2 * wo : 2] for k, c in enumerate(w))
+    y = xp[..., 0 : 2 * ho : 2, :] * w[0]
+    for k in range(1, 5):
+        y.add_(xp[..., k : k + 2 * ho : 2, :], alpha=w[k])
+    yp = F.pad(y, (2, 2, 0, 0), mode=mode).transpose(-1, -2).contiguous()
+    z = yp[..., 0 : 2 * wo : 2, :] * w[0]
+    for k in range(1, 5):
+        z.add_(yp[..., k : k + 2 * wo : 2, :], alpha=w[k])
+    return z.transpose(-1, -2)
 
 
 @dataclass(frozen=True, eq=False)
