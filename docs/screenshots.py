@@ -98,7 +98,14 @@ def main() -> int:
     pump(0.8)
     viewer.screenshot(str(out / "detect.png"), canvas_only=False, flash=False)
 
-    # explorer: the landmark whose first step is longest, iteration 1
+    # explorer: the glimpse steps (the shipped model answers with its coarse stage alone, so ask
+    # for 3 steps), the landmark whose first step is longest, iteration 1
+    if det.trajectory.iterations < 1:
+        detect.iter_spin.setValue(3)
+        done.clear()
+        detect.detect()
+        wait(done)
+        det = done[0]
     traj = det.trajectory
     k = int(np.argmax(np.linalg.norm(traj.positions[1] - traj.positions[0], axis=-1)))
     only("Glimpse explorer")
