@@ -197,7 +197,8 @@ def locate(net: "CoarseNet | CoarseEnsemble", level: torch.Tensor, image_hw: tup
 
     ``flip_average``: also look at the mirrored view and average the two answers (test-time
     augmentation; the net was trained with flips). An ensemble averages its members' answers.
-    Returns ``(K, 2)`` full-resolution positions and ``(K,)`` spread in full-resolution pixels.
+    Returns ``(K, 2)`` full-resolution positions and ``(K,)`` spread in full-resolution pixels:
+    the heatmap peaks' width combined with how far the passes (members, views) disagree.
     """
     cfg = net.cfg
     dev = next(net.parameters()).device
@@ -216,7 +217,13 @@ def locate(net: "CoarseNet | CoarseEnsemble", level: torch.Tensor, image_hw: tup
     o = o.reshape(-1, *o.shape[2:])
     pos = from_normalised(o.mean(0), image_hw)
     scale = image_hw[1] / heat_hw[1]
-    return pos.numpy().astype(np.float64), (spread.mean(0) * scale).numpy().astype(np.float64)
+    # spread: the heatmaps' own (mean over passes) and the passes' disagreement (RMS distance of
+    # their answers from the mean), in quadrature; with the shipped pair the disagreement makes it
+    # rank validation errors better (Spearman 0.20 -> 0.24)
+    every = from_normalised(o, image_hw)  # (M n, K, 2) full-resolution pixels
+    disagree2 = ((every - every.mean(0)) ** 2).sum(-1).mean(0)
+    sp = torch.sqrt((spread.mean(0) * scale) ** 2 + disagree2)
+    return pos.numpy().astype(np.float64), sp.numpy().astype(np.float64)
 
 
 def facing_of(positions: np.ndarray, mean_start: np.ndarray) -> str:
