@@ -204,13 +204,11 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
     model.meta["iterations"], model.meta["coarse_flip_average"], model.meta["coarse_blend"] = best
     model.meta["inference_choice"] = ("lowest validation MRE (ISBI Train 131-150) within "
                                       f"{a.max_seconds or 'any'} s/image, by benchmarks/isbi.py")
-    if a.save_as:
-        model.save(a.save_as)
-        res["saved_as"] = str(a.save_as)
-        log(f"saved the model with the choice {best} as {a.save_as}")
-    elif a.save_choice:
-        model.save(res["model"])
-        log(f"saved the choice {best} into {res['model']}")
+    target = a.save_as or (res["model"] if a.save_choice else None)
+    if target:
+        model.save(target)
+        res["saved_as"] = str(target)
+        log(f"saved the model with the choice {best} as {target}")
     res.update(_glimpse_eval(model, test_ds, val_ds, best[0], a.speed_threads, log))
     return res
 

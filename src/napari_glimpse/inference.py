@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default.pt"
 
 
+def _cpu_state(module: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a clear error."""
     if device is None or str(device) == "auto":
@@ -133,7 +137,7 @@ class GlimpseModel:
             "mean_start": torch.as_tensor(self.mean_start, dtype=torch.float64),
             "std_start": torch.as_tensor(self.std_start, dtype=torch.float64),
             "meta": self.meta,
-            "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "state_dict": _cpu_state(self.net),
             **self._coarse_checkpoint(),
         }
 
@@ -146,14 +150,14 @@ class GlimpseModel:
             return {
                 "format_version": 3,  # readers before version 3 would not see the ensemble
                 "coarse_members": [
-                    {"config": m.cfg.to_dict(), "state_dict": {k: v.detach().cpu() for k, v in m.state_dict().items()}}
+                    {"config": m.cfg.to_dict(), "state_dict": _cpu_state(m)}
                     for m in self.coarse.members
                 ],
             }
         return {
             "format_version": 2,  # readers before version 2 would ignore the coarse stage
             "coarse_config": self.coarse.cfg.to_dict(),
-            "coarse_state_dict": {k: v.detach().cpu() for k, v in self.coarse.state_dict().items()},
+            "coarse_state_dict": _cpu_state(self.coarse),
         }
 
     def save(self, path: str | os.PathLike) -> None:
