@@ -13,6 +13,12 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+# Loading torch._dynamo (and with it triton) once a napari canvas exists segfaults on machines
+# whose OpenGL is Mesa's llvmpipe. Fixtures train in-process, and the first optimizer imports
+# torch._dynamo: do it now, before any GUI test opens a canvas, whatever order tests run in
+# (without ../shared the real-data fixtures skip, and a canvas comes before the first training).
+# The plugin itself trains in a subprocess (tests/_qt/test_no_segfault.py checks its widgets).
+import torch._dynamo  # noqa: E402,F401
 
 from napari_glimpse.io import landmark_columns  # noqa: E402
 from napari_glimpse.model import ModelConfig  # noqa: E402
