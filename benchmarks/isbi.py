@@ -111,6 +111,59 @@ def _glimpse_eval(model, test, val, iterations: int, speed_threads: int, log) ->
     return out
 
 
+def _apply_choice(model, choice, nets=None) -> None:
+    """Write an inference choice (iterations, flip averaging, blend, fine steps, which coarse
+    nets) into the model; ``nets``: every coarse net there is to choose from."""
+    from napari_glimpse.coarse import CoarseEnsemble
+
+    for k, v in zip(("iterations", "coarse_flip_average", "coarse_blend", "fine_steps"), choice):
+        model.meta[k] = v
+    if nets and len(choice) > 4:
+        chosen = [nets[j] for j in choice[4]]
+        model.coarse = CoarseEnsemble(chosen) if len(chosen) > 1 else chosen[0]
+
+
+def _train_fine_for(a, train_ds, val_ds, res: dict, log):
+    """Train a fine stage for ``--fine-for MODEL``'s coarse stage (``--budget-min`` minutes)."""
+    from napari_glimpse.fine import FineConfig, fine_levels, train_fine
+    from napari_glimpse.inference import GlimpseModel
+    from napari_glimpse.io import to_grey_uint8
+    from napari_glimpse.pyramid import build_pyramid
+    from napari_glimpse.training import evaluate_model
+
+    model = GlimpseModel.load(a.fine_for, "cpu")
+    if model.coarse is None:
+        raise SystemExit(f"{a.fine_for} has no coarse stage for a fine stage to follow")
+    model.meta["iterations"], model.meta["fine_steps"] = 0, 1
+    cfg = FineConfig(n_landmarks=len(train_ds.landmark_names), seed=a.seed, pixel_spacing=train_ds.pixel_spacing,
+                     level=a.fine_level, patch=a.fine_patch, width=a.fine_width, context=a.fine_context,
+                     jitter_mm=tuple(a.fine_jitter))
+    pyrs = [build_pyramid(to_grey_uint8(train_ds.image(i)), model.config.n_levels, model.config.patch)
+            for i in range(len(train_ds))]
+    levels, truth_n = fine_levels(pyrs, train_ds.ground_truth("mean"), cfg)
+    del pyrs
+
+    def val_mre(net) -> float:
+        model.fine = net
+        return evaluate_model(model, val_ds, iterations=0, progress=False)["overall"]["mre_mm"]
+
+    t0, c0 = time.monotonic(), time.process_time()
+    net, hist = train_fine(levels, truth_n, cfg, a.budget_min * 60, progress=not a.quiet, evaluate=val_mre,
+                           eval_every_s=a.eval_every * 60)
+    res["train"] = {"wall_s": time.monotonic() - t0, "cpu_s": time.process_time() - c0,
+                    "fine_wall_s": hist[-1]["elapsed_s"], "fine_steps": hist[-1]["step"]}
+    res["config"] = {"fine": cfg.to_dict(), "coarse_from": str(a.fine_for)}
+    res["curve"] = hist
+    model.fine = net
+    model.meta.update({"fine_train_wall_s": hist[-1]["elapsed_s"], "fine_history": hist})
+    out = Path(a.model_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.save(out)
+    res["model"] = str(out)
+    log(f"fine stage: {hist[-1]['step']} steps, validation MRE {hist[-1]['val_mre_mm']:.3f} mm; wrote {out}")
+    return model
+
+
 def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
     from napari_glimpse.coarse import CoarseConfig
     from napari_glimpse.inference import GlimpseModel
@@ -118,7 +171,9 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
     from napari_glimpse.training import TrainConfig, evaluate_model, train
 
     res: dict = {"method": "glimpse"}
-    if a.evaluate:
+    if a.fine_for:
+        model = _train_fine_for(a, train_ds, val_ds, res, log)
+    elif a.evaluate:
         model = GlimpseModel.load(a.evaluate, "cpu")
         res["model"] = str(a.evaluate)
         res["train"] = {k: model.meta.get(k) for k in ("train_wall_s", "coarse_train_wall_s", "train_steps")}
@@ -147,6 +202,21 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
                 res["threads"] = sum(p["threads"] for p in prev)
                 res["seed"] = [p["seed"] for p in prev]
             res["train_json"] = [str(f) for f in a.train_json]
+        if a.add_fine:  # the fine stage of another file (trained after this model's coarse stage)
+            other = GlimpseModel.load(a.add_fine, "cpu")
+            if other.fine is None:
+                raise SystemExit(f"{a.add_fine} has no fine stage")
+            model.fine = other.fine
+            res["fine_from"] = str(a.add_fine)
+        if a.fine_json:  # a stage trained after the runs above: wall times and CPU times add up
+            fj = json.loads(Path(a.fine_json).read_text())
+            before = res.get("train", {})
+            res["train"] = {"wall_s": (before.get("wall_s") or 0) + fj["train"]["wall_s"],
+                            "cpu_s": (before.get("cpu_s") or 0) + fj["train"]["cpu_s"],
+                            "stages": [before, fj["train"]]}
+            res["fine_config"] = fj.get("config")
+            res["curve"] = res.get("curve", []) + fj.get("curve", [])
+            res["fine_json"] = str(a.fine_json)
     else:
         mcfg = ModelConfig(n_levels=a.levels)
         tcfg = TrainConfig(near_fraction=a.near_fraction, near_sigma_px=(a.near_sigma[0], a.near_sigma[1]),
@@ -166,29 +236,43 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
         res["curve"] = model.meta.get("coarse_history", []) + model.meta.get("history", [])
         res["model"] = str(out)
     # inference choices, made on the validation split only: glimpse iterations, (with a coarse
-    # stage) whether to average the coarse answers of the image and its mirror, and the weight of
-    # the coarse answer in the final one (blend)
+    # stage) whether to average the coarse answers of the image and its mirror, the weight of
+    # the coarse answer in the final one (blend), (with a fine stage) its steps, and which
+    # coarse nets of an ensemble to use
     from napari_glimpse.metrics import radial_errors
 
     flips = [False, True] if model.coarse is not None else [False]
     iters = [0, 1, 2, 3] if model.coarse is not None else [1, 2, 3]
     blends = [0.0, 0.25, 0.5] if model.coarse is not None else [0.0]
+    fines = [0, 1, 2] if model.fine is not None and model.coarse is not None else [0]
+    if a.no_glimpse:
+        iters, blends = [0], [0.0]
+    # with a fine stage the coarse answer only has to be near: one coarse net may do as well as
+    # several, in less time, so the coarse nets are a choice too (all of them, or any one)
+    from napari_glimpse.coarse import members_of
+
+    nets = members_of(model.coarse) if model.coarse is not None else []
+    subsets = [tuple(range(len(nets)))] + ([(j,) for j in range(len(nets))] if len(nets) > 1 else [])
     vt = val_ds.ground_truth("mean")
     val = {}
     model.meta["coarse_blend"] = 0.0
-    for f in flips:
-        model.meta["coarse_flip_average"] = f
-        preds = {it: evaluate_model(model, val_ds, iterations=it, progress=False)["predictions"] for it in iters}
-        for it in iters:
-            for b in blends if it > 0 else [0.0]:
-                p = b * preds[0] + (1 - b) * preds[it] if b else preds[it]
-                val[(it, f, b)] = float(radial_errors(p, vt, val_ds.pixel_spacing).mean())
-                log(f"val: {it} iterations, flip average {f}, coarse blend {b}: MRE {val[(it, f, b)]:.3f} mm")
+    for fs, sub in ((fs, sub) for sub in subsets for fs in fines):
+        _apply_choice(model, (0, False, 0.0, fs, sub), nets)
+        for f in flips:
+            model.meta["coarse_flip_average"] = f
+            preds = {it: evaluate_model(model, val_ds, iterations=it, progress=False)["predictions"] for it in iters}
+            for it in iters:
+                for b in blends if it > 0 else [0.0]:
+                    p = b * preds[0] + (1 - b) * preds[it] if b else preds[it]
+                    key = (it, f, b, fs, sub)
+                    val[key] = float(radial_errors(p, vt, val_ds.pixel_spacing).mean())
+                    log(f"val: {it} iterations, flip average {f}, coarse blend {b}, fine steps {fs}, coarse nets {sub}: "
+                        f"MRE {val[key]:.3f} mm")
     # the most accurate choice on validation that meets the speed bound (timed on validation images)
     vimgs = [val_ds.image(i) for i in range(min(5, len(val_ds)))]
     res["speed_checks"] = []
     for best in sorted(val, key=val.get):
-        model.meta["iterations"], model.meta["coarse_flip_average"], model.meta["coarse_blend"] = best
+        _apply_choice(model, best, nets)
         sec = _speed(lambda im: model.predict(im), vimgs, a.speed_threads)
         res["speed_checks"].append({"choice": list(best), "val_mre_mm": val[best], "seconds_per_image": sec})
         log(f"choice {best}: val MRE {val[best]:.3f} mm, {sec:.3f} s/image")
@@ -198,10 +282,12 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
         best = min(val, key=val.get)
         res["speed_bound_met"] = False
         log(f"no choice runs within {a.max_seconds} s/image; keeping the most accurate {best}")
-    res["val_mre"] = [{"iterations": it, "coarse_flip_average": f, "coarse_blend": b, "mre_mm": v}
-                      for (it, f, b), v in val.items()]
-    res["iterations"], res["coarse_flip_average"], res["coarse_blend"] = best
-    model.meta["iterations"], model.meta["coarse_flip_average"], model.meta["coarse_blend"] = best
+    res["val_mre"] = [{"iterations": it, "coarse_flip_average": f, "coarse_blend": b, "fine_steps": fs,
+                       "coarse_nets": list(sub), "mre_mm": v}
+                      for (it, f, b, fs, sub), v in val.items()]
+    res["iterations"], res["coarse_flip_average"], res["coarse_blend"], res["fine_steps"] = best[:4]
+    res["coarse_nets"] = list(best[4])
+    _apply_choice(model, best, nets)
     model.meta["inference_choice"] = ("lowest validation MRE (ISBI Train 131-150) within "
                                       f"{a.max_seconds or 'any'} s/image, by benchmarks/isbi.py")
     target = a.save_as or (res["model"] if a.save_choice else None)
@@ -266,6 +352,20 @@ def main(argv=None) -> int:
                    help="with --evaluate: copy train/config/curve from the training runs' JSON (several: runs side by side)")
     p.add_argument("--add-coarse", metavar="MODEL", nargs="+",
                    help="with --evaluate: average the coarse stage with these models' coarse nets (an ensemble)")
+    p.add_argument("--fine-for", metavar="MODEL",
+                   help="train a fine stage (--budget-min minutes) after this model's coarse stage; writes --model-out")
+    p.add_argument("--fine-level", type=int, default=2, help="fine stage: pyramid level of its windows")
+    p.add_argument("--fine-patch", type=int, default=64, help="fine stage: window side, pixels of that level")
+    p.add_argument("--fine-width", type=int, default=16, help="fine stage: U-Net width")
+    p.add_argument("--fine-context", type=int, default=1, help="fine stage: levels per window (input channels)")
+    p.add_argument("--fine-jitter", type=float, nargs=2, default=(0.7, 5.0), metavar=("LO", "HI"),
+                   help="fine stage: training window offset, standard deviation range (mm per axis)")
+    p.add_argument("--add-fine", metavar="MODEL", help="with --evaluate: take the fine stage from this model")
+    p.add_argument("--fine-json", metavar="JSON",
+                   help="with --evaluate: the fine stage's training run (trained after the runs of --train-json: "
+                        "its wall and CPU time add to theirs)")
+    p.add_argument("--no-glimpse", action="store_true",
+                   help="choose among answers without glimpse steps only (faster choice)")
     p.add_argument("--save-as", metavar="MODEL", help="write the model with the inference choice (and any --add-coarse) here")
     p.add_argument("--save-choice", action="store_true",
                    help="glimpse: write the validation-chosen iterations / flip averaging into the model file")

@@ -56,14 +56,21 @@ def _run(isbi, tmp_path: Path, *extra: str) -> dict:
 def test_ensemble_choice_and_saved_model(isbi, tmp_path):
     r = _run(isbi, tmp_path, "--max-seconds", "0")
     assert r["coarse_members"] == [str(tmp_path / "a.pt"), str(tmp_path / "b.pt")]
-    # the grid: iterations 0-3 x flip averaging x blend (blend only with iterations)
-    assert len(r["val_mre"]) == 2 * (1 + 3 * 3)
+    # the grid: coarse nets (both, first, second) x iterations 0-3 x flip averaging x blend
+    # (blend only with iterations); no fine stage, so no fine steps
+    assert len(r["val_mre"]) == 3 * 2 * (1 + 3 * 3)
+    assert {tuple(v["coarse_nets"]) for v in r["val_mre"]} == {(0, 1), (0,), (1,)}
     best = min(r["val_mre"], key=lambda v: v["mre_mm"])
-    assert (r["iterations"], r["coarse_flip_average"], r["coarse_blend"]) == (
-        best["iterations"], best["coarse_flip_average"], best["coarse_blend"])
+    assert (r["iterations"], r["coarse_flip_average"], r["coarse_blend"], r["coarse_nets"]) == (
+        best["iterations"], best["coarse_flip_average"], best["coarse_blend"], best["coarse_nets"])
     assert len(r["speed_checks"]) == 1  # no bound: the first (most accurate) choice is taken
     saved = GlimpseModel.load(tmp_path / "ens.pt", "cpu")
-    assert isinstance(saved.coarse, CoarseEnsemble) and len(saved.coarse.members) == 2
+    if len(r["coarse_nets"]) == 2:
+        assert isinstance(saved.coarse, CoarseEnsemble) and len(saved.coarse.members) == 2
+    else:  # the chosen net alone is saved
+        assert isinstance(saved.coarse, CoarseNet)
+        src = GlimpseModel.load(tmp_path / ("a.pt" if r["coarse_nets"] == [0] else "b.pt"), "cpu").coarse
+        assert all(torch.equal(v, saved.coarse.state_dict()[k]) for k, v in src.state_dict().items())
     assert saved.meta["iterations"] == r["iterations"] == saved.default_iterations
     assert saved.meta["coarse_flip_average"] == r["coarse_flip_average"]
     assert saved.meta["coarse_blend"] == r["coarse_blend"]
@@ -74,8 +81,41 @@ def test_ensemble_choice_and_saved_model(isbi, tmp_path):
 
 
 def test_speed_bound_that_nothing_meets_keeps_the_most_accurate_and_says_so(isbi, tmp_path):
-    r = _run(isbi, tmp_path, "--max-seconds", "1e-6")
+    r = _run(isbi, tmp_path, "--max-seconds", "1e-6", "--no-glimpse")
     assert r["speed_bound_met"] is False
+    assert len(r["val_mre"]) == 3 * 2 and all(v["iterations"] == 0 for v in r["val_mre"])
     assert len(r["speed_checks"]) == len(r["val_mre"])  # every choice was timed
     best = min(r["val_mre"], key=lambda v: v["mre_mm"])
-    assert r["iterations"] == best["iterations"] and r["coarse_blend"] == best["coarse_blend"]
+    assert r["coarse_flip_average"] == best["coarse_flip_average"] and r["coarse_nets"] == best["coarse_nets"]
+
+
+def test_fine_stage_is_trained_for_a_model_then_added_with_its_time(isbi, tmp_path):
+    """--fine-for trains a fine stage after a model's coarse stage; --add-fine/--fine-json put it
+    into an evaluated model, its training time added to the coarse runs' (it came after them)."""
+    a = _random_model(tmp_path / "a.pt", 1)
+    common = ["--method", "glimpse", "--data", str(REAL_DATA), "--limit", "3", "--threads", "1",
+              "--speed-threads", "1", "--quiet", "--no-glimpse", "--max-seconds", "0"]
+    assert isbi.main([*common, "--fine-for", str(a), "--budget-min", "0.05", "--eval-every", "0.02",
+                      "--fine-patch", "32", "--fine-width", "4", "--model-out", str(tmp_path / "f.pt"),
+                      "--out", str(tmp_path / "f.json")]) == 0
+    f = json.loads((tmp_path / "f.json").read_text())
+    assert f["config"]["fine"]["patch"] == 32 and f["config"]["coarse_from"] == str(a)
+    assert f["train"]["fine_steps"] >= 1 and 2.0 < f["train"]["wall_s"] < 30
+    assert all("val_mre_mm" in c for c in f["curve"])
+    # the choice covers fine steps 0-2 (x flip averaging; one coarse net)
+    assert sorted({v["fine_steps"] for v in f["val_mre"]}) == [0, 1, 2] and len(f["val_mre"]) == 6
+    fine_model = GlimpseModel.load(tmp_path / "f.pt", "cpu")
+    assert fine_model.fine is not None and fine_model.fine.cfg.patch == 32
+    coarse_json = tmp_path / "c.json"
+    coarse_json.write_text(json.dumps({"train": {"wall_s": 100.0, "cpu_s": 150.0}, "budget_min": 2, "threads": 1,
+                                       "seed": 0}))
+    out = tmp_path / "r.json"
+    assert isbi.main([*common, "--evaluate", str(a), "--add-fine", str(tmp_path / "f.pt"), "--train-json",
+                      str(coarse_json), "--fine-json", str(tmp_path / "f.json"), "--out", str(out),
+                      "--save-as", str(tmp_path / "s.pt")]) == 0
+    r = json.loads(out.read_text())
+    assert r["train"]["wall_s"] == pytest.approx(100.0 + f["train"]["wall_s"])
+    assert r["train"]["cpu_s"] == pytest.approx(150.0 + f["train"]["cpu_s"])
+    assert r["fine_from"] == str(tmp_path / "f.pt") and r["fine_config"]["fine"]["patch"] == 32
+    saved = GlimpseModel.load(tmp_path / "s.pt", "cpu")
+    assert saved.fine is not None and saved.meta["fine_steps"] == r["fine_steps"] == saved.fine_steps

@@ -641,7 +641,7 @@ def test_ensemble_checkpoint_round_trip(coarse_model, image, tmp_path):
     p = tmp_path / "ensemble.pt"
     coarse_model.save(p)
     ck = read_checkpoint(p)
-    assert ck["format_version"] == 3 == FORMAT_VERSION
+    assert ck["format_version"] == 3 and FORMAT_VERSION >= 3
     assert len(ck["coarse_members"]) == 2 and "coarse_state_dict" not in ck
     torch.load(p, map_location="cpu", weights_only=True)
     loaded = GlimpseModel.load(p, device="cpu")

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--coarse-minutes", type=_positive_float, metavar="MIN",
                    help="first train the coarse whole-image stage for MIN minutes (its answer is the "
                         "glimpses' start and tells which way the patient faces); --time-budget follows")
+    t.add_argument("--fine-minutes", type=_positive_float, metavar="MIN",
+                   help="then train the fine stage for MIN minutes (a closer look around each coarse answer, "
+                        "at 0.4 mm per pixel for ISBI images); needs --coarse-minutes")
     t.add_argument("--levels", type=_positive_int, help="pyramid levels seen by each glimpse (default 6)")
 
     f = sub.add_parser("finetune", help="fine-tune a model on reviewed labels (e.g. exported corrections)")
@@ -81,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps for each net of the model's coarse stage, fine-tuned first at a tenth of its "
                         "learning rate (default: --max-steps; 0 keeps it as it is); with --time-budget it "
                         "gets half the time")
+    f.add_argument("--fine-steps", type=_nonnegative_int, metavar="N",
+                   help="steps for the model's fine stage, fine-tuned after the coarse stage at a tenth of its "
+                        "learning rate (default: --max-steps; 0 keeps it as it is); with --time-budget it "
+                        "gets an equal share of the time")
     f.add_argument("--batch-size", type=_positive_int)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default="auto")
@@ -167,6 +174,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         time_budget_s=a.time_budget * 60 if a.time_budget else None,
         resume=a.resume, init=init, pretrained=a.pretrained, val=val, meta=meta,
         max_steps=a.max_steps, coarse_budget_s=a.coarse_minutes * 60 if a.coarse_minutes else None,
+        fine_budget_s=a.fine_minutes * 60 if a.fine_minutes else None,
     )
     m = model.meta
     msg = f"wrote {a.out}: {m['train_steps']} steps in {m['train_wall_s'] / 60:.1f} min"
@@ -193,14 +201,21 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     if a.batch_size:
         over["batch_size"] = a.batch_size
     tcfg = replace(base, **over)
-    coarse_steps = coarse_budget_s = None
+    coarse_steps = coarse_budget_s = fine_steps = fine_budget_s = None
     glimpse_budget_s = a.time_budget * 60 if a.time_budget else None
-    if parent.coarse is not None and a.coarse_steps != 0:
-        # the coarse stage places the landmarks the glimpses start from (alone, with 0 iterations):
-        # corrections must reach it too
+    # the coarse (and fine) stages place the landmarks the glimpses start from (alone, with 0
+    # iterations): corrections must reach them too; with a time budget, each stage gets a share
+    tune_coarse = parent.coarse is not None and a.coarse_steps != 0
+    tune_fine = parent.fine is not None and a.fine_steps != 0
+    if tune_coarse:
         coarse_steps = a.coarse_steps if a.coarse_steps is not None else a.max_steps
-        if glimpse_budget_s:
-            coarse_budget_s = glimpse_budget_s = glimpse_budget_s / 2
+    if tune_fine:
+        fine_steps = a.fine_steps if a.fine_steps is not None else a.max_steps
+    if glimpse_budget_s:
+        share = glimpse_budget_s / (1 + tune_coarse + tune_fine)
+        glimpse_budget_s = share
+        coarse_budget_s = share if tune_coarse else None
+        fine_budget_s = share if tune_fine else None
     callback = None
     if a.progress_json:
         def callback(info: dict) -> None:
@@ -212,6 +227,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     model = train(
         ds, a.out, train_config=tcfg, device=a.device, init=parent,
         time_budget_s=glimpse_budget_s, coarse_budget_s=coarse_budget_s, coarse_steps=coarse_steps,
+        fine_budget_s=fine_budget_s, fine_steps=fine_steps,
         progress=not a.progress_json, callback=callback,
         meta={"parent": parent_path, "parent_meta": {k: parent.meta.get(k) for k in ("command", "train_steps")},
               "finetune_data": str(a.data), "command": "napari-glimpse " + " ".join(sys.argv[1:])},

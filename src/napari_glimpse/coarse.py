@@ -61,12 +61,12 @@ class CoarseConfig:
 class CoarseNet(nn.Module):
     """U-Net, 5 scales (w, 2w, 4w, 8w, 8w channels): (B, 1, H, W) -> (B, K, H/2, W/2) logits."""
 
-    def __init__(self, cfg: CoarseConfig):
+    def __init__(self, cfg: CoarseConfig, in_channels: int = 1):
         super().__init__()
         self.cfg = cfg
         w = cfg.width
         ch = [w, 2 * w, 4 * w, 8 * w, 8 * w]
-        self.stem = nn.Sequential(_conv_bn(1, ch[0], 2), _conv_bn(ch[0], ch[0], 1))
+        self.stem = nn.Sequential(_conv_bn(in_channels, ch[0], 2), _conv_bn(ch[0], ch[0], 1))
         self.down = nn.ModuleList(
             nn.Sequential(_conv_bn(ch[i], ch[i + 1], 2), _conv_bn(ch[i + 1], ch[i + 1], 1)) for i in range(4)
         )

@@ -21,6 +21,7 @@ from .pyramid import Pyramid, build_pyramid
 
 if TYPE_CHECKING:
     from .coarse import CoarseEnsemble, CoarseNet
+    from .fine import FineNet
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default.pt"
 
@@ -103,9 +104,11 @@ class GlimpseModel:
         train_config: dict | None = None,
         meta: dict | None = None,
         coarse: "CoarseNet | CoarseEnsemble | None" = None,
+        fine: "FineNet | None" = None,
     ):
         self.net = net
         self.coarse = coarse
+        self.fine = fine
         self.config: ModelConfig = net.cfg
         self.landmark_names = tuple(landmark_names)
         self.pixel_spacing = float(pixel_spacing)
@@ -120,6 +123,11 @@ class GlimpseModel:
     def default_iterations(self) -> int:
         """Glimpse steps used when none are asked for (``meta['iterations']``, else 3)."""
         return int(self.meta.get("iterations", 3))
+
+    @property
+    def fine_steps(self) -> int:
+        """Fine-stage looks after the coarse answer (``meta['fine_steps']``, else 1; 0 without one)."""
+        return int(self.meta.get("fine_steps", 1)) if self.fine is not None and self.coarse is not None else 0
 
     @property
     def device(self) -> torch.device:
@@ -139,7 +147,14 @@ class GlimpseModel:
             "meta": self.meta,
             "state_dict": _cpu_state(self.net),
             **self._coarse_checkpoint(),
+            **self._fine_checkpoint(),
         }
+
+    def _fine_checkpoint(self) -> dict:
+        if self.fine is None:
+            return {}
+        # readers before version 4 would ignore the fine stage
+        return {"format_version": 4, "fine": {"config": self.fine.cfg.to_dict(), "state_dict": _cpu_state(self.fine)}}
 
     def _coarse_checkpoint(self) -> dict:
         if self.coarse is None:
@@ -196,6 +211,17 @@ class GlimpseModel:
                 lines = [ln.strip() for ln in str(exc).strip().splitlines()] or [repr(exc)]
                 raise GlimpseError(f"{source}: bad coarse stage ({lines[1] if len(lines) > 1 else lines[0]})") from None
             coarse.eval().to(resolve_device(device))
+        fine = None
+        if ckpt.get("fine") is not None:
+            from .fine import FineConfig, FineNet
+
+            try:
+                fine = FineNet(FineConfig.from_dict(ckpt["fine"]["config"]))
+                fine.load_state_dict(ckpt["fine"]["state_dict"])
+            except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+                lines = [ln.strip() for ln in str(exc).strip().splitlines()] or [repr(exc)]
+                raise GlimpseError(f"{source}: bad fine stage ({lines[1] if len(lines) > 1 else lines[0]})") from None
+            fine.eval().to(resolve_device(device))
         net.eval().to(resolve_device(device))
         return cls(
             net,
@@ -206,6 +232,7 @@ class GlimpseModel:
             ckpt.get("train_config"),
             ckpt.get("meta"),
             coarse,
+            fine,
         )
 
     @classmethod
@@ -291,7 +318,7 @@ class GlimpseModel:
         if self.coarse is not None and start is None:
             from .coarse import facing_of
 
-            start, spread = self.locate_coarse(pyr)
+            start, spread = self.locate_coarse(pyr, fine_steps=0)
             if facing == "auto":
                 facing = facing_of(start, self.mean_start)
             if facing == "left":
@@ -300,6 +327,8 @@ class GlimpseModel:
                 mirrored = build_pyramid(pyr.levels[0].flip(-1).numpy(), self.config.n_levels, self.config.patch)
                 start, spread = self.locate_coarse(mirrored)
                 start = start * [-1, 1] + [w - 1, 0]
+            else:
+                start = self._refine(pyr, start)
             coarse_start = start
             if iterations == 0:
                 ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
@@ -346,10 +375,14 @@ class GlimpseModel:
         right = self._run(pyr, **run)
         return right if right.uncertainty_mm.mean() <= left.uncertainty_mm.mean() else left
 
-    def locate_coarse(self, image: np.ndarray | str | os.PathLike | Pyramid) -> tuple[np.ndarray, np.ndarray]:
-        """The coarse stage alone: ``(K, 2)`` positions and ``(K,)`` spread (full-res pixels).
+    def locate_coarse(self, image: np.ndarray | str | os.PathLike | Pyramid,
+                      fine_steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The coarse stage (and the fine stage after it): ``(K, 2)`` positions and ``(K,)``
+        spread (full-res pixels), the image read as it stands.
 
-        With ``meta['coarse_flip_average']`` it averages the image's and its mirror's answers.
+        With ``meta['coarse_flip_average']`` the coarse stage averages the image's and its
+        mirror's answers. ``fine_steps``: fine-stage looks (default :attr:`fine_steps`; 0: the
+        coarse answer alone). The spread stays the coarse stage's.
         """
         if self.coarse is None:
             raise GlimpseError("this model has no coarse stage")
@@ -357,7 +390,18 @@ class GlimpseModel:
 
         pyr = self.pyramid(image)
         lv = view_level(pyr.shape, self.coarse.cfg.input_hw, len(pyr))
-        return locate(self.coarse, pyr.levels[lv], pyr.shape, flip_average=bool(self.meta.get("coarse_flip_average")))
+        pos, spread = locate(self.coarse, pyr.levels[lv], pyr.shape,
+                             flip_average=bool(self.meta.get("coarse_flip_average")))
+        return self._refine(pyr, pos, fine_steps), spread
+
+    def _refine(self, pyr: Pyramid, pos: np.ndarray, fine_steps: int | None = None) -> np.ndarray:
+        """The fine stage's looks around ``pos`` (default :attr:`fine_steps` of them)."""
+        steps = self.fine_steps if fine_steps is None else fine_steps
+        if steps <= 0 or self.fine is None:
+            return pos
+        from .fine import refine
+
+        return refine(self.fine, pyr.levels, pyr.shape, pos, steps)[0]
 
     def _run(
         self,

@@ -19,6 +19,7 @@ from .inference import GlimpseModel, autocast, resolve_device
 from .io import Dataset
 from .model import GlimpseModelNet, ModelConfig
 from .coarse import CoarseConfig, CoarseEnsemble, members_of, train_coarse, view_levels
+from .fine import FineConfig, fine_levels, train_fine
 from .pyramid import build_pyramid, levels_for
 
 
@@ -97,7 +98,7 @@ class TrainingData:
     """Pyramids of all training images plus ground truth, ready for batched sampling."""
 
     def __init__(self, dataset: Dataset, n_levels: int, patch: int, ground_truth: str = "mean",
-                 progress: bool = False, coarse: "CoarseConfig | None" = None):
+                 progress: bool = False, coarse: "CoarseConfig | None" = None, fine: "FineConfig | None" = None):
         from tqdm.auto import tqdm
 
         if len(dataset) == 0:
@@ -112,6 +113,8 @@ class TrainingData:
         self.truth = torch.as_tensor(dataset.ground_truth(ground_truth), dtype=torch.float32)
         # the coarse stage's whole-image views: (N, 1, h, w) float, median size, normalised truth
         self.views = view_levels(pyramids, self.truth.numpy(), coarse) if coarse is not None else None
+        # the fine stage's level: (N, 1, h, w) float, normalised truth
+        self.fine_levels = fine_levels(pyramids, self.truth.numpy(), fine) if fine is not None else None
         self.n_images, self.n_landmarks = self.truth.shape[:2]
 
 
@@ -207,6 +210,9 @@ def train(
     coarse_budget_s: float | None = None,
     coarse_config: CoarseConfig | None = None,
     coarse_steps: int | None = None,
+    fine_budget_s: float | None = None,
+    fine_config: FineConfig | None = None,
+    fine_steps: int | None = None,
 ) -> GlimpseModel:
     """Train a glimpse model on ``dataset`` and write it to ``out``.
 
@@ -223,6 +229,10 @@ def train(
     ``coarse_steps`` caps its steps (with no ``coarse_budget_s``, the cap alone). When ``init``
     has a coarse stage, that stage is fine-tuned instead (each net of an ensemble for its share
     of the budget and ``coarse_steps`` steps, at a tenth of its learning rate).
+
+    ``fine_budget_s`` / ``fine_steps``: then train the fine stage (:mod:`napari_glimpse.fine`,
+    a closer look around each coarse answer) the same way, or fine-tune ``init``'s. A fine stage
+    needs a coarse stage (trained here or in ``init``).
     """
     from tqdm.auto import tqdm
 
@@ -246,6 +256,8 @@ def train(
         model.net.to(dev)
         if model.coarse is not None:
             model.coarse.to(dev)
+        if model.fine is not None:
+            model.fine.to(dev)
         mcfg = model.config
     else:
         mcfg = model_config or ModelConfig(n_landmarks=len(dataset.landmark_names))
@@ -263,8 +275,17 @@ def train(
         coarse_config = members_of(init.coarse)[0].cfg
     elif want_coarse:
         coarse_config = coarse_config or CoarseConfig(n_landmarks=len(dataset.landmark_names), seed=tcfg.seed)
+    want_fine = bool(fine_budget_s or fine_steps) and state is None
+    tune_fine = want_fine and init is not None and init.fine is not None
+    if want_fine and not (want_coarse or (init is not None and init.coarse is not None)):
+        raise GlimpseError("a fine stage needs a coarse stage: give a coarse budget too")
+    if tune_fine:
+        fine_config = init.fine.cfg
+    elif want_fine:
+        fine_config = fine_config or FineConfig(n_landmarks=len(dataset.landmark_names), seed=tcfg.seed,
+                                                pixel_spacing=dataset.pixel_spacing)
     data = TrainingData(dataset, mcfg.n_levels, mcfg.patch, tcfg.ground_truth, progress=progress,
-                        coarse=coarse_config if want_coarse else None)
+                        coarse=coarse_config if want_coarse else None, fine=fine_config if want_fine else None)
     if min(data.shapes.min(axis=0)) < mcfg.patch:
         raise GlimpseError("an image is smaller than one glimpse")
     if model is None:
@@ -324,6 +345,24 @@ def train(
             model.meta["coarse_train_wall_s"] = chist[-1]["elapsed_s"]
         model.meta["coarse_finetune_history" if tune_coarse else "coarse_history"] = chist
         data.views = None
+        _save_resume(rpath, model, opt, 0, 0.0, gen, history)
+    if want_fine:
+        flevels, ftruth = data.fine_levels
+
+        def fine_val(fnet) -> float:
+            model.fine = fnet
+            return evaluate_model(model, val, iterations=0, progress=False)["overall"]["mre_mm"]
+
+        fnet, fhist = train_fine(flevels, ftruth, fine_config, fine_budget_s or 1e12, progress=progress,
+                                 callback=callback, should_stop=should_stop,
+                                 evaluate=fine_val if val is not None and not tune_fine else None,
+                                 eval_every_s=tcfg.save_every_s, max_steps=fine_steps,
+                                 init=init.fine if tune_fine else None, lr_scale=0.1 if tune_fine else 1.0)
+        model.fine = fnet.to(dev)
+        model.meta["fine_finetune_steps" if tune_fine else "fine_train_wall_s"] = (
+            fine_steps if tune_fine else fhist[-1]["elapsed_s"])
+        model.meta["fine_finetune_history" if tune_fine else "fine_history"] = fhist
+        data.fine_levels = None
         _save_resume(rpath, model, opt, 0, 0.0, gen, history)
     if state is not None:
         opt.load_state_dict(state["optimizer"])

@@ -326,8 +326,9 @@ class FinetuneWidget(QWidget):
             self.plot.set_values(self._losses)
         self.progress.setValue(int(min(1.0, frac) * 1000))
         el = float(info.get("elapsed_s", 0.0))
-        if info.get("stage") == "coarse":  # the model's coarse stage is fine-tuned first
-            what = f"coarse stage, net {int(info.get('member', 0)) + 1}: step {self.last_step}"
+        if info.get("stage") in ("coarse", "fine"):  # the model's coarse and fine stages are fine-tuned first
+            what = (f"coarse stage, net {int(info.get('member', 0)) + 1}: step {self.last_step}"
+                    if info["stage"] == "coarse" else f"fine stage: step {self.last_step}")
             self.progress.setFormat(what)
             status(self.status_label, f"{what}, {el:.0f} s")
             self.progressed.emit(info)

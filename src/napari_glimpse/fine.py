@@ -1,0 +1,310 @@
+"""Fine stage: a closer look around each coarse answer, all landmarks with one network.
+
+The coarse stage reads the whole cephalogram at about 0.75 mm per pixel and its heatmaps at
+1.5 mm per pixel. The fine stage crops a ``patch x patch`` window from a finer pyramid level
+(level 2 by default: 0.4 mm per pixel for ISBI images, a 25.6 mm window) centred on each
+landmark's coarse answer, and the same small U-Net as the coarse stage (:class:`CoarseNet`, one
+heatmap per landmark at half the window's resolution) says where in the window the landmark is.
+Landmark ``k``'s answer is read from heatmap ``k`` of the window centred on its own coarse answer;
+training supervises every landmark that falls inside a window (one shared network, one head
+channel per landmark), with windows centred on the true point plus a random offset the size of
+the coarse stage's errors.
+
+Images are always read the way the training images face: the caller mirrors a left-facing
+image first (as the coarse stage decides), so no flips are needed here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import GlimpseError
+from .coarse import CoarseConfig, CoarseNet, decode, from_normalised, gaussian_targets, to_normalised
+
+
+@dataclass(frozen=True)
+class FineConfig:
+    """Fine network and its training.
+
+    ``level``: pyramid level the windows are cut from; ``patch``: window side (pixels of that
+    level); ``sigma``: target Gaussian (heatmap pixels, half the level's resolution);
+    ``jitter_mm``: the window centre's offset from the true point at training, per axis, normal
+    with a standard deviation drawn log-uniformly in this range (the coarse stage errs by
+    about 1–2 mm, rarely 5–10); ``context``: how many levels the window is cut from (``level``,
+    ``level + 1``, ...; each its own input channel, all ``patch`` pixels and centred alike, so each
+    coarser one sees twice the area: a small glimpse).
+    """
+
+    n_landmarks: int = 19
+    level: int = 2
+    patch: int = 64
+    width: int = 16
+    sigma: float = 1.5
+    batch_size: int = 32
+    lr: float = 2e-3
+    rotation_deg: float = 10.0
+    log_scale: float = 0.1
+    jitter_mm: tuple[float, float] = (0.7, 5.0)
+    context: int = 1
+    pixel_spacing: float = 0.1
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FineConfig":
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        if "jitter_mm" in d:
+            d["jitter_mm"] = tuple(d["jitter_mm"])
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["jitter_mm"] = list(self.jitter_mm)
+        return d
+
+
+class FineNet(CoarseNet):
+    """The coarse U-Net on ``patch x patch`` windows: (B, 1, P, P) -> (B, K, P/2, P/2) logits."""
+
+    def __init__(self, cfg: FineConfig):
+        super().__init__(CoarseConfig(n_landmarks=cfg.n_landmarks, input_hw=(cfg.patch, cfg.patch), width=cfg.width),
+                         in_channels=cfg.context)
+        self.cfg = cfg  # type: ignore[assignment]
+
+
+def window_matrix(level_hw: tuple[int, int], center_n: torch.Tensor, patch: int, angle: torch.Tensor,
+                  scale: torch.Tensor) -> torch.Tensor:
+    """``(B, 2, 3)`` affine from window to level normalised coordinates (``affine_grid``'s theta).
+
+    The window is ``patch`` level pixels on a side (times ``scale``), rotated by ``angle`` and
+    centred at ``center_n`` (B, 2), the level's normalised coordinates.
+    """
+    h, w = level_hw
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    m = torch.zeros(center_n.shape[0], 2, 3)
+    # A = diag(1/w, 1/h) R diag(patch, patch)
+    m[:, 0, 0] = cos * patch / w
+    m[:, 0, 1] = -sin * patch / w
+    m[:, 1, 0] = sin * patch / h
+    m[:, 1, 1] = cos * patch / h
+    m[:, :, 2] = center_n
+    return m
+
+
+def cut_windows(levels: "list[torch.Tensor]", theta: torch.Tensor, patch: int) -> torch.Tensor:
+    """Resample ``(B, 1, h, w)`` float images (one per context level, finest first) through
+    ``theta`` (the finest level's window) to ``(B, C, patch, patch)``; level ``c`` of the list
+    gets a window ``2**c`` times as wide in normalised units, i.e. the same pixel size."""
+    out = []
+    for c, lv in enumerate(levels):
+        th = theta.clone()
+        th[:, :, :2] *= 2**c
+        grid = F.affine_grid(th, [lv.shape[0], 1, patch, patch], align_corners=False)
+        out.append(F.grid_sample(lv, grid, mode="bilinear", padding_mode="border", align_corners=False))
+    return torch.cat(out, 1)
+
+
+class WindowCutter:
+    """:func:`cut_windows` for training batches: image ``i[b]`` of each stack, without copying
+    whole images. Each level is padded once (edge pixels repeated, as ``border`` sampling does);
+    each window is then sampled from a small crop around its centre."""
+
+    def __init__(self, levels: "list[torch.Tensor]", patch: int):
+        self.patch = patch
+        self.r = patch  # crop half-size: covers a window rotated 45 degrees and scaled up 1.4x
+        self.hw = [tuple(lv.shape[-2:]) for lv in levels]
+        self.padded = [F.pad(lv, (self.r,) * 4, mode="replicate") for lv in levels]
+
+    def __call__(self, i: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        r, out = self.r, []
+        for c, (lv, (h, w)) in enumerate(zip(self.padded, self.hw)):
+            th = theta.clone()
+            th[:, :, :2] *= 2**c
+            # the window's centre in this level's pixels, the crop's corner (x0, y0) around it
+            cx = ((th[:, 0, 2] + 1) / 2 * w - 0.5).round().long().clamp(-r // 2, w + r // 2)
+            cy = ((th[:, 1, 2] + 1) / 2 * h - 0.5).round().long().clamp(-r // 2, h + r // 2)
+            x0, y0 = cx - r, cy - r
+            crops = torch.stack([lv[int(b), :, int(y) + r: int(y) + 3 * r, int(x) + r: int(x) + 3 * r]
+                                 for b, x, y in zip(i, x0, y0)])
+            # level normalised n -> crop normalised m: m = n * (size / 2R) + (size / 2 - corner) / R - 1
+            sx, sy = w / (2 * r), h / (2 * r)
+            th[:, 0, :] *= sx
+            th[:, 1, :] *= sy
+            th[:, 0, 2] += (w / 2 - x0) / r - 1
+            th[:, 1, 2] += (h / 2 - y0) / r - 1
+            grid = F.affine_grid(th, [len(i), 1, self.patch, self.patch], align_corners=False)
+            out.append(F.grid_sample(crops, grid, mode="bilinear", padding_mode="border", align_corners=False))
+        return torch.cat(out, 1)
+
+
+def refine(net: FineNet, pyramid_levels: "list[torch.Tensor]", image_hw: tuple[int, int], positions: np.ndarray,
+           steps: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Move each landmark's ``(K, 2)`` full-resolution position to the fine heatmap's peak.
+
+    ``pyramid_levels``: the image's pyramid levels, ``(h, w)`` uint8 each (levels ``cfg.level``
+    to ``cfg.level + cfg.context - 1`` are read). ``steps``: windows re-centred on the last
+    answer this many times. Returns positions (inside the image) and each peak's width
+    (full-resolution pixels).
+    """
+    cfg = net.cfg
+    dev = next(net.parameters()).device
+    k = positions.shape[0]
+    if len(pyramid_levels) < cfg.level + cfg.context:
+        raise GlimpseError(f"the fine stage reads pyramid levels {cfg.level}-{cfg.level + cfg.context - 1}; "
+                           f"this pyramid has {len(pyramid_levels)}")
+    used = [pyramid_levels[cfg.level + c].to(dev, torch.float32)[None, None] for c in range(cfg.context)]
+    lhw = tuple(used[0].shape[-2:])
+    pos = torch.as_tensor(positions, dtype=torch.float32)
+    spread = torch.zeros(k)
+    heat_hw = ((cfg.patch + 1) // 2, (cfg.patch + 1) // 2)
+    ks = torch.arange(k)
+    for _ in range(steps):
+        c = to_normalised(pos, image_hw)
+        theta = window_matrix(lhw, c, cfg.patch, torch.zeros(k), torch.ones(k))
+        with torch.inference_mode():
+            win = cut_windows([x.expand(k, 1, *x.shape[-2:]) for x in used], theta.to(dev), cfg.patch)
+            logits = net(win)[ks, ks][:, None].cpu()  # (K, 1, h, w): window k, heatmap k
+        xy, sp = decode(logits)
+        o = to_normalised(xy[:, 0], heat_hw)  # window normalised
+        u = torch.einsum("kij,kj->ki", theta[:, :, :2], o) + theta[:, :, 2]
+        pos = torch.minimum(from_normalised(u, image_hw).clamp_min(0), torch.tensor([image_hw[1] - 1.0, image_hw[0] - 1.0]))
+        spread = sp[:, 0] * cfg.patch / heat_hw[0] * (image_hw[1] / lhw[1])
+    return pos.numpy().astype(np.float64), spread.numpy().astype(np.float64)
+
+
+def train_fine(
+    levels: "list[torch.Tensor]",
+    truth_n: torch.Tensor,
+    cfg: FineConfig,
+    time_budget_s: float,
+    progress: bool = True,
+    callback: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    evaluate: Callable[[FineNet], float] | None = None,
+    eval_every_s: float = 300.0,
+    max_steps: int | None = None,
+    init: FineNet | None = None,
+    lr_scale: float = 1.0,
+) -> tuple[FineNet, list[dict]]:
+    """Train a fine net for ``time_budget_s`` seconds of wall time (or ``max_steps`` steps).
+
+    ``levels``: per context level (finest first), ``(N, 1, h, w)`` float, every training image's
+    level (:func:`fine_levels`);
+    ``truth_n``: ``(N, K, 2)`` positions in normalised coordinates. The rest as
+    :func:`napari_glimpse.coarse.train_coarse`.
+    """
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if init is not None:
+        cfg = init.cfg
+        net = copy.deepcopy(init).cpu()
+    else:
+        net = FineNet(cfg)
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    n, k = truth_n.shape[:2]
+    lhw = tuple(levels[0].shape[-2:])
+    heat_hw = ((cfg.patch + 1) // 2, (cfg.patch + 1) // 2)
+    px_mm = cfg.pixel_spacing * 2 ** cfg.level  # mm per level pixel
+    cutter = WindowCutter(levels, cfg.patch)
+    lo, hi = (math.log(v / px_mm) for v in cfg.jitter_mm)
+    history: list[dict] = []
+    t0 = time.monotonic()
+    last_eval = t0
+    step, ema = 0, None
+    bar = tqdm(total=1000, desc="fine", unit="‰", disable=not progress,
+               bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+    try:
+        while True:
+            frac = (time.monotonic() - t0) / time_budget_s
+            if max_steps:
+                frac = max(frac, step / max_steps)
+            if frac >= 1.0 or (should_stop is not None and should_stop()):
+                break
+            lr = cfg.lr * lr_scale * ((0.1 + 0.9 * frac / 0.03) if frac < 0.03 else
+                                      (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (frac - 0.03) / 0.97))))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            b = cfg.batch_size
+            i = torch.randint(0, n, (b,), generator=gen)
+            j = torch.randint(0, k, (b,), generator=gen)
+            sd = torch.exp(lo + (hi - lo) * torch.rand(b, 1, generator=gen))  # level pixels
+            off = torch.randn(b, 2, generator=gen) * sd * 2 / torch.tensor([lhw[1], lhw[0]])
+            ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(cfg.rotation_deg)
+            scl = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * cfg.log_scale)
+            theta = window_matrix(lhw, truth_n[i, j] + off, cfg.patch, ang, scl)
+            x = cutter(i, theta)
+            g_ = torch.exp((torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.3)
+            x = 255.0 * (x.clamp(0, 255) / 255.0) ** g_
+            x = x * (1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.15) \
+                + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 15.0
+            x = x + torch.randn(x.shape, generator=gen) * 3.0
+            a, t = theta[:, :, :2], theta[:, :, 2]
+            o = torch.einsum("bij,bkj->bki", torch.linalg.inv(a), truth_n[i] - t[:, None, :])
+            inside = (o.abs() < 0.95).all(-1).float()
+            target = gaussian_targets(from_normalised(o, heat_hw), heat_hw, cfg.sigma)
+            logp = torch.log_softmax(net(x).flatten(2), -1)
+            loss = (-(target.flatten(2) * logp).sum(-1) * inside).sum() / inside.sum().clamp_min(1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            lv = loss.item()
+            ema = lv if ema is None else 0.98 * ema + 0.02 * lv
+            done = (time.monotonic() - t0) / time_budget_s
+            if max_steps:
+                done = max(done, step / max_steps)
+            bar.n = min(1000, int(1000 * done))
+            bar.set_postfix_str(f"step {step} loss {ema:.3f} lr {lr:.1e}", refresh=False)
+            bar.refresh()
+            info = {"stage": "fine", "step": step, "loss": ema, "lr": lr, "elapsed_s": time.monotonic() - t0,
+                    "progress": min(1.0, done)}
+            if callback is not None:
+                callback(info)
+            if evaluate is not None and time.monotonic() - last_eval > eval_every_s:
+                net.eval()
+                info["val_mre_mm"] = evaluate(net)
+                net.train()
+                bar.write(f"fine step {step}: val MRE {info['val_mre_mm']:.2f} mm")
+                history.append(info)
+                last_eval = time.monotonic()
+    finally:
+        bar.close()
+    net.eval()
+    rec = {"stage": "fine", "step": step, "loss": ema, "elapsed_s": time.monotonic() - t0}
+    if evaluate is not None:
+        rec["val_mre_mm"] = evaluate(net)
+    history.append(rec)
+    return net, history
+
+
+def fine_levels(pyramids: list, truth: np.ndarray, cfg: FineConfig) -> tuple["list[torch.Tensor]", torch.Tensor]:
+    """Every image's levels ``cfg.level`` .. ``cfg.level + cfg.context - 1``, each as one
+    ``(N, 1, h, w)`` float stack, and ``(N, K, 2)`` normalised positions (images of other sizes are
+    resampled to the first one's level sizes)."""
+    if any(len(p) < cfg.level + cfg.context for p in pyramids):
+        raise GlimpseError(f"the fine stage reads pyramid levels {cfg.level}-{cfg.level + cfg.context - 1}, "
+                           "which an image's pyramid does not have")
+    stacks = []
+    for c in range(cfg.context):
+        lv = cfg.level + c
+        hw = tuple(pyramids[0].levels[lv].shape[-2:])
+        out = []
+        for p in pyramids:
+            x = p.levels[lv].float()[None, None]
+            if tuple(x.shape[-2:]) != hw:
+                x = F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
+            out.append(x[0])
+        stacks.append(torch.stack(out))
+    tn = [to_normalised(torch.as_tensor(t, dtype=torch.float32), tuple(p.shape)) for p, t in zip(pyramids, truth)]
+    return stacks, torch.stack(tn)

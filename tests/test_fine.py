@@ -1,0 +1,305 @@
+"""Fine stage: window geometry, training targets, refinement, the checkpoint, the fine answer
+in predict (both facings), training end to end and fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MODEL_CONFIG
+
+from napari_glimpse.checkpoint import FORMAT_VERSION, read_checkpoint
+from napari_glimpse.coarse import CoarseConfig, CoarseNet, decode, to_normalised
+from napari_glimpse.errors import GlimpseError
+from napari_glimpse.fine import FineConfig, FineNet, cut_windows, fine_levels, refine, train_fine, window_matrix
+from napari_glimpse.inference import GlimpseModel
+from napari_glimpse.io import load_dataset, read_image
+from napari_glimpse.pyramid import build_pyramid
+from napari_glimpse.training import TrainConfig, train
+
+K = 3
+TINY_COARSE = CoarseConfig(n_landmarks=K, input_hw=(64, 48), width=4, batch_size=4)
+TINY_FINE = FineConfig(n_landmarks=K, level=1, patch=32, width=4, batch_size=8, context=2, jitter_mm=(0.5, 2.0))
+
+
+def _dot_image(h: int, w: int, x: float, y: float, sigma: float = 1.5) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                            indexing="ij")
+    return 255.0 * torch.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
+
+
+def _centroid(win: torch.Tensor) -> np.ndarray:
+    """Intensity centroid (x, y) of a 2-D window, pixels."""
+    h, w = win.shape
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing="ij")
+    m = win.double()
+    return np.array([float((m * xx).sum() / m.sum()), float((m * yy).sum() / m.sum())])
+
+
+def _randomise(net: torch.nn.Module, seed: int) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, v in net.state_dict().items():
+            if v.is_floating_point():
+                r = torch.randn(v.shape, generator=g)
+                v.copy_(r.abs() + 0.5 if k.endswith("running_var") else r * 0.3)
+    return net.eval()
+
+
+def _weights(net: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def image(tiny_data):
+    return read_image(tiny_data["test1"]["paths"][0])  # 256 x 256
+
+
+@pytest.fixture
+def fine_model(tiny_model):
+    """The tiny glimpse model with random (but fixed) coarse and fine stages."""
+    tiny_model.coarse = _randomise(CoarseNet(TINY_COARSE), seed=3)
+    tiny_model.fine = _randomise(FineNet(TINY_FINE), seed=4)
+    tiny_model.meta["iterations"] = 0
+    return tiny_model
+
+
+# ------------------------------------------------------------------------ 1. window geometry
+@pytest.mark.parametrize("angle,scale", [(0.0, 1.0), (25.0, 1.0), (-15.0, 1.1)])
+def test_window_shows_the_point_where_the_offset_says(angle, scale):
+    """A window centred near a dot shows the dot at R^-1 (dot - centre) / scale from its middle."""
+    h, w, p = 90, 120, 32
+    dot = np.array([70.3, 41.6])
+    level = _dot_image(h, w, *dot)[None, None]
+    centre = dot + [-4.0, 3.0]
+    a = math.radians(angle)
+    theta = window_matrix((h, w), to_normalised(torch.tensor(np.array([centre]), dtype=torch.float32), (h, w)), p,
+                          torch.tensor([a]), torch.tensor([scale]))
+    win = cut_windows([level], theta, p)
+    assert win.shape == (1, 1, p, p)
+    d = dot - centre
+    rot_inv = np.array([[math.cos(a), math.sin(a)], [-math.sin(a), math.cos(a)]])
+    expect = rot_inv @ d / scale + (p - 1) / 2
+    assert np.linalg.norm(_centroid(win[0, 0]) - expect) < 0.15
+
+
+def test_context_windows_are_centred_alike_and_twice_as_wide():
+    """Channel c is cut from the next level, same centre, same pixel count: twice the area."""
+    img = _dot_image(128, 160, 90.0, 50.0, sigma=2.0)
+    half = torch.nn.functional.avg_pool2d(img[None, None], 2)  # the next level, 64 x 80
+    c = to_normalised(torch.tensor([[86.0, 54.0]]), (128, 160))
+    theta = window_matrix((128, 160), c, 16, torch.zeros(1), torch.ones(1))
+    win = cut_windows([img[None, None], half], theta, 16)
+    assert win.shape == (1, 2, 16, 16)
+    fine_xy, ctx_xy = _centroid(win[0, 0]), _centroid(win[0, 1])
+    np.testing.assert_allclose(fine_xy - 7.5, [4.0, -4.0], atol=0.2)
+    np.testing.assert_allclose(ctx_xy - 7.5, [2.0, -2.0], atol=0.2)  # half the offset at the coarser level
+
+
+def test_fine_levels_reads_the_context_levels_and_refuses_short_pyramids(tiny_data):
+    ds = load_dataset(tiny_data["root"], "train")
+    pyrs = [build_pyramid(ds.image(i), 3) for i in range(2)]
+    truth = ds.ground_truth("mean")[:2]
+    levels, tn = fine_levels(pyrs, truth, TINY_FINE)
+    assert [tuple(x.shape) for x in levels] == [(2, 1, 128, 128), (2, 1, 64, 64)]
+    assert torch.equal(levels[1][1, 0], pyrs[1].levels[2].float())
+    np.testing.assert_allclose(tn[0].numpy(), to_normalised(torch.as_tensor(truth[0], dtype=torch.float32),
+                                                            (256, 256)).numpy())
+    with pytest.raises(GlimpseError, match="pyramid levels 2-3"):
+        fine_levels(pyrs, truth, replace(TINY_FINE, level=2))
+
+
+def test_train_fine_targets_sit_on_the_windows_landmarks(monkeypatch):
+    """Inside train_fine: every window's target peak (heatmap pixels -> window pixels) is where
+    the window shows its landmark's dot, and the windows are off-centre by the jitter."""
+    from napari_glimpse import fine
+
+    cfg = replace(TINY_FINE, n_landmarks=1, context=1, batch_size=16, jitter_mm=(0.4, 0.8), pixel_spacing=0.1)
+    rng = np.random.default_rng(0)
+    pts = rng.uniform([30, 30], [66, 98], (6, 1, 2))
+    levels = torch.stack([_dot_image(128, 96, *q[0]) for q in pts])[:, None]
+    truth_n = to_normalised(torch.as_tensor(pts, dtype=torch.float32), (128, 96))
+    seen = {}
+    cut, targets = fine.cut_windows, fine.gaussian_targets
+
+    def spy_cut(lv, theta, patch):
+        seen.setdefault("win", cut(lv, theta, patch))
+        return seen["win"]
+
+    def spy_targets(xy, heat_hw, sigma):
+        seen.setdefault("xy", xy.clone())
+        return targets(xy, heat_hw, sigma)
+
+    monkeypatch.setattr(fine, "cut_windows", spy_cut)
+    monkeypatch.setattr(fine, "gaussian_targets", spy_targets)
+    calls = []
+    train_fine([levels], truth_n, cfg, 60.0, progress=False, should_stop=lambda: calls.append(1) or len(calls) > 1)
+    win, xy = seen["win"], seen["xy"][:, 0].numpy()
+    win_xy = (xy + 0.5) * 2 - 0.5  # heatmap (16 x 16) -> window (32 x 32) pixels
+    off = []
+    for b in range(16):
+        assert np.linalg.norm(_centroid(win[b, 0]) - win_xy[b]) < 0.3, b
+        off.append(np.linalg.norm(win_xy[b] - 15.5))
+    # jitter 0.4-0.8 mm at level 1 (0.2 mm/px): 2-4 px per axis standard deviation
+    assert 0.5 < float(np.mean(off)) < 8.0
+
+
+# ------------------------------------------------------------------------ 2. refinement
+class _DotFinder(FineNet):
+    """A 'fine net' that answers with a sharp heatmap on the brightest pixel of its window, for
+    every landmark: refine must then land on the image's dot, whatever the start."""
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        hh, ww = (h + 1) // 2, (w + 1) // 2
+        pooled = torch.nn.functional.avg_pool2d(x[:, :1], 2)
+        logits = pooled.reshape(b, 1, -1) * 0.2
+        return logits.reshape(b, 1, hh, ww).expand(b, self.cfg.n_landmarks, hh, ww).clone()
+
+
+def test_refine_lands_on_the_dot_from_an_offset_start():
+    img = _dot_image(256, 192, 101.0, 141.0, sigma=3.0).round().clamp(0, 255).to(torch.uint8)
+    pyr = build_pyramid(img.numpy(), 3)
+    net = _DotFinder(replace(TINY_FINE, n_landmarks=2, context=1)).eval()
+    start = np.array([[94.0, 147.0], [108.0, 136.0]])
+    pos, spread = refine(net, pyr.levels, pyr.shape, start, steps=1)
+    assert pos.shape == (2, 2) and spread.shape == (2,)
+    np.testing.assert_allclose(pos, [[101.0, 141.0]] * 2, atol=1.5)  # full-resolution pixels
+    assert np.all(spread > 0)
+
+
+def test_refine_refuses_a_pyramid_without_its_levels():
+    pyr = build_pyramid(np.zeros((64, 64), np.uint8), 2)
+    with pytest.raises(GlimpseError, match="pyramid levels 1-2"):
+        refine(FineNet(TINY_FINE).eval(), pyr.levels, pyr.shape, np.zeros((K, 2)))
+
+
+# ------------------------------------------------------------------------ 3. in the model
+def test_predict_refines_the_coarse_answer(fine_model, image):
+    coarse_only = fine_model.locate_coarse(image, fine_steps=0)[0]
+    pyr = fine_model.pyramid(image)
+    want = refine(fine_model.fine, pyr.levels, pyr.shape, coarse_only, steps=1)[0]
+    got = fine_model.predict(image, facing="right").final
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert not np.allclose(got, coarse_only)
+    fine_model.meta["fine_steps"] = 0  # the choice written by benchmarks/isbi.py
+    np.testing.assert_allclose(fine_model.predict(image, facing="right").final, coarse_only, atol=1e-4)
+    fine_model.meta["fine_steps"] = 2
+    two = refine(fine_model.fine, pyr.levels, pyr.shape, coarse_only, steps=2)[0]
+    np.testing.assert_allclose(fine_model.predict(image, facing="right").final, two, atol=1e-4)
+
+
+def test_glimpses_start_from_the_fine_answer(fine_model, image):
+    tr = fine_model.predict(image, iterations=2, facing="right")
+    np.testing.assert_allclose(tr.positions[0], fine_model.predict(image, facing="right").final, atol=1e-3)
+
+
+def test_mirrored_image_gets_the_mirrored_fine_answer(fine_model, image):
+    right = fine_model.predict(image, facing="right").final
+    left = fine_model.predict(np.ascontiguousarray(image[:, ::-1]), facing="left")
+    np.testing.assert_allclose(left.final, right * [-1, 1] + [image.shape[1] - 1, 0], atol=1e-3)
+
+
+def test_checkpoint_round_trip_with_a_fine_stage(fine_model, image, tmp_path):
+    p = tmp_path / "fine.pt"
+    fine_model.save(p)
+    ck = read_checkpoint(p)
+    assert ck["format_version"] == 4 == FORMAT_VERSION and ck["fine"]["config"] == TINY_FINE.to_dict()
+    torch.load(p, map_location="cpu", weights_only=True)
+    loaded = GlimpseModel.load(p, device="cpu")
+    assert isinstance(loaded.fine, FineNet) and loaded.fine.cfg == TINY_FINE and not loaded.fine.training
+    assert _same(_weights(fine_model.fine), _weights(loaded.fine))
+    np.testing.assert_array_equal(loaded.predict(image).positions, fine_model.predict(image).positions)
+
+
+def test_a_version_4_file_is_refused_clearly_by_a_version_3_reader(fine_model, tmp_path, monkeypatch):
+    import napari_glimpse.checkpoint as ckmod
+
+    fine_model.save(tmp_path / "f.pt")
+    monkeypatch.setattr(ckmod, "FORMAT_VERSION", 3)
+    with pytest.raises(GlimpseError, match="newer napari-glimpse"):
+        GlimpseModel.load(tmp_path / "f.pt", device="cpu")
+
+
+def test_a_corrupt_fine_stage_is_a_clear_error(fine_model, tmp_path):
+    ck = fine_model.to_checkpoint()
+    ck["fine"]["state_dict"].pop(next(iter(ck["fine"]["state_dict"])))
+    torch.save(ck, tmp_path / "bad.pt")
+    with pytest.raises(GlimpseError, match="bad fine stage"):
+        GlimpseModel.load(tmp_path / "bad.pt", device="cpu")
+
+
+# ------------------------------------------------------------------------ 4. training
+def test_train_fine_learns_to_find_dots_quickly():
+    """Windows whose only content is the landmark's dot: a few hundred steps bring refine much
+    closer to the dots than the starts were."""
+    torch.set_num_threads(1)
+    cfg = FineConfig(n_landmarks=1, level=0, patch=32, width=8, batch_size=16, context=1, jitter_mm=(0.3, 0.6),
+                     pixel_spacing=0.1, lr=3e-3, seed=1)
+    rng = np.random.default_rng(2)
+    pts = rng.uniform(30, 98, (12, 1, 2))
+    levels = torch.stack([_dot_image(128, 128, *q[0], sigma=2.0) for q in pts])[:, None]
+    net, hist = train_fine([levels], to_normalised(torch.as_tensor(pts, dtype=torch.float32), (128, 128)), cfg,
+                           1e9, progress=False, max_steps=150)
+    assert hist[-1]["step"] == 150
+    errs, start_errs = [], []
+    for q in rng.uniform(35, 93, (8, 2)):
+        img = _dot_image(128, 128, *q, sigma=2.0).round().to(torch.uint8)
+        start = q + rng.normal(0, 4.0, 2)
+        pos, _ = refine(net, [img], (128, 128), start[None], steps=1)
+        errs.append(np.linalg.norm(pos[0] - q))
+        start_errs.append(np.linalg.norm(start - q))
+    assert np.mean(errs) < 0.4 * np.mean(start_errs), (np.mean(errs), np.mean(start_errs))
+
+
+def test_train_with_coarse_and_fine_stages_end_to_end(tiny_data, tmp_path):
+    ds = load_dataset(tiny_data["root"], "train")
+    val = load_dataset(tiny_data["root"], "test1")
+    infos = []
+    model = train(ds, tmp_path / "m.pt", TINY_MODEL_CONFIG, TrainConfig(batch_size=4, max_steps=2, save_every_s=1e9),
+                  device="cpu", progress=False, callback=infos.append, val=val, coarse_steps=3,
+                  coarse_config=TINY_COARSE, fine_steps=4, fine_config=TINY_FINE)
+    assert isinstance(model.fine, FineNet) and model.fine.cfg == TINY_FINE and not model.fine.training
+    stages = [i.get("stage", "glimpse") for i in infos]
+    assert stages == ["coarse"] * 3 + ["fine"] * 4 + ["glimpse"] * 2
+    hist = model.meta["fine_history"]
+    assert hist[-1]["step"] == 4 and math.isfinite(hist[-1]["val_mre_mm"])
+    loaded = GlimpseModel.load(tmp_path / "m.pt", device="cpu")
+    assert _same(_weights(model.fine), _weights(loaded.fine))
+
+
+def test_a_fine_stage_needs_a_coarse_stage(tiny_data, tmp_path):
+    ds = load_dataset(tiny_data["root"], "train")
+    with pytest.raises(GlimpseError, match="needs a coarse stage"):
+        train(ds, tmp_path / "m.pt", TINY_MODEL_CONFIG, TrainConfig(batch_size=4, max_steps=1), device="cpu",
+              progress=False, fine_steps=2, fine_config=TINY_FINE)
+
+
+def test_cli_finetune_tunes_the_fine_stage_after_the_coarse_one(fine_model, tiny_data, tmp_path, capsys):
+    from napari_glimpse.cli import main
+
+    parent = tmp_path / "parent.pt"
+    fine_model.save(parent)
+    before = _weights(fine_model.fine)
+    out = tmp_path / "ft.pt"
+    assert main(["finetune", "--model", str(parent), "--data", str(tiny_data["root"]), "--out", str(out),
+                 "--max-steps", "2", "--batch-size", "2", "--progress-json"]) == 0
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    stages = [ln.get("stage", "glimpse") for ln in lines if not ln.get("done")]
+    assert stages == ["coarse"] * 2 + ["fine"] * 2 + ["glimpse"] * 2
+    tuned = GlimpseModel.load(out, device="cpu")
+    assert not _same(before, _weights(tuned.fine)) and tuned.meta["fine_finetune_steps"] == 2
+    # --fine-steps 0 keeps it
+    out2 = tmp_path / "ft2.pt"
+    assert main(["finetune", "--model", str(parent), "--data", str(tiny_data["root"]), "--out", str(out2),
+                 "--max-steps", "1", "--batch-size", "2", "--fine-steps", "0"]) == 0
+    assert _same(before, _weights(GlimpseModel.load(out2, device="cpu").fine))
