@@ -354,11 +354,11 @@ def main(argv=None) -> int:
                    help="with --evaluate: average the coarse stage with these models' coarse nets (an ensemble)")
     p.add_argument("--fine-for", metavar="MODEL",
                    help="train a fine stage (--budget-min minutes) after this model's coarse stage; writes --model-out")
-    p.add_argument("--fine-level", type=int, default=2, help="fine stage: pyramid level of its windows")
+    p.add_argument("--fine-level", type=int, default=1, help="fine stage: pyramid level of its windows")
     p.add_argument("--fine-patch", type=int, default=64, help="fine stage: window side, pixels of that level")
     p.add_argument("--fine-width", type=int, default=16, help="fine stage: U-Net width")
-    p.add_argument("--fine-context", type=int, default=1, help="fine stage: levels per window (input channels)")
-    p.add_argument("--fine-jitter", type=float, nargs=2, default=(0.7, 5.0), metavar=("LO", "HI"),
+    p.add_argument("--fine-context", type=int, default=3, help="fine stage: levels per window (input channels)")
+    p.add_argument("--fine-jitter", type=float, nargs=2, default=(0.5, 4.0), metavar=("LO", "HI"),
                    help="fine stage: training window offset, standard deviation range (mm per axis)")
     p.add_argument("--add-fine", metavar="MODEL", help="with --evaluate: take the fine stage from this model")
     p.add_argument("--fine-json", metavar="JSON",

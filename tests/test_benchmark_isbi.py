@@ -96,7 +96,7 @@ def test_fine_stage_is_trained_for_a_model_then_added_with_its_time(isbi, tmp_pa
     common = ["--method", "glimpse", "--data", str(REAL_DATA), "--limit", "3", "--threads", "1",
               "--speed-threads", "1", "--quiet", "--no-glimpse", "--max-seconds", "0"]
     assert isbi.main([*common, "--fine-for", str(a), "--budget-min", "0.05", "--eval-every", "0.02",
-                      "--fine-patch", "32", "--fine-width", "4", "--model-out", str(tmp_path / "f.pt"),
+                      "--fine-patch", "32", "--fine-width", "4", "--fine-level", "1", "--fine-context", "2", "--model-out", str(tmp_path / "f.pt"),
                       "--out", str(tmp_path / "f.json")]) == 0
     f = json.loads((tmp_path / "f.json").read_text())
     assert f["config"]["fine"]["patch"] == 32 and f["config"]["coarse_from"] == str(a)
@@ -105,7 +105,7 @@ def test_fine_stage_is_trained_for_a_model_then_added_with_its_time(isbi, tmp_pa
     # the choice covers fine steps 0-2 (x flip averaging; one coarse net)
     assert sorted({v["fine_steps"] for v in f["val_mre"]}) == [0, 1, 2] and len(f["val_mre"]) == 6
     fine_model = GlimpseModel.load(tmp_path / "f.pt", "cpu")
-    assert fine_model.fine is not None and fine_model.fine.cfg.patch == 32
+    assert fine_model.fine is not None and fine_model.fine.cfg.patch == 32 and fine_model.fine.cfg.context == 2
     coarse_json = tmp_path / "c.json"
     coarse_json.write_text(json.dumps({"train": {"wall_s": 100.0, "cpu_s": 150.0}, "budget_min": 2, "threads": 1,
                                        "seed": 0}))

@@ -186,3 +186,17 @@ def test_bool_and_bad_shapes():
         to_grey_uint8(np.zeros((5, 6, 7)))
     with pytest.raises(GlimpseError):
         to_grey_uint8(np.zeros(10))
+
+
+@pytest.mark.parametrize("shape", [(2400, 1935), (67, 129), (3, 5)])
+def test_uint8_fast_path_equals_the_float_blur_exactly(shape):
+    """Level 1 is computed straight from the bytes; every level must equal the plain chain of
+    float blurs (what the shipped models were trained on)."""
+    from napari_glimpse.pyramid import _down2
+
+    img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    pyr = build_pyramid(img, 4, patch=2)
+    x = torch.as_tensor(img).float()[None, None]
+    for lv in pyr.levels[1:]:
+        x = _down2(x)
+        assert torch.equal(lv, x[0, 0].round().clamp(0, 255).to(torch.uint8))

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="CSV to write (Kaggle layout)")
     pr.add_argument("--confidence-out", help="CSV of per-landmark confidence (default: OUT with _confidence)")
     pr.add_argument("--iterations", type=_nonnegative_int,
-                    help="glimpse steps (default: the model's own choice; 0 = coarse stage only)")
+                    help="glimpse steps (default: the model's own choice; 0 = the coarse and fine stages' answer)")
     pr.add_argument("--starts", type=_positive_int, default=1, help="perturbed starts averaged per landmark")
     pr.add_argument("--facing", choices=["auto", "right", "left"], default="auto",
                     help="which way the patient faces (auto: try both, keep the one that settles)")
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test1")
     e.add_argument("--model", help="model file (default: the model shipped in the package)")
     e.add_argument("--iterations", type=_nonnegative_int,
-                   help="glimpse steps (default: the model's own choice; 0 = coarse stage only)")
+                   help="glimpse steps (default: the model's own choice; 0 = the coarse and fine stages' answer)")
     e.add_argument("--starts", type=_positive_int, default=1)
     e.add_argument("--ground-truth", default="mean", help="mean (default), senior or junior")
     e.add_argument("--facing", choices=["auto", "right", "left"], default="auto")

@@ -1,10 +1,12 @@
 """Fine stage: a closer look around each coarse answer, all landmarks with one network.
 
 The coarse stage reads the whole cephalogram at about 0.75 mm per pixel and its heatmaps at
-1.5 mm per pixel. The fine stage crops a ``patch x patch`` window from a finer pyramid level
-(level 2 by default: 0.4 mm per pixel for ISBI images, a 25.6 mm window) centred on each
-landmark's coarse answer, and the same small U-Net as the coarse stage (:class:`CoarseNet`, one
-heatmap per landmark at half the window's resolution) says where in the window the landmark is.
+1.5 mm per pixel. The fine stage cuts a ``patch x patch`` window from a finer pyramid level
+(level 1 by default: 0.2 mm per pixel for ISBI images, a 12.8 mm window), plus windows of the
+same pixel size and centre from the next ``context - 1`` levels as extra channels (by default
+25.6 and 51.2 mm: a small foveated glimpse), centred on each landmark's coarse answer; the same
+small U-Net as the coarse stage (:class:`CoarseNet`, one heatmap per landmark at half the finest
+window's resolution) says where in the window the landmark is.
 Landmark ``k``'s answer is read from heatmap ``k`` of the window centred on its own coarse answer;
 training supervises every landmark that falls inside a window (one shared network, one head
 channel per landmark), with windows centred on the true point plus a random offset the size of
@@ -44,7 +46,7 @@ class FineConfig:
     """
 
     n_landmarks: int = 19
-    level: int = 2
+    level: int = 1
     patch: int = 64
     width: int = 16
     sigma: float = 1.5
@@ -52,8 +54,8 @@ class FineConfig:
     lr: float = 2e-3
     rotation_deg: float = 10.0
     log_scale: float = 0.1
-    jitter_mm: tuple[float, float] = (0.7, 5.0)
-    context: int = 1
+    jitter_mm: tuple[float, float] = (0.5, 4.0)
+    context: int = 3
     pixel_spacing: float = 0.1
     seed: int = 0
 
@@ -100,15 +102,22 @@ def window_matrix(level_hw: tuple[int, int], center_n: torch.Tensor, patch: int,
 
 
 def cut_windows(levels: "list[torch.Tensor]", theta: torch.Tensor, patch: int) -> torch.Tensor:
-    """Resample ``(B, 1, h, w)`` float images (one per context level, finest first) through
+    """Resample ``(B, 1, h, w)`` (or ``(1, 1, h, w)``: one image for all windows) float images
+    (one per context level, finest first) through
     ``theta`` (the finest level's window) to ``(B, C, patch, patch)``; level ``c`` of the list
     gets a window ``2**c`` times as wide in normalised units, i.e. the same pixel size."""
     out = []
+    b = theta.shape[0]
     for c, lv in enumerate(levels):
         th = theta.clone()
         th[:, :, :2] *= 2**c
-        grid = F.affine_grid(th, [lv.shape[0], 1, patch, patch], align_corners=False)
-        out.append(F.grid_sample(lv, grid, mode="bilinear", padding_mode="border", align_corners=False))
+        grid = F.affine_grid(th, [b, 1, patch, patch], align_corners=False)
+        if lv.shape[0] == 1 and b > 1:  # every window from one image: one grid, no copies of it
+            win = F.grid_sample(lv, grid.reshape(1, b * patch, patch, 2), mode="bilinear", padding_mode="border",
+                                align_corners=False).reshape(b, 1, patch, patch)
+        else:
+            win = F.grid_sample(lv, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        out.append(win)
     return torch.cat(out, 1)
 
 
@@ -170,7 +179,7 @@ def refine(net: FineNet, pyramid_levels: "list[torch.Tensor]", image_hw: tuple[i
         c = to_normalised(pos, image_hw)
         theta = window_matrix(lhw, c, cfg.patch, torch.zeros(k), torch.ones(k))
         with torch.inference_mode():
-            win = cut_windows([x.expand(k, 1, *x.shape[-2:]) for x in used], theta.to(dev), cfg.patch)
+            win = cut_windows(used, theta.to(dev), cfg.patch)
             logits = net(win)[ks, ks][:, None].cpu()  # (K, 1, h, w): window k, heatmap k
         xy, sp = decode(logits)
         o = to_normalised(xy[:, 0], heat_hw)  # window normalised

@@ -34,8 +34,8 @@ def test_bad_inputs_and_a_failing_process(make_napari_viewer, qtbot, tmp_path, i
 
 
 def test_progress_of_the_coarse_stage_then_the_glimpses(make_napari_viewer, qtbot):
-    """Progress lines from ``finetune --progress-json``: the coarse stage (per net) first, then
-    glimpse steps with their loss; the bar and the status follow each."""
+    """Progress lines from ``finetune --progress-json``: the coarse stage (per net) first, the
+    fine stage, then glimpse steps with their loss; the bar and the status follow each."""
     from napari_glimpse._widgets._finetune import FinetuneWidget
 
     ft = FinetuneWidget(make_napari_viewer())
@@ -46,7 +46,11 @@ def test_progress_of_the_coarse_stage_then_the_glimpses(make_napari_viewer, qtbo
     assert ft.progress.format() == "coarse stage, net 2: step 4"
     assert ft.progress.value() == 700 and "coarse stage, net 2" in ft.status_label.text()
     assert ft._losses == []  # nothing to plot for the coarse stage
+    ft._on_progress({"stage": "fine", "step": 3, "progress": 0.8, "elapsed_s": 4.0})
+    assert ft.progress.format() == "fine stage: step 3"
+    assert ft.progress.value() == 800 and "fine stage: step 3" in ft.status_label.text()
+    assert ft._losses == []
     ft._on_progress({"step": 2, "progress": 0.2, "loss_mm": 3.5, "elapsed_s": 5.0})
     assert ft.progress.format() == "step 2/10" and ft.progress.value() == 200
     assert ft._losses == [3.5] and "3.50 mm" in ft.status_label.text()
-    assert len(seen) == 2
+    assert len(seen) == 3
