@@ -432,7 +432,7 @@ def test_facing_comes_from_the_coarse_answer(coarse_model, image, monkeypatch):
     answer = {"pos": _mirror(mean, 256)}
     seen = []
 
-    def fake(pyr):
+    def fake(pyr, fine_steps=None):
         seen.append(pyr)
         return (answer["pos"].copy() if len(seen) % 2 else canon.copy()), np.ones(K)
 

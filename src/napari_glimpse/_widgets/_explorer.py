@@ -168,7 +168,7 @@ class ExplorerWidget(QWidget):
                 self._remove_layers()
                 self.tiles.setPixmap(QPixmap())
                 self.tiles.setText("run Detect on this image to explore its glimpses" if traj is None or traj.glimpses is None
-                                   else "no glimpses: this detection used the coarse stage only (iterations 0)")
+                                   else "no glimpses: this detection stopped before the glimpse steps (iterations 0)")
                 return
             abbr = ld.abbreviations(traj.landmark_names)
             self.landmark_combo.addItems([f"{i + 1}. {n} ({a})" for i, (n, a) in enumerate(zip(traj.landmark_names, abbr))])
