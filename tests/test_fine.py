@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_MODEL_CONFIG
 
 from napari_glimpse.checkpoint import FORMAT_VERSION, read_checkpoint
-from napari_glimpse.coarse import CoarseConfig, CoarseNet, decode, to_normalised
+from napari_glimpse.coarse import CoarseConfig, CoarseNet, to_normalised
 from napari_glimpse.errors import GlimpseError
 from napari_glimpse.fine import FineConfig, FineNet, cut_windows, fine_levels, refine, train_fine, window_matrix
 from napari_glimpse.inference import GlimpseModel
@@ -105,6 +105,21 @@ def test_context_windows_are_centred_alike_and_twice_as_wide():
     np.testing.assert_allclose(ctx_xy - 7.5, [2.0, -2.0], atol=0.2)  # half the offset at the coarser level
 
 
+def test_training_cutter_equals_cut_windows():
+    """The training path (crops around each centre, no whole-image copies) samples exactly what
+    cut_windows samples from the whole images, edges and rotations included."""
+    from napari_glimpse.fine import WindowCutter
+
+    g = torch.Generator().manual_seed(0)
+    levels = [torch.rand(5, 1, 200, 160, generator=g) * 255, torch.rand(5, 1, 100, 80, generator=g) * 255]
+    i = torch.tensor([0, 3, 4, 4, 1, 2])
+    c = torch.tensor([[0.1, -0.2], [0.95, 0.9], [-1.0, -1.0], [0.0, 0.0], [-0.5, 0.99], [0.3, 0.3]])
+    theta = window_matrix((200, 160), c, 32, torch.tensor([0.2, -0.26, 0.1, 0.0, 0.25, -0.1]),
+                          torch.tensor([1.1, 0.9, 1.0, 1.0, 1.105, 0.95]))
+    want = cut_windows([lv[i] for lv in levels], theta, 32)
+    torch.testing.assert_close(WindowCutter(levels, 32)(i, theta), want, atol=0.02, rtol=0)
+
+
 def test_fine_levels_reads_the_context_levels_and_refuses_short_pyramids(tiny_data):
     ds = load_dataset(tiny_data["root"], "train")
     pyrs = [build_pyramid(ds.image(i), 3) for i in range(2)]
@@ -129,17 +144,18 @@ def test_train_fine_targets_sit_on_the_windows_landmarks(monkeypatch):
     levels = torch.stack([_dot_image(128, 96, *q[0]) for q in pts])[:, None]
     truth_n = to_normalised(torch.as_tensor(pts, dtype=torch.float32), (128, 96))
     seen = {}
-    cut, targets = fine.cut_windows, fine.gaussian_targets
+    targets = fine.gaussian_targets
 
-    def spy_cut(lv, theta, patch):
-        seen.setdefault("win", cut(lv, theta, patch))
-        return seen["win"]
+    class SpyCutter(fine.WindowCutter):
+        def __call__(self, i, theta):
+            seen.setdefault("win", super().__call__(i, theta))
+            return seen["win"]
 
     def spy_targets(xy, heat_hw, sigma):
         seen.setdefault("xy", xy.clone())
         return targets(xy, heat_hw, sigma)
 
-    monkeypatch.setattr(fine, "cut_windows", spy_cut)
+    monkeypatch.setattr(fine, "WindowCutter", SpyCutter)
     monkeypatch.setattr(fine, "gaussian_targets", spy_targets)
     calls = []
     train_fine([levels], truth_n, cfg, 60.0, progress=False, should_stop=lambda: calls.append(1) or len(calls) > 1)

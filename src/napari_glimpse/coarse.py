@@ -240,6 +240,95 @@ def gaussian_targets(xy: torch.Tensor, heat_hw: tuple[int, int], sigma: float) -
     return t / t.sum((-1, -2), keepdim=True).clamp_min(1e-12)
 
 
+def augment_intensity(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random gamma, contrast, brightness and noise for a ``(B, C, h, w)`` batch (0-255 scale)."""
+    b = x.shape[0]
+    g_ = torch.exp((torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.3)
+    x = 255.0 * (x.clamp(0, 255) / 255.0) ** g_
+    x = x * (1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.15) \
+        + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 15.0
+    return x + torch.randn(x.shape, generator=gen) * 3.0
+
+
+def fit_heatmaps(
+    net: nn.Module,
+    stage: str,
+    lr: float,
+    batch: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    time_budget_s: float,
+    progress: bool = True,
+    callback: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    evaluate: Callable[[nn.Module], float] | None = None,
+    eval_every_s: float = 300.0,
+    max_steps: int | None = None,
+) -> list[dict]:
+    """The training loop shared by the coarse and fine stages.
+
+    ``batch()`` returns ``(x, target, inside)``: inputs, ``(B, K, h, w)`` target distributions
+    and ``(B, K)`` weights (0 for landmarks outside the view); the loss is their cross-entropy
+    with the net's heatmaps. AdamW, warm-up then cosine to 1 % of ``lr``, fitted to the nearer
+    of ``time_budget_s`` and ``max_steps``. ``callback`` gets a dict per step (``stage``,
+    ``step``, ``loss``, ``lr``, ``elapsed_s``, ``progress``); ``evaluate(net) -> mm`` runs every
+    ``eval_every_s`` and at the end. Returns the history; the net is left in eval mode.
+    """
+    from tqdm.auto import tqdm
+
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    history: list[dict] = []
+    t0 = time.monotonic()
+    last_eval = t0
+    step, ema = 0, None
+    bar = tqdm(total=1000, desc=stage, unit="‰", disable=not progress,
+               bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+    try:
+        while True:
+            frac = (time.monotonic() - t0) / time_budget_s
+            if max_steps:
+                frac = max(frac, step / max_steps)
+            if frac >= 1.0 or (should_stop is not None and should_stop()):
+                break
+            lr_now = lr * ((0.1 + 0.9 * frac / 0.03) if frac < 0.03 else
+                           (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (frac - 0.03) / 0.97))))
+            for g in opt.param_groups:
+                g["lr"] = lr_now
+            x, target, inside = batch()
+            logp = torch.log_softmax(net(x).flatten(2), -1)
+            loss = (-(target.flatten(2) * logp).sum(-1) * inside).sum() / inside.sum().clamp_min(1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            lv = loss.item()
+            ema = lv if ema is None else 0.98 * ema + 0.02 * lv
+            done = (time.monotonic() - t0) / time_budget_s
+            if max_steps:
+                done = max(done, step / max_steps)
+            bar.n = min(1000, int(1000 * done))
+            bar.set_postfix_str(f"step {step} loss {ema:.3f} lr {lr_now:.1e}", refresh=False)
+            bar.refresh()
+            info = {"stage": stage, "step": step, "loss": ema, "lr": lr_now, "elapsed_s": time.monotonic() - t0,
+                    "progress": min(1.0, done)}
+            if callback is not None:
+                callback(info)
+            if evaluate is not None and time.monotonic() - last_eval > eval_every_s:
+                net.eval()
+                info["val_mre_mm"] = evaluate(net)
+                net.train()
+                bar.write(f"{stage} step {step}: val MRE {info['val_mre_mm']:.2f} mm")
+                history.append(info)
+                last_eval = time.monotonic()
+    finally:
+        bar.close()
+    net.eval()
+    rec = {"stage": stage, "step": step, "loss": ema, "elapsed_s": time.monotonic() - t0}
+    if evaluate is not None:
+        rec["val_mre_mm"] = evaluate(net)
+    history.append(rec)
+    return history
+
+
 def train_coarse(
     levels: torch.Tensor,
     image_hw: tuple[int, int],
@@ -265,8 +354,6 @@ def train_coarse(
     starting from random weights; ``lr_scale`` scales the learning rate (e.g. 0.1 to fine-tune).
     Returns the net (eval mode) and its history.
     """
-    from tqdm.auto import tqdm
-
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     if init is not None:
@@ -274,81 +361,26 @@ def train_coarse(
         net = copy.deepcopy(init).cpu()
     else:
         net = CoarseNet(cfg)
-    net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     n = levels.shape[0]
     heat_hw = ((cfg.input_hw[0] + 1) // 2, (cfg.input_hw[1] + 1) // 2)  # the stride-2 stem's output
-    history: list[dict] = []
-    t0 = time.monotonic()
-    last_eval = t0
-    step, ema = 0, None
-    bar = tqdm(total=1000, desc="coarse", unit="‰", disable=not progress,
-               bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
-    try:
-        while True:
-            frac = (time.monotonic() - t0) / time_budget_s
-            if max_steps:
-                frac = max(frac, step / max_steps)
-            if frac >= 1.0 or (should_stop is not None and should_stop()):
-                break
-            lr = cfg.lr * lr_scale * ((0.1 + 0.9 * frac / 0.03) if frac < 0.03 else
-                                      (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (frac - 0.03) / 0.97))))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            b = cfg.batch_size
-            i = torch.randint(0, n, (b,), generator=gen)
-            ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(cfg.rotation_deg)
-            scl = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * cfg.log_scale)
-            flip = torch.rand(b, generator=gen) < cfg.flip
-            shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * cfg.shift
-            theta = view_matrix(image_hw, ang, scl, flip, shift)
-            x = render_views(levels[i], theta, cfg.input_hw)
-            # intensity: gamma, contrast, brightness, noise
-            g_ = torch.exp((torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.3)
-            x = 255.0 * (x.clamp(0, 255) / 255.0) ** g_
-            x = x * (1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.15) \
-                + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 15.0
-            x = x + torch.randn(x.shape, generator=gen) * 3.0
-            # landmark positions in the view: o = A^-1 (u - t)
-            a, t = theta[:, :, :2], theta[:, :, 2]
-            u = truth_n[i] - t[:, None, :]
-            o = torch.einsum("bij,bkj->bki", torch.linalg.inv(a), u)
-            hm_xy = from_normalised(o, heat_hw)
-            inside = (o.abs() < 0.98).all(-1).float()
-            target = gaussian_targets(hm_xy, heat_hw, cfg.sigma)
-            logits = net(x)
-            logp = torch.log_softmax(logits.flatten(2), -1)
-            loss = (-(target.flatten(2) * logp).sum(-1) * inside).sum() / inside.sum().clamp_min(1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            lv = loss.item()
-            ema = lv if ema is None else 0.98 * ema + 0.02 * lv
-            done = (time.monotonic() - t0) / time_budget_s
-            if max_steps:
-                done = max(done, step / max_steps)
-            bar.n = min(1000, int(1000 * done))
-            bar.set_postfix_str(f"step {step} loss {ema:.3f} lr {lr:.1e}", refresh=False)
-            bar.refresh()
-            info = {"stage": "coarse", "step": step, "loss": ema, "lr": lr, "elapsed_s": time.monotonic() - t0,
-                    "progress": min(1.0, done)}
-            if callback is not None:
-                callback(info)
-            if evaluate is not None and time.monotonic() - last_eval > eval_every_s:
-                net.eval()
-                info["val_mre_mm"] = evaluate(net)
-                net.train()
-                bar.write(f"coarse step {step}: val MRE {info['val_mre_mm']:.2f} mm")
-                history.append(info)
-                last_eval = time.monotonic()
-    finally:
-        bar.close()
-    net.eval()
-    rec = {"stage": "coarse", "step": step, "loss": ema, "elapsed_s": time.monotonic() - t0}
-    if evaluate is not None:
-        rec["val_mre_mm"] = evaluate(net)
-    history.append(rec)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b = cfg.batch_size
+        i = torch.randint(0, n, (b,), generator=gen)
+        ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(cfg.rotation_deg)
+        scl = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * cfg.log_scale)
+        flip = torch.rand(b, generator=gen) < cfg.flip
+        shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * cfg.shift
+        theta = view_matrix(image_hw, ang, scl, flip, shift)
+        x = augment_intensity(render_views(levels[i], theta, cfg.input_hw), gen)
+        # landmark positions in the view: o = A^-1 (u - t)
+        a, t = theta[:, :, :2], theta[:, :, 2]
+        o = torch.einsum("bij,bkj->bki", torch.linalg.inv(a), truth_n[i] - t[:, None, :])
+        inside = (o.abs() < 0.98).all(-1).float()
+        return x, gaussian_targets(from_normalised(o, heat_hw), heat_hw, cfg.sigma), inside
+
+    history = fit_heatmaps(net, "coarse", cfg.lr * lr_scale, batch, time_budget_s, progress, callback, should_stop,
+                           evaluate, eval_every_s, max_steps)
     return net, history
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
 
@@ -29,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import GlimpseError
-from .coarse import CoarseConfig, CoarseNet, decode, from_normalised, gaussian_targets, to_normalised
+from .coarse import (CoarseConfig, CoarseNet, augment_intensity, decode, fit_heatmaps, from_normalised,
+                     gaussian_targets, to_normalised)
 
 
 @dataclass(frozen=True)
@@ -206,12 +206,9 @@ def train_fine(
     """Train a fine net for ``time_budget_s`` seconds of wall time (or ``max_steps`` steps).
 
     ``levels``: per context level (finest first), ``(N, 1, h, w)`` float, every training image's
-    level (:func:`fine_levels`);
-    ``truth_n``: ``(N, K, 2)`` positions in normalised coordinates. The rest as
-    :func:`napari_glimpse.coarse.train_coarse`.
+    level (:func:`fine_levels`); ``truth_n``: ``(N, K, 2)`` positions in normalised coordinates.
+    The rest as :func:`napari_glimpse.coarse.train_coarse`.
     """
-    from tqdm.auto import tqdm
-
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     if init is not None:
@@ -219,81 +216,30 @@ def train_fine(
         net = copy.deepcopy(init).cpu()
     else:
         net = FineNet(cfg)
-    net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     n, k = truth_n.shape[:2]
     lhw = tuple(levels[0].shape[-2:])
     heat_hw = ((cfg.patch + 1) // 2, (cfg.patch + 1) // 2)
     px_mm = cfg.pixel_spacing * 2 ** cfg.level  # mm per level pixel
     cutter = WindowCutter(levels, cfg.patch)
     lo, hi = (math.log(v / px_mm) for v in cfg.jitter_mm)
-    history: list[dict] = []
-    t0 = time.monotonic()
-    last_eval = t0
-    step, ema = 0, None
-    bar = tqdm(total=1000, desc="fine", unit="‰", disable=not progress,
-               bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
-    try:
-        while True:
-            frac = (time.monotonic() - t0) / time_budget_s
-            if max_steps:
-                frac = max(frac, step / max_steps)
-            if frac >= 1.0 or (should_stop is not None and should_stop()):
-                break
-            lr = cfg.lr * lr_scale * ((0.1 + 0.9 * frac / 0.03) if frac < 0.03 else
-                                      (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (frac - 0.03) / 0.97))))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            b = cfg.batch_size
-            i = torch.randint(0, n, (b,), generator=gen)
-            j = torch.randint(0, k, (b,), generator=gen)
-            sd = torch.exp(lo + (hi - lo) * torch.rand(b, 1, generator=gen))  # level pixels
-            off = torch.randn(b, 2, generator=gen) * sd * 2 / torch.tensor([lhw[1], lhw[0]])
-            ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(cfg.rotation_deg)
-            scl = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * cfg.log_scale)
-            theta = window_matrix(lhw, truth_n[i, j] + off, cfg.patch, ang, scl)
-            x = cutter(i, theta)
-            g_ = torch.exp((torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.3)
-            x = 255.0 * (x.clamp(0, 255) / 255.0) ** g_
-            x = x * (1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.15) \
-                + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 15.0
-            x = x + torch.randn(x.shape, generator=gen) * 3.0
-            a, t = theta[:, :, :2], theta[:, :, 2]
-            o = torch.einsum("bij,bkj->bki", torch.linalg.inv(a), truth_n[i] - t[:, None, :])
-            inside = (o.abs() < 0.95).all(-1).float()
-            target = gaussian_targets(from_normalised(o, heat_hw), heat_hw, cfg.sigma)
-            logp = torch.log_softmax(net(x).flatten(2), -1)
-            loss = (-(target.flatten(2) * logp).sum(-1) * inside).sum() / inside.sum().clamp_min(1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            lv = loss.item()
-            ema = lv if ema is None else 0.98 * ema + 0.02 * lv
-            done = (time.monotonic() - t0) / time_budget_s
-            if max_steps:
-                done = max(done, step / max_steps)
-            bar.n = min(1000, int(1000 * done))
-            bar.set_postfix_str(f"step {step} loss {ema:.3f} lr {lr:.1e}", refresh=False)
-            bar.refresh()
-            info = {"stage": "fine", "step": step, "loss": ema, "lr": lr, "elapsed_s": time.monotonic() - t0,
-                    "progress": min(1.0, done)}
-            if callback is not None:
-                callback(info)
-            if evaluate is not None and time.monotonic() - last_eval > eval_every_s:
-                net.eval()
-                info["val_mre_mm"] = evaluate(net)
-                net.train()
-                bar.write(f"fine step {step}: val MRE {info['val_mre_mm']:.2f} mm")
-                history.append(info)
-                last_eval = time.monotonic()
-    finally:
-        bar.close()
-    net.eval()
-    rec = {"stage": "fine", "step": step, "loss": ema, "elapsed_s": time.monotonic() - t0}
-    if evaluate is not None:
-        rec["val_mre_mm"] = evaluate(net)
-    history.append(rec)
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b = cfg.batch_size
+        i = torch.randint(0, n, (b,), generator=gen)
+        j = torch.randint(0, k, (b,), generator=gen)
+        sd = torch.exp(lo + (hi - lo) * torch.rand(b, 1, generator=gen))  # level pixels
+        off = torch.randn(b, 2, generator=gen) * sd * 2 / torch.tensor([lhw[1], lhw[0]])
+        ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(cfg.rotation_deg)
+        scl = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * cfg.log_scale)
+        theta = window_matrix(lhw, truth_n[i, j] + off, cfg.patch, ang, scl)
+        x = augment_intensity(cutter(i, theta), gen)
+        a, t = theta[:, :, :2], theta[:, :, 2]
+        o = torch.einsum("bij,bkj->bki", torch.linalg.inv(a), truth_n[i] - t[:, None, :])
+        inside = (o.abs() < 0.95).all(-1).float()
+        return x, gaussian_targets(from_normalised(o, heat_hw), heat_hw, cfg.sigma), inside
+
+    history = fit_heatmaps(net, "fine", cfg.lr * lr_scale, batch, time_budget_s, progress, callback, should_stop,
+                           evaluate, eval_every_s, max_steps)
     return net, history
 
 
