@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "glimpses' start and tells which way the patient faces); --time-budget follows")
     t.add_argument("--fine-minutes", type=_positive_float, metavar="MIN",
                    help="then train the fine stage for MIN minutes (a closer look around each coarse answer, "
-                        "at 0.4 mm per pixel for ISBI images); needs --coarse-minutes")
+                        "at 0.2 mm per pixel for ISBI images); needs --coarse-minutes")
     t.add_argument("--levels", type=_positive_int, help="pyramid levels seen by each glimpse (default 6)")
 
     f = sub.add_parser("finetune", help="fine-tune a model on reviewed labels (e.g. exported corrections)")

@@ -101,23 +101,21 @@ def window_matrix(level_hw: tuple[int, int], center_n: torch.Tensor, patch: int,
     return m
 
 
+def _context_theta(theta: torch.Tensor, c: int) -> torch.Tensor:
+    """The window of context level ``c``: ``2**c`` times as wide in normalised units (the same
+    pixel count on a level with half the pixels per step), same centre."""
+    th = theta.clone()
+    th[:, :, :2] *= 2**c
+    return th
+
+
 def cut_windows(levels: "list[torch.Tensor]", theta: torch.Tensor, patch: int) -> torch.Tensor:
-    """Resample ``(B, 1, h, w)`` (or ``(1, 1, h, w)``: one image for all windows) float images
-    (one per context level, finest first) through
-    ``theta`` (the finest level's window) to ``(B, C, patch, patch)``; level ``c`` of the list
-    gets a window ``2**c`` times as wide in normalised units, i.e. the same pixel size."""
+    """Resample ``(B, 1, h, w)`` float images (one per context level, finest first) through
+    ``theta`` (the finest level's window) to ``(B, C, patch, patch)`` (see :func:`_context_theta`)."""
     out = []
-    b = theta.shape[0]
     for c, lv in enumerate(levels):
-        th = theta.clone()
-        th[:, :, :2] *= 2**c
-        grid = F.affine_grid(th, [b, 1, patch, patch], align_corners=False)
-        if lv.shape[0] == 1 and b > 1:  # every window from one image: one grid, no copies of it
-            win = F.grid_sample(lv, grid.reshape(1, b * patch, patch, 2), mode="bilinear", padding_mode="border",
-                                align_corners=False).reshape(b, 1, patch, patch)
-        else:
-            win = F.grid_sample(lv, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        out.append(win)
+        grid = F.affine_grid(_context_theta(theta, c), [theta.shape[0], 1, patch, patch], align_corners=False)
+        out.append(F.grid_sample(lv, grid, mode="bilinear", padding_mode="border", align_corners=False))
     return torch.cat(out, 1)
 
 
@@ -135,8 +133,7 @@ class WindowCutter:
     def __call__(self, i: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         r, out = self.r, []
         for c, (lv, (h, w)) in enumerate(zip(self.padded, self.hw)):
-            th = theta.clone()
-            th[:, :, :2] *= 2**c
+            th = _context_theta(theta, c)
             # the window's centre in this level's pixels, the crop's corner (x0, y0) around it
             cx = ((th[:, 0, 2] + 1) / 2 * w - 0.5).round().long().clamp(-r // 2, w + r // 2)
             cy = ((th[:, 1, 2] + 1) / 2 * h - 0.5).round().long().clamp(-r // 2, h + r // 2)
@@ -179,7 +176,7 @@ def refine(net: FineNet, pyramid_levels: "list[torch.Tensor]", image_hw: tuple[i
         c = to_normalised(pos, image_hw)
         theta = window_matrix(lhw, c, cfg.patch, torch.zeros(k), torch.ones(k))
         with torch.inference_mode():
-            win = cut_windows(used, theta.to(dev), cfg.patch)
+            win = cut_windows([x.expand(k, *x.shape[1:]) for x in used], theta.to(dev), cfg.patch)
             logits = net(win)[ks, ks][:, None].cpu()  # (K, 1, h, w): window k, heatmap k
         xy, sp = decode(logits)
         o = to_normalised(xy[:, 0], heat_hw)  # window normalised

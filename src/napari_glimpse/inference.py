@@ -30,6 +30,15 @@ def _cpu_state(module: torch.nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
+_BAD_STAGE = (AttributeError, KeyError, TypeError, ValueError, RuntimeError)
+
+
+def _stage_error(source: str, stage: str, exc: BaseException) -> GlimpseError:
+    """One line for a checkpoint stage that does not load (the tensor at fault, if named)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines()] or [repr(exc)]
+    return GlimpseError(f"{source}: bad {stage} stage ({lines[1] if len(lines) > 1 else lines[0]})")
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a clear error."""
     if device is None or str(device) == "auto":
@@ -207,9 +216,8 @@ class GlimpseModel:
                     nets.append(CoarseNet(CoarseConfig.from_dict(m["config"])))
                     nets[-1].load_state_dict(m["state_dict"])
                 coarse = nets[0] if "coarse_members" not in ckpt else CoarseEnsemble(nets)
-            except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
-                lines = [ln.strip() for ln in str(exc).strip().splitlines()] or [repr(exc)]
-                raise GlimpseError(f"{source}: bad coarse stage ({lines[1] if len(lines) > 1 else lines[0]})") from None
+            except _BAD_STAGE as exc:
+                raise _stage_error(source, "coarse", exc) from None
             coarse.eval().to(resolve_device(device))
         fine = None
         if ckpt.get("fine") is not None:
@@ -218,9 +226,8 @@ class GlimpseModel:
             try:
                 fine = FineNet(FineConfig.from_dict(ckpt["fine"]["config"]))
                 fine.load_state_dict(ckpt["fine"]["state_dict"])
-            except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
-                lines = [ln.strip() for ln in str(exc).strip().splitlines()] or [repr(exc)]
-                raise GlimpseError(f"{source}: bad fine stage ({lines[1] if len(lines) > 1 else lines[0]})") from None
+            except _BAD_STAGE as exc:
+                raise _stage_error(source, "fine", exc) from None
             fine.eval().to(resolve_device(device))
         net.eval().to(resolve_device(device))
         return cls(

@@ -26,24 +26,35 @@ def levels_for(shape: tuple[int, int], patch: int = 64, slack: float = 1.25) -> 
     return 1 + max(0, math.ceil(math.log2(side / (slack * patch))))
 
 
+_BINOMIAL = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
+
+
 def _down2(x: torch.Tensor) -> torch.Tensor:
     """Blur with the 5-tap binomial kernel (reflect padding), keeping every other pixel.
 
     Only the kept pixels are computed: output ``j`` is the blur at input ``2 j``. Rows, then
     columns (on the transposed result, so both passes read along rows), accumulating in place.
     """
-    w = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
     h, wd = x.shape[-2:]
     mode = "reflect" if min(h, wd) > 2 else "replicate"
-    ho, wo = (h + 1) // 2, (wd + 1) // 2
-    xp = F.pad(x, (0, 0, 2, 2), mode=mode)
-    y = xp[..., 0 : 2 * ho : 2, :] * w[0]
+    return _down2_columns(_down2_rows(F.pad(x, (0, 0, 2, 2), mode=mode), (h + 1) // 2), mode)
+
+
+def _down2_rows(xp: torch.Tensor, ho: int) -> torch.Tensor:
+    """The row pass on rows padded by 2 on each side (float, or uint8 read as float)."""
+    y = xp[..., 0 : 2 * ho : 2, :] * _BINOMIAL[0]  # a new float32 tensor (uint8 * float promotes)
     for k in range(1, 5):
-        y.add_(xp[..., k : k + 2 * ho : 2, :], alpha=w[k])
+        y.add_(xp[..., k : k + 2 * ho : 2, :], alpha=_BINOMIAL[k])
+    return y
+
+
+def _down2_columns(y: torch.Tensor, mode: str) -> torch.Tensor:
+    """The column pass of :func:`_down2` on the row pass's ``(..., h', w)`` float result."""
+    wo = (y.shape[-1] + 1) // 2
     yp = F.pad(y, (2, 2, 0, 0), mode=mode).transpose(-1, -2).contiguous()
-    z = yp[..., 0 : 2 * wo : 2, :] * w[0]
+    z = yp[..., 0 : 2 * wo : 2, :] * _BINOMIAL[0]
     for k in range(1, 5):
-        z.add_(yp[..., k : k + 2 * wo : 2, :], alpha=w[k])
+        z.add_(yp[..., k : k + 2 * wo : 2, :], alpha=_BINOMIAL[k])
     return z.transpose(-1, -2)
 
 
@@ -51,22 +62,10 @@ def _down2_first(img: torch.Tensor) -> torch.Tensor:
     """:func:`_down2` of a 2-D ``uint8`` image (bit-identical), without a float copy of it: the
     row pass reads the bytes (rows reflected by hand), so the full-size image is never converted
     or padded as floats. Returns ``(1, 1, h', w')`` float."""
-    h = img.shape[0]
     if min(img.shape) <= 2:
         return _down2(img.to(torch.float32)[None, None])
-    w = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
-    ho = (h + 1) // 2
     xp = torch.cat([img[1:3].flip(0), img, img[-3:-1].flip(0)], 0)
-    y = xp[0 : 2 * ho : 2].to(torch.float32).mul_(w[0])
-    for k in range(1, 5):
-        y.add_(xp[k : k + 2 * ho : 2], alpha=w[k])
-    wd = img.shape[1]
-    wo = (wd + 1) // 2
-    yp = F.pad(y[None], (2, 2, 0, 0), mode="reflect")[0].transpose(-1, -2).contiguous()
-    z = yp[..., 0 : 2 * wo : 2, :] * w[0]
-    for k in range(1, 5):
-        z.add_(yp[..., k : k + 2 * wo : 2, :], alpha=w[k])
-    return z.transpose(-1, -2)[None, None]
+    return _down2_columns(_down2_rows(xp, (img.shape[0] + 1) // 2)[None, None], "reflect")
 
 
 @dataclass(frozen=True, eq=False)

@@ -113,7 +113,7 @@ class TrainingData:
         self.truth = torch.as_tensor(dataset.ground_truth(ground_truth), dtype=torch.float32)
         # the coarse stage's whole-image views: (N, 1, h, w) float, median size, normalised truth
         self.views = view_levels(pyramids, self.truth.numpy(), coarse) if coarse is not None else None
-        # the fine stage's level: (N, 1, h, w) float, normalised truth
+        # the fine stage's levels: one (N, 1, h, w) float stack per context level, normalised truth
         self.fine_levels = fine_levels(pyramids, self.truth.numpy(), fine) if fine is not None else None
         self.n_images, self.n_landmarks = self.truth.shape[:2]
 
@@ -359,9 +359,10 @@ def train(
                                  eval_every_s=tcfg.save_every_s, max_steps=fine_steps,
                                  init=init.fine if tune_fine else None, lr_scale=0.1 if tune_fine else 1.0)
         model.fine = fnet.to(dev)
-        model.meta["fine_finetune_steps" if tune_fine else "fine_train_wall_s"] = (
-            fine_steps if tune_fine else fhist[-1]["elapsed_s"])
-        model.meta["fine_finetune_history" if tune_fine else "fine_history"] = fhist
+        if tune_fine:
+            model.meta.update(fine_finetune_steps=fine_steps, fine_finetune_history=fhist)
+        else:
+            model.meta.update(fine_train_wall_s=fhist[-1]["elapsed_s"], fine_history=fhist)
         data.fine_levels = None
         _save_resume(rpath, model, opt, 0, 0.0, gen, history)
     if state is not None:
