@@ -107,16 +107,19 @@ def _glimpse_eval(model, test, val, iterations: int, speed_threads: int, log) ->
     return out
 
 
-def _apply_choice(model, choice, nets=None) -> None:
+def _apply_choice(model, choice, nets=None, fine_nets=None) -> None:
     """Write an inference choice (iterations, flip averaging, blend, fine steps, which coarse
-    nets) into the model; ``nets``: every coarse net there is to choose from."""
+    nets, which fine nets) into the model; ``nets`` / ``fine_nets``: every coarse / fine net
+    there is to choose from."""
     from napari_glimpse.coarse import CoarseEnsemble
+    from napari_glimpse.fine import FineEnsemble
 
     for k, v in zip(("iterations", "coarse_flip_average", "coarse_blend", "fine_steps"), choice):
         model.meta[k] = v
-    if nets and len(choice) > 4:
-        chosen = [nets[j] for j in choice[4]]
-        model.coarse = CoarseEnsemble(chosen) if len(chosen) > 1 else chosen[0]
+    for pool, j, kind, attr in ((nets, 4, CoarseEnsemble, "coarse"), (fine_nets, 5, FineEnsemble, "fine")):
+        if pool and len(choice) > j:
+            chosen = [pool[i] for i in choice[j]]
+            setattr(model, attr, kind(chosen) if len(chosen) > 1 else chosen[0])
 
 
 def _train_fine_for(a, train_ds, val_ds, res: dict, log):
@@ -169,6 +172,8 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
     res: dict = {"method": "glimpse"}
     if a.fine_for:
         model = _train_fine_for(a, train_ds, val_ds, res, log)
+        if a.train_only:  # a member of a later ensemble: no choice, no Test1
+            return res
     elif a.evaluate:
         model = GlimpseModel.load(a.evaluate, "cpu")
         res["model"] = str(a.evaluate)
@@ -198,21 +203,27 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
                 res["threads"] = sum(p["threads"] for p in prev)
                 res["seed"] = [p["seed"] for p in prev]
             res["train_json"] = [str(f) for f in a.train_json]
-        if a.add_fine:  # the fine stage of another file (trained after this model's coarse stage)
-            other = GlimpseModel.load(a.add_fine, "cpu")
-            if other.fine is None:
-                raise SystemExit(f"{a.add_fine} has no fine stage")
-            model.fine = other.fine
-            res["fine_from"] = str(a.add_fine)
-        if a.fine_json:  # a stage trained after the runs above: wall times and CPU times add up
-            fj = json.loads(Path(a.fine_json).read_text())
+        if a.add_fine:  # fine stages of other files (trained after this model's coarse stage): an ensemble
+            from napari_glimpse.coarse import members_of
+            from napari_glimpse.fine import FineEnsemble
+
+            fnets = []
+            for f in a.add_fine:
+                other = GlimpseModel.load(f, "cpu")
+                if other.fine is None:
+                    raise SystemExit(f"{f} has no fine stage")
+                fnets += members_of(other.fine)
+            model.fine = FineEnsemble(fnets) if len(fnets) > 1 else fnets[0]
+            res["fine_from"] = [str(f) for f in a.add_fine]
+        if a.fine_json:  # stages trained one after another, after the runs above: wall and CPU times add up
             before = res.get("train", {})
-            res["train"] = {"wall_s": (before.get("wall_s") or 0) + fj["train"]["wall_s"],
-                            "cpu_s": (before.get("cpu_s") or 0) + fj["train"]["cpu_s"],
-                            "stages": [before, fj["train"]]}
-            res["fine_config"] = fj.get("config")
-            res["curve"] = res.get("curve", []) + fj.get("curve", [])
-            res["fine_json"] = str(a.fine_json)
+            fjs = [json.loads(Path(f).read_text()) for f in a.fine_json]
+            res["train"] = {"wall_s": (before.get("wall_s") or 0) + sum(fj["train"]["wall_s"] for fj in fjs),
+                            "cpu_s": (before.get("cpu_s") or 0) + sum(fj["train"]["cpu_s"] for fj in fjs),
+                            "stages": [before] + [fj["train"] for fj in fjs]}
+            res["fine_config"] = [fj.get("config") for fj in fjs]
+            res["curve"] = res.get("curve", []) + [c for fj in fjs for c in fj.get("curve", [])]
+            res["fine_json"] = [str(f) for f in a.fine_json]
     else:
         mcfg = ModelConfig(n_levels=a.levels)
         tcfg = TrainConfig(near_fraction=a.near_fraction, near_sigma_px=(a.near_sigma[0], a.near_sigma[1]),
@@ -244,31 +255,39 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
     if a.no_glimpse:
         iters, blends = [0], [0.0]
     # with a fine stage the coarse answer only has to be near: one coarse net may do as well as
-    # several, in less time, so the coarse nets are a choice too (all of them, or any one)
+    # several, in less time, so the coarse nets are a choice too (all of them, or any one); so
+    # are the fine nets
     from napari_glimpse.coarse import members_of
 
+    def subsets_of(n: int) -> list[tuple[int, ...]]:
+        return [tuple(range(n))] + ([(j,) for j in range(n)] if n > 1 else [])
+
     nets = members_of(model.coarse) if model.coarse is not None else []
-    subsets = [tuple(range(len(nets)))] + ([(j,) for j in range(len(nets))] if len(nets) > 1 else [])
+    fine_nets = members_of(model.fine) if model.fine is not None else []
+    subsets = subsets_of(len(nets))
+    fine_subsets = subsets_of(len(fine_nets)) if fine_nets else [()]
     vt = val_ds.ground_truth("mean")
     val = {}
     model.meta["coarse_blend"] = 0.0
-    for fs, sub in ((fs, sub) for sub in subsets for fs in fines):
-        _apply_choice(model, (0, False, 0.0, fs, sub), nets)
+    for sub, fsub, fs in ((sub, fsub, fs) for sub in subsets for fsub in fine_subsets for fs in fines):
+        if fs == 0 and fsub != fine_subsets[0]:
+            continue  # no fine look: which fine nets does not matter
+        _apply_choice(model, (0, False, 0.0, fs, sub, fsub), nets, fine_nets)
         for f in flips:
             model.meta["coarse_flip_average"] = f
             preds = {it: evaluate_model(model, val_ds, iterations=it, progress=False)["predictions"] for it in iters}
             for it in iters:
                 for b in blends if it > 0 else [0.0]:
                     p = b * preds[0] + (1 - b) * preds[it] if b else preds[it]
-                    key = (it, f, b, fs, sub)
+                    key = (it, f, b, fs, sub, fsub)
                     val[key] = float(radial_errors(p, vt, val_ds.pixel_spacing).mean())
-                    log(f"val: {it} iterations, flip average {f}, coarse blend {b}, fine steps {fs}, coarse nets {sub}: "
-                        f"MRE {val[key]:.3f} mm")
+                    log(f"val: {it} iterations, flip average {f}, coarse blend {b}, fine steps {fs}, coarse nets {sub}, "
+                        f"fine nets {fsub}: MRE {val[key]:.3f} mm")
     # the most accurate choice on validation that meets the speed bound (timed on validation images)
     vimgs = [val_ds.image(i) for i in range(min(5, len(val_ds)))]
     res["speed_checks"] = []
     for best in sorted(val, key=val.get):
-        _apply_choice(model, best, nets)
+        _apply_choice(model, best, nets, fine_nets)
         sec = _speed(lambda im: model.predict(im), vimgs, a.speed_threads)
         res["speed_checks"].append({"choice": list(best), "val_mre_mm": val[best], "seconds_per_image": sec})
         log(f"choice {best}: val MRE {val[best]:.3f} mm, {sec:.3f} s/image")
@@ -279,11 +298,11 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
         res["speed_bound_met"] = False
         log(f"no choice runs within {a.max_seconds} s/image; keeping the most accurate {best}")
     res["val_mre"] = [{"iterations": it, "coarse_flip_average": f, "coarse_blend": b, "fine_steps": fs,
-                       "coarse_nets": list(sub), "mre_mm": v}
-                      for (it, f, b, fs, sub), v in val.items()]
+                       "coarse_nets": list(sub), "fine_nets": list(fsub), "mre_mm": v}
+                      for (it, f, b, fs, sub, fsub), v in val.items()]
     res["iterations"], res["coarse_flip_average"], res["coarse_blend"], res["fine_steps"] = best[:4]
-    res["coarse_nets"] = list(best[4])
-    _apply_choice(model, best, nets)
+    res["coarse_nets"], res["fine_nets"] = list(best[4]), list(best[5])
+    _apply_choice(model, best, nets, fine_nets)
     model.meta["inference_choice"] = ("lowest validation MRE (ISBI Train 131-150) within "
                                       f"{a.max_seconds or 'any'} s/image, by benchmarks/isbi.py")
     target = a.save_as or (res["model"] if a.save_choice else None)
@@ -356,10 +375,13 @@ def main(argv=None) -> int:
     p.add_argument("--fine-context", type=int, default=3, help="fine stage: levels per window (input channels)")
     p.add_argument("--fine-jitter", type=float, nargs=2, default=(0.5, 4.0), metavar=("LO", "HI"),
                    help="fine stage: training window offset, standard deviation range (mm per axis)")
-    p.add_argument("--add-fine", metavar="MODEL", help="with --evaluate: take the fine stage from this model")
-    p.add_argument("--fine-json", metavar="JSON",
-                   help="with --evaluate: the fine stage's training run (trained after the runs of --train-json: "
-                        "its wall and CPU time add to theirs)")
+    p.add_argument("--train-only", action="store_true",
+                   help="with --fine-for: stop after training (no inference choice, Test1 not read)")
+    p.add_argument("--add-fine", metavar="MODEL", nargs="+",
+                   help="with --evaluate: take the fine stage from these models (several: an ensemble)")
+    p.add_argument("--fine-json", metavar="JSON", nargs="+",
+                   help="with --evaluate: the fine stages' training runs (trained one after another, after the runs "
+                        "of --train-json: their wall and CPU times add to theirs)")
     p.add_argument("--no-glimpse", action="store_true",
                    help="choose among answers without glimpse steps only (faster choice)")
     p.add_argument("--save-as", metavar="MODEL", help="write the model with the inference choice (and any --add-coarse) here")

@@ -15,6 +15,7 @@ import torch
 from conftest import REAL_DATA
 
 from napari_glimpse.coarse import CoarseConfig, CoarseEnsemble, CoarseNet
+from napari_glimpse.fine import FineEnsemble
 from napari_glimpse.inference import GlimpseModel
 from napari_glimpse.io import load_dataset
 from napari_glimpse.model import GlimpseModelNet, ModelConfig
@@ -116,6 +117,29 @@ def test_fine_stage_is_trained_for_a_model_then_added_with_its_time(isbi, tmp_pa
     r = json.loads(out.read_text())
     assert r["train"]["wall_s"] == pytest.approx(100.0 + f["train"]["wall_s"])
     assert r["train"]["cpu_s"] == pytest.approx(150.0 + f["train"]["cpu_s"])
-    assert r["fine_from"] == str(tmp_path / "f.pt") and r["fine_config"]["fine"]["patch"] == 32
+    assert r["fine_from"] == [str(tmp_path / "f.pt")] and r["fine_config"][0]["fine"]["patch"] == 32
     saved = GlimpseModel.load(tmp_path / "s.pt", "cpu")
     assert saved.fine is not None and saved.meta["fine_steps"] == r["fine_steps"] == saved.fine_steps
+
+    # a second fine net, trained only (--train-only: no choice, Test1 not read), then both: a fine
+    # ensemble whose nets are a choice too (both, or either), and whose training times add up
+    assert isbi.main([*common, "--fine-for", str(a), "--budget-min", "0.03", "--seed", "1", "--train-only",
+                      "--fine-patch", "32", "--fine-width", "4", "--fine-level", "1", "--fine-context", "2",
+                      "--model-out", str(tmp_path / "g.pt"), "--out", str(tmp_path / "g.json")]) == 0
+    g = json.loads((tmp_path / "g.json").read_text())
+    assert "test" not in g and "val_mre" not in g and g["config"]["fine"]["seed"] == 1
+    out2 = tmp_path / "r2.json"
+    assert isbi.main([*common, "--evaluate", str(a), "--add-fine", str(tmp_path / "f.pt"), str(tmp_path / "g.pt"),
+                      "--train-json", str(coarse_json), "--fine-json", str(tmp_path / "f.json"), str(tmp_path / "g.json"),
+                      "--out", str(out2), "--save-as", str(tmp_path / "s2.pt")]) == 0
+    r2 = json.loads(out2.read_text())
+    assert r2["train"]["wall_s"] == pytest.approx(100.0 + f["train"]["wall_s"] + g["train"]["wall_s"])
+    assert {tuple(v["fine_nets"]) for v in r2["val_mre"] if v["fine_steps"]} == {(0, 1), (0,), (1,)}
+    best = min(r2["val_mre"], key=lambda v: v["mre_mm"])
+    assert (r2["fine_steps"], r2["fine_nets"]) == (best["fine_steps"], best["fine_nets"])
+    saved2 = GlimpseModel.load(tmp_path / "s2.pt", "cpu")
+    if r2["fine_steps"] and len(r2["fine_nets"]) == 2:
+        assert isinstance(saved2.fine, FineEnsemble)
+    elif r2["fine_steps"]:
+        src = GlimpseModel.load(tmp_path / ("f.pt" if r2["fine_nets"] == [0] else "g.pt"), "cpu").fine
+        assert all(torch.equal(v, saved2.fine.state_dict()[k]) for k, v in src.state_dict().items())

@@ -21,6 +21,7 @@ from napari_glimpse.coarse import (
     facing_of,
     from_normalised,
     gaussian_targets,
+    inference_net,
     locate,
     render_views,
     to_normalised,
@@ -741,3 +742,34 @@ def test_cli_finetune_tunes_the_coarse_stage_and_reports_it(coarse_model, tiny_d
     assert main(["finetune", "--model", str(parent), "--data", str(tiny_data["root"]), "--out", str(out),
                  "--max-steps", "1", "--batch-size", "2", "--coarse-steps", "0"]) == 0
     assert _same(before, _weights(GlimpseModel.load(out, device="cpu").coarse))
+
+
+# ------------------------------------------------------------------------ inference copy
+def test_inference_net_folds_batch_norm_and_follows_the_weights():
+    """The inference copy gives the net's answers without its batch-norm layers; it is made once,
+    and again after the weights change; a net in training mode is used as it is."""
+    import copy
+
+    net = _randomise(CoarseNet(TINY_COARSE), seed=11)
+    x = torch.rand(2, 1, *TINY_COARSE.input_hw) * 255
+    fast = inference_net(net)
+    assert fast is not net and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), net(x), atol=1e-4, rtol=1e-4)
+    assert inference_net(net) is fast  # unchanged weights: the same copy
+    assert "_inference_copy" not in str(list(net.state_dict())) and "_inference_copy" not in copy.deepcopy(net).__dict__
+    # an optimiser step changes the weights in place: a new copy, with the new answers
+    net.train()
+    assert inference_net(net) is net
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net(x).square().mean().backward()
+    opt.step()
+    net.eval()
+    again = inference_net(net)
+    assert again is not fast
+    with torch.inference_mode():
+        torch.testing.assert_close(again(x), net(x), atol=1e-4, rtol=1e-4)
+    # loading other weights, too
+    net.load_state_dict(_randomise(CoarseNet(TINY_COARSE), seed=12).state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(inference_net(net)(x), net(x), atol=1e-4, rtol=1e-4)

@@ -15,7 +15,8 @@ from conftest import TINY_MODEL_CONFIG
 from napari_glimpse.checkpoint import FORMAT_VERSION, read_checkpoint
 from napari_glimpse.coarse import CoarseConfig, CoarseNet, to_normalised
 from napari_glimpse.errors import GlimpseError
-from napari_glimpse.fine import FineConfig, FineNet, cut_windows, fine_levels, refine, train_fine, window_matrix
+from napari_glimpse.fine import (FineConfig, FineEnsemble, FineNet, cut_windows, fine_levels, refine, train_fine,
+                                 window_matrix)
 from napari_glimpse.inference import GlimpseModel
 from napari_glimpse.io import load_dataset, read_image
 from napari_glimpse.pyramid import build_pyramid
@@ -229,7 +230,8 @@ def test_checkpoint_round_trip_with_a_fine_stage(fine_model, image, tmp_path):
     p = tmp_path / "fine.pt"
     fine_model.save(p)
     ck = read_checkpoint(p)
-    assert ck["format_version"] == 4 == FORMAT_VERSION and ck["fine"]["config"] == TINY_FINE.to_dict()
+    # one fine net stays readable by version-4 readers
+    assert ck["format_version"] == 4 < FORMAT_VERSION and ck["fine"]["config"] == TINY_FINE.to_dict()
     torch.load(p, map_location="cpu", weights_only=True)
     loaded = GlimpseModel.load(p, device="cpu")
     assert isinstance(loaded.fine, FineNet) and loaded.fine.cfg == TINY_FINE and not loaded.fine.training
@@ -319,3 +321,75 @@ def test_cli_finetune_tunes_the_fine_stage_after_the_coarse_one(fine_model, tiny
     assert main(["finetune", "--model", str(parent), "--data", str(tiny_data["root"]), "--out", str(out2),
                  "--max-steps", "1", "--batch-size", "2", "--fine-steps", "0"]) == 0
     assert _same(before, _weights(GlimpseModel.load(out2, device="cpu").fine))
+
+
+# ------------------------------------------------------------------------ 5. ensembles
+@pytest.fixture
+def ensemble_model(fine_model):
+    """The fine model with a second (different) fine net: a fine ensemble."""
+    fine_model.fine = FineEnsemble([fine_model.fine, _randomise(FineNet(TINY_FINE), seed=9)])
+    return fine_model
+
+
+def test_a_fine_ensemble_answers_the_mean_of_its_nets(ensemble_model, image):
+    pyr = ensemble_model.pyramid(image)
+    start = ensemble_model.locate_coarse(image, fine_steps=0)[0]
+    a, b = ensemble_model.fine.members
+    pa, sa = refine(a, pyr.levels, pyr.shape, start)
+    pb, sb = refine(b, pyr.levels, pyr.shape, start)
+    assert not np.allclose(pa, pb, atol=0.5)
+    pos, spread = refine(ensemble_model.fine, pyr.levels, pyr.shape, start)
+    np.testing.assert_allclose(pos, (pa + pb) / 2, atol=1e-3)
+    # the spread adds the nets' disagreement (half their distance) to their mean peak width
+    half_gap2 = ((pa - pb) ** 2).sum(-1) / 4
+    np.testing.assert_allclose(spread ** 2, ((sa + sb) / 2) ** 2 + half_gap2, rtol=1e-3)
+    np.testing.assert_allclose(ensemble_model.predict(image, facing="right").final, pos, atol=1e-3)
+    # a second look re-centres every net's windows on the mean answer
+    two = refine(ensemble_model.fine, pyr.levels, pyr.shape, start, steps=2)[0]
+    np.testing.assert_allclose(two, (refine(a, pyr.levels, pyr.shape, pos)[0] + refine(b, pyr.levels, pyr.shape, pos)[0]) / 2,
+                               atol=1e-3)
+
+
+def test_fine_ensemble_members_must_read_the_same_windows():
+    with pytest.raises(ValueError, match="share n_landmarks, level, patch, context"):
+        FineEnsemble([FineNet(TINY_FINE), FineNet(replace(TINY_FINE, level=2))])
+    with pytest.raises(ValueError, match="at least one"):
+        FineEnsemble([])
+    FineEnsemble([FineNet(TINY_FINE), FineNet(replace(TINY_FINE, width=6, seed=3))])  # width may differ
+
+
+def test_checkpoint_round_trip_with_a_fine_ensemble(ensemble_model, image, tmp_path, monkeypatch):
+    import napari_glimpse.checkpoint as ckmod
+
+    p = tmp_path / "ens.pt"
+    ensemble_model.save(p)
+    ck = read_checkpoint(p)
+    assert ck["format_version"] == 5 == FORMAT_VERSION and "fine" not in ck and len(ck["fine_members"]) == 2
+    loaded = GlimpseModel.load(p, device="cpu")
+    assert isinstance(loaded.fine, FineEnsemble) and len(loaded.fine.members) == 2
+    for m, n in zip(ensemble_model.fine.members, loaded.fine.members):
+        assert _same(_weights(m), _weights(n)) and not n.training
+    np.testing.assert_array_equal(loaded.predict(image).positions, ensemble_model.predict(image).positions)
+    monkeypatch.setattr(ckmod, "FORMAT_VERSION", 4)  # a version-4 reader would drop the ensemble: it refuses
+    with pytest.raises(GlimpseError, match="newer napari-glimpse"):
+        GlimpseModel.load(p, device="cpu")
+
+
+def test_finetune_tunes_each_net_of_a_fine_ensemble(ensemble_model, tiny_data, tmp_path, capsys):
+    from napari_glimpse.cli import main
+
+    parent = tmp_path / "parent.pt"
+    ensemble_model.save(parent)
+    before = [_weights(m) for m in ensemble_model.fine.members]
+    out = tmp_path / "ft.pt"
+    assert main(["finetune", "--model", str(parent), "--data", str(tiny_data["root"]), "--out", str(out),
+                 "--max-steps", "2", "--batch-size", "2", "--coarse-steps", "0", "--progress-json"]) == 0
+    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    fine = [ln for ln in lines if ln.get("stage") == "fine"]
+    assert [(ln["member"], ln["step"]) for ln in fine] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert [ln["progress"] for ln in fine] == sorted(ln["progress"] for ln in fine) and fine[-1]["progress"] == 1.0
+    tuned = GlimpseModel.load(out, device="cpu")
+    assert isinstance(tuned.fine, FineEnsemble)
+    for b, m in zip(before, tuned.fine.members):
+        assert not _same(b, _weights(m))
+    assert [h["member"] for h in tuned.meta["fine_finetune_history"]] == [0, 1]

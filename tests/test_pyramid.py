@@ -188,15 +188,27 @@ def test_bool_and_bad_shapes():
         to_grey_uint8(np.zeros(10))
 
 
-@pytest.mark.parametrize("shape", [(2400, 1935), (67, 129), (3, 5)])
-def test_uint8_fast_path_equals_the_float_blur_exactly(shape):
-    """Level 1 is computed straight from the bytes; every level must equal the plain chain of
-    float blurs (what the shipped models were trained on)."""
+@pytest.mark.parametrize("shape", [(2400, 1935), (67, 129), (3, 5), (2, 9), (9, 1)])
+def test_levels_are_the_rounded_chain_of_float_binomial_blurs(shape):
+    """Every level (OpenCV's pyrDown on most sides, torch's passes on sides of 1-2 pixels) must
+    equal the plain chain of float blurs the shipped models were trained on, rounded."""
     from napari_glimpse.pyramid import _down2
 
     img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    pyr = build_pyramid(img, 4, patch=2)
+    pyr = build_pyramid(img, 4, patch=1)
     x = torch.as_tensor(img).float()[None, None]
     for lv in pyr.levels[1:]:
         x = _down2(x)
         assert torch.equal(lv, x[0, 0].round().clamp(0, 255).to(torch.uint8))
+
+
+def test_the_blur_is_the_binomial_kernel_with_reflected_borders():
+    """The reference chain itself: a 5-tap binomial blur, borders reflected (not repeated),
+    every second pixel kept, computed here by a plain 2-D convolution."""
+    from napari_glimpse.pyramid import _down2
+
+    img = torch.as_tensor(np.random.default_rng(3).uniform(0, 255, (23, 18)), dtype=torch.float32)
+    k1 = torch.tensor([1.0, 4, 6, 4, 1]) / 16
+    ref = torch.nn.functional.conv2d(torch.nn.functional.pad(img[None, None], (2, 2, 2, 2), mode="reflect"),
+                                     (k1[:, None] * k1[None, :])[None, None])[..., ::2, ::2]
+    torch.testing.assert_close(_down2(img[None, None]), ref, atol=1e-4, rtol=0)

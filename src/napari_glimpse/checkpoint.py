@@ -12,7 +12,7 @@ import torch
 
 from .errors import GlimpseError
 
-FORMAT_VERSION = 4  # 2: optional coarse stage; 3: coarse ensemble; 4: fine stage; files are written at the lowest version that holds them
+FORMAT_VERSION = 5  # 2: optional coarse stage; 3: coarse ensemble; 4: fine stage; 5: fine ensemble; files are written at the lowest version that holds them
 KIND = "napari-glimpse-model"
 
 

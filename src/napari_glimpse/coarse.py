@@ -75,6 +75,11 @@ class CoarseNet(nn.Module):
         )
         self.head = nn.Conv2d(ch[0], cfg.n_landmarks, 1)
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_inference_copy", None)  # a cache (see inference_net): copies make their own
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = ((x / 255.0) - 0.5) / 0.25
         skips = [self.stem(x.contiguous(memory_format=torch.channels_last))]
@@ -162,30 +167,67 @@ def decode(logits: torch.Tensor, window: int = 2) -> tuple[torch.Tensor, torch.T
     return torch.stack([mx, my], -1), var.sqrt()
 
 
-class CoarseEnsemble(nn.Module):
-    """Several coarse nets (same view size and landmarks) whose answers are averaged.
+class Ensemble(nn.Module):
+    """Several nets of one stage (same landmarks and input geometry) whose answers are averaged.
 
     Nets trained from different seeds make partly independent errors, so the mean of their
-    answers is closer than either (see docs/results.md). :func:`locate` accepts either kind.
+    answers is closer than either (see docs/results.md). ``same``: the config fields every
+    member must share.
     """
 
-    def __init__(self, members: "list[CoarseNet]"):
+    same: tuple[str, ...] = ("n_landmarks",)
+    stage = "stage"
+
+    def __init__(self, members: "list[nn.Module]"):
         super().__init__()
         if not members:
-            raise ValueError("a coarse ensemble needs at least one net")
+            raise ValueError(f"a {self.stage} ensemble needs at least one net")
         first = members[0].cfg
         for m in members[1:]:
-            if tuple(m.cfg.input_hw) != tuple(first.input_hw) or m.cfg.n_landmarks != first.n_landmarks:
-                raise ValueError("coarse ensemble members must share the view size and the landmarks")
+            for key in self.same:
+                if getattr(m.cfg, key) != getattr(first, key):
+                    raise ValueError(f"{self.stage} ensemble members must share {', '.join(self.same)} "
+                                     f"({key}: {getattr(first, key)} vs {getattr(m.cfg, key)})")
         self.members = nn.ModuleList(members)
 
     @property
-    def cfg(self) -> CoarseConfig:
+    def cfg(self):
         return self.members[0].cfg
 
 
-def members_of(net: "CoarseNet | CoarseEnsemble") -> "list[CoarseNet]":
-    return list(net.members) if isinstance(net, CoarseEnsemble) else [net]
+class CoarseEnsemble(Ensemble):
+    """Coarse nets (same view size and landmarks) whose answers are averaged; :func:`locate`
+    accepts either kind."""
+
+    same = ("input_hw", "n_landmarks")
+    stage = "coarse"
+
+
+def members_of(net: nn.Module) -> list:
+    """The nets of an ensemble, or ``[net]``."""
+    return list(net.members) if isinstance(net, Ensemble) else [net]
+
+
+def inference_net(net: nn.Module) -> nn.Module:
+    """``net`` as used for inference: in eval mode, a copy with every convolution + batch-norm
+    pair folded into one convolution (the same answers to float rounding, one pass fewer over
+    each layer's activations). The copy is made on first use and again whenever the weights
+    change (training steps, loading weights, moving the net); in training mode, ``net`` itself."""
+    if net.training:
+        return net
+    key = tuple((t.data_ptr(), t._version) for t in (*net.parameters(), *net.buffers()))
+    cached = net.__dict__.pop("_inference_copy", None)  # (not copied along)
+    if cached is None or cached[0] != key:
+        fused = copy.deepcopy(net)
+        for mod in fused.modules():
+            if isinstance(mod, nn.Sequential):
+                for a in range(len(mod) - 1):
+                    if isinstance(mod[a], nn.Conv2d) and isinstance(mod[a + 1], nn.BatchNorm2d):
+                        mod[a] = torch.nn.utils.fusion.fuse_conv_bn_eval(mod[a], mod[a + 1])
+                        mod[a + 1] = nn.Identity()
+        cached = (key, fused)
+    net.__dict__["_inference_copy"] = cached  # a plain attribute: not a submodule, not in state_dict
+    return cached[1]
 
 
 def locate(net: "CoarseNet | CoarseEnsemble", level: torch.Tensor, image_hw: tuple[int, int],
@@ -205,7 +247,7 @@ def locate(net: "CoarseNet | CoarseEnsemble", level: torch.Tensor, image_hw: tup
     theta = view_matrix(image_hw, torch.zeros(n), torch.ones(n), flip, torch.zeros(n, 2)).to(dev)
     with torch.inference_mode():
         views = render_views(x, theta, cfg.input_hw)
-        logits = torch.cat([m(views) for m in members_of(net)]).cpu()  # (M n, K, h, w)
+        logits = torch.cat([inference_net(m)(views) for m in members_of(net)]).cpu()  # (M n, K, h, w)
     heat_hw = tuple(logits.shape[-2:])
     xy, spread = decode(logits)
     o = heat_to_view(xy, heat_hw)  # (M n, K, 2) view coordinates; image = A o with A = diag(+-1, 1)

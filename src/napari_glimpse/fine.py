@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import GlimpseError
-from .coarse import (CoarseConfig, CoarseNet, augment_intensity, decode, fit_heatmaps, from_normalised,
-                     gaussian_targets, to_normalised)
+from .coarse import (CoarseConfig, CoarseNet, Ensemble, augment_intensity, decode, fit_heatmaps, from_normalised,
+                     gaussian_targets, inference_net, members_of, to_normalised)
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,14 @@ class FineNet(CoarseNet):
         super().__init__(CoarseConfig(n_landmarks=cfg.n_landmarks, input_hw=(cfg.patch, cfg.patch), width=cfg.width),
                          in_channels=cfg.context)
         self.cfg = cfg  # type: ignore[assignment]
+
+
+class FineEnsemble(Ensemble):
+    """Fine nets reading the same windows (level, size, context levels) whose answers are
+    averaged: the windows are cut once, each net reads them."""
+
+    same = ("n_landmarks", "level", "patch", "context")
+    stage = "fine"
 
 
 def window_matrix(level_hw: tuple[int, int], center_n: torch.Tensor, patch: int, angle: torch.Tensor,
@@ -151,16 +159,18 @@ class WindowCutter:
         return torch.cat(out, 1)
 
 
-def refine(net: FineNet, pyramid_levels: "list[torch.Tensor]", image_hw: tuple[int, int], positions: np.ndarray,
-           steps: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", image_hw: tuple[int, int],
+           positions: np.ndarray, steps: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Move each landmark's ``(K, 2)`` full-resolution position to the fine heatmap's peak.
 
     ``pyramid_levels``: the image's pyramid levels, ``(h, w)`` uint8 each (levels ``cfg.level``
     to ``cfg.level + cfg.context - 1`` are read). ``steps``: windows re-centred on the last
-    answer this many times. Returns positions (inside the image) and each peak's width
-    (full-resolution pixels).
+    answer this many times. An ensemble's nets read the same windows; the answer is the mean of
+    theirs. Returns positions (inside the image) and each answer's spread (full-resolution
+    pixels): the heatmap peaks' width and, with an ensemble, how far its nets disagree.
     """
     cfg = net.cfg
+    nets = members_of(net)
     dev = next(net.parameters()).device
     k = positions.shape[0]
     if len(pyramid_levels) < cfg.level + cfg.context:
@@ -172,17 +182,20 @@ def refine(net: FineNet, pyramid_levels: "list[torch.Tensor]", image_hw: tuple[i
     spread = torch.zeros(k)
     heat_hw = ((cfg.patch + 1) // 2, (cfg.patch + 1) // 2)
     ks = torch.arange(k)
+    limit = torch.tensor([image_hw[1] - 1.0, image_hw[0] - 1.0])
     for _ in range(steps):
         c = to_normalised(pos, image_hw)
         theta = window_matrix(lhw, c, cfg.patch, torch.zeros(k), torch.ones(k))
         with torch.inference_mode():
             win = cut_windows([x.expand(k, *x.shape[1:]) for x in used], theta.to(dev), cfg.patch)
-            logits = net(win)[ks, ks][:, None].cpu()  # (K, 1, h, w): window k, heatmap k
+            logits = torch.cat([inference_net(m)(win)[ks, ks][:, None].cpu() for m in nets], 1)  # (K, M, h, w): window k, heatmap k
         xy, sp = decode(logits)
-        o = to_normalised(xy[:, 0], heat_hw)  # window normalised
-        u = torch.einsum("kij,kj->ki", theta[:, :, :2], o) + theta[:, :, 2]
-        pos = torch.minimum(from_normalised(u, image_hw).clamp_min(0), torch.tensor([image_hw[1] - 1.0, image_hw[0] - 1.0]))
-        spread = sp[:, 0] * cfg.patch / heat_hw[0] * (image_hw[1] / lhw[1])
+        o = to_normalised(xy, heat_hw)  # (K, M, 2) window normalised
+        u = torch.einsum("kij,kmj->kmi", theta[:, :, :2], o) + theta[:, None, :, 2]
+        every = torch.minimum(from_normalised(u, image_hw).clamp_min(0), limit)  # (K, M, 2) each net's answer
+        pos = every.mean(1)
+        px = cfg.patch / heat_hw[0] * (image_hw[1] / lhw[1])  # full-resolution pixels per heatmap pixel
+        spread = torch.sqrt((sp.mean(1) * px) ** 2 + ((every - pos[:, None]) ** 2).sum(-1).mean(1))
     return pos.numpy().astype(np.float64), spread.numpy().astype(np.float64)
 
 

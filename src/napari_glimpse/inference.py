@@ -21,7 +21,7 @@ from .pyramid import Pyramid, build_pyramid
 
 if TYPE_CHECKING:
     from .coarse import CoarseEnsemble, CoarseNet
-    from .fine import FineNet
+    from .fine import FineEnsemble, FineNet
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default.pt"
 
@@ -113,7 +113,7 @@ class GlimpseModel:
         train_config: dict | None = None,
         meta: dict | None = None,
         coarse: "CoarseNet | CoarseEnsemble | None" = None,
-        fine: "FineNet | None" = None,
+        fine: "FineNet | FineEnsemble | None" = None,
     ):
         self.net = net
         self.coarse = coarse
@@ -162,6 +162,12 @@ class GlimpseModel:
     def _fine_checkpoint(self) -> dict:
         if self.fine is None:
             return {}
+        from .fine import FineEnsemble
+
+        if isinstance(self.fine, FineEnsemble):
+            # readers before version 5 would not see the ensemble
+            return {"format_version": 5, "fine_members": [{"config": m.cfg.to_dict(), "state_dict": _cpu_state(m)}
+                                                          for m in self.fine.members]}
         # readers before version 4 would ignore the fine stage
         return {"format_version": 4, "fine": {"config": self.fine.cfg.to_dict(), "state_dict": _cpu_state(self.fine)}}
 
@@ -220,12 +226,18 @@ class GlimpseModel:
                 raise _stage_error(source, "coarse", exc) from None
             coarse.eval().to(resolve_device(device))
         fine = None
-        if ckpt.get("fine") is not None:
-            from .fine import FineConfig, FineNet
+        members = ckpt.get("fine_members")
+        if members is None and ckpt.get("fine") is not None:
+            members = [ckpt["fine"]]
+        if members is not None:
+            from .fine import FineConfig, FineEnsemble, FineNet
 
             try:
-                fine = FineNet(FineConfig.from_dict(ckpt["fine"]["config"]))
-                fine.load_state_dict(ckpt["fine"]["state_dict"])
+                nets = []
+                for m in members:
+                    nets.append(FineNet(FineConfig.from_dict(m["config"])))
+                    nets[-1].load_state_dict(m["state_dict"])
+                fine = nets[0] if "fine_members" not in ckpt else FineEnsemble(nets)
             except _BAD_STAGE as exc:
                 raise _stage_error(source, "fine", exc) from None
             fine.eval().to(resolve_device(device))

@@ -41,8 +41,8 @@ def _down2(x: torch.Tensor) -> torch.Tensor:
 
 
 def _down2_rows(xp: torch.Tensor, ho: int) -> torch.Tensor:
-    """The row pass on rows padded by 2 on each side (float, or uint8 read as float)."""
-    y = xp[..., 0 : 2 * ho : 2, :] * _BINOMIAL[0]  # a new float32 tensor (uint8 * float promotes)
+    """The row pass on rows padded by 2 on each side."""
+    y = xp[..., 0 : 2 * ho : 2, :] * _BINOMIAL[0]  # a new tensor
     for k in range(1, 5):
         y.add_(xp[..., k : k + 2 * ho : 2, :], alpha=_BINOMIAL[k])
     return y
@@ -58,14 +58,16 @@ def _down2_columns(y: torch.Tensor, mode: str) -> torch.Tensor:
     return z.transpose(-1, -2)
 
 
-def _down2_first(img: torch.Tensor) -> torch.Tensor:
-    """:func:`_down2` of a 2-D ``uint8`` image (bit-identical), without a float copy of it: the
-    row pass reads the bytes (rows reflected by hand), so the full-size image is never converted
-    or padded as floats. Returns ``(1, 1, h', w')`` float."""
-    if min(img.shape) <= 2:
-        return _down2(img.to(torch.float32)[None, None])
-    xp = torch.cat([img[1:3].flip(0), img, img[-3:-1].flip(0)], 0)
-    return _down2_columns(_down2_rows(xp, (img.shape[0] + 1) // 2)[None, None], "reflect")
+def _down2_array(x: np.ndarray) -> np.ndarray:
+    """:func:`_down2` of a 2-D float32 array: OpenCV's ``pyrDown`` (the same 5-tap binomial
+    blur, reflected borders and decimation; 5x faster than the torch passes on a cephalogram),
+    except for sides of 1-2 pixels, which it borders differently."""
+    h, w = x.shape
+    if min(h, w) > 2:
+        import cv2
+
+        return cv2.pyrDown(x, dstsize=((w + 1) // 2, (h + 1) // 2))
+    return _down2(torch.from_numpy(x)[None, None])[0, 0].numpy()
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,10 +93,11 @@ def build_pyramid(image: np.ndarray | torch.Tensor, n_levels: int, patch: int = 
     if h < patch or w < patch:
         raise GlimpseError(f"image is {w}x{h} pixels, smaller than one {patch}x{patch} glimpse")
     levels = [img.to(torch.uint8).contiguous()]
-    x = None if img.dtype == torch.uint8 else img.to(torch.float32)[None, None]
+    # every level is blurred from the previous one in float, and stored rounded
+    x = img.numpy().astype(np.float32)
     for _ in range(1, n_levels):
-        x = _down2_first(img) if x is None else _down2(x)
-        levels.append(x[0, 0].round().clamp(0, 255).to(torch.uint8).contiguous())
+        x = _down2_array(x)
+        levels.append(torch.from_numpy(np.clip(np.rint(x), 0, 255).astype(np.uint8)))
     return Pyramid(tuple(levels))
 
 

@@ -19,7 +19,7 @@ from .inference import GlimpseModel, autocast, resolve_device
 from .io import Dataset
 from .model import GlimpseModelNet, ModelConfig
 from .coarse import CoarseConfig, CoarseEnsemble, members_of, train_coarse, view_levels
-from .fine import FineConfig, fine_levels, train_fine
+from .fine import FineConfig, FineEnsemble, fine_levels, train_fine
 from .pyramid import build_pyramid, levels_for
 
 
@@ -191,6 +191,28 @@ def resume_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".resume")
 
 
+def _tune_each(members: list, callback: Callable[[dict], None] | None, dev: torch.device, budget_s: float,
+               fit: Callable) -> tuple[list, list[dict], float]:
+    """Fine-tune an ensemble's nets one after another, each for its share of ``budget_s``:
+    ``fit(net, budget_s, callback) -> (net, history)``. Progress counts over all of them; with
+    several, the progress and history entries say which ``member``. Returns the nets, the history
+    and the wall time."""
+    tuned, hist, wall = [], [], 0.0
+    n = len(members)
+    for j, m in enumerate(members):
+        tag = {"member": j} if n > 1 else {}
+
+        def cb(info: dict, j: int = j, tag: dict = tag) -> None:
+            if callback is not None:
+                callback({**info, **tag, "progress": (j + info["progress"]) / n})
+
+        net, h = fit(m, budget_s / n, cb)
+        tuned.append(net.to(dev))
+        hist += [dict(x, **tag) for x in h]
+        wall += h[-1]["elapsed_s"]
+    return tuned, hist, wall
+
+
 def train(
     dataset: Dataset,
     out: str | os.PathLike,
@@ -320,22 +342,13 @@ def train(
 
         budget_s = coarse_budget_s or 1e12
         if tune_coarse:  # fine-tune the given coarse stage, member by member
-            members = members_of(model.coarse)
-            tuned, chist, walls = [], [], []
-            for j, m in enumerate(members):
-                def cb(info: dict, j: int = j) -> None:
-                    if callback is not None:
-                        callback({**info, "member": j, "progress": (j + info["progress"]) / len(members)})
-
-                cnet, h = train_coarse(views, view_hw, truth_n, m.cfg, budget_s / len(members), progress=progress,
-                                       callback=cb, should_stop=should_stop, max_steps=coarse_steps,
-                                       init=m, lr_scale=0.1)
-                tuned.append(cnet.to(dev))
-                chist += [dict(x, member=j) for x in h]
-                walls.append(h[-1]["elapsed_s"])
-            model.coarse = CoarseEnsemble(tuned) if len(members) > 1 else tuned[0]
+            tuned, chist, wall = _tune_each(
+                members_of(model.coarse), callback, dev, budget_s,
+                lambda m, b, cb: train_coarse(views, view_hw, truth_n, m.cfg, b, progress=progress, callback=cb,
+                                              should_stop=should_stop, max_steps=coarse_steps, init=m, lr_scale=0.1))
+            model.coarse = CoarseEnsemble(tuned) if len(tuned) > 1 else tuned[0]
             model.meta["coarse_finetune_steps"] = coarse_steps
-            model.meta["coarse_finetune_wall_s"] = sum(walls)
+            model.meta["coarse_finetune_wall_s"] = wall
         else:
             cnet, chist = train_coarse(views, view_hw, truth_n, coarse_config, budget_s, progress=progress,
                                        callback=callback, should_stop=should_stop,
@@ -353,15 +366,19 @@ def train(
             model.fine = fnet
             return evaluate_model(model, val, iterations=0, progress=False)["overall"]["mre_mm"]
 
-        fnet, fhist = train_fine(flevels, ftruth, fine_config, fine_budget_s or 1e12, progress=progress,
-                                 callback=callback, should_stop=should_stop,
-                                 evaluate=fine_val if val is not None and not tune_fine else None,
-                                 eval_every_s=tcfg.save_every_s, max_steps=fine_steps,
-                                 init=init.fine if tune_fine else None, lr_scale=0.1 if tune_fine else 1.0)
-        model.fine = fnet.to(dev)
-        if tune_fine:
-            model.meta.update(fine_finetune_steps=fine_steps, fine_finetune_history=fhist)
+        if tune_fine:  # fine-tune the given fine stage, member by member
+            tuned, fhist, wall = _tune_each(
+                members_of(init.fine), callback, dev, fine_budget_s or 1e12,
+                lambda m, b, cb: train_fine(flevels, ftruth, m.cfg, b, progress=progress, callback=cb,
+                                            should_stop=should_stop, max_steps=fine_steps, init=m, lr_scale=0.1))
+            model.fine = FineEnsemble(tuned) if len(tuned) > 1 else tuned[0]
+            model.meta.update(fine_finetune_steps=fine_steps, fine_finetune_history=fhist, fine_finetune_wall_s=wall)
         else:
+            fnet, fhist = train_fine(flevels, ftruth, fine_config, fine_budget_s or 1e12, progress=progress,
+                                     callback=callback, should_stop=should_stop,
+                                     evaluate=fine_val if val is not None else None,
+                                     eval_every_s=tcfg.save_every_s, max_steps=fine_steps)
+            model.fine = fnet.to(dev)
             model.meta.update(fine_train_wall_s=fhist[-1]["elapsed_s"], fine_history=fhist)
         data.fine_levels = None
         _save_resume(rpath, model, opt, 0, 0.0, gen, history)

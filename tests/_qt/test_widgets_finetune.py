@@ -50,7 +50,9 @@ def test_progress_of_the_coarse_stage_then_the_glimpses(make_napari_viewer, qtbo
     assert ft.progress.format() == "fine stage: step 3"
     assert ft.progress.value() == 800 and "fine stage: step 3" in ft.status_label.text()
     assert ft._losses == []
+    ft._on_progress({"stage": "fine", "member": 1, "step": 5, "progress": 0.9, "elapsed_s": 4.5})  # a fine ensemble
+    assert ft.progress.format() == "fine stage, net 2: step 5"
     ft._on_progress({"step": 2, "progress": 0.2, "loss_mm": 3.5, "elapsed_s": 5.0})
     assert ft.progress.format() == "step 2/10" and ft.progress.value() == 200
     assert ft._losses == [3.5] and "3.50 mm" in ft.status_label.text()
-    assert len(seen) == 3
+    assert len(seen) == 4

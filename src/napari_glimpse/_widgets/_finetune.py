@@ -327,8 +327,8 @@ class FinetuneWidget(QWidget):
         self.progress.setValue(int(min(1.0, frac) * 1000))
         el = float(info.get("elapsed_s", 0.0))
         if info.get("stage") in ("coarse", "fine"):  # the model's coarse and fine stages are fine-tuned first
-            what = (f"coarse stage, net {int(info.get('member', 0)) + 1}: step {self.last_step}"
-                    if info["stage"] == "coarse" else f"fine stage: step {self.last_step}")
+            net = f", net {int(info['member']) + 1}" if "member" in info else ""
+            what = f"{info['stage']} stage{net}: step {self.last_step}"
             self.progress.setFormat(what)
             status(self.status_label, f"{what}, {el:.0f} s")
             self.progressed.emit(info)
