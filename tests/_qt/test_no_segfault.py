@@ -1,4 +1,5 @@
-"""Importing the widgets and detecting *after* a napari canvas exists must not crash.
+"""Importing the widgets and detecting *after* a napari canvas exists must not crash (OpenCV,
+which builds the pyramids, is first loaded then too).
 
 Here, importing torchvision (or anything that loads torch._dynamo / triton) once a napari
 canvas is up segfaults. The widget path must import none of it. This runs in a subprocess, so
@@ -59,6 +60,7 @@ SCRIPT = textwrap.dedent(
         app.processEvents(); time.sleep(0.01)
     bad = [m for m in ("torchvision", "torch._dynamo", "triton", "torch._inductor") if m in sys.modules]
     assert not bad, f"the widget path imported {bad}"
+    assert "cv2" in sys.modules  # the pyramid (OpenCV) was first loaded after the canvas, too
     viewer.close()
     print("ok", flush=True)
     """
