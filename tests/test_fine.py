@@ -204,12 +204,20 @@ def test_refine_refuses_a_pyramid_without_its_levels():
 def test_predict_refines_the_coarse_answer(fine_model, image):
     coarse_only = fine_model.locate_coarse(image, fine_steps=0)[0]
     pyr = fine_model.pyramid(image)
-    want = refine(fine_model.fine, pyr.levels, pyr.shape, coarse_only, steps=1)[0]
-    got = fine_model.predict(image, facing="right").final
+    want, want_spread = refine(fine_model.fine, pyr.levels, pyr.shape, coarse_only, steps=1)
+    tr = fine_model.predict(image, facing="right")
+    got = tr.final
     np.testing.assert_allclose(got, want, atol=1e-4)
     assert not np.allclose(got, coarse_only)
+    # the uncertainty is the fine stage's own (not the coarse stage's) when it looks
+    coarse_spread = fine_model.locate_coarse(image, fine_steps=0)[1]
+    np.testing.assert_allclose(tr.uncertainty_mm, want_spread * fine_model.pixel_spacing, rtol=1e-4)
+    np.testing.assert_allclose(fine_model.locate_coarse(image)[1], want_spread, rtol=1e-4)
+    assert not np.allclose(want_spread, coarse_spread, rtol=1e-2)
     fine_model.meta["fine_steps"] = 0  # the choice written by benchmarks/isbi.py
-    np.testing.assert_allclose(fine_model.predict(image, facing="right").final, coarse_only, atol=1e-4)
+    tr0 = fine_model.predict(image, facing="right")
+    np.testing.assert_allclose(tr0.final, coarse_only, atol=1e-4)
+    np.testing.assert_allclose(tr0.uncertainty_mm, coarse_spread * fine_model.pixel_spacing, rtol=1e-4)
     fine_model.meta["fine_steps"] = 2
     two = refine(fine_model.fine, pyr.levels, pyr.shape, coarse_only, steps=2)[0]
     np.testing.assert_allclose(fine_model.predict(image, facing="right").final, two, atol=1e-4)
