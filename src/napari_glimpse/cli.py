@@ -83,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--coarse-steps", type=_nonnegative_int, metavar="N",
                    help="steps for each net of the model's coarse stage, fine-tuned first at a tenth of its "
                         "learning rate (default: --max-steps; 0 keeps it as it is); with --time-budget it "
-                        "gets half the time")
+                        "gets an equal share of the time")
     f.add_argument("--fine-steps", type=_nonnegative_int, metavar="N",
-                   help="steps for the model's fine stage, fine-tuned after the coarse stage at a tenth of its "
+                   help="steps for each net of the model's fine stage, fine-tuned after the coarse stage at a tenth of its "
                         "learning rate (default: --max-steps; 0 keeps it as it is); with --time-budget it "
                         "gets an equal share of the time")
     f.add_argument("--batch-size", type=_positive_int)
