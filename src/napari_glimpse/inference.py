@@ -7,7 +7,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,29 @@ def _stage_error(source: str, stage: str, exc: BaseException) -> GlimpseError:
     """One line for a checkpoint stage that does not load (the tensor at fault, if named)."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines()] or [repr(exc)]
     return GlimpseError(f"{source}: bad {stage} stage ({lines[1] if len(lines) > 1 else lines[0]})")
+
+
+def _member_states(ensemble: torch.nn.Module) -> list[dict]:
+    """An ensemble's nets as checkpoint entries (config and weights each)."""
+    return [{"config": m.cfg.to_dict(), "state_dict": _cpu_state(m)} for m in ensemble.members]
+
+
+def _load_stage(source: str, stage: str, members: list[dict] | None, ensemble: bool,
+                make: Callable[[dict], torch.nn.Module], ensemble_cls: type,
+                device: str | torch.device | None) -> torch.nn.Module | None:
+    """A coarse or fine stage from its checkpoint entries (``None`` without any): one net, or
+    (``ensemble``) an ``ensemble_cls`` of them; a clear error on anything that does not fit."""
+    if members is None:
+        return None
+    try:
+        nets = []
+        for m in members:
+            nets.append(make(m["config"]))
+            nets[-1].load_state_dict(m["state_dict"])
+        out = ensemble_cls(nets) if ensemble else nets[0]
+    except _BAD_STAGE as exc:
+        raise _stage_error(source, stage, exc) from None
+    return out.eval().to(resolve_device(device))
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -166,8 +189,7 @@ class GlimpseModel:
 
         if isinstance(self.fine, FineEnsemble):
             # readers before version 5 would not see the ensemble
-            return {"format_version": 5, "fine_members": [{"config": m.cfg.to_dict(), "state_dict": _cpu_state(m)}
-                                                          for m in self.fine.members]}
+            return {"format_version": 5, "fine_members": _member_states(self.fine)}
         # readers before version 4 would ignore the fine stage
         return {"format_version": 4, "fine": {"config": self.fine.cfg.to_dict(), "state_dict": _cpu_state(self.fine)}}
 
@@ -179,10 +201,7 @@ class GlimpseModel:
         if isinstance(self.coarse, CoarseEnsemble):
             return {
                 "format_version": 3,  # readers before version 3 would not see the ensemble
-                "coarse_members": [
-                    {"config": m.cfg.to_dict(), "state_dict": _cpu_state(m)}
-                    for m in self.coarse.members
-                ],
+                "coarse_members": _member_states(self.coarse),
             }
         return {
             "format_version": 2,  # readers before version 2 would ignore the coarse stage
@@ -209,38 +228,19 @@ class GlimpseModel:
         mean_start = np.asarray(ckpt["mean_start"], dtype=np.float64)
         if mean_start.shape != (cfg.n_landmarks, 2) or len(ckpt["landmark_names"]) != cfg.n_landmarks:
             raise GlimpseError(f"{source}: start positions or landmark names do not match {cfg.n_landmarks} landmarks")
-        coarse = None
+        from .coarse import CoarseConfig, CoarseEnsemble, CoarseNet
+        from .fine import FineConfig, FineEnsemble, FineNet
+
         members = ckpt.get("coarse_members")
         if members is None and ckpt.get("coarse_state_dict") is not None:
             members = [{"config": ckpt.get("coarse_config"), "state_dict": ckpt["coarse_state_dict"]}]
-        if members is not None:
-            from .coarse import CoarseConfig, CoarseEnsemble, CoarseNet
-
-            try:
-                nets = []
-                for m in members:
-                    nets.append(CoarseNet(CoarseConfig.from_dict(m["config"])))
-                    nets[-1].load_state_dict(m["state_dict"])
-                coarse = nets[0] if "coarse_members" not in ckpt else CoarseEnsemble(nets)
-            except _BAD_STAGE as exc:
-                raise _stage_error(source, "coarse", exc) from None
-            coarse.eval().to(resolve_device(device))
-        fine = None
+        coarse = _load_stage(source, "coarse", members, "coarse_members" in ckpt,
+                             lambda c: CoarseNet(CoarseConfig.from_dict(c)), CoarseEnsemble, device)
         members = ckpt.get("fine_members")
         if members is None and ckpt.get("fine") is not None:
             members = [ckpt["fine"]]
-        if members is not None:
-            from .fine import FineConfig, FineEnsemble, FineNet
-
-            try:
-                nets = []
-                for m in members:
-                    nets.append(FineNet(FineConfig.from_dict(m["config"])))
-                    nets[-1].load_state_dict(m["state_dict"])
-                fine = nets[0] if "fine_members" not in ckpt else FineEnsemble(nets)
-            except _BAD_STAGE as exc:
-                raise _stage_error(source, "fine", exc) from None
-            fine.eval().to(resolve_device(device))
+        fine = _load_stage(source, "fine", members, "fine_members" in ckpt,
+                           lambda c: FineNet(FineConfig.from_dict(c)), FineEnsemble, device)
         net.eval().to(resolve_device(device))
         return cls(
             net,
@@ -347,8 +347,7 @@ class GlimpseModel:
                 start, spread = self.locate_coarse(mirrored)
                 start = start * [-1, 1] + [w - 1, 0]
             else:
-                start, fine_spread = self._refine(pyr, start)
-                spread = spread if fine_spread is None else fine_spread
+                start, spread = self._refine(pyr, start, spread)
             coarse_start = start
             if iterations == 0:
                 ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
@@ -414,15 +413,16 @@ class GlimpseModel:
         lv = view_level(pyr.shape, self.coarse.cfg.input_hw, len(pyr))
         pos, spread = locate(self.coarse, pyr.levels[lv], pyr.shape,
                              flip_average=bool(self.meta.get("coarse_flip_average")))
-        fine_pos, fine_spread = self._refine(pyr, pos, fine_steps)
-        return fine_pos, spread if fine_spread is None else fine_spread
+        return self._refine(pyr, pos, spread, fine_steps)
 
-    def _refine(self, pyr: Pyramid, pos: np.ndarray, fine_steps: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def _refine(self, pyr: Pyramid, pos: np.ndarray, spread: np.ndarray,
+                fine_steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The fine stage's looks around ``pos`` (default :attr:`fine_steps` of them): positions
-        and their spread (``None`` when it does not look)."""
+        and their spread; ``pos`` and ``spread`` (the coarse stage's) as they are when it does not
+        look."""
         steps = self.fine_steps if fine_steps is None else fine_steps
         if steps <= 0 or self.fine is None:
-            return pos, None
+            return pos, spread
         from .fine import refine
 
         return refine(self.fine, pyr.levels, pyr.shape, pos, steps)

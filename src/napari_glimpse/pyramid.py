@@ -33,29 +33,20 @@ def _down2(x: torch.Tensor) -> torch.Tensor:
     """Blur with the 5-tap binomial kernel (reflect padding), keeping every other pixel.
 
     Only the kept pixels are computed: output ``j`` is the blur at input ``2 j``. Rows, then
-    columns (on the transposed result, so both passes read along rows), accumulating in place.
+    columns (the same pass on the transposed result). The reference for :func:`_down2_array`,
+    and what it uses on sides of 1-2 pixels (padded by repeating, not reflecting).
     """
-    h, wd = x.shape[-2:]
-    mode = "reflect" if min(h, wd) > 2 else "replicate"
-    return _down2_columns(_down2_rows(F.pad(x, (0, 0, 2, 2), mode=mode), (h + 1) // 2), mode)
+    mode = "reflect" if min(x.shape[-2:]) > 2 else "replicate"
 
+    def rows(y: torch.Tensor) -> torch.Tensor:
+        n = (y.shape[-2] + 1) // 2
+        yp = F.pad(y, (0, 0, 2, 2), mode=mode)
+        out = yp[..., 0 : 2 * n : 2, :] * _BINOMIAL[0]
+        for k in range(1, 5):
+            out.add_(yp[..., k : k + 2 * n : 2, :], alpha=_BINOMIAL[k])
+        return out
 
-def _down2_rows(xp: torch.Tensor, ho: int) -> torch.Tensor:
-    """The row pass on rows padded by 2 on each side."""
-    y = xp[..., 0 : 2 * ho : 2, :] * _BINOMIAL[0]  # a new tensor
-    for k in range(1, 5):
-        y.add_(xp[..., k : k + 2 * ho : 2, :], alpha=_BINOMIAL[k])
-    return y
-
-
-def _down2_columns(y: torch.Tensor, mode: str) -> torch.Tensor:
-    """The column pass of :func:`_down2` on the row pass's ``(..., h', w)`` float result."""
-    wo = (y.shape[-1] + 1) // 2
-    yp = F.pad(y, (2, 2, 0, 0), mode=mode).transpose(-1, -2).contiguous()
-    z = yp[..., 0 : 2 * wo : 2, :] * _BINOMIAL[0]
-    for k in range(1, 5):
-        z.add_(yp[..., k : k + 2 * wo : 2, :], alpha=_BINOMIAL[k])
-    return z.transpose(-1, -2)
+    return rows(rows(x).transpose(-1, -2)).transpose(-1, -2)
 
 
 def _down2_array(x: np.ndarray) -> np.ndarray:
