@@ -147,8 +147,9 @@ def _train_fine_for(a, train_ds, val_ds, res: dict, log):
         return evaluate_model(model, val_ds, iterations=0, progress=False)["overall"]["mre_mm"]
 
     t0, c0 = time.monotonic(), time.process_time()
-    net, hist = train_fine(levels, truth_n, cfg, a.budget_min * 60, progress=not a.quiet, evaluate=val_mre,
-                           eval_every_s=a.eval_every * 60)
+    net, hist = train_fine(levels, truth_n, cfg, a.budget_min * 60, progress=not a.quiet,
+                           evaluate=val_mre if val_ds is not None else None, eval_every_s=a.eval_every * 60,
+                           max_steps=a.fine_steps)
     res["train"] = {"wall_s": time.monotonic() - t0, "cpu_s": time.process_time() - c0,
                     "fine_wall_s": hist[-1]["elapsed_s"], "fine_steps": hist[-1]["step"]}
     res["config"] = {"fine": cfg.to_dict(), "coarse_from": str(a.fine_for)}
@@ -159,7 +160,8 @@ def _train_fine_for(a, train_ds, val_ds, res: dict, log):
     out.parent.mkdir(parents=True, exist_ok=True)
     model.save(out)
     res["model"] = str(out)
-    log(f"fine stage: {hist[-1]['step']} steps, validation MRE {hist[-1]['val_mre_mm']:.3f} mm; wrote {out}")
+    val_note = f", validation MRE {hist[-1]['val_mre_mm']:.3f} mm" if "val_mre_mm" in hist[-1] else ""
+    log(f"fine stage: {hist[-1]['step']} steps{val_note}; wrote {out}")
     return model
 
 
@@ -179,6 +181,13 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
         res["model"] = str(a.evaluate)
         res["train"] = {k: model.meta.get(k) for k in ("train_wall_s", "coarse_train_wall_s", "train_steps")}
         res["curve"] = model.meta.get("coarse_history", []) + model.meta.get("history", [])
+        if a.coarse_from:  # the coarse stage replaced by other runs' (e.g. a refit on all of Train)
+            from napari_glimpse.coarse import CoarseEnsemble, members_of
+
+            nets = [n for f in a.coarse_from for n in members_of(GlimpseModel.load(f, "cpu").coarse)]
+            model.coarse = CoarseEnsemble(nets) if len(nets) > 1 else nets[0]
+            res["coarse_from"] = [str(f) for f in a.coarse_from]
+            log(f"coarse stage from {', '.join(map(str, a.coarse_from))}")
         if a.add_coarse:  # a coarse ensemble: the other runs' coarse nets join this model's
             from napari_glimpse.coarse import CoarseEnsemble, members_of
 
@@ -224,6 +233,13 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
             res["fine_config"] = [fj.get("config") for fj in fjs]
             res["curve"] = res.get("curve", []) + [c for fj in fjs for c in fj.get("curve", [])]
             res["fine_json"] = [str(f) for f in a.fine_json]
+        if a.glimpse_json:  # the runs (side by side) that trained the glimpse net kept from --evaluate
+            before = res.get("train", {})
+            gjs = [json.loads(Path(f).read_text()) for f in a.glimpse_json]
+            res["train"] = {"wall_s": (before.get("wall_s") or 0) + max(g["train"]["wall_s"] for g in gjs),
+                            "cpu_s": (before.get("cpu_s") or 0) + sum(g["train"]["cpu_s"] for g in gjs),
+                            "stages": [before] + [{"glimpse_net_runs": [g["train"] for g in gjs]}]}
+            res["glimpse_json"] = [str(f) for f in a.glimpse_json]
     else:
         mcfg = ModelConfig(n_levels=a.levels)
         tcfg = TrainConfig(near_fraction=a.near_fraction, near_sigma_px=(a.near_sigma[0], a.near_sigma[1]),
@@ -234,7 +250,7 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
         out = Path(a.model_out)
         t0, c0 = time.monotonic(), time.process_time()
         model = train(train_ds, out, mcfg, tcfg, device="cpu", time_budget_s=max(budget - (cb or 0), 1.0), val=val_ds,
-                      coarse_budget_s=cb, coarse_config=ccfg, progress=not a.quiet)
+                      coarse_budget_s=cb, coarse_config=ccfg, coarse_steps=a.coarse_steps, progress=not a.quiet)
         res["train"] = {"wall_s": time.monotonic() - t0, "cpu_s": time.process_time() - c0,
                         "coarse_wall_s": model.meta.get("coarse_train_wall_s"),
                         "glimpse_wall_s": model.meta.get("train_wall_s"), "glimpse_steps": model.meta.get("train_steps")}
@@ -242,6 +258,8 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
                          "coarse": ccfg.to_dict() if cb else None, "coarse_fraction": a.coarse_fraction}
         res["curve"] = model.meta.get("coarse_history", []) + model.meta.get("history", [])
         res["model"] = str(out)
+        if a.train_only:
+            return res
     # inference choices, made on the validation split only: glimpse iterations, (with a coarse
     # stage) whether to average the coarse answers of the image and its mirror, the weight of
     # the coarse answer in the final one (blend), (with a fine stage) its steps, and which
@@ -266,6 +284,13 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
     fine_nets = members_of(model.fine) if model.fine is not None else []
     subsets = subsets_of(len(nets))
     fine_subsets = subsets_of(len(fine_nets)) if fine_nets else [()]
+    if a.keep_choice:  # the model's own choice, made on validation before (e.g. for a refit on all of Train)
+        best = tuple(model.meta.get(k, d) for k, d in (("iterations", 0), ("coarse_flip_average", False),
+                                                        ("coarse_blend", 0.0), ("fine_steps", 1)))
+        best += (tuple(range(len(nets))), tuple(range(len(fine_nets))))
+        log(f"kept the model's inference choice {best}")
+        res["choice_kept"] = True
+        return _finish(a, res, model, best, nets, fine_nets, test_ds, val_ds, log)
     vt = val_ds.ground_truth("mean")
     val = {}
     model.meta["coarse_blend"] = 0.0
@@ -300,11 +325,16 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
     res["val_mre"] = [{"iterations": it, "coarse_flip_average": f, "coarse_blend": b, "fine_steps": fs,
                        "coarse_nets": list(sub), "fine_nets": list(fsub), "mre_mm": v}
                       for (it, f, b, fs, sub, fsub), v in val.items()]
+    model.meta["inference_choice"] = ("lowest validation MRE (ISBI Train 131-150) within "
+                                      f"{a.max_seconds or 'any'} s/image, by benchmarks/isbi.py")
+    return _finish(a, res, model, best, nets, fine_nets, test_ds, val_ds, log)
+
+
+def _finish(a, res: dict, model, best: tuple, nets, fine_nets, test_ds, val_ds, log) -> dict:
+    """Apply the inference choice ``best``, save the model if asked, evaluate it on Test1."""
     res["iterations"], res["coarse_flip_average"], res["coarse_blend"], res["fine_steps"] = best[:4]
     res["coarse_nets"], res["fine_nets"] = list(best[4]), list(best[5])
     _apply_choice(model, best, nets, fine_nets)
-    model.meta["inference_choice"] = ("lowest validation MRE (ISBI Train 131-150) within "
-                                      f"{a.max_seconds or 'any'} s/image, by benchmarks/isbi.py")
     target = a.save_as or (res["model"] if a.save_choice else None)
     if target:
         model.save(target)
@@ -365,6 +395,14 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=float, default=10.0, help="validation every N minutes (curve)")
     p.add_argument("--train-json", metavar="JSON", nargs="+",
                    help="with --evaluate: copy train/config/curve from the training runs' JSON (several: runs side by side)")
+    p.add_argument("--coarse-from", metavar="MODEL", nargs="+",
+                   help="with --evaluate: replace the coarse stage with these models' coarse nets")
+    p.add_argument("--glimpse-json", metavar="JSON", nargs="+",
+                   help="with --evaluate: the runs (side by side) that trained its glimpse net, when it is kept "
+                        "beside stages trained later; their wall and CPU times add")
+    p.add_argument("--keep-choice", action="store_true",
+                   help="with --evaluate: keep the model's inference choice (made on validation before) instead of "
+                        "choosing again (required after --train-all)")
     p.add_argument("--add-coarse", metavar="MODEL", nargs="+",
                    help="with --evaluate: average the coarse stage with these models' coarse nets (an ensemble)")
     p.add_argument("--fine-for", metavar="MODEL",
@@ -376,7 +414,12 @@ def main(argv=None) -> int:
     p.add_argument("--fine-jitter", type=float, nargs=2, default=(0.5, 4.0), metavar=("LO", "HI"),
                    help="fine stage: training window offset, standard deviation range (mm per axis)")
     p.add_argument("--train-only", action="store_true",
-                   help="with --fine-for: stop after training (no inference choice, Test1 not read)")
+                   help="stop after training (no inference choice, Test1 not read)")
+    p.add_argument("--train-all", action="store_true",
+                   help="refit on all of Train 001-150 (no validation split, no curve); with --train-only, for a "
+                        "recipe chosen on validation before (see --keep-choice)")
+    p.add_argument("--coarse-steps", type=int, help="cap the coarse net's training steps (replay a recipe)")
+    p.add_argument("--fine-steps", type=int, help="cap the fine net's training steps (replay a recipe)")
     p.add_argument("--add-fine", metavar="MODEL", nargs="+",
                    help="with --evaluate: take the fine stage from these models (several: an ensemble)")
     p.add_argument("--fine-json", metavar="JSON", nargs="+",
@@ -404,23 +447,27 @@ def main(argv=None) -> int:
         return 2
     train_all = load_dataset(root, "train")
     test = load_dataset(root, "test1")
-    tr_idx, va_idx = list(range(N_TRAIN)), list(range(N_TRAIN, len(train_all)))
+    n_train = len(train_all) if a.train_all else N_TRAIN
+    tr_idx, va_idx = list(range(n_train)), list(range(n_train, len(train_all)))
     if a.limit:
         tr_idx, va_idx = tr_idx[: a.limit], va_idx[: max(2, a.limit // 4)]
         test = test.subset(range(min(len(test), max(20, a.limit))))
-    train_ds, val_ds = train_all.subset(tr_idx), train_all.subset(va_idx)
+    train_ds = train_all.subset(tr_idx)
+    val_ds = train_all.subset(va_idx) if va_idx else None
+    if a.train_all and not (a.train_only or a.keep_choice):
+        p.error("--train-all leaves no validation split to choose on: add --train-only or --keep-choice")
 
     def log(msg: str) -> None:
         print(f"[{_dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
 
-    log(f"{a.method}: train {len(train_ds)}, val {len(val_ds)}, test {len(test)}; budget {a.budget_min} min, "
+    log(f"{a.method}: train {len(train_ds)}, val {len(val_ds) if val_ds else 0}, test {len(test)}; budget {a.budget_min} min, "
         f"{a.threads} threads")
     run = run_glimpse if a.method == "glimpse" else run_landmarker
     res = run(a, train_ds, val_ds, test, log)
     for k, v in (("budget_min", a.budget_min), ("threads", a.threads), ("seed", a.seed)):
         res.setdefault(k, v)
     res.update({
-        "protocol": {"train": "ISBI Train 001-130", "val": "ISBI Train 131-150", "test": "ISBI Test1 151-300",
+        "protocol": {"train": f"ISBI Train 001-{n_train:03d}", "val": "ISBI Train 131-150" if val_ds else None, "test": "ISBI Test1 151-300",
                      "ground_truth": "mean of senior and junior", "n_test": len(test), "limit": a.limit},
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "python": platform.python_version()},

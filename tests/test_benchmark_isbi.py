@@ -143,3 +143,49 @@ def test_fine_stage_is_trained_for_a_model_then_added_with_its_time(isbi, tmp_pa
     elif r2["fine_steps"]:
         src = GlimpseModel.load(tmp_path / ("f.pt" if r2["fine_nets"] == [0] else "g.pt"), "cpu").fine
         assert all(torch.equal(v, saved2.fine.state_dict()[k]) for k, v in src.state_dict().items())
+
+
+def test_refit_on_all_of_train_keeps_the_choice_made_on_validation(isbi, tmp_path):
+    """--train-all refits a recipe on Train 001-150 with capped steps (no validation split, so no
+    curve and no choice); --evaluate --coarse-from --add-fine --keep-choice puts the refit stages
+    into the model whose choice was made on validation, keeping its glimpse net and choice."""
+    base = _random_model(tmp_path / "base.pt", 3)
+    m = GlimpseModel.load(base, "cpu")
+    m.meta.update({"iterations": 0, "coarse_flip_average": True, "coarse_blend": 0.0, "fine_steps": 1})
+    m.save(base)
+    common = ["--method", "glimpse", "--data", str(REAL_DATA), "--limit", "3", "--threads", "1",
+              "--speed-threads", "1", "--quiet", "--budget-min", "5"]
+    with pytest.raises(SystemExit):  # nothing to choose on: refuses rather than choose on training images
+        isbi.main([*common, "--train-all", "--coarse-fraction", "1", "--out", str(tmp_path / "x.json")])
+    assert isbi.main([*common, "--train-all", "--train-only", "--coarse-fraction", "1", "--coarse-steps", "2",
+                      "--coarse-width", "4", "--levels", "3",
+                      "--model-out", str(tmp_path / "c.pt"), "--out", str(tmp_path / "c.json")]) == 0
+    assert isbi.main([*common, "--train-all", "--train-only", "--fine-for", str(base), "--fine-steps", "2",
+                      "--seed", "1", "--fine-patch", "32", "--fine-width", "4", "--fine-context", "2",
+                      "--model-out", str(tmp_path / "f.pt"), "--out", str(tmp_path / "f.json")]) == 0
+    c, f = (json.loads((tmp_path / n).read_text()) for n in ("c.json", "f.json"))
+    assert c["protocol"]["val"] is None and f["protocol"]["val"] is None
+    assert "test" not in c and "test" not in f and "val_mre" not in c
+    assert [h["step"] for h in c["curve"] if h.get("stage") == "coarse"][-1] == 2 and f["train"]["fine_steps"] == 2
+    assert not any("val_mre_mm" in h for h in c["curve"] + f["curve"])  # no validation to read
+    assert c["train"]["wall_s"] < 5 * 60  # the step cap ended them, not the 5-minute budget
+    g = tmp_path / "g.json"
+    g.write_text(json.dumps({"train": {"wall_s": 100.0, "cpu_s": 90.0}}))
+    out = tmp_path / "r.json"
+    assert isbi.main([*common, "--evaluate", str(base), "--coarse-from", str(tmp_path / "c.pt"), "--add-fine",
+                      str(tmp_path / "f.pt"), "--keep-choice", "--train-json", str(tmp_path / "c.json"),
+                      str(tmp_path / "f.json"), "--glimpse-json", str(g), "--out", str(out),
+                      "--save-as", str(tmp_path / "s.pt")]) == 0
+    r = json.loads(out.read_text())
+    assert r["choice_kept"] and "val_mre" not in r and "speed_checks" not in r
+    assert (r["iterations"], r["coarse_flip_average"], r["fine_steps"]) == (0, True, 1)
+    # the two refit runs side by side (wall: the longer), after the glimpse net's run
+    assert r["train"]["wall_s"] == pytest.approx(max(c["train"]["wall_s"], f["train"]["wall_s"]) + 100.0)
+    assert r["train"]["cpu_s"] == pytest.approx(c["train"]["cpu_s"] + f["train"]["cpu_s"] + 90.0)
+    saved = GlimpseModel.load(tmp_path / "s.pt", "cpu")
+    refit_c = GlimpseModel.load(tmp_path / "c.pt", "cpu").coarse
+    refit_f = GlimpseModel.load(tmp_path / "f.pt", "cpu").fine
+    assert all(torch.equal(v, saved.coarse.state_dict()[k]) for k, v in refit_c.state_dict().items())
+    assert all(torch.equal(v, saved.fine.state_dict()[k]) for k, v in refit_f.state_dict().items())
+    assert all(torch.equal(v, saved.net.state_dict()[k]) for k, v in m.net.state_dict().items())  # glimpse net kept
+    assert saved.meta["coarse_flip_average"] is True and saved.fine_steps == 1
