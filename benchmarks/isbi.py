@@ -27,6 +27,11 @@ Methods:
   with its inference choice.
 * ``--fine-for MODEL``: train a fine stage (``--budget-min`` minutes) after that model's coarse
   stage (``--fine-level``, ``--fine-context``, ``--fine-patch``, ``--fine-jitter``).
+* ``--train-all --train-only``: refit a recipe already chosen on validation on all of Train
+  001-150 (no validation split, so no curve and no choice; ``--coarse-steps`` / ``--fine-steps``
+  replay the chosen runs' step counts). ``--evaluate MODEL --coarse-from C --add-fine F
+  --keep-choice`` then puts the refit stages into the validated model, keeping its inference
+  choice and glimpse net (``--glimpse-json``: the runs that trained that net, whose time adds).
 
 Inference choice (glimpse): iterations 0-3, flip averaging of the coarse view on/off, the
 coarse/glimpse blend weight, the fine stage's steps (0-2) and which coarse nets of an ensemble
@@ -122,6 +127,18 @@ def _apply_choice(model, choice, nets=None, fine_nets=None) -> None:
             setattr(model, attr, kind(chosen) if len(chosen) > 1 else chosen[0])
 
 
+def _add_runs(res: dict, files, side_by_side: bool) -> list[dict]:
+    """Add the training runs recorded in ``files`` (JSON) to ``res["train"]``: their CPU times add
+    up; their wall times too, or (run side by side) the longest. Returns the records."""
+    before = res.get("train", {})
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    walls = [r["train"]["wall_s"] for r in runs]
+    res["train"] = {"wall_s": (before.get("wall_s") or 0) + (max(walls) if side_by_side else sum(walls)),
+                    "cpu_s": (before.get("cpu_s") or 0) + sum(r["train"]["cpu_s"] for r in runs),
+                    "stages": [before] + [r["train"] for r in runs]}
+    return runs
+
+
 def _train_fine_for(a, train_ds, val_ds, res: dict, log):
     """Train a fine stage for ``--fine-for MODEL``'s coarse stage (``--budget-min`` minutes)."""
     from napari_glimpse.fine import FineConfig, fine_levels, train_fine
@@ -155,7 +172,8 @@ def _train_fine_for(a, train_ds, val_ds, res: dict, log):
     res["config"] = {"fine": cfg.to_dict(), "coarse_from": str(a.fine_for)}
     res["curve"] = hist
     model.fine = net
-    model.meta.update({"fine_train_wall_s": hist[-1]["elapsed_s"], "fine_history": hist})
+    model.meta.update({"fine_train_wall_s": hist[-1]["elapsed_s"], "fine_history": hist,
+                       "fine_n_train_images": len(train_ds)})
     out = Path(a.model_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model.save(out)
@@ -184,7 +202,9 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
         if a.coarse_from:  # the coarse stage replaced by other runs' (e.g. a refit on all of Train)
             from napari_glimpse.coarse import CoarseEnsemble, members_of
 
-            nets = [n for f in a.coarse_from for n in members_of(GlimpseModel.load(f, "cpu").coarse)]
+            sources = [GlimpseModel.load(f, "cpu") for f in a.coarse_from]
+            nets = [n for src in sources for n in members_of(src.coarse)]
+            model.meta["coarse_n_train_images"] = [src.meta.get("n_train_images") for src in sources]
             model.coarse = CoarseEnsemble(nets) if len(nets) > 1 else nets[0]
             res["coarse_from"] = [str(f) for f in a.coarse_from]
             log(f"coarse stage from {', '.join(map(str, a.coarse_from))}")
@@ -216,29 +236,23 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
             from napari_glimpse.coarse import members_of
             from napari_glimpse.fine import FineEnsemble
 
-            fnets = []
+            fnets, counts = [], []
             for f in a.add_fine:
                 other = GlimpseModel.load(f, "cpu")
                 if other.fine is None:
                     raise SystemExit(f"{f} has no fine stage")
                 fnets += members_of(other.fine)
+                counts.append(other.meta.get("fine_n_train_images"))
             model.fine = FineEnsemble(fnets) if len(fnets) > 1 else fnets[0]
+            model.meta["fine_n_train_images"] = counts
             res["fine_from"] = [str(f) for f in a.add_fine]
         if a.fine_json:  # stages trained one after another, after the runs above: wall and CPU times add up
-            before = res.get("train", {})
-            fjs = [json.loads(Path(f).read_text()) for f in a.fine_json]
-            res["train"] = {"wall_s": (before.get("wall_s") or 0) + sum(fj["train"]["wall_s"] for fj in fjs),
-                            "cpu_s": (before.get("cpu_s") or 0) + sum(fj["train"]["cpu_s"] for fj in fjs),
-                            "stages": [before] + [fj["train"] for fj in fjs]}
+            fjs = _add_runs(res, a.fine_json, side_by_side=False)
             res["fine_config"] = [fj.get("config") for fj in fjs]
             res["curve"] = res.get("curve", []) + [c for fj in fjs for c in fj.get("curve", [])]
             res["fine_json"] = [str(f) for f in a.fine_json]
         if a.glimpse_json:  # the runs (side by side) that trained the glimpse net kept from --evaluate
-            before = res.get("train", {})
-            gjs = [json.loads(Path(f).read_text()) for f in a.glimpse_json]
-            res["train"] = {"wall_s": (before.get("wall_s") or 0) + max(g["train"]["wall_s"] for g in gjs),
-                            "cpu_s": (before.get("cpu_s") or 0) + sum(g["train"]["cpu_s"] for g in gjs),
-                            "stages": [before] + [{"glimpse_net_runs": [g["train"] for g in gjs]}]}
+            _add_runs(res, a.glimpse_json, side_by_side=True)
             res["glimpse_json"] = [str(f) for f in a.glimpse_json]
     else:
         mcfg = ModelConfig(n_levels=a.levels)
@@ -290,6 +304,8 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
         best += (tuple(range(len(nets))), tuple(range(len(fine_nets))))
         log(f"kept the model's inference choice {best}")
         res["choice_kept"] = True
+        model.meta["inference_choice"] = (model.meta.get("inference_choice", "") +
+                                          "; kept by --keep-choice for stages trained later").lstrip("; ")
         return _finish(a, res, model, best, nets, fine_nets, test_ds, val_ds, log)
     vt = val_ds.ground_truth("mean")
     val = {}

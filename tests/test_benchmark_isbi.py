@@ -189,3 +189,4 @@ def test_refit_on_all_of_train_keeps_the_choice_made_on_validation(isbi, tmp_pat
     assert all(torch.equal(v, saved.fine.state_dict()[k]) for k, v in refit_f.state_dict().items())
     assert all(torch.equal(v, saved.net.state_dict()[k]) for k, v in m.net.state_dict().items())  # glimpse net kept
     assert saved.meta["coarse_flip_average"] is True and saved.fine_steps == 1
+    assert saved.meta["coarse_n_train_images"] == [3] and saved.meta["fine_n_train_images"] == [3]
