@@ -433,11 +433,11 @@ def test_facing_comes_from_the_coarse_answer(coarse_model, image, monkeypatch):
     answer = {"pos": _mirror(mean, 256)}
     seen = []
 
-    def fake(pyr, fine_steps=None):
+    def fake(pyr):  # the coarse stage's (positions, spread, disagreement)
         seen.append(pyr)
-        return (answer["pos"].copy() if len(seen) % 2 else canon.copy()), np.ones(K)
+        return (answer["pos"].copy() if len(seen) % 2 else canon.copy()), np.ones(K), np.zeros(K)
 
-    monkeypatch.setattr(coarse_model, "locate_coarse", fake)
+    monkeypatch.setattr(coarse_model, "_coarse", fake)
     tr = coarse_model.predict(image, iterations=1)
     assert tr.facing == "left" and len(seen) == 2
     np.testing.assert_array_equal(seen[1].levels[0].numpy(), image[:, ::-1])  # re-read mirrored

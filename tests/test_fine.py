@@ -223,6 +223,35 @@ def test_predict_refines_the_coarse_answer(fine_model, image):
     np.testing.assert_allclose(fine_model.predict(image, facing="right").final, two, atol=1e-4)
 
 
+def test_coarse_views_that_disagree_beyond_the_fine_reach_keep_the_point_uncertain(fine_model, image, monkeypatch):
+    """The fine stage corrects offsets up to ``jitter_mm[1]``; where the coarse passes (views,
+    nets) disagree by more, its own narrow peak cannot vouch for the point: the uncertainty is at
+    least the disagreement. Below that, it is the fine stage's alone. Positions do not change."""
+    import napari_glimpse.coarse as coarse_mod
+
+    real = coarse_mod.locate_parts
+    reach = fine_model.fine.cfg.jitter_mm[1] / fine_model.pixel_spacing  # full-resolution pixels
+    plain = fine_model.predict(image, facing="right")
+    dis = np.zeros(K)
+    dis[0], dis[1] = 10 * reach, 0.9 * reach
+
+    def disagreeing(*args, **kwargs):
+        pos, width, _ = real(*args, **kwargs)
+        return pos, width, dis
+
+    monkeypatch.setattr(coarse_mod, "locate_parts", disagreeing)
+    tr = fine_model.predict(image, facing="right")
+    np.testing.assert_allclose(tr.final, plain.final, atol=1e-6)
+    assert tr.uncertainty_mm[0] == pytest.approx(10 * reach * fine_model.pixel_spacing)
+    assert plain.uncertainty_mm[0] < tr.uncertainty_mm[0]
+    np.testing.assert_allclose(tr.uncertainty_mm[1:], plain.uncertainty_mm[1:], rtol=1e-6)
+    np.testing.assert_allclose(fine_model.locate_coarse(image)[1] * fine_model.pixel_spacing, tr.uncertainty_mm,
+                               rtol=1e-6)
+    # without a fine look the coarse spread already counts the disagreement in quadrature
+    s0 = fine_model.locate_coarse(image, fine_steps=0)[1]
+    assert s0[0] >= 10 * reach
+
+
 def test_glimpses_start_from_the_fine_answer(fine_model, image):
     tr = fine_model.predict(image, iterations=2, facing="right")
     np.testing.assert_allclose(tr.positions[0], fine_model.predict(image, facing="right").final, atol=1e-3)

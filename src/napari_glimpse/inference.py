@@ -337,7 +337,7 @@ class GlimpseModel:
         if self.coarse is not None and start is None:
             from .coarse import facing_of
 
-            start, spread = self.locate_coarse(pyr, fine_steps=0)
+            start, spread, disagreement = self._coarse(pyr)
             if facing == "auto":
                 facing = facing_of(start, self.mean_start)
             if facing == "left":
@@ -347,7 +347,7 @@ class GlimpseModel:
                 start, spread = self.locate_coarse(mirrored)
                 start = start * [-1, 1] + [w - 1, 0]
             else:
-                start, spread = self._refine(pyr, start, spread)
+                start, spread = self._refine(pyr, start, spread, disagreement=disagreement)
             coarse_start = start
             if iterations == 0:
                 ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
@@ -403,29 +403,41 @@ class GlimpseModel:
         mirror's answers. ``fine_steps``: fine-stage looks (default :attr:`fine_steps`; 0: the
         coarse answer alone). The spread is the fine stage's when it looks (its heatmap peaks'
         width and its nets' disagreement: on ISBI validation it ranks the errors better, Spearman
-        0.32 against the coarse spread's 0.15), else the coarse stage's.
+        0.32 against the coarse spread's 0.15), else the coarse stage's; but where the coarse
+        passes disagree by more than the fine stage was trained to correct, at least that
+        disagreement (the fine stage cannot vouch for a point it may not be able to reach).
         """
         if self.coarse is None:
             raise GlimpseError("this model has no coarse stage")
-        from .coarse import locate, view_level
-
         pyr = self.pyramid(image)
-        lv = view_level(pyr.shape, self.coarse.cfg.input_hw, len(pyr))
-        pos, spread = locate(self.coarse, pyr.levels[lv], pyr.shape,
-                             flip_average=bool(self.meta.get("coarse_flip_average")))
-        return self._refine(pyr, pos, spread, fine_steps)
+        pos, spread, disagreement = self._coarse(pyr)
+        return self._refine(pyr, pos, spread, fine_steps, disagreement)
 
-    def _refine(self, pyr: Pyramid, pos: np.ndarray, spread: np.ndarray,
-                fine_steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _coarse(self, pyr: Pyramid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The coarse stage's positions, spread and passes' disagreement (full-res pixels)."""
+        from .coarse import locate_parts, view_level
+
+        lv = view_level(pyr.shape, self.coarse.cfg.input_hw, len(pyr))
+        pos, width, disagreement = locate_parts(self.coarse, pyr.levels[lv], pyr.shape,
+                                                flip_average=bool(self.meta.get("coarse_flip_average")))
+        return pos, np.sqrt(width ** 2 + disagreement ** 2), disagreement
+
+    def _refine(self, pyr: Pyramid, pos: np.ndarray, spread: np.ndarray, fine_steps: int | None = None,
+                disagreement: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The fine stage's looks around ``pos`` (default :attr:`fine_steps` of them): positions
         and their spread; ``pos`` and ``spread`` (the coarse stage's) as they are when it does not
-        look."""
+        look. ``disagreement``: the coarse passes'; where it exceeds the largest offset the fine
+        stage was trained to correct (``jitter_mm[1]``), the spread is at least that."""
         steps = self.fine_steps if fine_steps is None else fine_steps
         if steps <= 0 or self.fine is None:
             return pos, spread
         from .fine import refine
 
-        return refine(self.fine, pyr.levels, pyr.shape, pos, steps)
+        pos, fine_spread = refine(self.fine, pyr.levels, pyr.shape, pos, steps)
+        if disagreement is not None:
+            reach = self.fine.cfg.jitter_mm[1] / self.pixel_spacing
+            fine_spread = np.where(disagreement > reach, np.maximum(fine_spread, disagreement), fine_spread)
+        return pos, fine_spread
 
     def _run(
         self,
