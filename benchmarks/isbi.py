@@ -92,7 +92,7 @@ def _speed(fn, images: list[np.ndarray], threads: int) -> float:
         torch.set_num_threads(old)
 
 
-def _glimpse_eval(model, test, val, iterations: int, speed_threads: int, log) -> dict:
+def _glimpse_eval(model, test, iterations: int, speed_threads: int, log) -> dict:
     from napari_glimpse.training import evaluate_model
 
     out: dict = {}
@@ -299,14 +299,14 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
     subsets = subsets_of(len(nets))
     fine_subsets = subsets_of(len(fine_nets)) if fine_nets else [()]
     if a.keep_choice:  # the model's own choice, made on validation before (e.g. for a refit on all of Train)
-        best = tuple(model.meta.get(k, d) for k, d in (("iterations", 0), ("coarse_flip_average", False),
-                                                        ("coarse_blend", 0.0), ("fine_steps", 1)))
-        best += (tuple(range(len(nets))), tuple(range(len(fine_nets))))
+        best = (model.default_iterations, bool(model.meta.get("coarse_flip_average", False)),
+                float(model.meta.get("coarse_blend", 0.0)), model.fine_steps,
+                tuple(range(len(nets))), tuple(range(len(fine_nets))))
         log(f"kept the model's inference choice {best}")
         res["choice_kept"] = True
         model.meta["inference_choice"] = (model.meta.get("inference_choice", "") +
                                           "; kept by --keep-choice for stages trained later").lstrip("; ")
-        return _finish(a, res, model, best, nets, fine_nets, test_ds, val_ds, log)
+        return _finish(a, res, model, best, nets, fine_nets, test_ds, log)
     vt = val_ds.ground_truth("mean")
     val = {}
     model.meta["coarse_blend"] = 0.0
@@ -343,10 +343,10 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
                       for (it, f, b, fs, sub, fsub), v in val.items()]
     model.meta["inference_choice"] = ("lowest validation MRE (ISBI Train 131-150) within "
                                       f"{a.max_seconds or 'any'} s/image, by benchmarks/isbi.py")
-    return _finish(a, res, model, best, nets, fine_nets, test_ds, val_ds, log)
+    return _finish(a, res, model, best, nets, fine_nets, test_ds, log)
 
 
-def _finish(a, res: dict, model, best: tuple, nets, fine_nets, test_ds, val_ds, log) -> dict:
+def _finish(a, res: dict, model, best: tuple, nets, fine_nets, test_ds, log) -> dict:
     """Apply the inference choice ``best``, save the model if asked, evaluate it on Test1."""
     res["iterations"], res["coarse_flip_average"], res["coarse_blend"], res["fine_steps"] = best[:4]
     res["coarse_nets"], res["fine_nets"] = list(best[4]), list(best[5])
@@ -356,7 +356,7 @@ def _finish(a, res: dict, model, best: tuple, nets, fine_nets, test_ds, val_ds, 
         model.save(target)
         res["saved_as"] = str(target)
         log(f"saved the model with the choice {best} as {target}")
-    res.update(_glimpse_eval(model, test_ds, val_ds, best[0], a.speed_threads, log))
+    res.update(_glimpse_eval(model, test_ds, best[0], a.speed_threads, log))
     return res
 
 

@@ -29,8 +29,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from isbi import DEFAULT_DATA, _speed  # noqa: E402  (the benchmark's own timing)
-from peer_landmarker import inference_speed  # noqa: E402
+from isbi import DEFAULT_DATA, _speed
+from peer_landmarker import inference_speed
+from speed import cpu_model
 
 
 def main(argv=None) -> int:
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
         "seconds_per_image": {k: [row[k] for row in rounds] for k in rounds[0]},
         "ratio_to_peer": {p: [row[p] / row["peer"] for row in rounds] for p in paths},
         "threads": a.threads, "images": len(images),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": _cpu_name(),
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": cpu_model(),
                     "torch": torch.__version__},
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
@@ -73,16 +74,6 @@ def main(argv=None) -> int:
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
