@@ -32,6 +32,11 @@ Methods:
   replay the chosen runs' step counts). ``--evaluate MODEL --coarse-from C --add-fine F
   --keep-choice`` then puts the refit stages into the validated model, keeping its inference
   choice and glimpse net (``--glimpse-json``: the runs that trained that net, whose time adds).
+* ``--fine-averages DECAY...``: with ``--fine-for``, also keep exponential moving averages of the
+  fine net's weights (each saved beside ``--model-out``, with its validation MRE in the JSON).
+* ``--fine-decode-windows W...``: after the inference choice (or ``--keep-choice``), choose the
+  fine heatmaps' soft-argmax neighbourhood on validation; ``--no-test`` makes and saves a choice
+  without reading Test1 (for comparing candidates on validation only).
 
 Inference choice (glimpse): iterations 0-3, flip averaging of the coarse view on/off, the
 coarse/glimpse blend weight, the fine stage's steps (0-2) and which coarse nets of an ensemble
@@ -163,19 +168,33 @@ def _train_fine_for(a, train_ds, val_ds, res: dict, log):
         model.fine = net
         return evaluate_model(model, val_ds, iterations=0, progress=False)["overall"]["mre_mm"]
 
+    averages = {d: None for d in a.fine_averages or ()}
     t0, c0 = time.monotonic(), time.process_time()
     net, hist = train_fine(levels, truth_n, cfg, a.budget_min * 60, progress=not a.quiet,
                            evaluate=val_mre if val_ds is not None else None, eval_every_s=a.eval_every * 60,
-                           max_steps=a.fine_steps)
+                           max_steps=a.fine_steps, averages=averages or None)
     res["train"] = {"wall_s": time.monotonic() - t0, "cpu_s": time.process_time() - c0,
                     "fine_wall_s": hist[-1]["elapsed_s"], "fine_steps": hist[-1]["step"]}
-    res["config"] = {"fine": cfg.to_dict(), "coarse_from": str(a.fine_for)}
+    res["config"] = {"fine": cfg.to_dict(), "coarse_from": str(a.fine_for), "fine_averages": list(averages)}
     res["curve"] = hist
-    model.fine = net
     model.meta.update({"fine_train_wall_s": hist[-1]["elapsed_s"], "fine_history": hist,
                        "fine_n_train_images": len(train_ds)})
     out = Path(a.model_out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # the weight averages, each in a model file of its own beside the net's (same training run)
+    res["averages"] = []
+    for d, avg in averages.items():
+        rec = {"decay": d, "model": str(out.with_name(f"{out.stem}_avg{d:g}{out.suffix}"))}
+        if val_ds is not None:
+            rec["val_mre_mm"] = val_mre(avg)
+        model.fine = avg
+        model.meta["fine_average_decay"] = d
+        model.save(rec["model"])
+        res["averages"].append(rec)
+        log(f"weight average {d:g}: " + (f"validation MRE {rec['val_mre_mm']:.3f} mm; " if "val_mre_mm" in rec else "")
+            + f"wrote {rec['model']}")
+    model.meta.pop("fine_average_decay", None)
+    model.fine = net
     model.save(out)
     res["model"] = str(out)
     val_note = f", validation MRE {hist[-1]['val_mre_mm']:.3f} mm" if "val_mre_mm" in hist[-1] else ""
@@ -306,7 +325,7 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
         res["choice_kept"] = True
         model.meta["inference_choice"] = (model.meta.get("inference_choice", "") +
                                           "; kept by --keep-choice for stages trained later").lstrip("; ")
-        return _finish(a, res, model, best, nets, fine_nets, test_ds, log)
+        return _finish(a, res, model, best, nets, fine_nets, val_ds, test_ds, log)
     vt = val_ds.ground_truth("mean")
     val = {}
     model.meta["coarse_blend"] = 0.0
@@ -343,19 +362,50 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
                       for (it, f, b, fs, sub, fsub), v in val.items()]
     model.meta["inference_choice"] = ("lowest validation MRE (ISBI Train 131-150) within "
                                       f"{a.max_seconds or 'any'} s/image, by benchmarks/isbi.py")
-    return _finish(a, res, model, best, nets, fine_nets, test_ds, log)
+    return _finish(a, res, model, best, nets, fine_nets, val_ds, test_ds, log)
 
 
-def _finish(a, res: dict, model, best: tuple, nets, fine_nets, test_ds, log) -> dict:
-    """Apply the inference choice ``best``, save the model if asked, evaluate it on Test1."""
+def _choose_decode_window(a, res: dict, model, val_ds, log) -> None:
+    """``--fine-decode-windows``: the fine heatmaps' soft-argmax neighbourhood, chosen on the
+    validation split for the choice already made (the rest of it unchanged; the windows cost the
+    same time). The model's current window stays unless another is strictly better."""
+    from napari_glimpse.training import evaluate_model
+
+    if val_ds is None:
+        raise SystemExit("--fine-decode-windows chooses on the validation split, which --train-all leaves empty")
+    if model.fine is None or model.fine_steps == 0:
+        log("no fine look in this choice: --fine-decode-windows ignored")
+        return
+    val = {}
+    for w in dict.fromkeys([model.fine_decode_window, *a.fine_decode_windows]):
+        model.meta["fine_decode_window"] = int(w)
+        val[int(w)] = evaluate_model(model, val_ds, progress=False)["overall"]["mre_mm"]
+        log(f"val: fine decode window {w}: MRE {val[int(w)]:.4f} mm")
+    best = min(val, key=val.get)  # the first (current) window wins ties
+    model.meta["fine_decode_window"] = best
+    res["fine_decode_window"] = best
+    res["val_fine_decode_window"] = [{"window": w, "mre_mm": v} for w, v in val.items()]
+    log(f"fine decode window {best} (validation MRE {val[best]:.4f} mm)")
+
+
+def _finish(a, res: dict, model, best: tuple, nets, fine_nets, val_ds, test_ds, log) -> dict:
+    """Apply the inference choice ``best`` (and, with ``--fine-decode-windows``, choose the fine
+    decode window on validation), save the model if asked, evaluate it on Test1 (unless
+    ``--no-test``)."""
     res["iterations"], res["coarse_flip_average"], res["coarse_blend"], res["fine_steps"] = best[:4]
     res["coarse_nets"], res["fine_nets"] = list(best[4]), list(best[5])
     _apply_choice(model, best, nets, fine_nets)
+    if a.fine_decode_windows:
+        _choose_decode_window(a, res, model, val_ds, log)
+    res["fine_decode_window"] = model.fine_decode_window if model.fine is not None else None
     target = a.save_as or (res["model"] if a.save_choice else None)
     if target:
         model.save(target)
         res["saved_as"] = str(target)
         log(f"saved the model with the choice {best} as {target}")
+    if a.no_test:
+        res["test_read"] = False
+        return res
     res.update(_glimpse_eval(model, test_ds, best[0], a.speed_threads, log))
     return res
 
@@ -429,6 +479,9 @@ def main(argv=None) -> int:
     p.add_argument("--fine-context", type=int, default=3, help="fine stage: levels per window (input channels)")
     p.add_argument("--fine-jitter", type=float, nargs=2, default=(0.5, 4.0), metavar=("LO", "HI"),
                    help="fine stage: training window offset, standard deviation range (mm per axis)")
+    p.add_argument("--fine-averages", type=float, nargs="+", metavar="DECAY",
+                   help="fine stage: also keep exponential moving averages of its weights with these decays "
+                        "(e.g. 0.999 0.9995), each written beside --model-out as NAME_avgDECAY.pt")
     p.add_argument("--train-only", action="store_true",
                    help="stop after training (no inference choice, Test1 not read)")
     p.add_argument("--train-all", action="store_true",
@@ -441,6 +494,11 @@ def main(argv=None) -> int:
     p.add_argument("--fine-json", metavar="JSON", nargs="+",
                    help="with --evaluate: the fine stages' training runs (trained one after another, after the runs "
                         "of --train-json: their wall and CPU times add to theirs)")
+    p.add_argument("--fine-decode-windows", type=int, nargs="+", metavar="W",
+                   help="glimpse: after the inference choice, also choose on validation the half-size of the "
+                        "neighbourhood whose soft-argmax refines the fine heatmaps' peaks (e.g. 1 2 3 4 5 7 10)")
+    p.add_argument("--no-test", action="store_true",
+                   help="glimpse: make the choice (and save it with --save-as) without reading Test1")
     p.add_argument("--no-glimpse", action="store_true",
                    help="choose among answers without glimpse steps only (faster choice)")
     p.add_argument("--save-as", metavar="MODEL", help="write the model with the inference choice (and any --add-coarse) here")

@@ -313,6 +313,7 @@ def fit_heatmaps(
     evaluate: Callable[[nn.Module], float] | None = None,
     eval_every_s: float = 300.0,
     max_steps: int | None = None,
+    averages: "dict[float, nn.Module] | None" = None,
 ) -> list[dict]:
     """The training loop shared by the coarse and fine stages.
 
@@ -322,9 +323,19 @@ def fit_heatmaps(
     of ``time_budget_s`` and ``max_steps``. ``callback`` gets a dict per step (``stage``,
     ``step``, ``loss``, ``lr``, ``elapsed_s``, ``progress``); ``evaluate(net) -> mm`` runs every
     ``eval_every_s`` and at the end. Returns the history; the net is left in eval mode.
+
+    ``averages``: a dict whose keys are decays (e.g. ``{0.999: None}``); each value is replaced
+    by a copy of the net whose weights (and batch-norm statistics) are the exponential moving
+    average of the net's after every step with that decay (:func:`update_average`), in eval
+    mode: the averaged nets cost nothing at inference.
     """
     from tqdm.auto import tqdm
 
+    if averages is not None:
+        for d in list(averages):
+            if not 0.0 < d < 1.0:
+                raise ValueError(f"an average's decay must lie between 0 and 1, not {d}")
+            averages[d] = copy.deepcopy(net).eval().requires_grad_(False)
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     history: list[dict] = []
@@ -351,6 +362,8 @@ def fit_heatmaps(
             loss.backward()
             opt.step()
             step += 1
+            for d, avg in (averages or {}).items():
+                update_average(avg, net, d, step)
             lv = loss.item()
             ema = lv if ema is None else 0.98 * ema + 0.02 * lv
             done = (time.monotonic() - t0) / time_budget_s
@@ -378,6 +391,19 @@ def fit_heatmaps(
         rec["val_mre_mm"] = evaluate(net)
     history.append(rec)
     return history
+
+
+def update_average(avg: nn.Module, net: nn.Module, decay: float, step: int) -> None:
+    """One step of an exponential moving average of ``net``'s state into ``avg`` (the same
+    architecture). The decay ramps up as ``min(decay, (1 + step) / (10 + step))``, so early
+    random weights are soon forgotten; integer buffers (batch norm's step count) are copied."""
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for a, b in zip(avg.state_dict().values(), net.state_dict().values()):
+            if a.is_floating_point():
+                a.lerp_(b.detach().to(a.device), 1.0 - d)
+            else:
+                a.copy_(b)
 
 
 def train_coarse(

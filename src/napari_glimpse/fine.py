@@ -160,13 +160,14 @@ class WindowCutter:
 
 
 def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", image_hw: tuple[int, int],
-           positions: np.ndarray, steps: int = 1) -> tuple[np.ndarray, np.ndarray]:
+           positions: np.ndarray, steps: int = 1, decode_window: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Move each landmark's ``(K, 2)`` full-resolution position to the fine heatmap's peak.
 
     ``pyramid_levels``: the image's pyramid levels, ``(h, w)`` uint8 each (levels ``cfg.level``
     to ``cfg.level + cfg.context - 1`` are read). ``steps``: windows re-centred on the last
-    answer this many times. An ensemble's nets read the same windows; the answer is the mean of
-    theirs. Returns positions (inside the image) and each answer's spread (full-resolution
+    answer this many times. ``decode_window``: the heatmap peak is refined by a soft-argmax over
+    ``(2 decode_window + 1)^2`` heatmap pixels around it (:func:`~napari_glimpse.coarse.decode`).
+    An ensemble's nets read the same windows; the answer is the mean of theirs. Returns positions (inside the image) and each answer's spread (full-resolution
     pixels): the heatmap peaks' width and, with an ensemble, how far its nets disagree.
     """
     cfg = net.cfg
@@ -189,7 +190,7 @@ def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", 
         with torch.inference_mode():
             win = cut_windows([x.expand(k, *x.shape[1:]) for x in used], theta.to(dev), cfg.patch)
             logits = torch.cat([inference_net(m)(win)[ks, ks][:, None].cpu() for m in nets], 1)  # (K, M, h, w): window k, heatmap k
-        xy, sp = decode(logits)
+        xy, sp = decode(logits, decode_window)
         o = to_normalised(xy, heat_hw)  # (K, M, 2) window normalised
         u = torch.einsum("kij,kmj->kmi", theta[:, :, :2], o) + theta[:, None, :, 2]
         every = torch.minimum(from_normalised(u, image_hw).clamp_min(0), limit)  # (K, M, 2) each net's answer
@@ -212,11 +213,13 @@ def train_fine(
     max_steps: int | None = None,
     init: FineNet | None = None,
     lr_scale: float = 1.0,
+    averages: "dict[float, FineNet] | None" = None,
 ) -> tuple[FineNet, list[dict]]:
     """Train a fine net for ``time_budget_s`` seconds of wall time (or ``max_steps`` steps).
 
     ``levels``: per context level (finest first), ``(N, 1, h, w)`` float, every training image's
     level (:func:`fine_levels`); ``truth_n``: ``(N, K, 2)`` positions in normalised coordinates.
+    ``averages``: weight averages to keep (see :func:`napari_glimpse.coarse.fit_heatmaps`).
     The rest as :func:`napari_glimpse.coarse.train_coarse`.
     """
     torch.manual_seed(cfg.seed)
@@ -249,7 +252,7 @@ def train_fine(
         return x, gaussian_targets(from_normalised(o, heat_hw), heat_hw, cfg.sigma), inside
 
     history = fit_heatmaps(net, "fine", cfg.lr * lr_scale, batch, time_budget_s, progress, callback, should_stop,
-                           evaluate, eval_every_s, max_steps)
+                           evaluate, eval_every_s, max_steps, averages)
     return net, history
 
 

@@ -162,6 +162,12 @@ class GlimpseModel:
         return int(self.meta.get("fine_steps", 1)) if self.fine is not None and self.coarse is not None else 0
 
     @property
+    def fine_decode_window(self) -> int:
+        """Half-size of the neighbourhood (heatmap pixels) whose soft-argmax refines each fine
+        heatmap's peak (``meta['fine_decode_window']``, else 2: a 5 x 5 neighbourhood)."""
+        return int(self.meta.get("fine_decode_window", 2))
+
+    @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
@@ -433,7 +439,7 @@ class GlimpseModel:
             return pos, spread
         from .fine import refine
 
-        pos, fine_spread = refine(self.fine, pyr.levels, pyr.shape, pos, steps)
+        pos, fine_spread = refine(self.fine, pyr.levels, pyr.shape, pos, steps, self.fine_decode_window)
         if disagreement is not None:
             reach = self.fine.cfg.jitter_mm[1] / self.pixel_spacing
             fine_spread = np.where(disagreement > reach, np.maximum(fine_spread, disagreement), fine_spread)
