@@ -190,3 +190,40 @@ def test_refit_on_all_of_train_keeps_the_choice_made_on_validation(isbi, tmp_pat
     assert all(torch.equal(v, saved.net.state_dict()[k]) for k, v in m.net.state_dict().items())  # glimpse net kept
     assert saved.meta["coarse_flip_average"] is True and saved.fine_steps == 1
     assert saved.meta["coarse_n_train_images"] == [3] and saved.meta["fine_n_train_images"] == [3]
+
+
+def test_fine_weight_averages_and_the_decode_window_chosen_on_validation(isbi, tmp_path):
+    """--fine-averages writes each average beside the net with its validation MRE; --keep-choice
+    --fine-decode-windows chooses the decode window on validation, --no-test leaves Test1 unread;
+    with --train-all there is no validation to choose the window on."""
+    base = _random_model(tmp_path / "base.pt", 3)
+    m = GlimpseModel.load(base, "cpu")
+    m.meta.update({"iterations": 0, "coarse_flip_average": False, "fine_steps": 1})
+    m.save(base)
+    common = ["--method", "glimpse", "--data", str(REAL_DATA), "--limit", "3", "--threads", "1",
+              "--speed-threads", "1", "--quiet", "--budget-min", "5"]
+    fine = ["--fine-for", str(base), "--fine-steps", "3", "--fine-patch", "32", "--fine-width", "4",
+            "--fine-context", "2", "--train-only"]
+    assert isbi.main([*common, *fine, "--fine-averages", "0.9", "0.99", "--model-out", str(tmp_path / "f.pt"),
+                      "--out", str(tmp_path / "f.json")]) == 0
+    f = json.loads((tmp_path / "f.json").read_text())
+    assert [a["decay"] for a in f["averages"]] == [0.9, 0.99] and f["config"]["fine_averages"] == [0.9, 0.99]
+    assert all(a["val_mre_mm"] > 0 for a in f["averages"])
+    raw = GlimpseModel.load(tmp_path / "f.pt", "cpu")
+    avg = GlimpseModel.load(tmp_path / "f_avg0.9.pt", "cpu")
+    assert avg.meta["fine_average_decay"] == 0.9 and "fine_average_decay" not in raw.meta
+    assert not all(torch.equal(v, avg.fine.state_dict()[k]) for k, v in raw.fine.state_dict().items())
+
+    out = tmp_path / "c.json"
+    assert isbi.main([*common, "--evaluate", str(base), "--add-fine", str(tmp_path / "f_avg0.9.pt"), "--keep-choice",
+                      "--fine-decode-windows", "1", "5", "--no-test", "--save-as", str(tmp_path / "s.pt"),
+                      "--out", str(out)]) == 0
+    c = json.loads(out.read_text())
+    assert c["test_read"] is False and "test" not in c and "seconds_per_image" not in c
+    tried = {v["window"]: v["mre_mm"] for v in c["val_fine_decode_window"]}
+    assert sorted(tried) == [1, 2, 5]  # the model's own window (2) is a candidate too
+    assert c["fine_decode_window"] == min(tried, key=tried.get)
+    assert GlimpseModel.load(tmp_path / "s.pt", "cpu").fine_decode_window == c["fine_decode_window"]
+    with pytest.raises(SystemExit, match="validation"):
+        isbi.main([*common, "--train-all", "--evaluate", str(tmp_path / "s.pt"), "--keep-choice",
+                   "--fine-decode-windows", "3", "--no-test", "--out", str(tmp_path / "x.json")])

@@ -316,6 +316,63 @@ def test_train_fine_learns_to_find_dots_quickly():
     assert np.mean(errs) < 0.4 * np.mean(start_errs), (np.mean(errs), np.mean(start_errs))
 
 
+def test_update_average_moves_a_fraction_of_the_way_and_copies_counters():
+    from napari_glimpse.coarse import update_average
+
+    net, avg = _randomise(FineNet(TINY_FINE), seed=1), _randomise(FineNet(TINY_FINE), seed=2)
+    before, target = _weights(avg), _weights(net)
+    update_average(avg, net, 0.9, step=1000)  # past the ramp: the decay itself
+    after = _weights(avg)
+    for k, v in after.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.9 * before[k] + 0.1 * target[k])
+        else:  # batch norm's step counter
+            assert torch.equal(v, target[k])
+    avg2 = _randomise(FineNet(TINY_FINE), seed=2)
+    update_average(avg2, net, 0.9, step=1)  # early: decay (1 + 1) / (10 + 1), nearer the net
+    k = "head.weight"
+    torch.testing.assert_close(avg2.state_dict()[k], 2 / 11 * before[k] + 9 / 11 * target[k])
+
+
+def test_train_fine_keeps_weight_averages_without_changing_the_net():
+    """The averages ride along: the net trained with them equals the one trained without (same
+    seed), and each average is a different net in eval mode, nearer the net the higher its
+    weight on recent steps."""
+    torch.set_num_threads(1)
+    cfg = FineConfig(n_landmarks=1, level=0, patch=32, width=4, batch_size=4, context=1, jitter_mm=(0.3, 0.6),
+                     pixel_spacing=0.1, seed=3)
+    pts = np.array([[[40.0, 50.0]], [[70.0, 60.0]]])
+    levels = [torch.stack([_dot_image(128, 128, *q[0], sigma=2.0) for q in pts])[:, None]]
+    truth = to_normalised(torch.as_tensor(pts, dtype=torch.float32), (128, 128))
+    plain, _ = train_fine(levels, truth, cfg, 1e9, progress=False, max_steps=30)
+    averages = {0.5: None, 0.95: None}
+    net, _ = train_fine(levels, truth, cfg, 1e9, progress=False, max_steps=30, averages=averages)
+    assert _same(_weights(plain), _weights(net))
+    fast, slow = averages[0.5], averages[0.95]
+    assert not fast.training and not slow.training and isinstance(slow, FineNet)
+    assert not any(p.requires_grad for p in slow.parameters())
+
+    def dist(a, b):
+        return sum(float((a.state_dict()[k] - b.state_dict()[k]).abs().sum()) for k, _ in a.named_parameters())
+
+    assert 0 < dist(fast, net) < dist(slow, net)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        train_fine(levels, truth, cfg, 1e9, progress=False, max_steps=1, averages={1.0: None})
+
+
+def test_the_fine_decode_window_is_the_models_choice(fine_model, image):
+    """meta['fine_decode_window'] (default 2) sets the soft-argmax neighbourhood of the fine look."""
+    assert fine_model.fine_decode_window == 2
+    coarse_only = fine_model.locate_coarse(image, fine_steps=0)[0]
+    pyr = fine_model.pyramid(image)
+    w2 = refine(fine_model.fine, pyr.levels, pyr.shape, coarse_only, steps=1, decode_window=2)[0]
+    w5 = refine(fine_model.fine, pyr.levels, pyr.shape, coarse_only, steps=1, decode_window=5)[0]
+    assert not np.allclose(w2, w5, atol=1e-3)
+    np.testing.assert_allclose(fine_model.predict(image, facing="right").final, w2, atol=1e-4)
+    fine_model.meta["fine_decode_window"] = 5
+    np.testing.assert_allclose(fine_model.predict(image, facing="right").final, w5, atol=1e-4)
+
+
 def test_train_with_coarse_and_fine_stages_end_to_end(tiny_data, tmp_path):
     ds = load_dataset(tiny_data["root"], "train")
     val = load_dataset(tiny_data["root"], "test1")
