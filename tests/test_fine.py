@@ -389,6 +389,19 @@ def test_train_with_coarse_and_fine_stages_end_to_end(tiny_data, tmp_path):
     assert _same(_weights(model.fine), _weights(loaded.fine))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_coarse_and_fine_stages_train_on_cuda(tiny_data, tmp_path):
+    """With device="cuda" every stage trains there (batches made on the CPU, moved to the net)."""
+    ds = load_dataset(tiny_data["root"], "train")
+    model = train(ds, tmp_path / "m.pt", TINY_MODEL_CONFIG, TrainConfig(batch_size=4, max_steps=2, save_every_s=1e9),
+                  device="cuda", progress=False, coarse_steps=3, coarse_config=TINY_COARSE, fine_steps=4,
+                  fine_config=TINY_FINE)
+    for net in (model.net, model.coarse, model.fine):
+        assert next(net.parameters()).device.type == "cuda"
+    assert model.meta["fine_history"][-1]["step"] == 4
+    assert np.isfinite(model.predict(read_image(tiny_data["test1"]["paths"][0])).final).all()
+
+
 def test_a_fine_stage_needs_a_coarse_stage(tiny_data, tmp_path):
     ds = load_dataset(tiny_data["root"], "train")
     with pytest.raises(GlimpseError, match="needs a coarse stage"):

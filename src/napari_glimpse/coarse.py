@@ -337,6 +337,7 @@ def fit_heatmaps(
                 raise ValueError(f"an average's decay must lie between 0 and 1, not {d}")
             averages[d] = copy.deepcopy(net).eval().requires_grad_(False)
     net.train()
+    dev = next(net.parameters()).device  # batches are made on the CPU, then moved to the net's device
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     history: list[dict] = []
     t0 = time.monotonic()
@@ -355,7 +356,7 @@ def fit_heatmaps(
                            (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (frac - 0.03) / 0.97))))
             for g in opt.param_groups:
                 g["lr"] = lr_now
-            x, target, inside = batch()
+            x, target, inside = (t.to(dev, non_blocking=True) for t in batch())
             logp = torch.log_softmax(net(x).flatten(2), -1)
             loss = (-(target.flatten(2) * logp).sum(-1) * inside).sum() / inside.sum().clamp_min(1)
             opt.zero_grad(set_to_none=True)
@@ -420,6 +421,7 @@ def train_coarse(
     max_steps: int | None = None,
     init: CoarseNet | None = None,
     lr_scale: float = 1.0,
+    device: "str | torch.device" = "cpu",
 ) -> tuple[CoarseNet, list[dict]]:
     """Train a coarse net for ``time_budget_s`` seconds of wall time (or ``max_steps`` steps,
     whichever comes first; the learning-rate schedule follows the nearer).
@@ -429,15 +431,16 @@ def train_coarse(
     positions in each image's normalised coordinates (:func:`to_normalised`). ``evaluate(net) -> mm`` is called every ``eval_every_s`` and at the end.
     ``init``: fine-tune a copy of this net (its configuration replaces ``cfg``) instead of
     starting from random weights; ``lr_scale`` scales the learning rate (e.g. 0.1 to fine-tune).
-    Returns the net (eval mode) and its history.
+    ``device``: where the net trains (e.g. ``"cuda"``); batches are made on the CPU from
+    ``levels`` and moved there. Returns the net (eval mode, on ``device``) and its history.
     """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     if init is not None:
         cfg = init.cfg
-        net = copy.deepcopy(init).cpu()
+        net = copy.deepcopy(init).to(device)
     else:
-        net = CoarseNet(cfg)
+        net = CoarseNet(cfg).to(device)
     n = levels.shape[0]
     heat_hw = ((cfg.input_hw[0] + 1) // 2, (cfg.input_hw[1] + 1) // 2)  # the stride-2 stem's output
 

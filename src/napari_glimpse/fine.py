@@ -214,21 +214,22 @@ def train_fine(
     init: FineNet | None = None,
     lr_scale: float = 1.0,
     averages: "dict[float, FineNet] | None" = None,
+    device: "str | torch.device" = "cpu",
 ) -> tuple[FineNet, list[dict]]:
     """Train a fine net for ``time_budget_s`` seconds of wall time (or ``max_steps`` steps).
 
     ``levels``: per context level (finest first), ``(N, 1, h, w)`` float, every training image's
     level (:func:`fine_levels`); ``truth_n``: ``(N, K, 2)`` positions in normalised coordinates.
     ``averages``: weight averages to keep (see :func:`napari_glimpse.coarse.fit_heatmaps`).
-    The rest as :func:`napari_glimpse.coarse.train_coarse`.
+    The rest (``device`` too) as :func:`napari_glimpse.coarse.train_coarse`.
     """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     if init is not None:
         cfg = init.cfg
-        net = copy.deepcopy(init).cpu()
+        net = copy.deepcopy(init).to(device)
     else:
-        net = FineNet(cfg)
+        net = FineNet(cfg).to(device)
     n, k = truth_n.shape[:2]
     lhw = tuple(levels[0].shape[-2:])
     heat_hw = ((cfg.patch + 1) // 2, (cfg.patch + 1) // 2)

@@ -345,7 +345,7 @@ def train(
             tuned, chist, wall = _tune_each(
                 members_of(model.coarse), callback, dev, budget_s,
                 lambda m, b, cb: train_coarse(views, view_hw, truth_n, m.cfg, b, progress=progress, callback=cb,
-                                              should_stop=should_stop, max_steps=coarse_steps, init=m, lr_scale=0.1))
+                                              should_stop=should_stop, max_steps=coarse_steps, init=m, lr_scale=0.1, device=dev))
             model.coarse = CoarseEnsemble(tuned) if len(tuned) > 1 else tuned[0]
             model.meta["coarse_finetune_steps"] = coarse_steps
             model.meta["coarse_finetune_wall_s"] = wall
@@ -353,7 +353,7 @@ def train(
             cnet, chist = train_coarse(views, view_hw, truth_n, coarse_config, budget_s, progress=progress,
                                        callback=callback, should_stop=should_stop,
                                        evaluate=coarse_val if val is not None else None,
-                                       eval_every_s=tcfg.save_every_s, max_steps=coarse_steps)
+                                       eval_every_s=tcfg.save_every_s, max_steps=coarse_steps, device=dev)
             model.coarse = cnet.to(dev)
             model.meta["coarse_train_wall_s"] = chist[-1]["elapsed_s"]
         model.meta["coarse_finetune_history" if tune_coarse else "coarse_history"] = chist
@@ -370,14 +370,14 @@ def train(
             tuned, fhist, wall = _tune_each(
                 members_of(init.fine), callback, dev, fine_budget_s or 1e12,
                 lambda m, b, cb: train_fine(flevels, ftruth, m.cfg, b, progress=progress, callback=cb,
-                                            should_stop=should_stop, max_steps=fine_steps, init=m, lr_scale=0.1))
+                                            should_stop=should_stop, max_steps=fine_steps, init=m, lr_scale=0.1, device=dev))
             model.fine = FineEnsemble(tuned) if len(tuned) > 1 else tuned[0]
             model.meta.update(fine_finetune_steps=fine_steps, fine_finetune_history=fhist, fine_finetune_wall_s=wall)
         else:
             fnet, fhist = train_fine(flevels, ftruth, fine_config, fine_budget_s or 1e12, progress=progress,
                                      callback=callback, should_stop=should_stop,
                                      evaluate=fine_val if val is not None else None,
-                                     eval_every_s=tcfg.save_every_s, max_steps=fine_steps)
+                                     eval_every_s=tcfg.save_every_s, max_steps=fine_steps, device=dev)
             model.fine = fnet.to(dev)
             model.meta.update(fine_train_wall_s=fhist[-1]["elapsed_s"], fine_history=fhist)
         data.fine_levels = None
