@@ -500,3 +500,119 @@ def test_finetune_tunes_each_net_of_a_fine_ensemble(ensemble_model, tiny_data, t
     for b, m in zip(before, tuned.fine.members):
         assert not _same(b, _weights(m))
     assert [h["member"] for h in tuned.meta["fine_finetune_history"]] == [0, 1]
+
+
+# ------------------------------------------------------------------------ 6. stage records
+def test_refine_records_each_look_without_changing_it():
+    """record= gets one FineLook per step: the windows it read (the dot where the geometry says),
+    the heatmap it decoded and its answer; the answers are the same as without it."""
+    from napari_glimpse.fine import window_scale
+
+    img = _dot_image(256, 192, 101.0, 141.0, sigma=3.0).round().clamp(0, 255).to(torch.uint8)
+    pyr = build_pyramid(img.numpy(), 4)
+    cfg = replace(TINY_FINE, n_landmarks=2, context=2)
+    net = _DotFinder(cfg).eval()
+    start = np.array([[94.0, 147.0], [108.0, 136.0]])
+    plain = refine(net, pyr.levels, pyr.shape, start, steps=2)
+    looks = []
+    got = refine(net, pyr.levels, pyr.shape, start, steps=2, record=looks)
+    np.testing.assert_array_equal(got[0], plain[0])
+    np.testing.assert_array_equal(got[1], plain[1])
+    assert len(looks) == 2
+    np.testing.assert_array_equal(looks[0].centers, start)
+    np.testing.assert_allclose(looks[1].centers, looks[0].positions)  # the second look re-centres on the first answer
+    np.testing.assert_allclose(looks[-1].positions, got[0])
+    first = looks[0]
+    assert first.windows.shape == (2, 2, 32, 32) and first.windows.dtype == np.uint8
+    assert first.heatmaps.shape == (2, 16, 16) and first.heatmaps.dtype == np.float16
+    np.testing.assert_allclose(first.heatmaps.astype(np.float32).sum((-1, -2)), 1.0, atol=2e-3)
+    scale = window_scale(pyr.shape, tuple(pyr.levels[1].shape), 2)
+    np.testing.assert_allclose(scale, [[2.0, 2.0], [4.0, 4.0]])
+    for k in range(2):
+        for c in range(2):
+            # the window's frame (normalised, align_corners=False) puts level-l pixel j at (j + 0.5) 2**l - 0.5,
+            # the pyramid at j 2**l: the dot shows 2**(l - 1) - 0.5 full-resolution pixels further on
+            seen = np.array([101.0, 141.0]) + 2.0 ** (1 + c - 1) - 0.5
+            expect = (seen - start[k]) / scale[c] + 15.5
+            assert np.linalg.norm(_centroid(torch.as_tensor(first.windows[k, c])) - expect) < 0.15, (k, c)
+
+
+def test_refine_records_an_ensembles_mean_heatmap():
+    img = _dot_image(128, 128, 60.0, 70.0, sigma=3.0).round().clamp(0, 255).to(torch.uint8)
+    pyr = build_pyramid(img.numpy(), 3)
+    a, b = _randomise(FineNet(TINY_FINE), 1), _randomise(FineNet(TINY_FINE), 2)
+    start = np.array([[60.0, 70.0]] * K)
+    looks_a, looks_b, looks = [], [], []
+    refine(a, pyr.levels, pyr.shape, start, record=looks_a)
+    refine(b, pyr.levels, pyr.shape, start, record=looks_b)
+    refine(FineEnsemble([a, b]), pyr.levels, pyr.shape, start, record=looks)
+    np.testing.assert_array_equal(looks[0].windows, looks_a[0].windows)
+    mean = (looks_a[0].heatmaps.astype(np.float32) + looks_b[0].heatmaps.astype(np.float32)) / 2
+    np.testing.assert_allclose(looks[0].heatmaps.astype(np.float32), mean, atol=1e-3)
+
+
+@pytest.mark.parametrize("iterations,landmarks", [(0, None), (2, None), (0, [2, 0])])
+def test_recording_the_stages_changes_no_answer(fine_model, image, iterations, landmarks):
+    for facing in ("right", "left"):
+        kw = dict(iterations=iterations, landmarks=landmarks, facing=facing)
+        plain = fine_model.predict(image, **kw)
+        rec = fine_model.predict(image, record_stages=True, **kw)
+        np.testing.assert_array_equal(rec.positions, plain.positions)
+        np.testing.assert_array_equal(rec.uncertainty_mm, plain.uncertainty_mm)
+        assert plain.coarse_positions is None and plain.fine_windows is None and plain.fine_looks == 0
+        n = K if landmarks is None else len(landmarks)
+        assert rec.coarse_positions.shape == (n, 2) and rec.fine_positions.shape == (1, n, 2)
+        assert rec.fine_windows.shape == (1, n, 2, 32, 32) and rec.fine_heatmaps.shape == (1, n, 16, 16)
+        assert rec.fine_level == 1 and rec.fine_window_scale.shape == (2, 2) and rec.fine_looks == 1
+        assert rec.stage_positions.shape == (2, n, 2)
+
+
+def test_stage_records_hold_the_coarse_and_fine_answers(fine_model, image):
+    ks = [2, 0]
+    coarse, _ = fine_model.locate_coarse(image, fine_steps=0)
+    tr = fine_model.predict(image, facing="right", record_stages=True, landmarks=ks)
+    np.testing.assert_allclose(tr.coarse_positions, coarse[ks], atol=1e-6)
+    np.testing.assert_allclose(tr.fine_positions[-1], tr.final, atol=1e-6)
+    assert not np.allclose(tr.coarse_positions, tr.final)
+    # the windows are the image around the coarse answer: the finest one's centre pixels
+    lv1 = fine_model.pyramid(image).levels[1].numpy().astype(np.float32)
+    for i, k in enumerate(ks):
+        x, y = (coarse[k] + 0.5) / 2 - 0.5  # level-1 pixel of the window centre (normalised frame)
+        centre = tr.fine_windows[0, i, 0, 15:17, 15:17].astype(np.float32).mean()
+        assert abs(centre - lv1[round(y) - 1: round(y) + 1, round(x) - 1: round(x) + 1].mean()) < 12
+    # glimpses after the fine look: the records stay
+    tr2 = fine_model.predict(image, facing="right", record_stages=True, iterations=2)
+    np.testing.assert_allclose(tr2.positions[0], tr2.fine_positions[-1], atol=1e-3)
+    # two looks: each recorded, the second centred on the first answer
+    fine_model.meta["fine_steps"] = 2
+    two = fine_model.predict(image, facing="right", record_stages=True)
+    assert two.fine_windows.shape[0] == 2 and two.fine_looks == 2
+    np.testing.assert_allclose(two.fine_positions[-1], two.final, atol=1e-6)
+
+
+def test_a_mirrored_image_records_the_mirrored_stages(fine_model, image):
+    """facing=left reads the mirrored image: the records come back in the image's own pixels,
+    positions mirrored and windows and heatmaps flipped left-right, as the glimpses are."""
+    w = image.shape[1]
+    right = fine_model.predict(image, facing="right", record_stages=True)
+    left = fine_model.predict(np.ascontiguousarray(image[:, ::-1]), facing="left", record_stages=True)
+    assert left.facing == "left"
+    mirror = np.array([-1.0, 1.0]), np.array([w - 1.0, 0.0])
+    np.testing.assert_allclose(left.coarse_positions, right.coarse_positions * mirror[0] + mirror[1], atol=1e-3)
+    np.testing.assert_allclose(left.fine_positions, right.fine_positions * mirror[0] + mirror[1], atol=1e-3)
+    np.testing.assert_allclose(left.fine_positions[-1], left.final, atol=1e-6)
+    np.testing.assert_array_equal(left.fine_windows, right.fine_windows[..., ::-1])
+    np.testing.assert_allclose(left.fine_heatmaps.astype(np.float32), right.fine_heatmaps[..., ::-1].astype(np.float32),
+                               atol=1e-3)
+    np.testing.assert_allclose(left.fine_window_scale, right.fine_window_scale)
+
+
+def test_no_stage_records_without_a_fine_look(fine_model, tiny_model, image):
+    fine_model.meta["fine_steps"] = 0
+    tr = fine_model.predict(image, facing="right", record_stages=True)
+    assert tr.coarse_positions is None and tr.fine_positions is None and tr.stage_positions is None
+    fine_model.meta["fine_steps"] = 1
+    start = fine_model.locate_coarse(image)[0]
+    assert fine_model.predict(image, start=start, iterations=1, record_stages=True).fine_windows is None
+    tiny_model.coarse = tiny_model.fine = None
+    assert tiny_model.predict(image, iterations=1, record_stages=True).fine_windows is None

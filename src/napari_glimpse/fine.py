@@ -159,8 +159,38 @@ class WindowCutter:
         return torch.cat(out, 1)
 
 
+@dataclass(frozen=True)
+class FineLook:
+    """What one fine look read and answered, for every landmark (see :func:`refine`'s ``record``).
+
+    ``centers`` ``(K, 2)``: each landmark's window centre (x, y, full-resolution pixels: the
+    position the look started from); ``positions`` ``(K, 2)``: its answer; ``windows``
+    ``(K, C, P, P)`` uint8: the window around landmark ``k`` of each context level, finest first;
+    ``heatmaps`` ``(K, h, w)`` float16: the softmax of heatmap ``k`` of window ``k`` (the one its
+    answer is read from; an ensemble's nets' maps averaged).
+    """
+
+    centers: np.ndarray
+    positions: np.ndarray
+    windows: np.ndarray
+    heatmaps: np.ndarray
+
+
+def window_scale(image_hw: tuple[int, int], level_hw: tuple[int, int], context: int) -> np.ndarray:
+    """``(context, 2)`` full-resolution pixels (x, y) per window pixel of each context level.
+
+    Context level ``c``'s window pixel spans ``2**c`` pixels of the finest read level (``level_hw``,
+    see :func:`_context_theta`), each ``image / level`` full-resolution pixels wide. Window pixel
+    ``j`` (0-based) of a window centred at ``x`` sits at ``x + (j - (P - 1) / 2) * scale`` in the
+    frame :func:`refine` reads its answers in (``align_corners=False`` normalised coordinates).
+    """
+    f = np.array([image_hw[1] / level_hw[1], image_hw[0] / level_hw[0]])
+    return np.stack([f * 2.0**c for c in range(context)])
+
+
 def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", image_hw: tuple[int, int],
-           positions: np.ndarray, steps: int = 1, decode_window: int = 2) -> tuple[np.ndarray, np.ndarray]:
+           positions: np.ndarray, steps: int = 1, decode_window: int = 2,
+           record: "list[FineLook] | None" = None) -> tuple[np.ndarray, np.ndarray]:
     """Move each landmark's ``(K, 2)`` full-resolution position to the fine heatmap's peak.
 
     ``pyramid_levels``: the image's pyramid levels, ``(h, w)`` uint8 each (levels ``cfg.level``
@@ -169,6 +199,8 @@ def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", 
     ``(2 decode_window + 1)^2`` heatmap pixels around it (:func:`~napari_glimpse.coarse.decode`).
     An ensemble's nets read the same windows; the answer is the mean of theirs. Returns positions (inside the image) and each answer's spread (full-resolution
     pixels): the heatmap peaks' width and, with an ensemble, how far its nets disagree.
+    ``record``: a list to which every look appends a :class:`FineLook` (windows and heatmaps for
+    display; the answer is the same with or without it).
     """
     cfg = net.cfg
     nets = members_of(net)
@@ -194,6 +226,12 @@ def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", 
         o = to_normalised(xy, heat_hw)  # (K, M, 2) window normalised
         u = torch.einsum("kij,kmj->kmi", theta[:, :, :2], o) + theta[:, None, :, 2]
         every = torch.minimum(from_normalised(u, image_hw).clamp_min(0), limit)  # (K, M, 2) each net's answer
+        if record is not None:
+            maps = torch.softmax(logits.reshape(k, len(nets), -1).float(), -1).mean(1).reshape(k, *heat_hw)
+            record.append(FineLook(centers=pos.numpy().astype(np.float64),
+                                   positions=every.mean(1).numpy().astype(np.float64),
+                                   windows=win.round().clamp(0, 255).to(torch.uint8).cpu().numpy(),
+                                   heatmaps=maps.to(torch.float16).numpy()))
         pos = every.mean(1)
         px = cfg.patch / heat_hw[0] * (image_hw[1] / lhw[1])  # full-resolution pixels per heatmap pixel
         spread = torch.sqrt((sp.mean(1) * px) ** 2 + ((every - pos[:, None]) ** 2).sum(-1).mean(1))

@@ -93,6 +93,15 @@ class Trajectory:
     orientation) and ``left`` when it was mirrored first: positions are always in the image's own
     pixels, and glimpses and heatmaps are flipped back to the image's axes. ``uncertainty_mm`` is the spread of the perturbed starts' answers (or, with one
     start, the length of the last step); ``confidence = exp(-uncertainty_mm / 2 mm)``.
+
+    The stages before the glimpses, on request (``record_stages``) and only when the fine stage
+    looked (else ``None``): ``coarse_positions`` ``(K, 2)`` the coarse answer; for each of the ``S``
+    fine looks ``fine_positions[s]`` ``(K, 2)`` its answer (look ``s`` is centred on
+    :attr:`stage_positions` ``[s]``), ``fine_windows[s, k]`` ``(C, P, P)`` uint8 the windows landmark
+    ``k``'s look read (pyramid levels ``fine_level``, ``fine_level + 1``, ...: finest first) and
+    ``fine_heatmaps[s, k]`` ``(h, w)`` float16 the softmax of its own heatmap there;
+    ``fine_window_scale[c]`` the full-resolution pixels (x, y) per window pixel of context level
+    ``c`` (window pixel ``j`` at ``centre + (j - (P - 1) / 2) * scale``). Flipped like the glimpses.
     """
 
     positions: np.ndarray
@@ -104,6 +113,12 @@ class Trajectory:
     glimpses: np.ndarray | None = None
     heatmaps: np.ndarray | None = None
     facing: str = "right"
+    coarse_positions: np.ndarray | None = None
+    fine_positions: np.ndarray | None = None
+    fine_windows: np.ndarray | None = None
+    fine_heatmaps: np.ndarray | None = None
+    fine_window_scale: np.ndarray | None = None
+    fine_level: int | None = None
 
     @property
     def final(self) -> np.ndarray:
@@ -121,6 +136,18 @@ class Trajectory:
     @property
     def iterations(self) -> int:
         return self.positions.shape[0] - 1
+
+    @property
+    def fine_looks(self) -> int:
+        """Recorded fine looks (0 without stage records)."""
+        return 0 if self.fine_positions is None else self.fine_positions.shape[0]
+
+    @property
+    def stage_positions(self) -> np.ndarray | None:
+        """``(S + 1, K, 2)`` the coarse answer, then each fine look's (``None`` without records)."""
+        if self.coarse_positions is None or self.fine_positions is None:
+            return None
+        return np.concatenate([self.coarse_positions[None], self.fine_positions])
 
 
 class GlimpseModel:
@@ -291,6 +318,7 @@ class GlimpseModel:
         bf16: bool | None = None,
         seed: int = 0,
         facing: str = "auto",
+        record_stages: bool = False,
     ) -> Trajectory:
         """Locate the landmarks in one image.
 
@@ -320,6 +348,9 @@ class GlimpseModel:
             ``auto``: with a coarse stage, read from its answer (the landmarks' left-right layout
             against the training set's); without one, both are run and the one whose glimpses
             settle (smaller mean uncertainty) is kept.
+        record_stages : bool
+            Keep the coarse answer and the fine looks (windows, heatmaps, answers) in the
+            trajectory (see :class:`Trajectory`; nothing without a fine look).
 
         With a coarse stage and ``meta['coarse_blend'] = b > 0`` the answer is ``b`` x the coarse
         answer + ``(1 - b)`` x the glimpses' (``b`` chosen on validation by ``benchmarks/isbi.py``).
@@ -340,20 +371,26 @@ class GlimpseModel:
         w = pyr.shape[1]
         mirrored = None
         coarse_start = None
+        stages: dict = {}
         if self.coarse is not None and start is None:
             from .coarse import facing_of
 
             start, spread, disagreement = self._coarse(pyr)
             if facing == "auto":
                 facing = facing_of(start, self.mean_start)
+            looks: list | None = [] if record_stages else None
             if facing == "left":
                 # read the mirrored image the way the training images face, so that a mirrored
-                # cephalogram gets exactly the mirrored answer
+                # cephalogram gets exactly the mirrored answer (what locate_coarse(mirrored) does)
                 mirrored = build_pyramid(pyr.levels[0].flip(-1).numpy(), self.config.n_levels, self.config.patch)
-                start, spread = self.locate_coarse(mirrored)
+                coarse, spread, disagreement = self._coarse(mirrored)
+                start, spread = self._refine(mirrored, coarse, spread, disagreement=disagreement, looks=looks)
                 start = start * [-1, 1] + [w - 1, 0]
             else:
-                start, spread = self._refine(pyr, start, spread, disagreement=disagreement)
+                coarse = start
+                start, spread = self._refine(pyr, start, spread, disagreement=disagreement, looks=looks)
+            if looks:
+                stages = self._stage_record(coarse, looks, pyr, landmarks, mirrored is not None)
             coarse_start = start
             if iterations == 0:
                 ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
@@ -362,10 +399,13 @@ class GlimpseModel:
                     landmark_names=tuple(self.landmark_names[k] for k in ks), pixel_spacing=self.pixel_spacing,
                     image_shape=pyr.shape, patch=self.config.patch, facing=facing,
                     glimpses=np.zeros((0, len(ks), self.config.n_levels, self.config.patch, self.config.patch), np.uint8) if record_glimpses else None,
+                    **stages,
                 )
         tr = self._predict_facing(pyr, mirrored, facing, iterations=iterations, landmarks=landmarks, starts=starts,
                                   start=start, record_glimpses=record_glimpses, record_heatmaps=record_heatmaps,
                                   bf16=bf16, seed=seed)
+        if stages:
+            tr = dataclasses.replace(tr, **stages)
         blend = float(self.meta.get("coarse_blend", 0.0)) if coarse_start is not None else 0.0
         if blend > 0:
             # the answer blends the glimpses' last estimate with the coarse stage's (two estimators
@@ -429,21 +469,49 @@ class GlimpseModel:
         return pos, np.sqrt(width ** 2 + disagreement ** 2), disagreement
 
     def _refine(self, pyr: Pyramid, pos: np.ndarray, spread: np.ndarray, fine_steps: int | None = None,
-                disagreement: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                disagreement: np.ndarray | None = None, looks: list | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The fine stage's looks around ``pos`` (default :attr:`fine_steps` of them): positions
         and their spread; ``pos`` and ``spread`` (the coarse stage's) as they are when it does not
         look. ``disagreement``: the coarse passes'; where it exceeds the largest offset the fine
-        stage was trained to correct (``jitter_mm[1]``), the spread is at least that."""
+        stage was trained to correct (``jitter_mm[1]``), the spread is at least that. ``looks``:
+        receives each look's :class:`~napari_glimpse.fine.FineLook`."""
         steps = self.fine_steps if fine_steps is None else fine_steps
         if steps <= 0 or self.fine is None:
             return pos, spread
         from .fine import refine
 
-        pos, fine_spread = refine(self.fine, pyr.levels, pyr.shape, pos, steps, self.fine_decode_window)
+        pos, fine_spread = refine(self.fine, pyr.levels, pyr.shape, pos, steps, self.fine_decode_window, looks)
         if disagreement is not None:
             reach = self.fine.cfg.jitter_mm[1] / self.pixel_spacing
             fine_spread = np.where(disagreement > reach, np.maximum(fine_spread, disagreement), fine_spread)
         return pos, fine_spread
+
+    def _stage_record(self, coarse: np.ndarray, looks: list, pyr: Pyramid, landmarks: Sequence[int] | None,
+                      mirrored: bool) -> dict:
+        """The :class:`Trajectory` fields of the coarse answer and the fine ``looks`` (landmarks
+        ``landmarks``), in the image's own pixels: with ``mirrored`` (the stages read the mirrored
+        image) positions, windows and heatmaps are flipped back, as the glimpses are."""
+        from .fine import window_scale
+
+        ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
+        cfg = self.fine.cfg
+        w = pyr.shape[1]
+        coarse = np.asarray(coarse, dtype=np.float64)[ks]
+        fine = np.stack([lk.positions for lk in looks])[:, ks]
+        windows = np.stack([lk.windows for lk in looks])[:, ks]
+        heat = np.stack([lk.heatmaps for lk in looks])[:, ks]
+        if mirrored:
+            # axis-aligned windows centred on a point: the mirrored window is the window of the mirrored point
+            coarse, fine = coarse * [-1, 1] + [w - 1, 0], fine * [-1, 1] + [w - 1, 0]
+            windows, heat = windows[..., ::-1], heat[..., ::-1]
+        return {
+            "coarse_positions": coarse,
+            "fine_positions": fine,
+            "fine_windows": np.ascontiguousarray(windows),
+            "fine_heatmaps": np.ascontiguousarray(heat),
+            "fine_window_scale": window_scale(pyr.shape, tuple(pyr.levels[cfg.level].shape), cfg.context),
+            "fine_level": int(cfg.level),
+        }
 
     def _run(
         self,
