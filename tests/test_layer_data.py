@@ -119,6 +119,104 @@ def test_top_channels_and_tile_strip():
     np.testing.assert_array_equal(strip[0, :16, 0], tr.glimpses[0, 0, 0, 0])
 
 
+def make_staged(k=3, looks=1, ctx=3, p=16, cells=8):
+    """A trajectory with coarse -> fine stage records (windows of pixel scale 2, 4, 8)."""
+    rng = np.random.default_rng(1)
+    coarse = rng.uniform(100, 200, size=(k, 2))
+    fine = coarse[None] + np.cumsum(rng.normal(size=(looks, k, 2)) * 5, axis=0)
+    return Trajectory(
+        positions=fine[-1:].copy(), uncertainty_mm=np.ones(k), landmark_names=("Sella", "Nasion", "Foo")[:k],
+        pixel_spacing=0.1, image_shape=(300, 400), patch=64, coarse_positions=coarse, fine_positions=fine,
+        fine_windows=rng.integers(0, 256, size=(looks, k, ctx, p, p), dtype=np.uint8),
+        fine_heatmaps=rng.random(size=(looks, k, cells, cells)).astype(np.float16),
+        fine_window_scale=np.array([[2.0, 2.0], [4.0, 4.0], [8.0, 8.0]])[:ctx], fine_level=1,
+    )
+
+
+def test_stage_geometry_outlines_arrow_and_points():
+    tr = make_staged(looks=2)
+    assert ld.has_stages(tr) and not ld.has_stages(make_traj()) and not ld.has_stages(None)
+    c0, c1 = tr.coarse_positions[1], tr.fine_positions[0, 1]
+    for c, side in enumerate((32, 64, 128)):
+        box = ld.fine_window_box(tr, 1, 0, c)
+        assert box[:, 1].max() - box[:, 1].min() == pytest.approx(side)
+        assert box[:, 0].max() - box[:, 0].min() == pytest.approx(side)
+        np.testing.assert_allclose(box.mean(0), c0[::-1])
+        # the window's pixels tile its outline: pixel (P-1)/2 on the centre, P pixels per side
+        scale, trans = ld.fine_window_placement(tr, 1, 0, c)
+        assert scale == (side / 16, side / 16)
+        np.testing.assert_allclose(world_of_pixel(7.5, 7.5, scale, trans), c0[::-1])
+        assert world_of_pixel(-0.5, -0.5, scale, trans) == pytest.approx(tuple(box.min(0)))
+    # the second look is centred on the first answer
+    np.testing.assert_allclose(ld.fine_window_box(tr, 1, 1, 0).mean(0), c1[::-1])
+    v = ld.stage_vector(tr, 1, 0)
+    np.testing.assert_allclose(v[0, 0], c0[::-1])
+    np.testing.assert_allclose(v[0, 0] + v[0, 1], c1[::-1])
+    pts, labels = ld.stage_points(tr, 1, 1)
+    np.testing.assert_allclose(pts, [c0[::-1], c1[::-1], tr.fine_positions[1, 1, ::-1]])
+    assert labels == ["coarse", "fine 1", "fine 2"]
+    assert ld.stage_points(make_staged(), 0, 0)[1] == ["coarse", "fine"]
+    with pytest.raises(ValueError, match="record_stages"):
+        ld.stage_vector(make_traj(), 0, 0)
+
+
+def test_fine_heatmap_cells_tile_the_finest_window():
+    tr = make_staged()
+    (sy, sx), (ty, tx) = ld.fine_heatmap_placement(tr, 2, 0)
+    assert sy == sx == 16 / 8 * 2.0
+    box = ld.fine_window_box(tr, 2, 0, 0)
+    assert tx - sx / 2 == pytest.approx(box[:, 1].min()) and ty - sy / 2 == pytest.approx(box[:, 0].min())
+    assert tx + 7.5 * sx == pytest.approx(box[:, 1].max())
+
+
+def test_fine_tile_strip_shows_the_windows_the_heatmap_and_both_answers():
+    tr = make_staged(k=1, looks=1)
+    hm = np.zeros((1, 1, 8, 8), np.float16)
+    hm[0, 0, 1, 6] = 1.0  # the heatmap's peak: top right of the finest window
+    coarse = np.array([[150.0, 150.0]])
+    tr = Trajectory(**{**tr.__dict__, "fine_heatmaps": hm, "fine_windows": np.full((1, 1, 3, 16, 16), 100, np.uint8),
+                       "coarse_positions": coarse, "fine_positions": (coarse + [-8.0, 8.0])[None]})
+    strip = ld.fine_tile_strip(tr, 0, 0, gap=4)
+    assert strip.dtype == np.uint8 and strip.shape == (2 * 16 + 4, 3 * 16 + 2 * 4, 3)
+    grey, over = strip[:16, :16].astype(int), strip[20:, :16].astype(int)
+    # row 0: the window itself; row 1: the heatmap's peak cell (window pixels 12-13, 2-3) lit
+    assert (grey[0, 0] == 100).all() and (over[0, 0] == 100).all() and (grey[2:4, 12:14] == 100).all()
+    assert over[2:4, 12:14].sum(-1).min() > 3 * 100 + 150
+    # red cross: the window centre (where the look started); green: the answer, (fine - coarse) / scale
+    # window pixels from the centre: (-4, 4) in the finest window, (-2, 2) in the next
+    assert tuple(strip[8, 7]) == tuple(strip[8 + 20, 7]) == ld.COARSE_RGB
+    assert tuple(strip[round(7.5 + 4), round(7.5 - 4)]) == ld.FINE_RGB
+    assert tuple(strip[round(7.5 + 2), 20 + round(7.5 - 2)]) == ld.FINE_RGB
+    # a coarser context: the heatmap covers only the central half (8 x 8 of the 16 x 16 pixels)
+    ctx = strip[20:, 20:36].astype(int)
+    assert (ctx[0, 0] == 100).all() and ctx[4:12, 4:12].sum(-1).max() > 450 and ctx[:3].sum(-1).max() == 300
+
+
+def test_fine_heatmap_placement_decodes_to_the_fine_answer(tiny_model, tiny_data):
+    """The heatmap drawn where fine_heatmap_placement puts it peaks on the fine stage's answer."""
+    import torch
+
+    from napari_glimpse.coarse import CoarseConfig, CoarseNet, decode
+    from napari_glimpse.fine import FineConfig, FineNet
+    from napari_glimpse.io import read_image
+
+    torch.manual_seed(0)
+    nets = [CoarseNet(CoarseConfig(n_landmarks=3, input_hw=(64, 48), width=4)),
+            FineNet(FineConfig(n_landmarks=3, level=1, patch=32, width=4, context=2))]
+    with torch.no_grad():
+        for net in nets:
+            for v in net.parameters():
+                v.mul_(4.0)  # sharper heatmaps than the default initialisation
+    tiny_model.coarse, tiny_model.fine = (n.eval() for n in nets)
+    tr = tiny_model.predict(read_image(tiny_data["test1"]["paths"][0]), iterations=0, record_stages=True)
+    assert ld.has_stages(tr)
+    for k in range(3):
+        hm = torch.as_tensor(tr.fine_heatmaps[0, k].astype(np.float32))
+        xy = decode(hm.log()[None, None], tiny_model.fine_decode_window)[0][0, 0].numpy()
+        scale, trans = ld.fine_heatmap_placement(tr, k, 0)
+        np.testing.assert_allclose(world_of_pixel(xy[1], xy[0], scale, trans), tr.final[k, ::-1], atol=0.1)
+
+
 def test_write_animation_gif_and_mp4(tmp_path):
     imageio = pytest.importorskip("imageio.v2")
     frames = [np.full((40, 50, 3), v, np.uint8) for v in (0, 120, 250)]

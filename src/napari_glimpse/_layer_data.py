@@ -239,6 +239,128 @@ def tile_strip(traj: Trajectory, k: int, t: int, channels: Sequence[int] = (), g
     return out
 
 
+# ------------------------------------------------------------------- coarse -> fine stages
+# Geometry of a fine look (see napari_glimpse.fine and Trajectory): look ``s`` of landmark ``k`` is
+# centred on ``traj.stage_positions[s, k]`` (the coarse answer for the first look); window pixel
+# ``j`` of context level ``c`` sits at ``centre + (j - (P - 1) / 2) * traj.fine_window_scale[c]``
+# (x, y); heatmap cell ``m`` (``h`` cells) pools window pixels ``m * P/h ... (m + 1) * P/h - 1`` of
+# the finest window.
+COARSE_RGB = (255, 80, 80)   # where a look starts (the coarse answer)
+FINE_RGB = (60, 230, 120)    # its answer
+
+
+def has_stages(traj: Trajectory | None) -> bool:
+    """Whether ``traj`` holds coarse -> fine stage records (``predict(record_stages=True)``)."""
+    return traj is not None and traj.fine_windows is not None and traj.fine_looks > 0
+
+
+def _stages(traj: Trajectory) -> np.ndarray:
+    if not has_stages(traj):
+        raise ValueError("the trajectory holds no stage records (predict with record_stages=True)")
+    return traj.stage_positions  # type: ignore[return-value]
+
+
+def fine_window_side(traj: Trajectory, c: int) -> np.ndarray:
+    """``(2,)`` side (x, y) in full-resolution pixels of context level ``c``'s fine window."""
+    _stages(traj)
+    return traj.fine_windows.shape[-1] * np.asarray(traj.fine_window_scale[c], dtype=np.float64)
+
+
+def fine_window_box(traj: Trajectory, k: int, s: int, c: int) -> np.ndarray:
+    """``(4, 2)`` corners (y, x) of the square fine look ``s``'s context-``c`` window covers."""
+    cx, cy = _stages(traj)[s, k]
+    hx, hy = fine_window_side(traj, c) / 2.0
+    return np.array([[cy - hy, cx - hx], [cy - hy, cx + hx], [cy + hy, cx + hx], [cy + hy, cx - hx]])
+
+
+def fine_window_placement(traj: Trajectory, k: int, s: int, c: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """``(scale, translate)`` (y, x) of an image layer showing fine look ``s``'s context-``c`` window."""
+    cx, cy = _stages(traj)[s, k]
+    p = traj.fine_windows.shape[-1]
+    fx, fy = (float(v) for v in traj.fine_window_scale[c])
+    return (fy, fx), (cy - (p - 1) / 2.0 * fy, cx - (p - 1) / 2.0 * fx)
+
+
+def fine_heatmap_placement(traj: Trajectory, k: int, s: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """``(scale, translate)`` (y, x) of an image layer showing fine look ``s``'s heatmap of landmark ``k``."""
+    cx, cy = _stages(traj)[s, k]
+    p, cells = traj.fine_windows.shape[-1], traj.fine_heatmaps.shape[-1]
+    fx, fy = (float(v) for v in traj.fine_window_scale[0])
+    first = 0.5 * p / cells - p / 2.0  # window pixels from the centre to the first cell's centre
+    return (p / cells * fy, p / cells * fx), (cy + first * fy, cx + first * fx)
+
+
+def stage_vector(traj: Trajectory, k: int, s: int) -> np.ndarray:
+    """``(1, 2, 2)`` napari vector (start (y, x), step (dy, dx)) of fine look ``s``'s move."""
+    st = _stages(traj)
+    start, step = st[s, k], st[s + 1, k] - st[s, k]
+    return np.array([[[start[1], start[0]], [step[1], step[0]]]], dtype=np.float64)
+
+
+def stage_points(traj: Trajectory, k: int, s: int) -> tuple[np.ndarray, list[str]]:
+    """``(s + 2, 2)`` (y, x) of the coarse answer and the answers of fine looks ``0 .. s``, and
+    their labels (``coarse``, ``fine`` or ``fine 1``, ``fine 2``, ...)."""
+    st = _stages(traj)
+    n = traj.fine_looks
+    labels = ["coarse"] + (["fine"] if n == 1 else [f"fine {i + 1}" for i in range(s + 1)])
+    return st[: s + 2, k, ::-1].astype(np.float64).copy(), labels[: s + 2]
+
+
+def _cross(tile: np.ndarray, xy: Sequence[float], rgb: Sequence[int], arm: int = 5) -> None:
+    """Draw a 2-pixel-wide cross centred on ``xy`` (tile pixels, x, y) in place, clipped to the tile."""
+    h, w = tile.shape[:2]
+    x, y = int(round(float(xy[0]))), int(round(float(xy[1])))
+    if not (0 <= x < w and 0 <= y < h):
+        return
+    tile[max(0, y - 1): y + 1, max(0, x - arm): x + arm + 1] = rgb
+    tile[max(0, y - arm): y + arm + 1, max(0, x - 1): x + 1] = rgb
+
+
+def _fit(a: np.ndarray, side: int) -> np.ndarray:
+    """A square map resized to ``side x side``: nearest when enlarging, block maximum when
+    shrinking (a peak must not vanish)."""
+    n = a.shape[-1]
+    if side >= n and side % n == 0:
+        return np.kron(a, np.ones((side // n, side // n), a.dtype))
+    if side < n and n % side == 0:
+        f = n // side
+        return a.reshape(side, f, side, f).max(axis=(1, 3))
+    idx = np.minimum((np.arange(side) + 0.5) * n / side, n - 1).astype(int)
+    return a[np.ix_(idx, idx)]
+
+
+def fine_tile_strip(traj: Trajectory, k: int, s: int = 0, gap: int = 4) -> np.ndarray:
+    """Fine look ``s`` of landmark ``k`` as side-by-side ``P x P`` tiles (uint8 RGB).
+
+    Row 0: the window of every context level (finest first); row 1: the same windows with
+    landmark ``k``'s softmax heatmap (stretched to its range) over the part the finest window
+    covers. Red cross: where the look started (the window centre); green: its answer.
+    """
+    st = _stages(traj)
+    win = traj.fine_windows[s, k]  # (C, P, P)
+    n_ctx, p = win.shape[0], win.shape[-1]
+    hm = traj.fine_heatmaps[s, k].astype(np.float32)
+    hm = (hm - hm.min()) / max(float(hm.max() - hm.min()), 1e-12)
+    out = np.full((2 * p + gap, n_ctx * p + (n_ctx - 1) * gap, 3), 40, np.uint8)
+    for c in range(n_ctx):
+        x0 = c * (p + gap)
+        grey = np.repeat(win[c][..., None], 3, axis=-1)
+        over = grey.astype(np.float32)
+        r = p // 2**c  # the finest window's extent in this window's pixels
+        lo = (p - r) // 2
+        v = _fit(hm, r)
+        a = (0.85 * np.sqrt(v))[..., None]
+        over[lo: lo + r, lo: lo + r] = over[lo: lo + r, lo: lo + r] * (1 - a) + _inferno_like(v) * a
+        over = over.round().clip(0, 255).astype(np.uint8)
+        answer = (st[s + 1, k] - st[s, k]) / np.asarray(traj.fine_window_scale[c]) + (p - 1) / 2.0
+        for tile in (grey, over):
+            _cross(tile, ((p - 1) / 2.0, (p - 1) / 2.0), COARSE_RGB)
+            _cross(tile, answer, FINE_RGB)
+        out[:p, x0: x0 + p] = grey
+        out[p + gap:, x0: x0 + p] = over
+    return out
+
+
 # ---------------------------------------------------------------------------- animation
 def write_animation(frames: Sequence[np.ndarray], path: str | os.PathLike, fps: float = 2.0,
                     hold_last: int = 1) -> Path:
