@@ -223,6 +223,8 @@ def test_write_animation_gif_and_mp4(tmp_path):
     out = ld.write_animation(frames, tmp_path / "a.gif", fps=4)
     back = imageio.mimread(out)
     assert len(back) == 3 and back[0].shape[:2] == (40, 50)
+    one = imageio.mimread(ld.write_animation(frames[:1], tmp_path / "one.gif", hold_last=2))
+    assert len(one) == 1 and int(np.asarray(one[0])[..., :3].mean()) == 0
     with pytest.raises(ValueError):
         ld.write_animation(frames, tmp_path / "a.avi")
     pytest.importorskip("imageio_ffmpeg")

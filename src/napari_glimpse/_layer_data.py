@@ -391,7 +391,8 @@ def write_animation(frames: Sequence[np.ndarray], path: str | os.PathLike, fps: 
     if suffix == ".gif":
         durations = [1000.0 / fps] * len(frames)
         durations[-1] *= max(1, hold_last)
-        imageio.mimsave(path, frames, duration=durations, loop=0)
+        # Pillow takes a list only for several frames (one fine look makes one frame)
+        imageio.mimsave(path, frames, duration=durations if len(frames) > 1 else durations[0], loop=0)
     else:
         try:
             import imageio_ffmpeg  # noqa: F401

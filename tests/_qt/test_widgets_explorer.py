@@ -82,3 +82,141 @@ def test_explorer_exports_an_animation(detected, tmp_path):
     assert len(frames) == det.trajectory.iterations
     assert np.asarray(frames[0]).std() > 5  # the canvas rendered, not a black frame
     assert ex.export(tmp_path / "bad.avi") is None and "gif or .mp4" in ex.status_label.text()
+
+
+# ------------------------------------------------------------------------ coarse -> fine stages
+@pytest.fixture(scope="module")
+def staged_model_path(isbi_model_path, tmp_path_factory):
+    """The tiny 19-landmark model with random (fixed) coarse and fine stages; answers with them alone."""
+    import torch
+
+    from napari_glimpse.coarse import CoarseConfig, CoarseNet
+    from napari_glimpse.fine import FineConfig, FineNet
+    from napari_glimpse.inference import GlimpseModel
+
+    model = GlimpseModel.load(isbi_model_path, device="cpu")
+    torch.manual_seed(0)
+    model.coarse = CoarseNet(CoarseConfig(n_landmarks=19, input_hw=(80, 64), width=4)).eval()
+    model.fine = FineNet(FineConfig(n_landmarks=19, level=1, patch=64, width=4, context=3)).eval()
+    with torch.no_grad():
+        for v in model.fine.parameters():
+            v.mul_(4.0)  # peaked heatmaps
+    model.meta["iterations"] = 0
+    out = tmp_path_factory.mktemp("staged") / "staged19.pt"
+    model.save(out)
+    return out
+
+
+def _detect(detect, qtbot):
+    worker = detect.detect(start=False)
+    with qtbot.waitSignal(detect.detected, timeout=120_000) as blocker:
+        worker.start()
+    return blocker.args[0]
+
+
+@pytest.fixture
+def staged(make_napari_viewer, qtbot, isbi, staged_model_path, tmp_path):
+    from napari_glimpse._widgets._detect import DetectWidget
+    from napari_glimpse._widgets._explorer import ExplorerWidget
+    from napari_glimpse._widgets._state import state_for
+
+    viewer = make_napari_viewer(show=True)
+    viewer.open(str(isbi / "images" / "151.jpg"), plugin="napari-glimpse")
+    state_for(viewer).open_log(tmp_path / "log.jsonl", image_dir=isbi / "images")
+    detect = DetectWidget(viewer)
+    explorer = ExplorerWidget(viewer)
+    viewer.window.add_dock_widget(detect)
+    viewer.window.add_dock_widget(explorer)
+    detect.set_model(staged_model_path)
+    return viewer, detect, explorer, _detect(detect, qtbot)
+
+
+def _answer_of(det, k):
+    """Landmark k's point in the detection's landmarks layer (y, x)."""
+    layer = det.points_layer
+    return np.asarray(layer.data)[list(layer.features["index"]).index(k + 1)]
+
+
+def test_explorer_shows_the_coarse_and_fine_stages(staged, qtbot):
+    from napari_glimpse import _layer_data as ld
+
+    viewer, _, ex, det = staged
+    traj = det.trajectory
+    assert ld.has_stages(traj) and traj.iterations == 0
+    # the answer came from the stages alone: only their view is offered
+    assert ex.view() == "stages"
+    assert not ex.view_combo.model().item(ex.view_combo.findData("glimpses")).isEnabled()
+    assert not any(key.startswith("L") for key in ex.layers)
+    ex.set_landmark(5)
+    k = 5
+    coarse, fine = traj.coarse_positions[k], traj.fine_positions[0, k]
+    assert not np.allclose(coarse, fine)
+    np.testing.assert_allclose(_answer_of(det, k), fine[::-1], atol=1e-6)  # the fine answer is the one shown
+    # one window outline per context level, centred on the coarse answer, 64 level-(1 + c) pixels a side
+    boxes = ex.layers["stage windows"]
+    assert boxes.visible and len(boxes.data) == 3 and list(boxes.shape_type) == ["rectangle"] * 3
+    for c, box in enumerate(boxes.data):
+        world = np.array([boxes.data_to_world(p) for p in box])
+        np.testing.assert_allclose(world.mean(0), coarse[::-1], atol=1e-6)
+        np.testing.assert_allclose(np.ptp(world, axis=0), [128 * 2**c] * 2, rtol=2e-3)
+    # the arrow runs from the coarse answer to the fine answer; the points sit on both
+    arrow = ex.layers["stage arrow"].data[0]
+    np.testing.assert_allclose(arrow[0], coarse[::-1], atol=1e-6)
+    np.testing.assert_allclose(arrow[0] + arrow[1], fine[::-1], atol=1e-6)
+    pts = ex.layers["stage points"]
+    np.testing.assert_allclose(pts.data, [coarse[::-1], fine[::-1]], atol=1e-6)
+    assert list(pts.features["label"]) == ["coarse", "fine"]
+    # the fine heatmap over the image peaks within a cell of the fine answer
+    hm = ex.layers["stage heatmap"]
+    assert hm.visible and hm.data.shape == (32, 32)
+    peak = np.unravel_index(np.argmax(hm.data), hm.data.shape)
+    cell = float(hm.scale[0])
+    assert np.linalg.norm(np.asarray(hm.data_to_world(peak)) - fine[::-1]) < 1.5 * cell
+    assert not ex.tiles.pixmap().isNull() and "moved" in ex.info.text() and "L3" in ex.info.text()
+    assert ex.step_name.text() == "Fine look" and ex.slider.maximum() == 0
+    assert viewer.layers[-1] is det.points_layer
+    # another landmark, chosen elsewhere: the outlines follow its coarse answer
+    ex.state.select_landmark(12)
+    np.testing.assert_allclose(ex.layers["stage arrow"].data[0, 0], traj.coarse_positions[12, ::-1], atol=1e-6)
+    np.testing.assert_allclose(np.mean(ex.layers["stage windows"].data[0], axis=0), traj.coarse_positions[12, ::-1],
+                               atol=1e-6)
+    ex.hm_check.setChecked(False)
+    assert not hm.visible
+    ex.hm_check.setChecked(True)
+    # the overlays exist only while the explorer is shown
+    ex.hide()
+    assert not any(layer.visible for layer in ex.layers.values())
+    ex.show()
+    qtbot.waitUntil(lambda: ex.layers["stage arrow"].visible, timeout=3000)
+    assert ex.layers["stage windows"].visible and ex.layers["stage heatmap"].visible
+
+
+def test_explorer_switches_between_stages_and_glimpses(staged, qtbot, tmp_path):
+    from napari_glimpse import _layer_data as ld
+
+    viewer, detect, ex, _ = staged
+    detect.iter_spin.setValue(2)
+    det = _detect(detect, qtbot)
+    traj = det.trajectory
+    assert ld.has_stages(traj) and traj.iterations == 2
+    # the glimpses start from the fine answer
+    np.testing.assert_allclose(traj.positions[0], traj.fine_positions[-1], atol=1e-3)
+    assert ex.view() == "stages" and ex.slider.maximum() == 0
+    ex.set_landmark(3)
+    stage_keys = {key for key in ex.layers if key.startswith("stage")}
+    assert stage_keys == {"stage windows", "stage heatmap", "stage arrow", "stage points"}
+    ex.set_view("glimpses")
+    assert ex.slider.maximum() == 1 and ex.step_name.text() == "Iteration" and ex.max_level.isEnabled()
+    assert ex.layers["L0"].visible and ex.layers["offset"].visible
+    assert not any(ex.layers[key].visible for key in stage_keys)
+    np.testing.assert_allclose(ex.layers["offset"].data, ld.offset_vector(traj, 3, 0))
+    ex.set_view("stages")
+    assert not ex.max_level.isEnabled() and ex.slider.maximum() == 0
+    assert all(ex.layers[key].visible for key in stage_keys)
+    assert not any(layer.visible for key, layer in ex.layers.items() if not key.startswith("stage"))
+    # the stage view exports its looks
+    imageio = pytest.importorskip("imageio.v2")
+    out = ex.export(tmp_path / "fine.gif", fps=2, source="tiles")
+    frames = imageio.mimread(out)
+    assert len(frames) == traj.fine_looks == 1
+    assert np.asarray(frames[0]).shape[:2] == ld.fine_tile_strip(traj, 3, 0).shape[:2]

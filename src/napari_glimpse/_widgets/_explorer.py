@@ -1,11 +1,16 @@
-"""Glimpse explorer: what the model saw and did, iteration by iteration, for one landmark.
+"""Glimpse explorer: what the model saw and did, stage by stage, for one landmark.
 
-Over the image, at true scale and position: every pyramid level's patch as an image layer
-(level ``l`` covers ``64 * 2**l`` pixels centred on the estimate) with its outline, the offset
-the model predicted as an arrow (Vectors), the estimates so far (a path and points) and the
-softmax heatmap of a chosen trunk channel. In the widget: the patches side by side, with the
-heatmaps under them. An iteration slider (with play) steps through; the animation exports to
-GIF/MP4. Everything drawn comes from the detection's :class:`~napari_glimpse.inference.Trajectory`.
+Two views. **Coarse → fine stages** (what the shipped model's answer is made of): the coarse
+stage's answer, the fine stage's answer and the arrow between them, the outlines of the windows
+the fine look read (one per context level, at true scale and position) and landmark ``k``'s fine
+heatmap over the image; in the widget the windows side by side with the heatmap over them.
+**Glimpse iterations** (when the detection ran any), over the image at true scale and position:
+every pyramid level's patch as an image layer (level ``l`` covers ``64 * 2**l`` pixels centred on
+the estimate) with its outline, the offset the model predicted as an arrow (Vectors), the
+estimates so far (a path and points) and the softmax heatmap of a chosen trunk channel; in the
+widget the patches side by side, with the heatmaps under them. A slider (with play) steps through
+the fine looks or iterations; the animation exports to GIF/MP4. Everything drawn comes from the
+detection's :class:`~napari_glimpse.inference.Trajectory`, prepared by :mod:`napari_glimpse._layer_data`.
 
 The overlay layers exist only while the explorer is shown: hiding (or closing) the widget hides
 them, so they do not cover the image while another widget is in use.
@@ -42,8 +47,19 @@ PREFIX = "glimpse"
 LEVEL_COLORS = ["#ff5050", "#ff9f1c", "#ffe600", "#3ddc84", "#33b5ff", "#c77dff", "#ff70a6", "#ffffff"]
 
 
+STAGES, GLIMPSES = "stages", "glimpses"
+_VIEWS = ((STAGES, "Coarse → fine stages"), (GLIMPSES, "Glimpse iterations"))
+_GLIMPSE_TIPS = ("Iteration: the glimpse seen and the step taken",
+                 "Top: the patch of each level (finest left, red cross = the estimate); "
+                 "below: softmax heatmaps, one channel per row")
+_STAGE_TIPS = ("Fine look (usually one): the windows read and the move made",
+               "Top: the fine windows of each context level (finest left; red cross = the coarse answer, "
+               "where the look started; green = the fine answer); below: the same windows with this landmark's "
+               "fine heatmap over the part the finest window covers")
+
+
 class ExplorerWidget(QWidget):
-    """Step through one landmark's glimpses, offsets, trajectory and heatmaps."""
+    """Step through one landmark's coarse -> fine stages, or its glimpses, offsets, trajectory and heatmaps."""
 
     def __init__(self, napari_viewer: Any):
         super().__init__()
@@ -57,6 +73,12 @@ class ExplorerWidget(QWidget):
         self.landmark_combo = QComboBox()
         self.landmark_combo.setToolTip("Landmark to explore")
         self.landmark_combo.currentIndexChanged.connect(lambda _: self.update_layers())
+        self.view_combo = QComboBox()
+        for key, text in _VIEWS:
+            self.view_combo.addItem(text, key)
+        self.view_combo.setToolTip("Coarse → fine: the stages that make the answer; glimpse iterations: the "
+                                   "foveated glimpse network's steps after them (when the detection ran any)")
+        self.view_combo.currentIndexChanged.connect(lambda _: self._view_changed())
 
         self.slider = QSlider(Qt.Horizontal)
         self.slider.setRange(0, 0)
@@ -103,8 +125,10 @@ class ExplorerWidget(QWidget):
         self.n_rows.valueChanged.connect(lambda _: self.update_layers())
 
         form = QFormLayout()
+        form.addRow("View", self.view_combo)
         form.addRow("Landmark", self.landmark_combo)
-        form.addRow("Iteration", srow)
+        self.step_name = QLabel("Iteration")
+        form.addRow(self.step_name, srow)
         form.addRow("Levels up to", self.max_level)
         hrow = QHBoxLayout()
         hrow.addWidget(self.hm_check)
@@ -119,20 +143,19 @@ class ExplorerWidget(QWidget):
         self.tiles = QLabel("run Detect, then pick a landmark")
         self.tiles.setAlignment(Qt.AlignCenter)
         self.tiles.setMinimumHeight(90)
-        self.tiles.setToolTip("Top: the patch of each level (finest left, red cross = the estimate); "
-                              "below: softmax heatmaps, one channel per row")
+        self.tiles.setToolTip(_GLIMPSE_TIPS[1])
         self.info = QLabel("")
         self.info.setWordWrap(True)
 
         focus = QPushButton("Centre view")
-        focus.setToolTip("Centre and zoom the view on the glimpse")
+        focus.setToolTip("Centre and zoom the view on the glimpse (or the fine windows)")
         focus.clicked.connect(lambda: self.focus())
         self.fps = QSpinBox()
         self.fps.setRange(1, 30)
         self.fps.setValue(2)
         self.fps.setSuffix(" fps")
         export = QPushButton("Export animation…")
-        export.setToolTip("Write the iterations as a GIF or MP4 (imageio)")
+        export.setToolTip("Write the iterations (or fine looks) as a GIF or MP4 (imageio)")
         export.clicked.connect(self._browse_export)
         erow = QHBoxLayout()
         erow.addWidget(focus)
@@ -158,32 +181,75 @@ class ExplorerWidget(QWidget):
     def traj(self):
         return self.det.trajectory if self.det is not None else None
 
+    def available(self) -> dict[str, bool]:
+        """Which views the current detection can show."""
+        traj = self.traj
+        return {STAGES: ld.has_stages(traj),
+                GLIMPSES: traj is not None and traj.glimpses is not None and traj.iterations > 0}
+
+    def view(self) -> str:
+        """The chosen view: ``stages`` or ``glimpses``."""
+        return self.view_combo.currentData()
+
+    def set_view(self, view: str) -> None:
+        self.view_combo.setCurrentIndex(self.view_combo.findData(view))
+
     def set_detection(self, det: Detection | None) -> None:
         self.det = det
         traj = self.traj
+        ok = self.available()
         self._updating = True
         try:
             self.landmark_combo.clear()
-            if traj is None or traj.glimpses is None or traj.iterations == 0:
+            for i in range(self.view_combo.count()):
+                self.view_combo.model().item(i).setEnabled(ok[self.view_combo.itemData(i)])
+            if not any(ok.values()):
                 self._remove_layers()
                 self.tiles.setPixmap(QPixmap())
-                self.tiles.setText("run Detect on this image to explore its glimpses" if traj is None or traj.glimpses is None
-                                   else "no glimpses: this detection stopped before the glimpse steps (iterations 0)")
+                self.tiles.setText("run Detect on this image to explore its stages and glimpses"
+                                   if traj is None or traj.glimpses is None
+                                   else "nothing to explore: this detection recorded no fine look and no glimpse steps")
+                self.info.setText("")
                 return
+            if not ok[self.view()]:
+                self.set_view(STAGES if ok[STAGES] else GLIMPSES)
             abbr = ld.abbreviations(traj.landmark_names)
             self.landmark_combo.addItems([f"{i + 1}. {n} ({a})" for i, (n, a) in enumerate(zip(traj.landmark_names, abbr))])
-            n_levels = traj.glimpses.shape[2]
-            self.slider.setRange(0, traj.iterations - 1)
+            if ok[GLIMPSES]:
+                n_levels = traj.glimpses.shape[2]
+                self.max_level.setRange(0, n_levels - 1)
+                self.max_level.setValue(n_levels - 1)
+                self.hm_level.setRange(0, n_levels - 1)
+                if traj.heatmaps is not None:
+                    self.channel.setRange(0, traj.heatmaps.shape[3] - 1)
+            self._configure_view()
             self.slider.setValue(0)
-            self.max_level.setRange(0, n_levels - 1)
-            self.max_level.setValue(n_levels - 1)
-            self.hm_level.setRange(0, n_levels - 1)
-            if traj.heatmaps is not None:
-                self.channel.setRange(0, traj.heatmaps.shape[3] - 1)
             if self.state.selected_landmark is not None and self.state.selected_landmark < len(traj.landmark_names):
                 self.landmark_combo.setCurrentIndex(self.state.selected_landmark)
         finally:
             self._updating = False
+        self.update_layers()
+
+    def _configure_view(self) -> None:
+        """Slider range, labels and which controls apply, for the chosen view."""
+        traj, stages = self.traj, self.view() == STAGES
+        steps = (traj.fine_looks if stages else traj.iterations) if traj is not None else 1
+        self.slider.setRange(0, max(0, steps - 1))
+        self.step_name.setText("Fine look" if stages else "Iteration")
+        tips = _STAGE_TIPS if stages else _GLIMPSE_TIPS
+        self.slider.setToolTip(tips[0])
+        self.tiles.setToolTip(tips[1])
+        for w in (self.max_level, self.hm_level, self.channel, self.n_rows):
+            w.setEnabled(not stages)
+        self.auto_channel.setEnabled(not stages)
+        self.channel.setEnabled(not stages and not self.auto_channel.isChecked())
+        self.hm_check.setToolTip("Show the fine stage's heatmap of this landmark over the image" if stages
+                                 else "Show the trunk's softmax map of one channel over the image")
+
+    def _view_changed(self) -> None:
+        if self._updating:
+            return
+        self._configure_view()
         self.update_layers()
 
     def set_landmark(self, k: int) -> None:
@@ -194,7 +260,7 @@ class ExplorerWidget(QWidget):
         self.slider.setValue(t)
 
     def _auto_toggled(self, on: bool) -> None:
-        self.channel.setEnabled(not on)
+        self.channel.setEnabled(not on and self.view() != STAGES)
         self.update_layers()
 
     def _toggle_play(self, on: bool) -> None:
@@ -274,18 +340,111 @@ class ExplorerWidget(QWidget):
         others = [c for c in ld.top_channels(traj, k, t, self.hm_level.value(), n + 1) if c != first]
         return [first] + others[: n - 1]
 
-    def update_layers(self) -> None:
-        """Draw landmark ``k``'s iteration ``t`` over the image and in the tiles (when shown)."""
-        traj = self.traj
-        if self._updating or traj is None or traj.glimpses is None or self.landmark_combo.currentIndex() < 0:
-            return
-        if not self.is_shown():
-            return  # drawn when shown
-        k, t = self.landmark_combo.currentIndex(), self.slider.value()
-        v = self.viewer
+    def _base(self) -> tuple[np.ndarray, np.ndarray]:
+        """The image layer's (scale, translate): the overlays sit in its world frame."""
         img_layer = self.det.image_layer
         base_scale = np.asarray(img_layer.scale) if img_layer is not None else np.ones(2)
         base_tr = np.asarray(img_layer.translate) if img_layer is not None else np.zeros(2)
+        return base_scale, base_tr
+
+    def _hide_other_view(self, stages: bool) -> None:
+        for key, layer in self.layers.items():
+            if key.startswith("stage") != stages and layer in self.viewer.layers:
+                layer.visible = False
+
+    def _finish(self, active: Any) -> None:
+        """Landmarks back on top, and the layer selection as it was before any layer was added."""
+        v = self.viewer
+        lm = self.det.points_layer
+        if lm is not None and lm in v.layers and v.layers.index(lm) != len(v.layers) - 1:
+            v.layers.move(v.layers.index(lm), len(v.layers))  # landmarks stay on top
+        if active is not None and active in v.layers:
+            v.layers.selection.active = active  # adding layers must not steal the selection
+
+    def update_layers(self) -> None:
+        """Draw landmark ``k``'s fine look or glimpse iteration ``t`` over the image and in the tiles
+        (when shown)."""
+        traj = self.traj
+        if self._updating or traj is None or self.landmark_combo.currentIndex() < 0:
+            return
+        view = self.view()
+        if not self.available()[view]:
+            return
+        if not self.is_shown():
+            return  # drawn when shown
+        self._hide_other_view(view == STAGES)
+        if view == STAGES:
+            self._draw_stages()
+        else:
+            self._draw_glimpses()
+
+    def _draw_stages(self) -> None:
+        """The coarse answer, fine look ``s``'s answer and move, its windows' outlines and heatmap."""
+        traj, v = self.traj, self.viewer
+        k, s = self.landmark_combo.currentIndex(), self.slider.value()
+        base_scale, base_tr = self._base()
+        active = v.layers.selection.active
+        n_ctx = traj.fine_windows.shape[2]
+        colors = [LEVEL_COLORS[(traj.fine_level + c) % len(LEVEL_COLORS)] for c in range(n_ctx)]
+        boxes = [ld.fine_window_box(traj, k, s, c) for c in range(n_ctx)]
+        shp = self._layer("stage windows", lambda: v.add_shapes(
+            boxes, shape_type="rectangle", name=f"{PREFIX} fine windows", edge_color=colors,
+            face_color="transparent", edge_width=4, scale=tuple(base_scale), translate=tuple(base_tr)))
+        shp.data = boxes  # keeps each outline's type and colour (always one per context level)
+        shp.visible = True
+        if self.hm_check.isChecked():
+            hm = traj.fine_heatmaps[s, k].astype(np.float32)
+            hm = (hm - hm.min()) / max(float(hm.max() - hm.min()), 1e-12)
+            scale, tr = ld.fine_heatmap_placement(traj, k, s)
+            hml = self._layer("stage heatmap", lambda: v.add_image(
+                hm, name=f"{PREFIX} fine heatmap", colormap="inferno", blending="additive", opacity=0.6,
+                contrast_limits=(0, 1)))
+            hml.data = hm
+            hml.scale = tuple(np.asarray(scale) * base_scale)
+            hml.translate = tuple(np.asarray(tr) * base_scale + base_tr)
+            hml.visible = True
+        elif "stage heatmap" in self.layers and self.layers["stage heatmap"] in v.layers:
+            self.layers["stage heatmap"].visible = False
+        vec = ld.stage_vector(traj, k, s)
+        arr = self._layer("stage arrow", lambda: v.add_vectors(
+            vec, name=f"{PREFIX} coarse → fine", edge_color="#ff00ff", edge_width=6, opacity=1.0,
+            vector_style="arrow", scale=tuple(base_scale), translate=tuple(base_tr)))
+        arr.data = vec
+        arr.visible = True
+        pts, labels = ld.stage_points(traj, k, s)
+        face = np.array([ld.COARSE_RGB] + [ld.FINE_RGB] * (len(pts) - 1), dtype=np.float64) / 255.0
+        face = np.column_stack([face, np.ones(len(pts))])
+        size = max(10.0, 0.5 * ld.points_size(traj.image_shape))
+        pl = self._layer("stage points", lambda: v.add_points(
+            pts, name=f"{PREFIX} coarse / fine", size=size, face_color=face, border_color="black",
+            features={"label": labels}, scale=tuple(base_scale), translate=tuple(base_tr),
+            text={"string": "{label}", "size": 11, "color": "white", "anchor": "upper_left",
+                  "translation": [-0.7 * size, 0.7 * size]}))
+        pl.data = pts
+        pl.features = {"label": labels}
+        pl.face_color = face
+        pl.visible = True
+        self._finish(active)
+        # widget side
+        self._show_strip(ld.fine_tile_strip(traj, k, s))
+        st = traj.stage_positions
+        start, end = st[s, k], st[s + 1, k]
+        mm = float(np.hypot(*(end - start))) * traj.pixel_spacing
+        sides = ", ".join(f"L{traj.fine_level + c} {ld.fine_window_side(traj, c)[0] * traj.pixel_spacing:.1f} mm"
+                          for c in range(n_ctx))
+        self.iter_label.setText(f"{s + 1}/{traj.fine_looks}")
+        self.info.setText(
+            f"<b>{traj.landmark_names[k]}</b> {'coarse' if s == 0 else f'fine look {s}'} answer "
+            f"({start[0]:.0f}, {start[1]:.0f}) px → fine{f' look {s + 1}' if traj.fine_looks > 1 else ''} answer "
+            f"({end[0]:.0f}, {end[1]:.0f}) px: moved {mm:.1f} mm; windows {sides}"
+        )
+
+    def _draw_glimpses(self) -> None:
+        """Glimpse iteration ``t``: every level's patch, outlines, heatmap, path and offset."""
+        traj = self.traj
+        k, t = self.landmark_combo.currentIndex(), self.slider.value()
+        v = self.viewer
+        base_scale, base_tr = self._base()
         center = traj.positions[t, k]
         n_levels, patch = traj.glimpses.shape[2], traj.patch
         top = self.max_level.value()
@@ -344,11 +503,7 @@ class ExplorerWidget(QWidget):
             vec, name=f"{PREFIX} offset", edge_color="#ff00ff", edge_width=8, opacity=1.0,
             vector_style="arrow", scale=tuple(base_scale), translate=tuple(base_tr)))
         arr.data = vec
-        lm = self.det.points_layer
-        if lm is not None and lm in v.layers and v.layers.index(lm) != len(v.layers) - 1:
-            v.layers.move(v.layers.index(lm), len(v.layers))  # landmarks stay on top
-        if active is not None and active in v.layers:
-            v.layers.selection.active = active  # adding layers must not steal the selection
+        self._finish(active)
         # widget side
         strip = ld.tile_strip(traj, k, t, self.tile_channels(ch) if hm_on else [])
         self._show_strip(strip)
@@ -368,18 +523,26 @@ class ExplorerWidget(QWidget):
         target = max(w, min(2 * w, max(self.tiles.width() - 8, w)))
         self.tiles.setPixmap(QPixmap.fromImage(qimg).scaledToWidth(target, Qt.FastTransformation))
 
-    def focus(self, level: int = 3) -> None:
-        """Centre the view on the current glimpse, zoomed so level ``level``'s square fills it."""
+    def focus(self, level: int = 3, context: int | None = None) -> None:
+        """Centre the view on the current glimpse, zoomed so level ``level``'s square fills it; in
+        the stage view on the fine look, zoomed so context level ``context``'s window (default the
+        widest) fills it."""
         traj = self.traj
-        if traj is None:
+        if traj is None or self.landmark_combo.currentIndex() < 0:
             return
         k, t = self.landmark_combo.currentIndex(), self.slider.value()
-        c = traj.positions[t, k]
+        if self.view() == STAGES and ld.has_stages(traj):
+            c = traj.stage_positions[t: t + 2, k].mean(0)
+            ctx = traj.fine_windows.shape[2] - 1 if context is None else context
+            side = float(ld.fine_window_side(traj, ctx).max())
+        else:
+            c = traj.positions[t, k]
+            side = traj.patch * 2**level
         v = self.viewer
         cam = camera_of(v)
         cam.center = (float(c[1]), float(c[0]))
         size = min(getattr(v, "_canvas_size", (600, 600)))
-        cam.zoom = max(size, 100) / (traj.patch * 2**level * 1.15)
+        cam.zoom = max(size, 100) / (side * 1.15)
 
     # ------------------------------------------------------------------------ export
     def _browse_export(self) -> None:
@@ -388,7 +551,8 @@ class ExplorerWidget(QWidget):
             self.export(path)
 
     def frames(self, source: str = "canvas") -> list[np.ndarray]:
-        """One RGB frame per iteration: the viewer canvas (``canvas``) or the tile strip (``tiles``)."""
+        """One RGB frame per iteration (per fine look in the stage view): the viewer canvas
+        (``canvas``) or the tile strip (``tiles``)."""
         traj = self.traj
         if traj is None:
             raise ValueError("nothing to export: run Detect first")
@@ -396,10 +560,12 @@ class ExplorerWidget(QWidget):
         keep = self.slider.value()
         out = []
         try:
-            for t in range(traj.iterations):
+            for t in range(self.slider.maximum() + 1):
                 self.slider.setValue(t)
                 self.update_layers()
-                if source == "tiles":
+                if source == "tiles" and self.view() == STAGES:
+                    out.append(ld.fine_tile_strip(traj, k, t))
+                elif source == "tiles":
                     out.append(ld.tile_strip(traj, k, t, self.tile_channels(self.current_channel())))
                 else:
                     QApplication.processEvents()
