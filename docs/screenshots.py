@@ -2,7 +2,8 @@
 
 Run under a display (here: ``xvfb-run -a -s "-screen 0 1920x1200x24" python docs/screenshots.py
 --model MODEL``). ``viewer.screenshot(canvas_only=False)`` grabs the whole window; the corrections
-log and the fine-tuned model go to a temporary folder.
+log and the fine-tuned model go to a temporary folder. ``--only explorer_fine,explorer`` makes
+only those (names: detect, explorer_fine, explorer (with glimpse.gif), corrections, finetune).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "isbi2015"
+SHOTS = ("detect", "explorer_fine", "explorer", "corrections", "finetune")
 
 
 def main() -> int:
@@ -25,7 +27,13 @@ def main() -> int:
     ap.add_argument("--image", default=str(DATA / "images" / "151.jpg"))
     ap.add_argument("--out", default=str(HERE))
     ap.add_argument("--finetune-steps", type=int, default=30)
+    ap.add_argument("--only", default=",".join(SHOTS), help=f"comma-separated subset of {', '.join(SHOTS)}")
     a = ap.parse_args()
+    only_shots = {x.strip() for x in a.only.split(",") if x.strip()}
+    if only_shots - set(SHOTS):
+        ap.error(f"unknown screenshots {sorted(only_shots - set(SHOTS))}: choose from {', '.join(SHOTS)}")
+    if "finetune" in only_shots:
+        only_shots.add("corrections")  # fine-tunes on the reviewed labels the corrections shot exports
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="glimpse-shots-"))
@@ -93,10 +101,35 @@ def main() -> int:
     wait(done)
     det = done[0]
     print(f"detect: {det.seconds:.2f} s click to points")
-    only("Detect landmarks")
-    viewer.reset_view()
-    pump(0.8)
-    viewer.screenshot(str(out / "detect.png"), canvas_only=False, flash=False)
+    if "detect" in only_shots:
+        only("Detect landmarks")
+        viewer.reset_view()
+        pump(0.8)
+        viewer.screenshot(str(out / "detect.png"), canvas_only=False, flash=False)
+
+    if "explorer_fine" in only_shots:
+        # explorer, stage view: what the shipped model's answer is made of (coarse answer, one fine
+        # look), for the landmark the fine look moved furthest among those whose window has contrast
+        # (on 151.jpg Porion's is burnt out)
+        traj = det.trajectory
+        moved = np.linalg.norm(traj.fine_positions[0] - traj.coarse_positions, axis=-1)
+        contrast = traj.fine_windows[0, :, 0].reshape(len(moved), -1).std(-1)
+        k = int(np.argmax(np.where(contrast > 30, moved, 0)))
+        only("Glimpse explorer")
+        explorer.set_view("stages")
+        explorer.set_landmark(k)
+        explorer.focus(context=1)
+        camera_of(viewer).zoom *= 1.4  # the second window's outline just in view, the move longer
+        det.points_layer.visible = False  # its markers would cover the coarse and fine points
+        viewer.layers.selection.active = explorer.layers["stage heatmap"]
+        pump(0.8)
+        viewer.screenshot(str(out / "explorer_fine.png"), canvas_only=False, flash=False)
+        det.points_layer.visible = True
+
+    if not only_shots & {"explorer", "corrections", "finetune"}:
+        viewer.close()
+        print("wrote", ", ".join(sorted(f"{n}.png" for n in only_shots)))
+        return 0
 
     # explorer: the glimpse steps (the shipped model answers with its coarse stage alone, so ask
     # for 3 steps), the landmark whose first step is longest, iteration 1
@@ -109,6 +142,7 @@ def main() -> int:
     traj = det.trajectory
     k = int(np.argmax(np.linalg.norm(traj.positions[1] - traj.positions[0], axis=-1)))
     only("Glimpse explorer")
+    explorer.set_view("glimpses")
     explorer.set_landmark(k)
     explorer.set_iteration(0)
     explorer.max_level.setValue(4)
@@ -116,19 +150,24 @@ def main() -> int:
     explorer.focus(level=2)
     det.points_layer.opacity = 0.45  # the glimpse under the markers
     pump(0.8)
-    viewer.screenshot(str(out / "explorer.png"), canvas_only=False, flash=False)
-    frames = explorer.frames()
-    from PIL import Image
+    if "explorer" in only_shots:
+        viewer.screenshot(str(out / "explorer.png"), canvas_only=False, flash=False)
+        frames = explorer.frames()
+        from PIL import Image
 
-    from napari_glimpse._layer_data import write_animation
+        from napari_glimpse._layer_data import write_animation
 
-    small = []
-    for f in frames:
-        im = Image.fromarray(np.asarray(f)[..., :3])
-        im.thumbnail((560, 560))
-        small.append(np.asarray(im))
-    write_animation(small, out / "glimpse.gif", fps=1.2, hold_last=2)
+        small = []
+        for f in frames:
+            im = Image.fromarray(np.asarray(f)[..., :3])
+            im.thumbnail((560, 560))
+            small.append(np.asarray(im))
+        write_animation(small, out / "glimpse.gif", fps=1.2, hold_last=2)
     det.points_layer.opacity = 1.0
+    if not only_shots & {"corrections", "finetune"}:
+        viewer.close()
+        print("wrote", ", ".join(sorted(f"{n}.png" for n in only_shots)))
+        return 0
 
     # corrections: move the least confident landmark a little, undo, redo, accept, export
     only("Review and corrections")
@@ -149,6 +188,10 @@ def main() -> int:
     layer.selected_data = {row}
     pump(0.8)
     viewer.screenshot(str(out / "corrections.png"), canvas_only=False, flash=False)
+    if "finetune" not in only_shots:
+        viewer.close()
+        print("wrote", ", ".join(sorted(f"{n}.png" for n in only_shots)))
+        return 0
 
     # fine-tune a few steps in the background, then switch detection to the new model
     only("Fine-tune")

@@ -152,10 +152,11 @@ def test_stage_geometry_outlines_arrow_and_points():
     v = ld.stage_vector(tr, 1, 0)
     np.testing.assert_allclose(v[0, 0], c0[::-1])
     np.testing.assert_allclose(v[0, 0] + v[0, 1], c1[::-1])
-    pts, labels = ld.stage_points(tr, 1, 1)
+    pts, feats = ld.stage_points(tr, 1, 1)
     np.testing.assert_allclose(pts, [c0[::-1], c1[::-1], tr.fine_positions[1, 1, ::-1]])
-    assert labels == ["coarse", "fine 1", "fine 2"]
-    assert ld.stage_points(make_staged(), 0, 0)[1] == ["coarse", "fine"]
+    assert feats["label"] == ["coarse", "fine 1", "fine 2"]
+    assert feats["color"] == ["#ff5050", "#3ce678", "#3ce678"]
+    assert ld.stage_points(make_staged(), 0, 0)[1]["label"] == ["coarse", "fine"]
     with pytest.raises(ValueError, match="record_stages"):
         ld.stage_vector(make_traj(), 0, 0)
 
@@ -184,7 +185,7 @@ def test_fine_tile_strip_shows_the_windows_the_heatmap_and_both_answers():
     assert over[2:4, 12:14].sum(-1).min() > 3 * 100 + 150
     # red cross: the window centre (where the look started); green: the answer, (fine - coarse) / scale
     # window pixels from the centre: (-4, 4) in the finest window, (-2, 2) in the next
-    assert tuple(strip[8, 7]) == tuple(strip[8 + 20, 7]) == ld.COARSE_RGB
+    assert tuple(strip[8, 7]) == ld.COARSE_RGB and tuple(strip[8 + 20, 7]) == (100, 100, 100)
     assert tuple(strip[round(7.5 + 4), round(7.5 - 4)]) == ld.FINE_RGB
     assert tuple(strip[round(7.5 + 2), 20 + round(7.5 - 2)]) == ld.FINE_RGB
     # a coarser context: the heatmap covers only the central half (8 x 8 of the 16 x 16 pixels)

@@ -247,6 +247,9 @@ def tile_strip(traj: Trajectory, k: int, t: int, channels: Sequence[int] = (), g
 # the finest window.
 COARSE_RGB = (255, 80, 80)   # where a look starts (the coarse answer)
 FINE_RGB = (60, 230, 120)    # its answer
+# the fine heatmap over the image: transparent where it is low, so that it shows on bright bone
+# and dark soft tissue alike (RGBA control points, 0..1)
+HEAT_RGBA = np.array([[0.0, 0.0, 0.0, 0.0], [0.85, 0.1, 0.45, 0.45], [1.0, 0.45, 0.0, 0.8], [1.0, 0.95, 0.3, 1.0]])
 
 
 def has_stages(traj: Trajectory | None) -> bool:
@@ -297,13 +300,15 @@ def stage_vector(traj: Trajectory, k: int, s: int) -> np.ndarray:
     return np.array([[[start[1], start[0]], [step[1], step[0]]]], dtype=np.float64)
 
 
-def stage_points(traj: Trajectory, k: int, s: int) -> tuple[np.ndarray, list[str]]:
+def stage_points(traj: Trajectory, k: int, s: int) -> tuple[np.ndarray, dict[str, list[str]]]:
     """``(s + 2, 2)`` (y, x) of the coarse answer and the answers of fine looks ``0 .. s``, and
-    their labels (``coarse``, ``fine`` or ``fine 1``, ``fine 2``, ...)."""
+    their features: ``label`` (``coarse``, ``fine`` or ``fine 1``, ``fine 2``, ...) and ``color``
+    (hex: red for the coarse answer, green for the fine ones)."""
     st = _stages(traj)
     n = traj.fine_looks
     labels = ["coarse"] + (["fine"] if n == 1 else [f"fine {i + 1}" for i in range(s + 1)])
-    return st[: s + 2, k, ::-1].astype(np.float64).copy(), labels[: s + 2]
+    hexes = ["#%02x%02x%02x" % COARSE_RGB] + ["#%02x%02x%02x" % FINE_RGB] * (s + 1)
+    return st[: s + 2, k, ::-1].astype(np.float64).copy(), {"label": labels[: s + 2], "color": hexes}
 
 
 def _cross(tile: np.ndarray, xy: Sequence[float], rgb: Sequence[int], arm: int = 5) -> None:
@@ -332,9 +337,10 @@ def _fit(a: np.ndarray, side: int) -> np.ndarray:
 def fine_tile_strip(traj: Trajectory, k: int, s: int = 0, gap: int = 4) -> np.ndarray:
     """Fine look ``s`` of landmark ``k`` as side-by-side ``P x P`` tiles (uint8 RGB).
 
-    Row 0: the window of every context level (finest first); row 1: the same windows with
-    landmark ``k``'s softmax heatmap (stretched to its range) over the part the finest window
-    covers. Red cross: where the look started (the window centre); green: its answer.
+    Row 0: the window of every context level (finest first), a red cross where the look started
+    (the window centre) and a green one on its answer; row 1: the same windows with landmark
+    ``k``'s softmax heatmap (stretched to its range, square-rooted to show the peak's tail) over
+    the part the finest window covers.
     """
     st = _stages(traj)
     win = traj.fine_windows[s, k]  # (C, P, P)
@@ -348,14 +354,13 @@ def fine_tile_strip(traj: Trajectory, k: int, s: int = 0, gap: int = 4) -> np.nd
         over = grey.astype(np.float32)
         r = p // 2**c  # the finest window's extent in this window's pixels
         lo = (p - r) // 2
-        v = _fit(hm, r)
-        a = (0.85 * np.sqrt(v))[..., None]
+        v = np.sqrt(_fit(hm, r))
+        a = (0.85 * v)[..., None]
         over[lo: lo + r, lo: lo + r] = over[lo: lo + r, lo: lo + r] * (1 - a) + _inferno_like(v) * a
         over = over.round().clip(0, 255).astype(np.uint8)
         answer = (st[s + 1, k] - st[s, k]) / np.asarray(traj.fine_window_scale[c]) + (p - 1) / 2.0
-        for tile in (grey, over):
-            _cross(tile, ((p - 1) / 2.0, (p - 1) / 2.0), COARSE_RGB)
-            _cross(tile, answer, FINE_RGB)
+        _cross(grey, ((p - 1) / 2.0, (p - 1) / 2.0), COARSE_RGB)
+        _cross(grey, answer, FINE_RGB)
         out[:p, x0: x0 + p] = grey
         out[p + gap:, x0: x0 + p] = over
     return out

@@ -166,6 +166,7 @@ def test_explorer_shows_the_coarse_and_fine_stages(staged, qtbot):
     pts = ex.layers["stage points"]
     np.testing.assert_allclose(pts.data, [coarse[::-1], fine[::-1]], atol=1e-6)
     assert list(pts.features["label"]) == ["coarse", "fine"]
+    np.testing.assert_allclose(pts.face_color[:, :3], np.array([ld.COARSE_RGB, ld.FINE_RGB]) / 255, atol=1e-6)
     # the fine heatmap over the image peaks within a cell of the fine answer
     hm = ex.layers["stage heatmap"]
     assert hm.visible and hm.data.shape == (32, 32)
@@ -173,7 +174,7 @@ def test_explorer_shows_the_coarse_and_fine_stages(staged, qtbot):
     cell = float(hm.scale[0])
     assert np.linalg.norm(np.asarray(hm.data_to_world(peak)) - fine[::-1]) < 1.5 * cell
     assert not ex.tiles.pixmap().isNull() and "moved" in ex.info.text() and "L3" in ex.info.text()
-    assert ex.step_name.text() == "Fine look" and ex.slider.maximum() == 0
+    assert ex.step_name.text() == "Fine look" and ex.slider.maximum() == 0 and ex.channel.isHidden()
     assert viewer.layers[-1] is det.points_layer
     # another landmark, chosen elsewhere: the outlines follow its coarse answer
     ex.state.select_landmark(12)
@@ -206,12 +207,12 @@ def test_explorer_switches_between_stages_and_glimpses(staged, qtbot, tmp_path):
     stage_keys = {key for key in ex.layers if key.startswith("stage")}
     assert stage_keys == {"stage windows", "stage heatmap", "stage arrow", "stage points"}
     ex.set_view("glimpses")
-    assert ex.slider.maximum() == 1 and ex.step_name.text() == "Iteration" and ex.max_level.isEnabled()
+    assert ex.slider.maximum() == 1 and ex.step_name.text() == "Iteration" and not ex.max_level.isHidden()
     assert ex.layers["L0"].visible and ex.layers["offset"].visible
     assert not any(ex.layers[key].visible for key in stage_keys)
     np.testing.assert_allclose(ex.layers["offset"].data, ld.offset_vector(traj, 3, 0))
     ex.set_view("stages")
-    assert not ex.max_level.isEnabled() and ex.slider.maximum() == 0
+    assert ex.max_level.isHidden() and ex.n_rows.isHidden() and ex.slider.maximum() == 0
     assert all(ex.layers[key].visible for key in stage_keys)
     assert not any(layer.visible for key, layer in ex.layers.items() if not key.startswith("stage"))
     # the stage view exports its looks

@@ -40,6 +40,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari.utils.colormaps import Colormap
+
 from .. import _layer_data as ld
 from ._state import Detection, camera_of, error_text, state_for, status
 
@@ -129,16 +131,20 @@ class ExplorerWidget(QWidget):
         form.addRow("Landmark", self.landmark_combo)
         self.step_name = QLabel("Iteration")
         form.addRow(self.step_name, srow)
-        form.addRow("Levels up to", self.max_level)
+        labels = [QLabel(t) for t in ("Levels up to", "level", "channel", "Heatmap rows")]
+        form.addRow(labels[0], self.max_level)
         hrow = QHBoxLayout()
         hrow.addWidget(self.hm_check)
-        hrow.addWidget(QLabel("level"))
+        hrow.addWidget(labels[1])
         hrow.addWidget(self.hm_level)
-        hrow.addWidget(QLabel("channel"))
+        hrow.addWidget(labels[2])
         hrow.addWidget(self.channel)
         hrow.addWidget(self.auto_channel)
+        hrow.addStretch(1)
         form.addRow(hrow)
-        form.addRow("Heatmap rows", self.n_rows)
+        form.addRow(labels[3], self.n_rows)
+        # controls of the glimpse view only (hidden in the stage view)
+        self._glimpse_controls = [*labels, self.max_level, self.hm_level, self.channel, self.auto_channel, self.n_rows]
 
         self.tiles = QLabel("run Detect, then pick a landmark")
         self.tiles.setAlignment(Qt.AlignCenter)
@@ -239,10 +245,8 @@ class ExplorerWidget(QWidget):
         tips = _STAGE_TIPS if stages else _GLIMPSE_TIPS
         self.slider.setToolTip(tips[0])
         self.tiles.setToolTip(tips[1])
-        for w in (self.max_level, self.hm_level, self.channel, self.n_rows):
-            w.setEnabled(not stages)
-        self.auto_channel.setEnabled(not stages)
-        self.channel.setEnabled(not stages and not self.auto_channel.isChecked())
+        for w in self._glimpse_controls:
+            w.setVisible(not stages)
         self.hm_check.setToolTip("Show the fine stage's heatmap of this landmark over the image" if stages
                                  else "Show the trunk's softmax map of one channel over the image")
 
@@ -260,7 +264,7 @@ class ExplorerWidget(QWidget):
         self.slider.setValue(t)
 
     def _auto_toggled(self, on: bool) -> None:
-        self.channel.setEnabled(not on and self.view() != STAGES)
+        self.channel.setEnabled(not on)
         self.update_layers()
 
     def _toggle_play(self, on: bool) -> None:
@@ -397,8 +401,8 @@ class ExplorerWidget(QWidget):
             hm = (hm - hm.min()) / max(float(hm.max() - hm.min()), 1e-12)
             scale, tr = ld.fine_heatmap_placement(traj, k, s)
             hml = self._layer("stage heatmap", lambda: v.add_image(
-                hm, name=f"{PREFIX} fine heatmap", colormap="inferno", blending="additive", opacity=0.6,
-                contrast_limits=(0, 1)))
+                hm, name=f"{PREFIX} fine heatmap", colormap=Colormap(ld.HEAT_RGBA, name="glimpse fine heat"),
+                blending="translucent", opacity=0.8, contrast_limits=(0, 1), gamma=0.5))  # the peak's tail too
             hml.data = hm
             hml.scale = tuple(np.asarray(scale) * base_scale)
             hml.translate = tuple(np.asarray(tr) * base_scale + base_tr)
@@ -411,18 +415,14 @@ class ExplorerWidget(QWidget):
             vector_style="arrow", scale=tuple(base_scale), translate=tuple(base_tr)))
         arr.data = vec
         arr.visible = True
-        pts, labels = ld.stage_points(traj, k, s)
-        face = np.array([ld.COARSE_RGB] + [ld.FINE_RGB] * (len(pts) - 1), dtype=np.float64) / 255.0
-        face = np.column_stack([face, np.ones(len(pts))])
-        size = max(10.0, 0.5 * ld.points_size(traj.image_shape))
+        pts, feats = ld.stage_points(traj, k, s)
         pl = self._layer("stage points", lambda: v.add_points(
-            pts, name=f"{PREFIX} coarse / fine", size=size, face_color=face, border_color="black",
-            features={"label": labels}, scale=tuple(base_scale), translate=tuple(base_tr),
-            text={"string": "{label}", "size": 11, "color": "white", "anchor": "upper_left",
-                  "translation": [-0.7 * size, 0.7 * size]}))
+            pts, name=f"{PREFIX} coarse / fine", size=6, canvas_size_limits=(8, 12), face_color=feats["color"],
+            border_color="black", border_width=0.15, features=feats, scale=tuple(base_scale),
+            translate=tuple(base_tr)))  # no text: the two points are often a few pixels apart
         pl.data = pts
-        pl.features = {"label": labels}
-        pl.face_color = face
+        pl.features = feats
+        pl.face_color = feats["color"]
         pl.visible = True
         self._finish(active)
         # widget side
@@ -434,9 +434,9 @@ class ExplorerWidget(QWidget):
                           for c in range(n_ctx))
         self.iter_label.setText(f"{s + 1}/{traj.fine_looks}")
         self.info.setText(
-            f"<b>{traj.landmark_names[k]}</b> {'coarse' if s == 0 else f'fine look {s}'} answer "
+            f"<b>{traj.landmark_names[k]}</b> {'coarse' if s == 0 else f'fine look {s}'} answer (red) "
             f"({start[0]:.0f}, {start[1]:.0f}) px → fine{f' look {s + 1}' if traj.fine_looks > 1 else ''} answer "
-            f"({end[0]:.0f}, {end[1]:.0f}) px: moved {mm:.1f} mm; windows {sides}"
+            f"(green) ({end[0]:.0f}, {end[1]:.0f}) px: moved {mm:.1f} mm; windows {sides}"
         )
 
     def _draw_glimpses(self) -> None:
