@@ -255,15 +255,17 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
             from napari_glimpse.coarse import members_of
             from napari_glimpse.fine import FineEnsemble
 
-            fnets, counts = [], []
+            fnets, counts, decays = [], [], []
             for f in a.add_fine:
                 other = GlimpseModel.load(f, "cpu")
                 if other.fine is None:
                     raise SystemExit(f"{f} has no fine stage")
                 fnets += members_of(other.fine)
                 counts.append(other.meta.get("fine_n_train_images"))
+                decays.append(other.meta.get("fine_average_decay"))  # None: the net's own weights
             model.fine = FineEnsemble(fnets) if len(fnets) > 1 else fnets[0]
             model.meta["fine_n_train_images"] = counts
+            model.meta["fine_average_decay"] = decays
             res["fine_from"] = [str(f) for f in a.add_fine]
         if a.fine_json:  # stages trained one after another, after the runs above: wall and CPU times add up
             fjs = _add_runs(res, a.fine_json, side_by_side=False)
@@ -323,8 +325,9 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
                 tuple(range(len(nets))), tuple(range(len(fine_nets))))
         log(f"kept the model's inference choice {best}")
         res["choice_kept"] = True
-        model.meta["inference_choice"] = (model.meta.get("inference_choice", "") +
-                                          "; kept by --keep-choice for stages trained later").lstrip("; ")
+        note = "kept by --keep-choice for stages trained later"
+        if note not in model.meta.get("inference_choice", ""):
+            model.meta["inference_choice"] = f"{model.meta.get('inference_choice', '')}; {note}".lstrip("; ")
         return _finish(a, res, model, best, nets, fine_nets, val_ds, test_ds, log)
     vt = val_ds.ground_truth("mean")
     val = {}
@@ -383,7 +386,8 @@ def _choose_decode_window(a, res: dict, model, val_ds, log) -> None:
         log(f"val: fine decode window {w}: MRE {val[int(w)]:.4f} mm")
     best = min(val, key=val.get)  # the first (current) window wins ties
     model.meta["fine_decode_window"] = best
-    res["fine_decode_window"] = best
+    model.meta["inference_choice"] = (f"{model.meta.get('inference_choice', '')}; fine decode window "
+                                      f"{best} of {sorted(val)}, lowest validation MRE").lstrip("; ")
     res["val_fine_decode_window"] = [{"window": w, "mre_mm": v} for w, v in val.items()]
     log(f"fine decode window {best} (validation MRE {val[best]:.4f} mm)")
 
@@ -528,6 +532,8 @@ def main(argv=None) -> int:
         test = test.subset(range(min(len(test), max(20, a.limit))))
     train_ds = train_all.subset(tr_idx)
     val_ds = train_all.subset(va_idx) if va_idx else None
+    if a.fine_averages and not a.fine_for:
+        p.error("--fine-averages goes with --fine-for (the averages are kept while a fine stage trains)")
     if a.train_all and not (a.train_only or a.keep_choice):
         p.error("--train-all leaves no validation split to choose on: add --train-only or --keep-choice")
 

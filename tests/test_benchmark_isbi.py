@@ -223,7 +223,12 @@ def test_fine_weight_averages_and_the_decode_window_chosen_on_validation(isbi, t
     tried = {v["window"]: v["mre_mm"] for v in c["val_fine_decode_window"]}
     assert sorted(tried) == [1, 2, 5]  # the model's own window (2) is a candidate too
     assert c["fine_decode_window"] == min(tried, key=tried.get)
-    assert GlimpseModel.load(tmp_path / "s.pt", "cpu").fine_decode_window == c["fine_decode_window"]
+    saved = GlimpseModel.load(tmp_path / "s.pt", "cpu")
+    assert saved.fine_decode_window == c["fine_decode_window"]
+    assert saved.meta["fine_average_decay"] == [0.9]  # which weights the fine net carries
+    assert f"fine decode window {c['fine_decode_window']} of [1, 2, 5]" in saved.meta["inference_choice"]
+    with pytest.raises(SystemExit):  # averages are kept while a fine stage trains, so only with --fine-for
+        isbi.main([*common, "--fine-averages", "0.9", "--train-only", "--out", str(tmp_path / "y.json")])
     with pytest.raises(SystemExit, match="validation"):
         isbi.main([*common, "--train-all", "--evaluate", str(tmp_path / "s.pt"), "--keep-choice",
                    "--fine-decode-windows", "3", "--no-test", "--out", str(tmp_path / "x.json")])

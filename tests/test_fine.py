@@ -3,6 +3,7 @@ in predict (both facings), training end to end and fine-tuning."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import replace
@@ -344,11 +345,11 @@ def test_train_fine_keeps_weight_averages_without_changing_the_net():
     pts = np.array([[[40.0, 50.0]], [[70.0, 60.0]]])
     levels = [torch.stack([_dot_image(128, 128, *q[0], sigma=2.0) for q in pts])[:, None]]
     truth = to_normalised(torch.as_tensor(pts, dtype=torch.float32), (128, 128))
-    plain, _ = train_fine(levels, truth, cfg, 1e9, progress=False, max_steps=30)
-    averages = {0.5: None, 0.95: None}
-    net, _ = train_fine(levels, truth, cfg, 1e9, progress=False, max_steps=30, averages=averages)
+    plain, _ = train_fine(levels, truth, cfg, 1e9, progress=False, max_steps=60)
+    averages = {0.5: None, 0.8: None}  # past the ramp ((1 + step) / (10 + step)) from steps 8 and 35
+    net, _ = train_fine(levels, truth, cfg, 1e9, progress=False, max_steps=60, averages=averages)
     assert _same(_weights(plain), _weights(net))
-    fast, slow = averages[0.5], averages[0.95]
+    fast, slow = averages[0.5], averages[0.8]
     assert not fast.training and not slow.training and isinstance(slow, FineNet)
     assert not any(p.requires_grad for p in slow.parameters())
 
@@ -371,6 +372,14 @@ def test_the_fine_decode_window_is_the_models_choice(fine_model, image):
     np.testing.assert_allclose(fine_model.predict(image, facing="right").final, w2, atol=1e-4)
     fine_model.meta["fine_decode_window"] = 5
     np.testing.assert_allclose(fine_model.predict(image, facing="right").final, w5, atol=1e-4)
+    # a left-facing image is read mirrored, with the same window
+    left = fine_model.predict(np.ascontiguousarray(image[:, ::-1]), facing="left").final
+    np.testing.assert_allclose(left, w5 * [-1, 1] + [image.shape[1] - 1, 0], atol=1e-3)
+    # an average (kept without gradients) fine-tunes: train_fine's copy of it learns
+    frozen = copy.deepcopy(fine_model.fine).requires_grad_(False)
+    assert all(p.requires_grad for p in train_fine(
+        [torch.zeros(2, 1, 64, 64)] * TINY_FINE.context, torch.zeros(2, K, 2), TINY_FINE, 1e9, progress=False,
+        max_steps=1, init=frozen)[0].parameters())
 
 
 def test_train_with_coarse_and_fine_stages_end_to_end(tiny_data, tmp_path):

@@ -327,7 +327,7 @@ def fit_heatmaps(
     ``averages``: a dict whose keys are decays (e.g. ``{0.999: None}``); each value is replaced
     by a copy of the net whose weights (and batch-norm statistics) are the exponential moving
     average of the net's after every step with that decay (:func:`update_average`), in eval
-    mode: the averaged nets cost nothing at inference.
+    mode: ordinary nets of the same size, so an average costs nothing more at inference.
     """
     from tqdm.auto import tqdm
 
@@ -400,7 +400,7 @@ def update_average(avg: nn.Module, net: nn.Module, decay: float, step: int) -> N
     random weights are soon forgotten; integer buffers (batch norm's step count) are copied."""
     d = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
-        for a, b in zip(avg.state_dict().values(), net.state_dict().values()):
+        for a, b in zip(avg.state_dict().values(), net.state_dict().values(), strict=True):
             if a.is_floating_point():
                 a.lerp_(b.detach().to(a.device), 1.0 - d)
             else:
@@ -438,7 +438,7 @@ def train_coarse(
     gen = torch.Generator().manual_seed(cfg.seed)
     if init is not None:
         cfg = init.cfg
-        net = copy.deepcopy(init).to(device)
+        net = copy.deepcopy(init).to(device).requires_grad_(True)  # e.g. a weight average, kept without gradients
     else:
         net = CoarseNet(cfg).to(device)
     n = levels.shape[0]

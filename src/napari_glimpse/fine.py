@@ -265,7 +265,7 @@ def train_fine(
     gen = torch.Generator().manual_seed(cfg.seed)
     if init is not None:
         cfg = init.cfg
-        net = copy.deepcopy(init).to(device)
+        net = copy.deepcopy(init).to(device).requires_grad_(True)  # e.g. a weight average, kept without gradients
     else:
         net = FineNet(cfg).to(device)
     n, k = truth_n.shape[:2]
