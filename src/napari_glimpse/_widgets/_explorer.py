@@ -211,6 +211,8 @@ class ExplorerWidget(QWidget):
                 self.view_combo.model().item(i).setEnabled(ok[self.view_combo.itemData(i)])
             if not any(ok.values()):
                 self._remove_layers()
+                self.slider.setRange(0, 0)  # no stale steps for the play button or the export
+                self.iter_label.setText("iteration –")
                 self.tiles.setPixmap(QPixmap())
                 self.tiles.setText("run Detect on this image to explore its stages and glimpses"
                                    if traj is None or traj.glimpses is None
@@ -434,7 +436,7 @@ class ExplorerWidget(QWidget):
                           for c in range(n_ctx))
         self.iter_label.setText(f"{s + 1}/{traj.fine_looks}")
         self.info.setText(
-            f"<b>{traj.landmark_names[k]}</b> {'coarse' if s == 0 else f'fine look {s}'} answer (red) "
+            f"<b>{traj.landmark_names[k]}</b> {'coarse answer (red)' if s == 0 else f'fine look {s} answer (green)'} "
             f"({start[0]:.0f}, {start[1]:.0f}) px → fine{f' look {s + 1}' if traj.fine_looks > 1 else ''} answer "
             f"(green) ({end[0]:.0f}, {end[1]:.0f}) px: moved {mm:.1f} mm; windows {sides}"
         )
@@ -557,6 +559,10 @@ class ExplorerWidget(QWidget):
         if traj is None:
             raise ValueError("nothing to export: run Detect first")
         k = self.landmark_combo.currentIndex()
+        if not self.available()[self.view()] or k < 0:
+            # the slider would step through nothing: frames of the bare image, or no tiles at all
+            raise ValueError("nothing to export: this detection recorded no fine look and no glimpse steps"
+                             if not any(self.available().values()) else "nothing to export in this view")
         keep = self.slider.value()
         out = []
         try:
