@@ -92,6 +92,12 @@ def main() -> int:
         viewer.window._qt_window.resize(1700, 1050)
         pump(0.5)
 
+    def close() -> int:
+        """Close the viewer and say what was written (the exit when the asked-for shots are done)."""
+        viewer.close()
+        print("wrote", ", ".join(sorted(f"{n}.png" for n in only_shots)))
+        return 0
+
     detect, explorer, corr, ft = widgets.values()
     viewer.open(str(image), plugin="napari-glimpse")
     detect.set_model(a.model)
@@ -127,9 +133,7 @@ def main() -> int:
         det.points_layer.visible = True
 
     if not only_shots & {"explorer", "corrections", "finetune"}:
-        viewer.close()
-        print("wrote", ", ".join(sorted(f"{n}.png" for n in only_shots)))
-        return 0
+        return close()
 
     # explorer: the glimpse steps (the shipped model answers with its coarse stage alone, so ask
     # for 3 steps), the landmark whose first step is longest, iteration 1
@@ -165,9 +169,7 @@ def main() -> int:
         write_animation(small, out / "glimpse.gif", fps=1.2, hold_last=2)
     det.points_layer.opacity = 1.0
     if not only_shots & {"corrections", "finetune"}:
-        viewer.close()
-        print("wrote", ", ".join(sorted(f"{n}.png" for n in only_shots)))
-        return 0
+        return close()
 
     # corrections: move the least confident landmark a little, undo, redo, accept, export
     only("Review and corrections")
@@ -189,9 +191,7 @@ def main() -> int:
     pump(0.8)
     viewer.screenshot(str(out / "corrections.png"), canvas_only=False, flash=False)
     if "finetune" not in only_shots:
-        viewer.close()
-        print("wrote", ", ".join(sorted(f"{n}.png" for n in only_shots)))
-        return 0
+        return close()
 
     # fine-tune a few steps in the background, then switch detection to the new model
     only("Fine-tune")

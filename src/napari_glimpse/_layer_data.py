@@ -198,6 +198,12 @@ def top_channels(traj: Trajectory, k: int, t: int, level: int, n: int = 4) -> li
     return [int(c) for c in np.argsort(-channel_peakedness(traj, k, t, level))[:n]]
 
 
+def stretch(a: np.ndarray) -> np.ndarray:
+    """``a`` as float32 stretched to its range: its minimum 0, its maximum 1 (all 0 when flat)."""
+    a = np.asarray(a, dtype=np.float32)
+    return (a - a.min()) / max(float(a.max() - a.min()), 1e-12)
+
+
 def _inferno_like(v: np.ndarray) -> np.ndarray:
     """A small black-red-yellow-white ramp for ``v`` in [0, 1] -> uint8 RGB."""
     stops = np.array([[0, 0, 4], [120, 28, 109], [237, 105, 37], [252, 255, 164]], dtype=np.float64)
@@ -230,9 +236,8 @@ def tile_strip(traj: Trajectory, k: int, t: int, channels: Sequence[int] = (), g
         for r, ch in enumerate(channels):
             if traj.heatmaps is None:
                 break
-            hm = traj.heatmaps[t, k, lv, ch].astype(np.float32)
+            hm = stretch(traj.heatmaps[t, k, lv, ch])
             rep = p // hm.shape[-1]
-            hm = (hm - hm.min()) / max(float(hm.max() - hm.min()), 1e-12)
             up = np.kron(hm, np.ones((rep, rep), np.float32))
             y0 = (r + 1) * (p + gap)
             out[y0 : y0 + p, x0 : x0 + p] = _inferno_like(up)
@@ -274,14 +279,6 @@ def fine_window_box(traj: Trajectory, k: int, s: int, c: int) -> np.ndarray:
     cx, cy = _stages(traj)[s, k]
     hx, hy = fine_window_side(traj, c) / 2.0
     return np.array([[cy - hy, cx - hx], [cy - hy, cx + hx], [cy + hy, cx + hx], [cy + hy, cx - hx]])
-
-
-def fine_window_placement(traj: Trajectory, k: int, s: int, c: int) -> tuple[tuple[float, float], tuple[float, float]]:
-    """``(scale, translate)`` (y, x) of an image layer showing fine look ``s``'s context-``c`` window."""
-    cx, cy = _stages(traj)[s, k]
-    p = traj.fine_windows.shape[-1]
-    fx, fy = (float(v) for v in traj.fine_window_scale[c])
-    return (fy, fx), (cy - (p - 1) / 2.0 * fy, cx - (p - 1) / 2.0 * fx)
 
 
 def fine_heatmap_placement(traj: Trajectory, k: int, s: int) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -345,8 +342,7 @@ def fine_tile_strip(traj: Trajectory, k: int, s: int = 0, gap: int = 4) -> np.nd
     st = _stages(traj)
     win = traj.fine_windows[s, k]  # (C, P, P)
     n_ctx, p = win.shape[0], win.shape[-1]
-    hm = traj.fine_heatmaps[s, k].astype(np.float32)
-    hm = (hm - hm.min()) / max(float(hm.max() - hm.min()), 1e-12)
+    hm = stretch(traj.fine_heatmaps[s, k])
     out = np.full((2 * p + gap, n_ctx * p + (n_ctx - 1) * gap, 3), 40, np.uint8)
     for c in range(n_ctx):
         x0 = c * (p + gap)

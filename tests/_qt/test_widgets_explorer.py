@@ -10,8 +10,16 @@ from ._env import require_gui
 require_gui()
 
 
-@pytest.fixture
-def detected(make_napari_viewer, qtbot, isbi, isbi_model_path, tmp_path):
+def _detect(detect, qtbot):
+    worker = detect.detect(start=False)
+    with qtbot.waitSignal(detect.detected, timeout=120_000) as blocker:
+        worker.start()
+    return blocker.args[0]
+
+
+def _viewer_detected(make_napari_viewer, qtbot, isbi, model_path, tmp_path):
+    """A shown viewer with 151.jpg, the Detect and explorer widgets docked, and model_path's detection:
+    (viewer, detect widget, explorer, detection)."""
     from napari_glimpse._widgets._detect import DetectWidget
     from napari_glimpse._widgets._explorer import ExplorerWidget
     from napari_glimpse._widgets._state import state_for
@@ -23,11 +31,14 @@ def detected(make_napari_viewer, qtbot, isbi, isbi_model_path, tmp_path):
     explorer = ExplorerWidget(viewer)
     viewer.window.add_dock_widget(detect)
     viewer.window.add_dock_widget(explorer)
-    detect.set_model(isbi_model_path)
-    worker = detect.detect(start=False)
-    with qtbot.waitSignal(detect.detected, timeout=120_000) as blocker:
-        worker.start()
-    return viewer, explorer, blocker.args[0]
+    detect.set_model(model_path)
+    return viewer, detect, explorer, _detect(detect, qtbot)
+
+
+@pytest.fixture
+def detected(make_napari_viewer, qtbot, isbi, isbi_model_path, tmp_path):
+    viewer, _, explorer, det = _viewer_detected(make_napari_viewer, qtbot, isbi, isbi_model_path, tmp_path)
+    return viewer, explorer, det
 
 
 def test_explorer_draws_every_level_at_true_scale(detected, qtbot):
@@ -84,10 +95,29 @@ def test_explorer_exports_an_animation(detected, tmp_path):
     assert ex.export(tmp_path / "bad.avi") is None and "gif or .mp4" in ex.status_label.text()
 
 
+def test_explorer_exports_nothing_from_a_detection_with_nothing_to_show(make_napari_viewer, qtbot, isbi,
+                                                                        isbi_model_path, tmp_path):
+    """A coarse-only answer (no fine look, no glimpse steps) after a glimpse detection: the export
+    says there is nothing to export and writes no file (not frames of the bare image)."""
+    from napari_glimpse import _layer_data as ld
+
+    _, detect, ex, det = _viewer_detected(make_napari_viewer, qtbot, isbi, isbi_model_path, tmp_path)
+    assert ex.slider.maximum() == det.trajectory.iterations - 1 > 0
+    detect.set_model(_with_stages(isbi_model_path, tmp_path / "coarse19.pt", fine=False))
+    traj = _detect(detect, qtbot).trajectory
+    assert traj.iterations == 0 and not ld.has_stages(traj)
+    assert ex.slider.maximum() == 0 and ex.landmark_combo.count() == 0 and not ex.layers
+    assert "nothing to explore" in ex.tiles.text()
+    for source in ("tiles", "canvas"):
+        out = tmp_path / f"{source}.gif"
+        assert ex.export(out, fps=4, source=source) is None
+        assert "nothing to export" in ex.status_label.text() and not out.exists()
+
+
 # ------------------------------------------------------------------------ coarse -> fine stages
-@pytest.fixture(scope="module")
-def staged_model_path(isbi_model_path, tmp_path_factory):
-    """The tiny 19-landmark model with random (fixed) coarse and fine stages; answers with them alone."""
+def _with_stages(isbi_model_path, out, fine=True):
+    """The tiny 19-landmark model with a random (fixed) coarse stage and, with ``fine``, fine stage;
+    answers with them alone (no glimpse steps). Written to ``out``."""
     import torch
 
     from napari_glimpse.coarse import CoarseConfig, CoarseNet
@@ -97,38 +127,25 @@ def staged_model_path(isbi_model_path, tmp_path_factory):
     model = GlimpseModel.load(isbi_model_path, device="cpu")
     torch.manual_seed(0)
     model.coarse = CoarseNet(CoarseConfig(n_landmarks=19, input_hw=(80, 64), width=4)).eval()
-    model.fine = FineNet(FineConfig(n_landmarks=19, level=1, patch=64, width=4, context=3)).eval()
-    with torch.no_grad():
-        for v in model.fine.parameters():
-            v.mul_(4.0)  # peaked heatmaps
+    if fine:
+        model.fine = FineNet(FineConfig(n_landmarks=19, level=1, patch=64, width=4, context=3)).eval()
+        with torch.no_grad():
+            for v in model.fine.parameters():
+                v.mul_(4.0)  # peaked heatmaps
     model.meta["iterations"] = 0
-    out = tmp_path_factory.mktemp("staged") / "staged19.pt"
     model.save(out)
     return out
 
 
-def _detect(detect, qtbot):
-    worker = detect.detect(start=False)
-    with qtbot.waitSignal(detect.detected, timeout=120_000) as blocker:
-        worker.start()
-    return blocker.args[0]
+@pytest.fixture(scope="module")
+def staged_model_path(isbi_model_path, tmp_path_factory):
+    """The tiny 19-landmark model with random (fixed) coarse and fine stages; answers with them alone."""
+    return _with_stages(isbi_model_path, tmp_path_factory.mktemp("staged") / "staged19.pt")
 
 
 @pytest.fixture
 def staged(make_napari_viewer, qtbot, isbi, staged_model_path, tmp_path):
-    from napari_glimpse._widgets._detect import DetectWidget
-    from napari_glimpse._widgets._explorer import ExplorerWidget
-    from napari_glimpse._widgets._state import state_for
-
-    viewer = make_napari_viewer(show=True)
-    viewer.open(str(isbi / "images" / "151.jpg"), plugin="napari-glimpse")
-    state_for(viewer).open_log(tmp_path / "log.jsonl", image_dir=isbi / "images")
-    detect = DetectWidget(viewer)
-    explorer = ExplorerWidget(viewer)
-    viewer.window.add_dock_widget(detect)
-    viewer.window.add_dock_widget(explorer)
-    detect.set_model(staged_model_path)
-    return viewer, detect, explorer, _detect(detect, qtbot)
+    return _viewer_detected(make_napari_viewer, qtbot, isbi, staged_model_path, tmp_path)
 
 
 def _answer_of(det, k):

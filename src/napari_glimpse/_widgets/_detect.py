@@ -80,7 +80,8 @@ def _detect_job(image_path: Path | None, image: np.ndarray | None, get_model: Ca
     yield 2
     pyr = model.pyramid(img)
     yield 3
-    # the explorer shows them: one window stack per landmark and glimpse step (small beside the image)
+    # the explorer shows them: per landmark, one window stack per fine look and one glimpse (with its
+    # heatmaps) per glimpse step (small beside the image)
     traj = model.predict(pyr, iterations=iterations, record_glimpses=True, record_heatmaps=True, record_stages=True)
     return _JobResult(img, traj, image_path)
 

@@ -211,6 +211,8 @@ class ExplorerWidget(QWidget):
                 self.view_combo.model().item(i).setEnabled(ok[self.view_combo.itemData(i)])
             if not any(ok.values()):
                 self._remove_layers()
+                self.slider.setRange(0, 0)  # no stale steps for the play button or the export
+                self.iter_label.setText("iteration –")
                 self.tiles.setPixmap(QPixmap())
                 self.tiles.setText("run Detect on this image to explore its stages and glimpses"
                                    if traj is None or traj.glimpses is None
@@ -365,6 +367,22 @@ class ExplorerWidget(QWidget):
         if active is not None and active in v.layers:
             v.layers.selection.active = active  # adding layers must not steal the selection
 
+    def _heatmap(self, key: str, hm: np.ndarray | None, placement, **style) -> None:
+        """Show ``hm`` (stretched to 0..1) over the image as layer ``key`` at ``placement()``'s
+        (scale, translate) in image pixels, made with ``style`` the first time; hide it when ``hm``
+        is None."""
+        if hm is None:
+            if key in self.layers and self.layers[key] in self.viewer.layers:
+                self.layers[key].visible = False
+            return
+        base_scale, base_tr = self._base()
+        scale, tr = placement()
+        hml = self._layer(key, lambda: self.viewer.add_image(hm, contrast_limits=(0, 1), **style))
+        hml.data = hm
+        hml.scale = tuple(np.asarray(scale) * base_scale)
+        hml.translate = tuple(np.asarray(tr) * base_scale + base_tr)
+        hml.visible = True
+
     def update_layers(self) -> None:
         """Draw landmark ``k``'s fine look or glimpse iteration ``t`` over the image and in the tiles
         (when shown)."""
@@ -396,19 +414,10 @@ class ExplorerWidget(QWidget):
             face_color="transparent", edge_width=4, scale=tuple(base_scale), translate=tuple(base_tr)))
         shp.data = boxes  # keeps each outline's type and colour (always one per context level)
         shp.visible = True
-        if self.hm_check.isChecked():
-            hm = traj.fine_heatmaps[s, k].astype(np.float32)
-            hm = (hm - hm.min()) / max(float(hm.max() - hm.min()), 1e-12)
-            scale, tr = ld.fine_heatmap_placement(traj, k, s)
-            hml = self._layer("stage heatmap", lambda: v.add_image(
-                hm, name=f"{PREFIX} fine heatmap", colormap=Colormap(ld.HEAT_RGBA, name="glimpse fine heat"),
-                blending="translucent", opacity=0.8, contrast_limits=(0, 1), gamma=0.5))  # the peak's tail too
-            hml.data = hm
-            hml.scale = tuple(np.asarray(scale) * base_scale)
-            hml.translate = tuple(np.asarray(tr) * base_scale + base_tr)
-            hml.visible = True
-        elif "stage heatmap" in self.layers and self.layers["stage heatmap"] in v.layers:
-            self.layers["stage heatmap"].visible = False
+        hm = ld.stretch(traj.fine_heatmaps[s, k]) if self.hm_check.isChecked() else None
+        self._heatmap("stage heatmap", hm, lambda: ld.fine_heatmap_placement(traj, k, s),
+                      name=f"{PREFIX} fine heatmap", colormap=Colormap(ld.HEAT_RGBA, name="glimpse fine heat"),
+                      blending="translucent", opacity=0.8, gamma=0.5)  # gamma: the peak's tail too
         vec = ld.stage_vector(traj, k, s)
         arr = self._layer("stage arrow", lambda: v.add_vectors(
             vec, name=f"{PREFIX} coarse → fine", edge_color="#ff00ff", edge_width=6, opacity=1.0,
@@ -434,7 +443,7 @@ class ExplorerWidget(QWidget):
                           for c in range(n_ctx))
         self.iter_label.setText(f"{s + 1}/{traj.fine_looks}")
         self.info.setText(
-            f"<b>{traj.landmark_names[k]}</b> {'coarse' if s == 0 else f'fine look {s}'} answer (red) "
+            f"<b>{traj.landmark_names[k]}</b> {'coarse answer (red)' if s == 0 else f'fine look {s} answer (green)'} "
             f"({start[0]:.0f}, {start[1]:.0f}) px → fine{f' look {s + 1}' if traj.fine_looks > 1 else ''} answer "
             f"(green) ({end[0]:.0f}, {end[1]:.0f}) px: moved {mm:.1f} mm; windows {sides}"
         )
@@ -474,20 +483,10 @@ class ExplorerWidget(QWidget):
         # heatmap
         hm_on = self.hm_check.isChecked() and traj.heatmaps is not None
         ch = self.current_channel()
-        if hm_on:
-            hl = self.hm_level.value()
-            hm = traj.heatmaps[t, k, hl, ch].astype(np.float32)
-            hm = (hm - hm.min()) / max(float(hm.max() - hm.min()), 1e-12)
-            scale, tr = ld.heatmap_placement(center, hl, patch, hm.shape[-1])
-            hml = self._layer("heatmap", lambda: v.add_image(
-                hm, name=f"{PREFIX} heatmap", colormap="inferno", blending="additive", opacity=0.55,
-                contrast_limits=(0, 1)))
-            hml.data = hm
-            hml.scale = tuple(np.asarray(scale) * base_scale)
-            hml.translate = tuple(np.asarray(tr) * base_scale + base_tr)
-            hml.visible = True
-        elif "heatmap" in self.layers and self.layers["heatmap"] in v.layers:
-            self.layers["heatmap"].visible = False
+        hl = self.hm_level.value()
+        hm = ld.stretch(traj.heatmaps[t, k, hl, ch]) if hm_on else None
+        self._heatmap("heatmap", hm, lambda: ld.heatmap_placement(center, hl, patch, hm.shape[-1]),
+                      name=f"{PREFIX} heatmap", colormap="inferno", blending="additive", opacity=0.55)
         # trajectory and arrow
         path = ld.trajectory_path(traj, k, t)
         pth = self._layer("path", lambda: v.add_shapes(
@@ -557,6 +556,10 @@ class ExplorerWidget(QWidget):
         if traj is None:
             raise ValueError("nothing to export: run Detect first")
         k = self.landmark_combo.currentIndex()
+        if not self.available()[self.view()] or k < 0:
+            # the slider would step through nothing: frames of the bare image, or no tiles at all
+            raise ValueError("nothing to export: this detection recorded no fine look and no glimpse steps"
+                             if not any(self.available().values()) else "nothing to export in this view")
         keep = self.slider.value()
         out = []
         try:
