@@ -120,6 +120,12 @@ def test_training_cutter_equals_cut_windows():
                           torch.tensor([1.1, 0.9, 1.0, 1.0, 1.105, 0.95]))
     want = cut_windows([lv[i] for lv in levels], theta, 32)
     torch.testing.assert_close(WindowCutter(levels, 32)(i, theta), want, atol=0.02, rtol=0)
+    # centres beyond the image (a landmark near the edge plus the training jitter): edge pixels
+    # repeated, as cut_windows' border sampling gives, rather than a torn crop
+    out = torch.tensor([[1.1, 0.0], [-1.15, 0.5], [0.0, 1.2], [0.2, -1.3], [1.25, 1.25], [-1.2, -1.1]])
+    theta = window_matrix((200, 160), out, 32, torch.tensor([0.2, -0.26, 0.1, 0.0, 0.25, -0.1]), torch.ones(6))
+    want = cut_windows([lv[i] for lv in levels], theta, 32)
+    torch.testing.assert_close(WindowCutter(levels, 32)(i, theta), want, atol=0.02, rtol=0)
 
 
 def test_fine_levels_reads_the_context_levels_and_refuses_short_pyramids(tiny_data):

@@ -142,9 +142,11 @@ class WindowCutter:
         r, out = self.r, []
         for c, (lv, (h, w)) in enumerate(zip(self.padded, self.hw)):
             th = _context_theta(theta, c)
-            # the window's centre in this level's pixels, the crop's corner (x0, y0) around it
-            cx = ((th[:, 0, 2] + 1) / 2 * w - 0.5).round().long().clamp(-r // 2, w + r // 2)
-            cy = ((th[:, 1, 2] + 1) / 2 * h - 0.5).round().long().clamp(-r // 2, h + r // 2)
+            # the window's centre in this level's pixels, the crop's corner (x0, y0) around it; a
+            # centre beyond the image is brought to its edge (the crop must lie in the padded level,
+            # and beyond the edge both hold the same repeated edge pixels)
+            cx = ((th[:, 0, 2] + 1) / 2 * w - 0.5).round().long().clamp(0, w - 1)
+            cy = ((th[:, 1, 2] + 1) / 2 * h - 0.5).round().long().clamp(0, h - 1)
             x0, y0 = cx - r, cy - r
             crops = torch.stack([lv[int(b), :, int(y) + r: int(y) + 3 * r, int(x) + r: int(x) + 3 * r]
                                  for b, x, y in zip(i, x0, y0)])
