@@ -34,8 +34,9 @@ Methods:
   choice and glimpse net (``--glimpse-json``: the runs that trained that net, whose time adds).
 * ``--fine-averages DECAY...``: with ``--fine-for``, also keep exponential moving averages of the
   fine net's weights (each saved beside ``--model-out``, with its validation MRE in the JSON).
-* ``--fine-decode-windows W...``: after the inference choice (or ``--keep-choice``), choose the
-  fine heatmaps' soft-argmax neighbourhood on validation; ``--no-test`` makes and saves a choice
+* ``--coarse-decode-windows W...``, ``--fine-decode-windows W...``: after the inference choice
+  (or ``--keep-choice``), choose the coarse / fine heatmaps' soft-argmax neighbourhood on
+  validation (the coarse one first); ``--no-test`` makes and saves a choice
   without reading Test1 (for comparing candidates on validation only).
 
 Inference choice (glimpse): iterations 0-3, flip averaging of the coarse view on/off, the
@@ -368,28 +369,30 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
     return _finish(a, res, model, best, nets, fine_nets, val_ds, test_ds, log)
 
 
-def _choose_decode_window(a, res: dict, model, val_ds, log) -> None:
-    """``--fine-decode-windows``: the fine heatmaps' soft-argmax neighbourhood, chosen on the
-    validation split for the choice already made (the rest of it unchanged; the windows cost the
-    same time). The model's current window stays unless another is strictly better."""
+def _choose_decode_window(a, res: dict, model, val_ds, log, stage: str) -> None:
+    """``--coarse-decode-windows`` / ``--fine-decode-windows``: that stage's soft-argmax
+    neighbourhood around each heatmap peak, chosen on the validation split for the choice already
+    made (the rest of it unchanged; the windows cost the same time). The model's current window
+    stays unless another is strictly better."""
     from napari_glimpse.training import evaluate_model
 
+    key = f"{stage}_decode_window"
     if val_ds is None:
-        raise SystemExit("--fine-decode-windows chooses on the validation split, which --train-all leaves empty")
-    if model.fine is None or model.fine_steps == 0:
-        log("no fine look in this choice: --fine-decode-windows ignored")
+        raise SystemExit(f"--{stage}-decode-windows chooses on the validation split, which --train-all leaves empty")
+    if getattr(model, stage) is None or (stage == "fine" and model.fine_steps == 0):
+        log(f"no {stage} stage in this choice: --{stage}-decode-windows ignored")
         return
     val = {}
-    for w in dict.fromkeys([model.fine_decode_window, *a.fine_decode_windows]):
-        model.meta["fine_decode_window"] = int(w)
+    for w in dict.fromkeys([int(model.meta.get(key, 2)), *getattr(a, f"{stage}_decode_windows")]):
+        model.meta[key] = int(w)
         val[int(w)] = evaluate_model(model, val_ds, progress=False)["overall"]["mre_mm"]
-        log(f"val: fine decode window {w}: MRE {val[int(w)]:.4f} mm")
+        log(f"val: {stage} decode window {w}: MRE {val[int(w)]:.4f} mm")
     best = min(val, key=val.get)  # the first (current) window wins ties
-    model.meta["fine_decode_window"] = best
-    model.meta["inference_choice"] = (f"{model.meta.get('inference_choice', '')}; fine decode window "
+    model.meta[key] = best
+    model.meta["inference_choice"] = (f"{model.meta.get('inference_choice', '')}; {stage} decode window "
                                       f"{best} of {sorted(val)}, lowest validation MRE").lstrip("; ")
-    res["val_fine_decode_window"] = [{"window": w, "mre_mm": v} for w, v in val.items()]
-    log(f"fine decode window {best} (validation MRE {val[best]:.4f} mm)")
+    res[f"val_{key}"] = [{"window": w, "mre_mm": v} for w, v in val.items()]
+    log(f"{stage} decode window {best} (validation MRE {val[best]:.4f} mm)")
 
 
 def _finish(a, res: dict, model, best: tuple, nets, fine_nets, val_ds, test_ds, log) -> dict:
@@ -399,8 +402,10 @@ def _finish(a, res: dict, model, best: tuple, nets, fine_nets, val_ds, test_ds, 
     res["iterations"], res["coarse_flip_average"], res["coarse_blend"], res["fine_steps"] = best[:4]
     res["coarse_nets"], res["fine_nets"] = list(best[4]), list(best[5])
     _apply_choice(model, best, nets, fine_nets)
-    if a.fine_decode_windows:
-        _choose_decode_window(a, res, model, val_ds, log)
+    for stage in ("coarse", "fine"):
+        if getattr(a, f"{stage}_decode_windows"):
+            _choose_decode_window(a, res, model, val_ds, log, stage)
+    res["coarse_decode_window"] = int(model.meta.get("coarse_decode_window", 2)) if model.coarse is not None else None
     res["fine_decode_window"] = model.fine_decode_window if model.fine is not None else None
     target = a.save_as or (res["model"] if a.save_choice else None)
     if target:
@@ -498,6 +503,9 @@ def main(argv=None) -> int:
     p.add_argument("--fine-json", metavar="JSON", nargs="+",
                    help="with --evaluate: the fine stages' training runs (trained one after another, after the runs "
                         "of --train-json: their wall and CPU times add to theirs)")
+    p.add_argument("--coarse-decode-windows", type=int, nargs="+", metavar="W",
+                   help="glimpse: after the inference choice, also choose on validation the half-size of the "
+                        "neighbourhood whose soft-argmax refines the coarse heatmaps' peaks (e.g. 1 2 3 4)")
     p.add_argument("--fine-decode-windows", type=int, nargs="+", metavar="W",
                    help="glimpse: after the inference choice, also choose on validation the half-size of the "
                         "neighbourhood whose soft-argmax refines the fine heatmaps' peaks (e.g. 1 2 3 4 5 7 10)")

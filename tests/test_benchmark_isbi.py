@@ -216,14 +216,18 @@ def test_fine_weight_averages_and_the_decode_window_chosen_on_validation(isbi, t
 
     out = tmp_path / "c.json"
     assert isbi.main([*common, "--evaluate", str(base), "--add-fine", str(tmp_path / "f_avg0.9.pt"), "--keep-choice",
-                      "--fine-decode-windows", "1", "5", "--no-test", "--save-as", str(tmp_path / "s.pt"),
+                      "--coarse-decode-windows", "3", "--fine-decode-windows", "1", "5", "--no-test",
+                      "--save-as", str(tmp_path / "s.pt"),
                       "--out", str(out)]) == 0
     c = json.loads(out.read_text())
     assert c["test_read"] is False and "test" not in c and "seconds_per_image" not in c
     tried = {v["window"]: v["mre_mm"] for v in c["val_fine_decode_window"]}
     assert sorted(tried) == [1, 2, 5]  # the model's own window (2) is a candidate too
     assert c["fine_decode_window"] == min(tried, key=tried.get)
+    coarse_tried = {v["window"]: v["mre_mm"] for v in c["val_coarse_decode_window"]}
+    assert sorted(coarse_tried) == [2, 3] and c["coarse_decode_window"] == min(coarse_tried, key=coarse_tried.get)
     saved = GlimpseModel.load(tmp_path / "s.pt", "cpu")
+    assert saved.meta["coarse_decode_window"] == c["coarse_decode_window"]
     assert saved.fine_decode_window == c["fine_decode_window"]
     assert saved.meta["fine_average_decay"] == [0.9]  # which weights the fine net carries
     assert f"fine decode window {c['fine_decode_window']} of [1, 2, 5]" in saved.meta["inference_choice"]

@@ -378,6 +378,16 @@ def test_the_fine_decode_window_is_the_models_choice(fine_model, image):
     np.testing.assert_allclose(fine_model.predict(image, facing="right").final, w2, atol=1e-4)
     fine_model.meta["fine_decode_window"] = 5
     np.testing.assert_allclose(fine_model.predict(image, facing="right").final, w5, atol=1e-4)
+    # the coarse stage's window too (meta['coarse_decode_window'], default 2)
+    from napari_glimpse.coarse import locate_parts, view_level
+
+    lv = view_level(pyr.shape, fine_model.coarse.cfg.input_hw, len(pyr))
+    c2, c5 = (locate_parts(fine_model.coarse, pyr.levels[lv], pyr.shape, decode_window=w)[0] for w in (2, 5))
+    assert not np.allclose(c2, c5, atol=1e-3)
+    np.testing.assert_allclose(fine_model.locate_coarse(image, fine_steps=0)[0], c2, atol=1e-4)
+    fine_model.meta["coarse_decode_window"] = 5
+    np.testing.assert_allclose(fine_model.locate_coarse(image, fine_steps=0)[0], c5, atol=1e-4)
+    fine_model.meta["coarse_decode_window"] = 2
     # a left-facing image is read mirrored, with the same window
     left = fine_model.predict(np.ascontiguousarray(image[:, ::-1]), facing="left").final
     np.testing.assert_allclose(left, w5 * [-1, 1] + [image.shape[1] - 1, 0], atol=1e-3)

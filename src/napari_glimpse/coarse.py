@@ -240,11 +240,12 @@ def locate(net: "CoarseNet | CoarseEnsemble", level: torch.Tensor, image_hw: tup
 
 
 def locate_parts(net: "CoarseNet | CoarseEnsemble", level: torch.Tensor, image_hw: tuple[int, int],
-                 flip_average: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 flip_average: bool = False, decode_window: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run the coarse net on one pyramid level ``(h, w)`` uint8 of an image of ``image_hw``.
 
     ``flip_average``: also look at the mirrored view and average the two answers (test-time
     augmentation; the net was trained with flips). An ensemble averages its members' answers.
+    ``decode_window``: the soft-argmax neighbourhood's half-size around each peak (:func:`decode`).
     Returns ``(K, 2)`` full-resolution positions, and ``(K,)`` in full-resolution pixels the
     heatmap peaks' width (mean over passes) and how far the passes (members, views) disagree (RMS
     distance of their answers from the mean).
@@ -259,7 +260,7 @@ def locate_parts(net: "CoarseNet | CoarseEnsemble", level: torch.Tensor, image_h
         views = render_views(x, theta, cfg.input_hw)
         logits = torch.cat([inference_net(m)(views) for m in members_of(net)]).cpu()  # (M n, K, h, w)
     heat_hw = tuple(logits.shape[-2:])
-    xy, spread = decode(logits)
+    xy, spread = decode(logits, decode_window)
     o = heat_to_view(xy, heat_hw)  # (M n, K, 2) view coordinates; image = A o with A = diag(+-1, 1)
     o = o.reshape(-1, n, *o.shape[1:])
     o[:, 1:, :, 0] = -o[:, 1:, :, 0]

@@ -466,7 +466,8 @@ class GlimpseModel:
 
         lv = view_level(pyr.shape, self.coarse.cfg.input_hw, len(pyr))
         pos, width, disagreement = locate_parts(self.coarse, pyr.levels[lv], pyr.shape,
-                                                flip_average=bool(self.meta.get("coarse_flip_average")))
+                                                flip_average=bool(self.meta.get("coarse_flip_average")),
+                                                decode_window=int(self.meta.get("coarse_decode_window", 2)))
         return pos, np.sqrt(width ** 2 + disagreement ** 2), disagreement
 
     def _refine(self, pyr: Pyramid, pos: np.ndarray, spread: np.ndarray, fine_steps: int | None = None,
