@@ -383,7 +383,7 @@ def _choose_decode_window(a, res: dict, model, val_ds, log, stage: str) -> None:
         log(f"no {stage} stage in this choice: --{stage}-decode-windows ignored")
         return
     val = {}
-    for w in dict.fromkeys([int(model.meta.get(key, 2)), *getattr(a, f"{stage}_decode_windows")]):
+    for w in dict.fromkeys([getattr(model, key), *getattr(a, f"{stage}_decode_windows")]):
         model.meta[key] = int(w)
         val[int(w)] = evaluate_model(model, val_ds, progress=False)["overall"]["mre_mm"]
         log(f"val: {stage} decode window {w}: MRE {val[int(w)]:.4f} mm")
@@ -396,8 +396,8 @@ def _choose_decode_window(a, res: dict, model, val_ds, log, stage: str) -> None:
 
 
 def _finish(a, res: dict, model, best: tuple, nets, fine_nets, val_ds, test_ds, log) -> dict:
-    """Apply the inference choice ``best`` (and, with ``--fine-decode-windows``, choose the fine
-    decode window on validation), save the model if asked, evaluate it on Test1 (unless
+    """Apply the inference choice ``best`` (and, with ``--coarse-decode-windows`` /
+    ``--fine-decode-windows``, choose those decode windows on validation), save the model if asked, evaluate it on Test1 (unless
     ``--no-test``)."""
     res["iterations"], res["coarse_flip_average"], res["coarse_blend"], res["fine_steps"] = best[:4]
     res["coarse_nets"], res["fine_nets"] = list(best[4]), list(best[5])
@@ -405,7 +405,7 @@ def _finish(a, res: dict, model, best: tuple, nets, fine_nets, val_ds, test_ds, 
     for stage in ("coarse", "fine"):
         if getattr(a, f"{stage}_decode_windows"):
             _choose_decode_window(a, res, model, val_ds, log, stage)
-    res["coarse_decode_window"] = int(model.meta.get("coarse_decode_window", 2)) if model.coarse is not None else None
+    res["coarse_decode_window"] = model.coarse_decode_window if model.coarse is not None else None
     res["fine_decode_window"] = model.fine_decode_window if model.fine is not None else None
     target = a.save_as or (res["model"] if a.save_choice else None)
     if target:

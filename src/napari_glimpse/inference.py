@@ -81,6 +81,11 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def mirror_points(points: np.ndarray, width: int) -> np.ndarray:
+    """``(..., 2)`` pixel positions (x, y) in an image ``width`` pixels wide, mirrored left-right."""
+    return np.asarray(points, dtype=np.float64) * [-1, 1] + [width - 1, 0]
+
+
 @dataclass(frozen=True)
 class Trajectory:
     """What the model did on one image.
@@ -187,6 +192,12 @@ class GlimpseModel:
     def fine_steps(self) -> int:
         """Fine-stage looks after the coarse answer (``meta['fine_steps']``, else 1; 0 without one)."""
         return int(self.meta.get("fine_steps", 1)) if self.fine is not None and self.coarse is not None else 0
+
+    @property
+    def coarse_decode_window(self) -> int:
+        """Half-size of the neighbourhood (heatmap pixels) whose soft-argmax refines each coarse
+        heatmap's peak (``meta['coarse_decode_window']``, else 2: a 5 x 5 neighbourhood)."""
+        return int(self.meta.get("coarse_decode_window", 2))
 
     @property
     def fine_decode_window(self) -> int:
@@ -385,7 +396,7 @@ class GlimpseModel:
                 mirrored = build_pyramid(pyr.levels[0].flip(-1).numpy(), self.config.n_levels, self.config.patch)
                 coarse, spread, disagreement = self._coarse(mirrored)
                 start, spread = self._refine(mirrored, coarse, spread, disagreement=disagreement, looks=looks)
-                start = start * [-1, 1] + [w - 1, 0]
+                start = mirror_points(start, w)
             else:
                 coarse = start
                 start, spread = self._refine(pyr, start, spread, disagreement=disagreement, looks=looks)
@@ -425,10 +436,10 @@ class GlimpseModel:
         if mirrored is None:
             mirrored = build_pyramid(pyr.levels[0].flip(-1).numpy(), self.config.n_levels, self.config.patch)
         if start is not None:
-            run["start"] = np.asarray(start, dtype=np.float64) * [-1, 1] + [w - 1, 0]
+            run["start"] = mirror_points(start, w)
         left = self._run(mirrored, **run)
         run["start"] = start
-        pos = left.positions * [-1, 1] + [w - 1, 0]
+        pos = mirror_points(left.positions, w)
 
         def unflip(a: np.ndarray | None) -> np.ndarray | None:
             return None if a is None else np.ascontiguousarray(a[..., ::-1])
@@ -467,7 +478,7 @@ class GlimpseModel:
         lv = view_level(pyr.shape, self.coarse.cfg.input_hw, len(pyr))
         pos, width, disagreement = locate_parts(self.coarse, pyr.levels[lv], pyr.shape,
                                                 flip_average=bool(self.meta.get("coarse_flip_average")),
-                                                decode_window=int(self.meta.get("coarse_decode_window", 2)))
+                                                decode_window=self.coarse_decode_window)
         return pos, np.sqrt(width ** 2 + disagreement ** 2), disagreement
 
     def _refine(self, pyr: Pyramid, pos: np.ndarray, spread: np.ndarray, fine_steps: int | None = None,
@@ -504,7 +515,7 @@ class GlimpseModel:
         heat = np.stack([lk.heatmaps for lk in looks])[:, ks]
         if mirrored:
             # axis-aligned windows centred on a point: the mirrored window is the window of the mirrored point
-            coarse, fine = coarse * [-1, 1] + [w - 1, 0], fine * [-1, 1] + [w - 1, 0]
+            coarse, fine = mirror_points(coarse, w), mirror_points(fine, w)
             windows, heat = windows[..., ::-1], heat[..., ::-1]
         return {
             "coarse_positions": coarse,

@@ -15,7 +15,7 @@ import torch
 from .checkpoint import atomic_torch_save, read_checkpoint
 from .errors import GlimpseError
 from .glimpse import PyramidStack, frame_to_image, image_to_frame, sample_glimpses
-from .inference import GlimpseModel, autocast, resolve_device
+from .inference import GlimpseModel, autocast, mirror_points, resolve_device
 from .io import Dataset
 from .model import GlimpseModelNet, ModelConfig
 from .coarse import CoarseConfig, CoarseEnsemble, members_of, train_coarse, view_levels
@@ -354,7 +354,7 @@ def train(
                                        callback=callback, should_stop=should_stop,
                                        evaluate=coarse_val if val is not None else None,
                                        eval_every_s=tcfg.save_every_s, max_steps=coarse_steps, device=dev)
-            model.coarse = cnet.to(dev)
+            model.coarse = cnet
             model.meta["coarse_train_wall_s"] = chist[-1]["elapsed_s"]
         model.meta["coarse_finetune_history" if tune_coarse else "coarse_history"] = chist
         data.views = None
@@ -378,7 +378,7 @@ def train(
                                      callback=callback, should_stop=should_stop,
                                      evaluate=fine_val if val is not None else None,
                                      eval_every_s=tcfg.save_every_s, max_steps=fine_steps, device=dev)
-            model.fine = fnet.to(dev)
+            model.fine = fnet
             model.meta.update(fine_train_wall_s=fhist[-1]["elapsed_s"], fine_history=fhist)
         data.fine_levels = None
         _save_resume(rpath, model, opt, 0, 0.0, gen, history)
@@ -479,7 +479,7 @@ def predict_dataset(model: GlimpseModel, dataset: Dataset, iterations: int | Non
         if mirror:
             img = np.ascontiguousarray(img[:, ::-1])
         tr = model.predict(img, iterations=iterations, starts=starts, facing=facing)
-        final = tr.final * [-1, 1] + [img.shape[1] - 1, 0] if mirror else tr.final
+        final = mirror_points(tr.final, img.shape[1]) if mirror else tr.final
         preds.append(final)
         unc.append(tr.uncertainty_mm)
     return np.stack(preds), np.stack(unc)
