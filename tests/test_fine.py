@@ -511,6 +511,11 @@ def test_a_fine_ensembles_nets_run_side_by_side_with_the_same_answer(ensemble_mo
         torch.set_num_threads(2)
         side_by_side = refine(ensemble_model.fine, pyr.levels, pyr.shape, start)
         assert torch.get_num_threads() == 2
+        later = []  # a thread started afterwards begins with the process-wide count
+        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert later == [2]
     finally:
         torch.set_num_threads(before)
     assert len(seen) == 2 and all(name.startswith("napari-glimpse-fine") and n == 1 for name, n in seen)

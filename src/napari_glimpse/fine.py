@@ -200,9 +200,9 @@ def _each_net(nets: list, win: torch.Tensor, ks: torch.Tensor) -> "list[torch.Te
     On a CPU with several torch threads, an ensemble's nets run at the same time, one thread
     each (the convolutions on 19 small windows use two threads poorly: two fine nets on this
     project's 2-core machine take 32 ms side by side against 54 ms one after the other); the
-    caller's thread count is left as it was."""
+    caller's thread count (and the count threads started later begin with) is left as it was."""
     global _POOL
-    fns = [inference_net(m) for m in nets]  # made here: the cache is not shared between threads
+    fns = [inference_net(m) for m in nets]  # made here, not in the pool threads
     threads = torch.get_num_threads()
     if len(fns) < 2 or threads < 2 or win.device.type != "cpu":
         return [f(win)[ks, ks] for f in fns]
@@ -215,7 +215,12 @@ def _each_net(nets: list, win: torch.Tensor, ks: torch.Tensor) -> "list[torch.Te
 
     if _POOL is None or _POOL[1] < workers:
         _POOL = (ThreadPoolExecutor(workers, thread_name_prefix="napari-glimpse-fine"), workers)
-    return list(_POOL[0].map(run, fns))
+    try:
+        return list(_POOL[0].map(run, fns))
+    finally:
+        # torch also keeps one process-wide count that threads started later begin with, and
+        # the pool threads' setting overwrote it: put the caller's back
+        torch.set_num_threads(threads)
 
 
 def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", image_hw: tuple[int, int],
