@@ -482,47 +482,6 @@ def test_a_fine_ensemble_answers_the_mean_of_its_nets(ensemble_model, image):
                                atol=1e-3)
 
 
-def test_a_fine_ensembles_nets_run_side_by_side_with_the_same_answer(ensemble_model, image, monkeypatch):
-    """With two or more torch threads on a CPU, each net of an ensemble runs on its own pool thread
-    with one torch thread; the answer is the same as one after another, and the caller's thread
-    count is left alone."""
-    import threading
-
-    from napari_glimpse.coarse import inference_net
-
-    pyr = ensemble_model.pyramid(image)
-    start = ensemble_model.locate_coarse(image, fine_steps=0)[0]
-    seen = []
-    for m in ensemble_model.fine.members:
-        fused = inference_net(m)
-        forward = fused.forward
-
-        def spy(x, forward=forward):
-            seen.append((threading.current_thread().name, torch.get_num_threads()))
-            return forward(x)
-
-        monkeypatch.setattr(fused, "forward", spy)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one_by_one = refine(ensemble_model.fine, pyr.levels, pyr.shape, start)
-        assert [name for name, _ in seen] == [threading.current_thread().name] * 2
-        seen.clear()
-        torch.set_num_threads(2)
-        side_by_side = refine(ensemble_model.fine, pyr.levels, pyr.shape, start)
-        assert torch.get_num_threads() == 2
-        later = []  # a thread started afterwards begins with the process-wide count
-        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
-        t.start()
-        t.join()
-        assert later == [2]
-    finally:
-        torch.set_num_threads(before)
-    assert len(seen) == 2 and all(name.startswith("napari-glimpse-fine") and n == 1 for name, n in seen)
-    np.testing.assert_array_equal(side_by_side[0], one_by_one[0])
-    np.testing.assert_array_equal(side_by_side[1], one_by_one[1])
-
-
 def test_fine_ensemble_members_must_read_the_same_windows():
     with pytest.raises(ValueError, match="share n_landmarks, level, patch, context"):
         FineEnsemble([FineNet(TINY_FINE), FineNet(replace(TINY_FINE, level=2))])

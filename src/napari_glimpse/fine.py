@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
 
@@ -191,38 +190,6 @@ def window_scale(image_hw: tuple[int, int], level_hw: tuple[int, int], context: 
     return np.stack([f * 2.0**c for c in range(context)])
 
 
-_POOL: "tuple[ThreadPoolExecutor, int] | None" = None  # (pool, its workers)
-
-
-def _each_net(nets: list, win: torch.Tensor, ks: torch.Tensor) -> "list[torch.Tensor]":
-    """Each net's heatmap ``k`` of window ``k``: ``(K, h, w)`` per net, the same numbers however run.
-
-    On a CPU with several torch threads, an ensemble's nets run at the same time, one thread
-    each (the convolutions on 19 small windows use two threads poorly: two fine nets on this
-    project's 2-core machine take 32 ms side by side against 54 ms one after the other); the
-    caller's thread count (and the count threads started later begin with) is left as it was."""
-    global _POOL
-    fns = [inference_net(m) for m in nets]  # made here, not in the pool threads
-    threads = torch.get_num_threads()
-    if len(fns) < 2 or threads < 2 or win.device.type != "cpu":
-        return [f(win)[ks, ks] for f in fns]
-    workers = min(len(fns), threads)
-
-    def run(f: Callable) -> torch.Tensor:
-        torch.set_num_threads(max(1, threads // workers))  # this pool thread's own setting
-        with torch.inference_mode():
-            return f(win)[ks, ks]
-
-    if _POOL is None or _POOL[1] < workers:
-        _POOL = (ThreadPoolExecutor(workers, thread_name_prefix="napari-glimpse-fine"), workers)
-    try:
-        return list(_POOL[0].map(run, fns))
-    finally:
-        # torch also keeps one process-wide count that threads started later begin with, and
-        # the pool threads' setting overwrote it: put the caller's back
-        torch.set_num_threads(threads)
-
-
 def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", image_hw: tuple[int, int],
            positions: np.ndarray, steps: int = 1, decode_window: int = 2,
            record: "list[FineLook] | None" = None) -> tuple[np.ndarray, np.ndarray]:
@@ -256,7 +223,7 @@ def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", 
         theta = window_matrix(lhw, c, cfg.patch, torch.zeros(k), torch.ones(k))
         with torch.inference_mode():
             win = cut_windows([x.expand(k, *x.shape[1:]) for x in used], theta.to(dev), cfg.patch)
-            logits = torch.stack([h.cpu() for h in _each_net(nets, win, ks)], 1)  # (K, M, h, w): window k, heatmap k
+            logits = torch.cat([inference_net(m)(win)[ks, ks][:, None].cpu() for m in nets], 1)  # (K, M, h, w): window k, heatmap k
         xy, sp = decode(logits, decode_window)
         o = to_normalised(xy, heat_hw)  # (K, M, 2) window normalised
         u = torch.einsum("kij,kmj->kmi", theta[:, :, :2], o) + theta[:, None, :, 2]
