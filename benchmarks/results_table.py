@@ -13,8 +13,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def row(path: Path) -> str:
-    r = json.loads(path.read_text())
+def row(path: Path, r: dict) -> str:
+    """The table row of record ``r`` (read from ``path``)."""
     t = r["test"]["overall"]
     tr = r.get("train") or {}
     wall = tr.get("wall_s") or ((tr.get("train_wall_s") or 0) + (tr.get("coarse_train_wall_s") or 0))
@@ -43,8 +43,9 @@ def main(argv: list[str]) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     untested = []
     for f in files:
-        if "test" in json.loads(f.read_text()):
-            print(row(f))
+        r = json.loads(f.read_text())
+        if "test" in r:
+            print(row(f, r))
         else:  # a training-only or validation-only record (--train-only, --no-test): no Test1 row
             untested.append(f.name)
     if untested:
