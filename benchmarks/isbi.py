@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import json
 import os
 import platform
@@ -313,8 +314,8 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
     # are the fine nets
     from napari_glimpse.coarse import members_of
 
-    def subsets_of(n: int) -> list[tuple[int, ...]]:
-        return [tuple(range(n))] + ([(j,) for j in range(n)] if n > 1 else [])
+    def subsets_of(n: int) -> list[tuple[int, ...]]:  # every non-empty subset, the whole ensemble first
+        return [c for r in range(n, 0, -1) for c in itertools.combinations(range(n), r)]
 
     nets = members_of(model.coarse) if model.coarse is not None else []
     fine_nets = members_of(model.fine) if model.fine is not None else []
@@ -409,7 +410,25 @@ def _finish(a, res: dict, model, best: tuple, nets, fine_nets, val_ds, test_ds, 
     res["fine_decode_window"] = model.fine_decode_window if model.fine is not None else None
     target = a.save_as or (res["model"] if a.save_choice else None)
     if target:
-        model.save(target)
+        if a.half_weights:  # the file's weights in float16: measure what that moves on validation
+            from napari_glimpse.inference import GlimpseModel
+            from napari_glimpse.metrics import radial_errors
+            from napari_glimpse.training import evaluate_model
+
+            vt = val_ds.ground_truth("mean")
+            before = evaluate_model(model, val_ds, progress=False)["predictions"]
+            model.save(target, half_weights=True)
+            model = GlimpseModel.load(target, device="cpu")
+            after = evaluate_model(model, val_ds, progress=False)["predictions"]
+            res["half_weights_check"] = {
+                "val_mre_mm_float32": float(radial_errors(before, vt, val_ds.pixel_spacing).mean()),
+                "val_mre_mm_float16": float(radial_errors(after, vt, val_ds.pixel_spacing).mean()),
+                "max_answer_move_px": float(np.abs(after - before).max()),
+                "file_bytes": Path(target).stat().st_size,
+            }
+            log(f"float16 weights: {res['half_weights_check']}")
+        else:
+            model.save(target)
         res["saved_as"] = str(target)
         log(f"saved the model with the choice {best} as {target}")
     if a.no_test:
@@ -514,6 +533,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-glimpse", action="store_true",
                    help="choose among answers without glimpse steps only (faster choice)")
     p.add_argument("--save-as", metavar="MODEL", help="write the model with the inference choice (and any --add-coarse) here")
+    p.add_argument("--half-weights", action="store_true",
+                   help="with --save-as: store the convolution and linear weights as float16 (about half the file); "
+                        "records how far that moves the validation answers, and evaluates the file as written")
     p.add_argument("--save-choice", action="store_true",
                    help="glimpse: write the validation-chosen iterations / flip averaging into the model file")
     p.add_argument("--peer-speed-only", metavar="JSON",
@@ -523,6 +545,9 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, help="smoke test: use only this many train/val/test images")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
+    if a.half_weights and not (a.evaluate and a.save_as) or a.half_weights and a.train_all:
+        p.error("--half-weights goes with --evaluate MODEL --save-as FILE, without --train-all "
+                "(it measures what float16 weights move on the validation split)")
 
     from napari_glimpse.io import load_dataset
 

@@ -236,3 +236,35 @@ def test_fine_weight_averages_and_the_decode_window_chosen_on_validation(isbi, t
     with pytest.raises(SystemExit, match="validation"):
         isbi.main([*common, "--train-all", "--evaluate", str(tmp_path / "s.pt"), "--keep-choice",
                    "--fine-decode-windows", "3", "--no-test", "--out", str(tmp_path / "x.json")])
+
+
+def test_three_fine_nets_every_subset_is_a_choice_and_half_weights_are_measured(isbi, tmp_path):
+    """With three fine nets the choice grid holds every non-empty subset of them; --half-weights
+    writes the chosen model with float16 weights and records what that moved on validation."""
+    from napari_glimpse.fine import FineConfig, FineNet
+
+    base = _random_model(tmp_path / "base.pt", 4)
+    fines = []
+    for seed in (5, 6, 7):
+        m = GlimpseModel.load(base, "cpu")
+        torch.manual_seed(seed)
+        m.fine = FineNet(FineConfig(n_landmarks=19, level=1, patch=32, width=4, context=2, seed=seed)).eval()
+        m.save(tmp_path / f"f{seed}.pt")
+        fines.append(str(tmp_path / f"f{seed}.pt"))
+    common = ["--method", "glimpse", "--data", str(REAL_DATA), "--limit", "3", "--threads", "1",
+              "--speed-threads", "1", "--quiet", "--no-glimpse", "--max-seconds", "0", "--no-test"]
+    out = tmp_path / "r.json"
+    assert isbi.main([*common, "--evaluate", str(base), "--add-fine", *fines, "--save-as", str(tmp_path / "s.pt"),
+                      "--half-weights", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    subsets = [tuple(v["fine_nets"]) for v in r["val_mre"] if v["fine_steps"] == 1 and v["coarse_flip_average"]]
+    assert subsets == [(0, 1, 2), (0, 1), (0, 2), (1, 2), (0,), (1,), (2,)]
+    assert len(r["val_mre"]) == 2 * (1 + 2 * 7)  # flip x (no fine look + looks 1, 2 x subsets)
+    check = r["half_weights_check"]
+    assert check["file_bytes"] == (tmp_path / "s.pt").stat().st_size
+    assert 0 <= check["max_answer_move_px"] < 5 and check["val_mre_mm_float16"] > 0
+    assert r["fine_decode_window"] is not None or r["fine_steps"] == 0
+    sd = torch.load(tmp_path / "s.pt", map_location="cpu", weights_only=True)["coarse_state_dict"]
+    assert sd["stem.0.0.weight"].dtype == torch.float16
+    with pytest.raises(SystemExit):  # it measures on validation: only for --evaluate ... --save-as
+        isbi.main([*common, "--evaluate", str(base), "--half-weights", "--out", str(tmp_path / "x.json")])

@@ -507,6 +507,36 @@ def test_checkpoint_round_trip_with_a_fine_ensemble(ensemble_model, image, tmp_p
         GlimpseModel.load(p, device="cpu")
 
 
+def test_half_weights_halve_the_file_and_read_back_as_float32(ensemble_model, image, tmp_path):
+    """``save(half_weights=True)`` stores every net's convolution weights as float16 (biases and
+    batch-norm statistics as they were); reading casts them back into the float32 nets, whose
+    weights are then the float16-rounded ones, and answers move by that rounding only."""
+    full, half = tmp_path / "full.pt", tmp_path / "half.pt"
+    before = _weights(ensemble_model.fine.members[0])
+    ensemble_model.save(full)
+    ensemble_model.save(half, half_weights=True)
+    assert _same(before, _weights(ensemble_model.fine.members[0]))  # the model itself is untouched
+    ck = read_checkpoint(half)
+    assert ck["weights_stored_as"] == "float16" and "weights_stored_as" not in read_checkpoint(full)
+    sds = [ck["state_dict"], ck["coarse_state_dict"], *(m["state_dict"] for m in ck["fine_members"])]
+    for sd in sds:
+        dtypes = {k: v.dtype for k, v in sd.items() if v.is_floating_point()}
+        assert {d for k, d in dtypes.items() if sd[k].dim() >= 2} == {torch.float16}
+        assert {d for k, d in dtypes.items() if sd[k].dim() < 2} == {torch.float32}  # biases, batch norm
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded = GlimpseModel.load(half, device="cpu")
+    for m, n in zip(ensemble_model.fine.members, loaded.fine.members):
+        for k, v in m.state_dict().items():
+            w = n.state_dict()[k]
+            assert w.dtype == v.dtype
+            assert torch.equal(w, v.half().to(v.dtype) if v.is_floating_point() and v.dim() >= 2 else v), k
+    a, b = ensemble_model.predict(image), loaded.predict(image)
+    assert not np.array_equal(a.positions, b.positions)  # the rounding is there ...
+    np.testing.assert_allclose(b.positions, a.positions, atol=0.5)  # ... and small
+    loaded.save(tmp_path / "again.pt")  # saved again without the option: float32
+    assert read_checkpoint(tmp_path / "again.pt")["coarse_state_dict"]["stem.0.0.weight"].dtype == torch.float32
+
+
 def test_finetune_tunes_each_net_of_a_fine_ensemble(ensemble_model, tiny_data, tmp_path, capsys):
     from napari_glimpse.cli import main
 

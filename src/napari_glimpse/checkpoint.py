@@ -31,6 +31,29 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         raise
 
 
+def halve_weights(ckpt: dict) -> dict:
+    """A copy of ``ckpt`` with its convolution and linear weights (floating tensors of 2 or more
+    dimensions) stored as float16: about half the file. Biases and batch-norm statistics stay as
+    they are. Reading puts them back into the float32 networks (``load_state_dict`` casts), so
+    every reader, old or new, reads the file; the answers move by float16's rounding of the
+    weights (a relative 2**-11), which ``benchmarks/isbi.py --half-weights`` measures."""
+
+    def half(sd: dict) -> dict:
+        return {k: v.to(torch.float16) if v.is_floating_point() and v.dim() >= 2 else v for k, v in sd.items()}
+
+    out = dict(ckpt)
+    for key in ("state_dict", "coarse_state_dict"):
+        if out.get(key) is not None:
+            out[key] = half(out[key])
+    if out.get("fine") is not None:
+        out["fine"] = {**out["fine"], "state_dict": half(out["fine"]["state_dict"])}
+    for key in ("coarse_members", "fine_members"):
+        if out.get(key) is not None:
+            out[key] = [{**m, "state_dict": half(m["state_dict"])} for m in out[key]]
+    out["weights_stored_as"] = "float16"
+    return out
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Read and validate a checkpoint file; clear :class:`GlimpseError` on anything wrong."""
     path = Path(path)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
-from .checkpoint import KIND, atomic_torch_save, read_checkpoint
+from .checkpoint import KIND, atomic_torch_save, halve_weights, read_checkpoint
 from .errors import GlimpseError
 from .glimpse import PyramidStack, sample_glimpses
 from .io import read_image, to_grey_uint8
@@ -253,8 +253,11 @@ class GlimpseModel:
             "coarse_state_dict": _cpu_state(self.coarse),
         }
 
-    def save(self, path: str | os.PathLike) -> None:
-        atomic_torch_save(self.to_checkpoint(), path)
+    def save(self, path: str | os.PathLike, half_weights: bool = False) -> None:
+        """Write the model to ``path`` (atomically). ``half_weights``: store the convolution and
+        linear weights as float16, about half the file (see :func:`~napari_glimpse.checkpoint.halve_weights`)."""
+        ckpt = self.to_checkpoint()
+        atomic_torch_save(halve_weights(ckpt) if half_weights else ckpt, path)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, device: str | torch.device | None = "cpu", source: str = "checkpoint") -> "GlimpseModel":
