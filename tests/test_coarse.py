@@ -756,6 +756,11 @@ def test_inference_net_folds_batch_norm_and_follows_the_weights():
     assert fast is not net and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), net(x), atol=1e-4, rtol=1e-4)
+    # the copy's convolution weights are laid out channels-last, like the activations; the net's stay as they were
+    convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not all(w.is_contiguous(memory_format=torch.channels_last)
+                   for w in (m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1))
     assert inference_net(net) is fast  # unchanged weights: the same copy
     assert "_inference_copy" not in str(list(net.state_dict())) and "_inference_copy" not in copy.deepcopy(net).__dict__
     # an optimiser step changes the weights in place: a new copy, with the new answers

@@ -211,8 +211,10 @@ def members_of(net: nn.Module) -> list:
 def inference_net(net: nn.Module) -> nn.Module:
     """``net`` as used for inference: in eval mode, a copy with every convolution + batch-norm
     pair folded into one convolution (the same answers to float rounding, one pass fewer over
-    each layer's activations). The copy is made on first use and again whenever the weights
-    change (training steps, loading weights, moving the net); in training mode, ``net`` itself."""
+    each layer's activations) and its weights in channels-last layout like the activations (so
+    no convolution re-lays its input out first; ``benchmarks/weight_layout.py``). The copy is
+    made on first use and again whenever the weights change (training steps, loading weights,
+    moving the net); in training mode, ``net`` itself."""
     if net.training:
         return net
     key = tuple((t.data_ptr(), t._version) for t in (*net.parameters(), *net.buffers()))
@@ -225,6 +227,7 @@ def inference_net(net: nn.Module) -> nn.Module:
                     if isinstance(mod[a], nn.Conv2d) and isinstance(mod[a + 1], nn.BatchNorm2d):
                         mod[a] = torch.nn.utils.fusion.fuse_conv_bn_eval(mod[a], mod[a + 1])
                         mod[a + 1] = nn.Identity()
+        fused.to(memory_format=torch.channels_last)
         cached = (key, fused)
     net.__dict__["_inference_copy"] = cached  # a plain attribute: not a submodule, not in state_dict
     return cached[1]
