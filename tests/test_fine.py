@@ -535,6 +535,11 @@ def test_half_weights_halve_the_file_and_read_back_as_float32(ensemble_model, im
     np.testing.assert_allclose(b.positions, a.positions, atol=0.5)  # ... and small
     loaded.save(tmp_path / "again.pt")  # saved again without the option: float32
     assert read_checkpoint(tmp_path / "again.pt")["coarse_state_dict"]["stem.0.0.weight"].dtype == torch.float32
+    with torch.no_grad():  # a weight float16 cannot hold is refused, not written as an infinity
+        loaded.fine.members[1].head.weight[0, 0] = 1e6
+    with pytest.raises(GlimpseError, match="float16's range"):
+        loaded.save(tmp_path / "big.pt", half_weights=True)
+    assert not (tmp_path / "big.pt").exists()
 
 
 def test_finetune_tunes_each_net_of_a_fine_ensemble(ensemble_model, tiny_data, tmp_path, capsys):

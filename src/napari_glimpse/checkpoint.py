@@ -32,14 +32,24 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def halve_weights(ckpt: dict) -> dict:
-    """A copy of ``ckpt`` with its convolution and linear weights (floating tensors of 2 or more
-    dimensions) stored as float16: about half the file. Biases and batch-norm statistics stay as
-    they are. Reading puts them back into the float32 networks (``load_state_dict`` casts), so
-    every reader, old or new, reads the file; the answers move by float16's rounding of the
-    weights (a relative 2**-11), which ``benchmarks/isbi.py --half-weights`` measures."""
+    """A copy of ``ckpt`` with its floating tensors of 2 or more dimensions (the convolution and
+    linear weights, and the glimpse net's (K, 2) output bias) stored as float16: about half the
+    file. One-dimensional ones (biases, batch-norm statistics) stay as they are. Reading puts
+    them back into the float32 networks (``load_state_dict`` casts), so every reader, old or new,
+    reads the file; the answers move by float16's rounding of the weights (a relative 2**-11),
+    which ``benchmarks/isbi.py --half-weights`` measures. A weight beyond float16's range
+    (65504) is an error rather than an infinity."""
 
     def half(sd: dict) -> dict:
-        return {k: v.to(torch.float16) if v.is_floating_point() and v.dim() >= 2 else v for k, v in sd.items()}
+        out = {}
+        for k, v in sd.items():
+            if v.is_floating_point() and v.dim() >= 2:
+                h = v.to(torch.float16)
+                if not torch.isfinite(h).all() and torch.isfinite(v).all():
+                    raise GlimpseError(f"{k}: weights beyond float16's range; save them as float32")
+                v = h
+            out[k] = v
+        return out
 
     out = dict(ckpt)
     for key in ("state_dict", "coarse_state_dict"):
