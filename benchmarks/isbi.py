@@ -545,7 +545,7 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, help="smoke test: use only this many train/val/test images")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    if a.half_weights and not (a.evaluate and a.save_as) or a.half_weights and a.train_all:
+    if a.half_weights and (a.train_all or not (a.evaluate and a.save_as)):
         p.error("--half-weights goes with --evaluate MODEL --save-as FILE, without --train-all "
                 "(it measures what float16 weights move on the validation split)")
 
