@@ -16,7 +16,7 @@ from conftest import TINY_MODEL_CONFIG
 from napari_glimpse.checkpoint import FORMAT_VERSION, read_checkpoint
 from napari_glimpse.coarse import CoarseConfig, CoarseNet, to_normalised
 from napari_glimpse.errors import GlimpseError
-from napari_glimpse.fine import (FineConfig, FineEnsemble, FineNet, cut_windows, fine_levels, refine, train_fine,
+from napari_glimpse.fine import (FineConfig, FineEnsemble, FineNet, cut_windows, fine_levels, kinds_of, refine, train_fine,
                                  window_matrix)
 from napari_glimpse.inference import GlimpseModel
 from napari_glimpse.io import load_dataset, read_image
@@ -482,12 +482,53 @@ def test_a_fine_ensemble_answers_the_mean_of_its_nets(ensemble_model, image):
                                atol=1e-3)
 
 
-def test_fine_ensemble_members_must_read_the_same_windows():
-    with pytest.raises(ValueError, match="share n_landmarks, level, patch, context"):
-        FineEnsemble([FineNet(TINY_FINE), FineNet(replace(TINY_FINE, level=2))])
+def test_fine_ensemble_members_must_share_the_window_size():
+    with pytest.raises(ValueError, match="share n_landmarks, patch"):
+        FineEnsemble([FineNet(TINY_FINE), FineNet(replace(TINY_FINE, patch=16))])
     with pytest.raises(ValueError, match="at least one"):
         FineEnsemble([])
     FineEnsemble([FineNet(TINY_FINE), FineNet(replace(TINY_FINE, width=6, seed=3))])  # width may differ
+    FineEnsemble([FineNet(TINY_FINE), FineNet(replace(TINY_FINE, level=2, context=1))])  # and the levels read
+
+
+def test_a_fine_ensemble_of_two_kinds_gives_each_net_its_own_windows():
+    """Nets reading different levels: each answers from its own windows (as it would alone), the
+    ensemble answers their mean, and the look it records is its first net's kind's."""
+    img = _dot_image(128, 128, 60.0, 70.0, sigma=3.0).round().clamp(0, 255).to(torch.uint8)
+    pyr = build_pyramid(img.numpy(), 4)
+    other = replace(TINY_FINE, level=2, context=2)
+    a, b, c = (_randomise(FineNet(TINY_FINE), 1), _randomise(FineNet(other), 2), _randomise(FineNet(TINY_FINE), 3))
+    assert kinds_of([a, b, c]) == {(1, 2): [0, 2], (2, 2): [1]}
+    start = np.array([[58.0, 73.0], [63.0, 66.0], [55.0, 70.0]])
+    alone = [refine(m, pyr.levels, pyr.shape, start) for m in (a, b, c)]
+    assert not np.allclose(alone[0][0], alone[1][0], atol=0.5)
+    looks, looks_ac = [], []
+    pos, spread = refine(FineEnsemble([a, b, c]), pyr.levels, pyr.shape, start, record=looks)
+    each = np.stack([p for p, _ in alone], 1)  # (K, 3, 2)
+    np.testing.assert_allclose(pos, each.mean(1), atol=1e-3)
+    width = np.mean([s for _, s in alone], 0)  # one net's spread is its peak's width
+    np.testing.assert_allclose(spread ** 2, width ** 2 + ((each - pos[:, None]) ** 2).sum(-1).mean(1), rtol=1e-3)
+    refine(FineEnsemble([a, c]), pyr.levels, pyr.shape, start, record=looks_ac)
+    np.testing.assert_array_equal(looks[0].windows, looks_ac[0].windows)  # level 1's windows, two channels
+    np.testing.assert_allclose(looks[0].heatmaps.astype(np.float32), looks_ac[0].heatmaps.astype(np.float32), atol=1e-3)
+    np.testing.assert_allclose(looks[0].positions, pos)  # the answer is the whole ensemble's
+    with pytest.raises(GlimpseError, match="levels 2-3; this pyramid has 3"):
+        refine(FineEnsemble([a, b]), pyr.levels[:3], pyr.shape, start)
+
+
+def test_finetune_tunes_each_net_of_a_two_kind_ensemble_on_its_own_windows(fine_model, tiny_data, tmp_path):
+    from napari_glimpse.cli import main
+
+    fine_model.fine = FineEnsemble([fine_model.fine, _randomise(FineNet(replace(TINY_FINE, level=2, context=1)), 5)])
+    parent, out = tmp_path / "parent.pt", tmp_path / "ft.pt"
+    fine_model.save(parent)
+    before = [_weights(m) for m in fine_model.fine.members]
+    assert main(["finetune", "--model", str(parent), "--data", str(tiny_data["root"]), "--out", str(out),
+                 "--max-steps", "1", "--batch-size", "2", "--coarse-steps", "0", "--fine-steps", "2"]) == 0
+    tuned = GlimpseModel.load(out, device="cpu")
+    assert [(m.cfg.level, m.cfg.context) for m in tuned.fine.members] == [(1, 2), (2, 1)]
+    for b, m in zip(before, tuned.fine.members):
+        assert not _same(b, _weights(m))
 
 
 def test_checkpoint_round_trip_with_a_fine_ensemble(ensemble_model, image, tmp_path, monkeypatch):

@@ -83,11 +83,21 @@ class FineNet(CoarseNet):
 
 
 class FineEnsemble(Ensemble):
-    """Fine nets reading the same windows (level, size, context levels) whose answers are
-    averaged: the windows are cut once, each net reads them."""
+    """Fine nets whose answers are averaged. They share the window size (so their heatmaps have
+    one size) but may read windows from different levels (:func:`kinds_of`): the windows of each
+    kind are cut once, and every net of that kind reads them."""
 
-    same = ("n_landmarks", "level", "patch", "context")
+    same = ("n_landmarks", "patch")
     stage = "fine"
+
+
+def kinds_of(nets: "list[FineNet]") -> "dict[tuple[int, int], list[int]]":
+    """The nets grouped by the windows they read: ``(level, context)`` -> their indices in
+    ``nets``, in order of first appearance (the first net's kind first)."""
+    kinds: dict[tuple[int, int], list[int]] = {}
+    for i, m in enumerate(nets):
+        kinds.setdefault((m.cfg.level, m.cfg.context), []).append(i)
+    return kinds
 
 
 def window_matrix(level_hw: tuple[int, int], center_n: torch.Tensor, patch: int, angle: torch.Tensor,
@@ -169,7 +179,9 @@ class FineLook:
     position the look started from); ``positions`` ``(K, 2)``: its answer; ``windows``
     ``(K, C, P, P)`` uint8: the window around landmark ``k`` of each context level, finest first;
     ``heatmaps`` ``(K, h, w)`` float16: the softmax of heatmap ``k`` of window ``k`` (the one its
-    answer is read from; an ensemble's nets' maps averaged).
+    answer is read from; an ensemble's nets' maps averaged). With an ensemble whose nets read
+    different levels (:func:`kinds_of`), the windows and maps are those of the first net's kind;
+    ``positions`` is the whole ensemble's answer.
     """
 
     centers: np.ndarray
@@ -199,20 +211,24 @@ def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", 
     to ``cfg.level + cfg.context - 1`` are read). ``steps``: windows re-centred on the last
     answer this many times. ``decode_window``: the heatmap peak is refined by a soft-argmax over
     ``(2 decode_window + 1)^2`` heatmap pixels around it (:func:`~napari_glimpse.coarse.decode`).
-    An ensemble's nets read the same windows; the answer is the mean of theirs. Returns positions (inside the image) and each answer's spread (full-resolution
-    pixels): the heatmap peaks' width and, with an ensemble, how far its nets disagree.
+    An ensemble's nets each read the windows of their kind (level and context levels; all are
+    ``patch`` pixels, centred alike), cut once per kind; the answer is the mean of theirs.
+    Returns positions (inside the image) and each answer's spread (full-resolution pixels): the
+    heatmap peaks' width and, with an ensemble, how far its nets disagree.
     ``record``: a list to which every look appends a :class:`FineLook` (windows and heatmaps for
     display; the answer is the same with or without it).
     """
     cfg = net.cfg
     nets = members_of(net)
+    kinds = kinds_of(nets)
     dev = next(net.parameters()).device
     k = positions.shape[0]
-    if len(pyramid_levels) < cfg.level + cfg.context:
-        raise GlimpseError(f"the fine stage reads pyramid levels {cfg.level}-{cfg.level + cfg.context - 1}; "
+    deepest = max(kinds, key=lambda lc: lc[0] + lc[1])
+    if len(pyramid_levels) < deepest[0] + deepest[1]:
+        raise GlimpseError(f"the fine stage reads pyramid levels {deepest[0]}-{deepest[0] + deepest[1] - 1}; "
                            f"this pyramid has {len(pyramid_levels)}")
-    used = [pyramid_levels[cfg.level + c].to(dev, torch.float32)[None, None] for c in range(cfg.context)]
-    lhw = tuple(used[0].shape[-2:])
+    used = {(lv, ctx): [pyramid_levels[lv + c].to(dev, torch.float32)[None, None] for c in range(ctx)]
+            for lv, ctx in kinds}
     pos = torch.as_tensor(positions, dtype=torch.float32)
     spread = torch.zeros(k)
     heat_hw = ((cfg.patch + 1) // 2, (cfg.patch + 1) // 2)
@@ -220,23 +236,30 @@ def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", 
     limit = torch.tensor([image_hw[1] - 1.0, image_hw[0] - 1.0])
     for _ in range(steps):
         c = to_normalised(pos, image_hw)
-        theta = window_matrix(lhw, c, cfg.patch, torch.zeros(k), torch.ones(k))
-        with torch.inference_mode():
-            win = cut_windows([x.expand(k, *x.shape[1:]) for x in used], theta.to(dev), cfg.patch)
-            logits = torch.cat([inference_net(m)(win)[ks, ks][:, None].cpu() for m in nets], 1)  # (K, M, h, w): window k, heatmap k
-        xy, sp = decode(logits, decode_window)
-        o = to_normalised(xy, heat_hw)  # (K, M, 2) window normalised
-        u = torch.einsum("kij,kmj->kmi", theta[:, :, :2], o) + theta[:, None, :, 2]
-        every = torch.minimum(from_normalised(u, image_hw).clamp_min(0), limit)  # (K, M, 2) each net's answer
+        every = torch.empty(k, len(nets), 2)  # each net's answer, full-resolution pixels
+        width = torch.empty(k, len(nets))  # each net's heatmap peak width, full-resolution pixels
+        look = None
+        for kind, idx in kinds.items():
+            lhw = tuple(used[kind][0].shape[-2:])
+            theta = window_matrix(lhw, c, cfg.patch, torch.zeros(k), torch.ones(k))
+            with torch.inference_mode():
+                win = cut_windows([x.expand(k, *x.shape[1:]) for x in used[kind]], theta.to(dev), cfg.patch)
+                # (K, M, h, w): window k, heatmap k, of each net of this kind
+                logits = torch.cat([inference_net(nets[i])(win)[ks, ks][:, None].cpu() for i in idx], 1)
+            xy, sp = decode(logits, decode_window)
+            o = to_normalised(xy, heat_hw)  # (K, M, 2) window normalised
+            u = torch.einsum("kij,kmj->kmi", theta[:, :, :2], o) + theta[:, None, :, 2]
+            every[:, idx] = torch.minimum(from_normalised(u, image_hw).clamp_min(0), limit)
+            width[:, idx] = sp * (cfg.patch / heat_hw[0] * (image_hw[1] / lhw[1]))  # heatmap -> full-res pixels
+            if record is not None and look is None:  # the first net's kind is the one shown
+                look = (win, torch.softmax(logits.reshape(k, len(idx), -1).float(), -1).mean(1).reshape(k, *heat_hw))
         if record is not None:
-            maps = torch.softmax(logits.reshape(k, len(nets), -1).float(), -1).mean(1).reshape(k, *heat_hw)
             record.append(FineLook(centers=pos.numpy().astype(np.float64),
                                    positions=every.mean(1).numpy().astype(np.float64),
-                                   windows=win.round().clamp(0, 255).to(torch.uint8).cpu().numpy(),
-                                   heatmaps=maps.to(torch.float16).numpy()))
+                                   windows=look[0].round().clamp(0, 255).to(torch.uint8).cpu().numpy(),
+                                   heatmaps=look[1].to(torch.float16).numpy()))
         pos = every.mean(1)
-        px = cfg.patch / heat_hw[0] * (image_hw[1] / lhw[1])  # full-resolution pixels per heatmap pixel
-        spread = torch.sqrt((sp.mean(1) * px) ** 2 + ((every - pos[:, None]) ** 2).sum(-1).mean(1))
+        spread = torch.sqrt(width.mean(1) ** 2 + ((every - pos[:, None]) ** 2).sum(-1).mean(1))
     return pos.numpy().astype(np.float64), spread.numpy().astype(np.float64)
 
 

@@ -7,7 +7,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -98,7 +98,8 @@ class TrainingData:
     """Pyramids of all training images plus ground truth, ready for batched sampling."""
 
     def __init__(self, dataset: Dataset, n_levels: int, patch: int, ground_truth: str = "mean",
-                 progress: bool = False, coarse: "CoarseConfig | None" = None, fine: "FineConfig | None" = None):
+                 progress: bool = False, coarse: "CoarseConfig | None" = None,
+                 fine: "FineConfig | Sequence[FineConfig] | None" = None):
         from tqdm.auto import tqdm
 
         if len(dataset) == 0:
@@ -113,8 +114,10 @@ class TrainingData:
         self.truth = torch.as_tensor(dataset.ground_truth(ground_truth), dtype=torch.float32)
         # the coarse stage's whole-image views: (N, 1, h, w) float, median size, normalised truth
         self.views = view_levels(pyramids, self.truth.numpy(), coarse) if coarse is not None else None
-        # the fine stage's levels: one (N, 1, h, w) float stack per context level, normalised truth
-        self.fine_levels = fine_levels(pyramids, self.truth.numpy(), fine) if fine is not None else None
+        # the fine stage's levels for each kind of fine net (level, context levels): one
+        # (N, 1, h, w) float stack per context level, and the normalised truth
+        fines = [] if fine is None else [fine] if isinstance(fine, FineConfig) else list(fine)
+        self.fine_levels = {(c.level, c.context): fine_levels(pyramids, self.truth.numpy(), c) for c in fines} or None
         self.n_images, self.n_landmarks = self.truth.shape[:2]
 
 
@@ -302,7 +305,7 @@ def train(
     if want_fine and not (want_coarse or (init is not None and init.coarse is not None)):
         raise GlimpseError("a fine stage needs a coarse stage: give a coarse budget too")
     if tune_fine:
-        fine_config = init.fine.cfg
+        fine_config = [m.cfg for m in members_of(init.fine)]
     elif want_fine:
         fine_config = fine_config or FineConfig(n_landmarks=len(dataset.landmark_names), seed=tcfg.seed,
                                                 pixel_spacing=dataset.pixel_spacing)
@@ -360,7 +363,7 @@ def train(
         data.views = None
         _save_resume(rpath, model, opt, 0, 0.0, gen, history)
     if want_fine:
-        flevels, ftruth = data.fine_levels
+        flevels = data.fine_levels
 
         def fine_val(fnet) -> float:
             model.fine = fnet
@@ -369,12 +372,13 @@ def train(
         if tune_fine:  # fine-tune the given fine stage, member by member
             tuned, fhist, wall = _tune_each(
                 members_of(init.fine), callback, dev, fine_budget_s or 1e12,
-                lambda m, b, cb: train_fine(flevels, ftruth, m.cfg, b, progress=progress, callback=cb,
+                lambda m, b, cb: train_fine(*flevels[m.cfg.level, m.cfg.context], m.cfg, b, progress=progress, callback=cb,
                                             should_stop=should_stop, max_steps=fine_steps, init=m, lr_scale=0.1, device=dev))
             model.fine = FineEnsemble(tuned) if len(tuned) > 1 else tuned[0]
             model.meta.update(fine_finetune_steps=fine_steps, fine_finetune_history=fhist, fine_finetune_wall_s=wall)
         else:
-            fnet, fhist = train_fine(flevels, ftruth, fine_config, fine_budget_s or 1e12, progress=progress,
+            fnet, fhist = train_fine(*flevels[fine_config.level, fine_config.context], fine_config,
+                                     fine_budget_s or 1e12, progress=progress,
                                      callback=callback, should_stop=should_stop,
                                      evaluate=fine_val if val is not None else None,
                                      eval_every_s=tcfg.save_every_s, max_steps=fine_steps, device=dev)
