@@ -491,116 +491,85 @@ def test_fine_ensemble_members_must_share_the_window_size():
     FineEnsemble([FineNet(TINY_FINE), FineNet(replace(TINY_FINE, level=2, context=1))])  # and the levels read
 
 
+def _sharp(net: torch.nn.Module, gain: float = 40.0) -> torch.nn.Module:
+    """Scale a random net's heatmap weights up, so its softmax maps have clear, input-driven peaks."""
+    with torch.no_grad():
+        net.head.weight.mul_(gain)
+    return net
+
+
 def test_a_fine_ensemble_of_two_kinds_gives_each_net_its_own_windows():
     """Nets reading different levels: each answers from its own windows (as it would alone), the
     ensemble answers their mean, and the look it records is its first net's kind's."""
     img = _dot_image(128, 128, 60.0, 70.0, sigma=3.0).round().clamp(0, 255).to(torch.uint8)
     pyr = build_pyramid(img.numpy(), 4)
-    other = replace(TINY_FINE, level=2, context=2)
-    a, b, c = (_randomise(FineNet(TINY_FINE), 1), _randomise(FineNet(other), 2), _randomise(FineNet(TINY_FINE), 3))
+    # a and b find the dot from level 1's and level 2's windows; c is a random level-1 net
+    a, b = _DotFinder(TINY_FINE).eval(), _DotFinder(replace(TINY_FINE, level=2)).eval()
+    c = _sharp(_randomise(FineNet(TINY_FINE), 3))
     assert kinds_of([a, b, c]) == {(1, 2): [0, 2], (2, 2): [1]}
     start = np.array([[58.0, 73.0], [63.0, 66.0], [55.0, 70.0]])
-    alone = [refine(m, pyr.levels, pyr.shape, start) for m in (a, b, c)]
-    assert not np.allclose(alone[0][0], alone[1][0], atol=0.5)
-    looks, looks_ac = [], []
+    looks_a, looks_b, looks_c = [], [], []
+    alone = [refine(m, pyr.levels, pyr.shape, start, record=rec) for m, rec in ((a, looks_a), (b, looks_b), (c, looks_c))]
+    for found, _ in alone[:2]:  # each in its own geometry
+        np.testing.assert_allclose(found, [[60.0, 70.0]] * K, atol=4.0)
+    assert not np.allclose(alone[0][0], alone[2][0], atol=1.0)
+    looks = []
     pos, spread = refine(FineEnsemble([a, b, c]), pyr.levels, pyr.shape, start, record=looks)
     each = np.stack([p for p, _ in alone], 1)  # (K, 3, 2)
     np.testing.assert_allclose(pos, each.mean(1), atol=1e-3)
-    width = np.mean([s for _, s in alone], 0)  # one net's spread is its peak's width
-    np.testing.assert_allclose(spread ** 2, width ** 2 + ((each - pos[:, None]) ** 2).sum(-1).mean(1), rtol=1e-3)
-    refine(FineEnsemble([a, c]), pyr.levels, pyr.shape, start, record=looks_ac)
-    np.testing.assert_array_equal(looks[0].windows, looks_ac[0].windows)  # level 1's windows, two channels
-    np.testing.assert_allclose(looks[0].heatmaps.astype(np.float32), looks_ac[0].heatmaps.astype(np.float32), atol=1e-3)
-    np.testing.assert_allclose(looks[0].positions, pos)  # the answer is the whole ensemble's
-    with pytest.raises(GlimpseError, match="levels 2-3; this pyramid has 3"):
+    # one net's spread is its peak's width (b's from its own, twice as large, heatmap pixels)
+    width = np.mean([s for _, s in alone], 0)
+    np.testing.assert_allclose(spread ** 2, width ** 2 + ((each - pos[:, None]) ** 2).sum(-1).mean(1), rtol=1e-4)
+    # the recorded look: level 1's windows (a's and c's), their two maps averaged, the whole answer
+    np.testing.assert_array_equal(looks[0].windows, looks_a[0].windows)
+    maps = [lk[0].heatmaps.astype(np.float32) for lk in (looks_a, looks_b, looks_c)]
+    got = looks[0].heatmaps.astype(np.float32)
+    np.testing.assert_allclose(got, (maps[0] + maps[2]) / 2, rtol=0.02, atol=1e-4)
+    assert np.abs(got - (maps[0] + maps[1] + maps[2]) / 3).max() > 0.01  # b's map is not in it
+    np.testing.assert_allclose(looks[0].positions, pos)
+    with pytest.raises(GlimpseError, match="levels 1-3; this pyramid has 3"):
         refine(FineEnsemble([a, b]), pyr.levels[:3], pyr.shape, start)
 
 
-def test_finetune_tunes_each_net_of_a_two_kind_ensemble_on_its_own_windows(fine_model, tiny_data, tmp_path):
+def test_recorded_stages_follow_the_first_fine_nets_kind(fine_model, image):
+    other = _randomise(FineNet(replace(TINY_FINE, level=2, context=1)), 5)
+    first = fine_model.fine
+    fine_model.fine = FineEnsemble([other, first])
+    t = fine_model.predict(image, record_stages=True, facing="right")
+    alone = fine_model.predict(image, record_stages=True, facing="right", iterations=0)
+    fine_model.fine = other
+    o = fine_model.predict(image, record_stages=True, facing="right")
+    assert t.fine_level == o.fine_level == 2 and t.fine_windows.shape[2] == 1
+    np.testing.assert_array_equal(t.fine_windows, o.fine_windows)
+    np.testing.assert_array_equal(t.fine_window_scale, o.fine_window_scale)
+    np.testing.assert_array_equal(t.positions, alone.positions)
+    assert not np.allclose(t.positions, o.positions, atol=0.01)  # the answer is both nets'
+
+
+def test_finetune_tunes_each_net_of_a_two_kind_ensemble_on_its_own_windows(fine_model, tiny_data, tmp_path,
+                                                                           monkeypatch):
+    import napari_glimpse.training as training
     from napari_glimpse.cli import main
 
+    seen = []
+
+    def spy(levels, truth_n, cfg, *args, **kw):
+        seen.append(((cfg.level, cfg.context), [tuple(x.shape[-2:]) for x in levels]))
+        return train_fine(levels, truth_n, cfg, *args, **kw)
+
+    monkeypatch.setattr(training, "train_fine", spy)
     fine_model.fine = FineEnsemble([fine_model.fine, _randomise(FineNet(replace(TINY_FINE, level=2, context=1)), 5)])
     parent, out = tmp_path / "parent.pt", tmp_path / "ft.pt"
     fine_model.save(parent)
     before = [_weights(m) for m in fine_model.fine.members]
     assert main(["finetune", "--model", str(parent), "--data", str(tiny_data["root"]), "--out", str(out),
                  "--max-steps", "1", "--batch-size", "2", "--coarse-steps", "0", "--fine-steps", "2"]) == 0
+    # each net got its own levels (tiny images are 256 px: level l is 256 / 2**l)
+    assert seen == [((1, 2), [(128, 128), (64, 64)]), ((2, 1), [(64, 64)])]
     tuned = GlimpseModel.load(out, device="cpu")
     assert [(m.cfg.level, m.cfg.context) for m in tuned.fine.members] == [(1, 2), (2, 1)]
     for b, m in zip(before, tuned.fine.members):
         assert not _same(b, _weights(m))
-
-
-def test_checkpoint_round_trip_with_a_fine_ensemble(ensemble_model, image, tmp_path, monkeypatch):
-    import napari_glimpse.checkpoint as ckmod
-
-    p = tmp_path / "ens.pt"
-    ensemble_model.save(p)
-    ck = read_checkpoint(p)
-    assert ck["format_version"] == 5 == FORMAT_VERSION and "fine" not in ck and len(ck["fine_members"]) == 2
-    loaded = GlimpseModel.load(p, device="cpu")
-    assert isinstance(loaded.fine, FineEnsemble) and len(loaded.fine.members) == 2
-    for m, n in zip(ensemble_model.fine.members, loaded.fine.members):
-        assert _same(_weights(m), _weights(n)) and not n.training
-    np.testing.assert_array_equal(loaded.predict(image).positions, ensemble_model.predict(image).positions)
-    monkeypatch.setattr(ckmod, "FORMAT_VERSION", 4)  # a version-4 reader would drop the ensemble: it refuses
-    with pytest.raises(GlimpseError, match="newer napari-glimpse"):
-        GlimpseModel.load(p, device="cpu")
-
-
-def test_half_weights_halve_the_file_and_read_back_as_float32(ensemble_model, image, tmp_path):
-    """``save(half_weights=True)`` stores every net's convolution weights as float16 (biases and
-    batch-norm statistics as they were); reading casts them back into the float32 nets, whose
-    weights are then the float16-rounded ones, and answers move by that rounding only."""
-    full, half = tmp_path / "full.pt", tmp_path / "half.pt"
-    before = _weights(ensemble_model.fine.members[0])
-    ensemble_model.save(full)
-    ensemble_model.save(half, half_weights=True)
-    assert _same(before, _weights(ensemble_model.fine.members[0]))  # the model itself is untouched
-    ck = read_checkpoint(half)
-    assert ck["weights_stored_as"] == "float16" and "weights_stored_as" not in read_checkpoint(full)
-    sds = [ck["state_dict"], ck["coarse_state_dict"], *(m["state_dict"] for m in ck["fine_members"])]
-    for sd in sds:
-        dtypes = {k: v.dtype for k, v in sd.items() if v.is_floating_point()}
-        assert {d for k, d in dtypes.items() if sd[k].dim() >= 2} == {torch.float16}
-        assert {d for k, d in dtypes.items() if sd[k].dim() < 2} == {torch.float32}  # biases, batch norm
-    assert half.stat().st_size < 0.6 * full.stat().st_size
-    loaded = GlimpseModel.load(half, device="cpu")
-    for m, n in zip(ensemble_model.fine.members, loaded.fine.members):
-        for k, v in m.state_dict().items():
-            w = n.state_dict()[k]
-            assert w.dtype == v.dtype
-            assert torch.equal(w, v.half().to(v.dtype) if v.is_floating_point() and v.dim() >= 2 else v), k
-    a, b = ensemble_model.predict(image), loaded.predict(image)
-    assert not np.array_equal(a.positions, b.positions)  # the rounding is there ...
-    np.testing.assert_allclose(b.positions, a.positions, atol=0.5)  # ... and small
-    loaded.save(tmp_path / "again.pt")  # saved again without the option: float32
-    assert read_checkpoint(tmp_path / "again.pt")["coarse_state_dict"]["stem.0.0.weight"].dtype == torch.float32
-    with torch.no_grad():  # a weight float16 cannot hold is refused, not written as an infinity
-        loaded.fine.members[1].head.weight[0, 0] = 1e6
-    with pytest.raises(GlimpseError, match="float16's range"):
-        loaded.save(tmp_path / "big.pt", half_weights=True)
-    assert not (tmp_path / "big.pt").exists()
-
-
-def test_finetune_tunes_each_net_of_a_fine_ensemble(ensemble_model, tiny_data, tmp_path, capsys):
-    from napari_glimpse.cli import main
-
-    parent = tmp_path / "parent.pt"
-    ensemble_model.save(parent)
-    before = [_weights(m) for m in ensemble_model.fine.members]
-    out = tmp_path / "ft.pt"
-    assert main(["finetune", "--model", str(parent), "--data", str(tiny_data["root"]), "--out", str(out),
-                 "--max-steps", "2", "--batch-size", "2", "--coarse-steps", "0", "--progress-json"]) == 0
-    lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
-    fine = [ln for ln in lines if ln.get("stage") == "fine"]
-    assert [(ln["member"], ln["step"]) for ln in fine] == [(0, 1), (0, 2), (1, 1), (1, 2)]
-    assert [ln["progress"] for ln in fine] == sorted(ln["progress"] for ln in fine) and fine[-1]["progress"] == 1.0
-    tuned = GlimpseModel.load(out, device="cpu")
-    assert isinstance(tuned.fine, FineEnsemble)
-    for b, m in zip(before, tuned.fine.members):
-        assert not _same(b, _weights(m))
-    assert [h["member"] for h in tuned.meta["fine_finetune_history"]] == [0, 1]
 
 
 # ------------------------------------------------------------------------ 6. stage records

@@ -168,7 +168,8 @@ def decode(logits: torch.Tensor, window: int = 2) -> tuple[torch.Tensor, torch.T
 
 
 class Ensemble(nn.Module):
-    """Several nets of one stage (same landmarks and input geometry) whose answers are averaged.
+    """Several nets of one stage (the same landmarks; ``same`` says what else they share) whose
+    answers are averaged.
 
     Nets trained from different seeds make partly independent errors, so the mean of their
     answers is closer than either (see docs/results.md). ``same``: the config fields every

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -207,8 +207,8 @@ def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", 
            record: "list[FineLook] | None" = None) -> tuple[np.ndarray, np.ndarray]:
     """Move each landmark's ``(K, 2)`` full-resolution position to the fine heatmap's peak.
 
-    ``pyramid_levels``: the image's pyramid levels, ``(h, w)`` uint8 each (levels ``cfg.level``
-    to ``cfg.level + cfg.context - 1`` are read). ``steps``: windows re-centred on the last
+    ``pyramid_levels``: the image's pyramid levels, ``(h, w)`` uint8 each (each net reads levels
+    ``cfg.level`` to ``cfg.level + cfg.context - 1`` of its own config). ``steps``: windows re-centred on the last
     answer this many times. ``decode_window``: the heatmap peak is refined by a soft-argmax over
     ``(2 decode_window + 1)^2`` heatmap pixels around it (:func:`~napari_glimpse.coarse.decode`).
     An ensemble's nets each read the windows of their kind (level and context levels; all are
@@ -223,12 +223,12 @@ def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", 
     kinds = kinds_of(nets)
     dev = next(net.parameters()).device
     k = positions.shape[0]
-    deepest = max(kinds, key=lambda lc: lc[0] + lc[1])
-    if len(pyramid_levels) < deepest[0] + deepest[1]:
-        raise GlimpseError(f"the fine stage reads pyramid levels {deepest[0]}-{deepest[0] + deepest[1] - 1}; "
+    read = sorted({lv + c for lv, ctx in kinds for c in range(ctx)})
+    if len(pyramid_levels) <= read[-1]:
+        raise GlimpseError(f"the fine stage reads pyramid levels {read[0]}-{read[-1]}; "
                            f"this pyramid has {len(pyramid_levels)}")
-    used = {(lv, ctx): [pyramid_levels[lv + c].to(dev, torch.float32)[None, None] for c in range(ctx)]
-            for lv, ctx in kinds}
+    as_float = {i: pyramid_levels[i].to(dev, torch.float32)[None, None] for i in read}
+    used = {(lv, ctx): [as_float[lv + c] for c in range(ctx)] for lv, ctx in kinds}
     pos = torch.as_tensor(positions, dtype=torch.float32)
     spread = torch.zeros(k)
     heat_hw = ((cfg.patch + 1) // 2, (cfg.patch + 1) // 2)
@@ -318,6 +318,16 @@ def train_fine(
     history = fit_heatmaps(net, "fine", cfg.lr * lr_scale, batch, time_budget_s, progress, callback, should_stop,
                            evaluate, eval_every_s, max_steps, averages)
     return net, history
+
+
+def fine_levels_by_kind(pyramids: list, truth: np.ndarray, cfgs: "list[FineConfig]"
+                        ) -> "dict[tuple[int, int], tuple[list[torch.Tensor], torch.Tensor]]":
+    """:func:`fine_levels` for each kind of fine net (``(level, context)`` -> its stacks and the
+    normalised truth); kinds that read the same level share its stack (made once)."""
+    lo = min(c.level for c in cfgs)
+    hi = max(c.level + c.context for c in cfgs)
+    stacks, truth_n = fine_levels(pyramids, truth, replace(cfgs[0], level=lo, context=hi - lo))
+    return {(c.level, c.context): (stacks[c.level - lo: c.level - lo + c.context], truth_n) for c in cfgs}
 
 
 def fine_levels(pyramids: list, truth: np.ndarray, cfg: FineConfig) -> tuple["list[torch.Tensor]", torch.Tensor]:

@@ -104,7 +104,9 @@ class Trajectory:
     fine looks ``fine_positions[s]`` ``(K, 2)`` its answer (look ``s`` is centred on
     :attr:`stage_positions` ``[s]``), ``fine_windows[s, k]`` ``(C, P, P)`` uint8 the windows landmark
     ``k``'s look read (pyramid levels ``fine_level``, ``fine_level + 1``, ...: finest first) and
-    ``fine_heatmaps[s, k]`` ``(h, w)`` float16 the softmax of its own heatmap there;
+    ``fine_heatmaps[s, k]`` ``(h, w)`` float16 the softmax of its own heatmap there (with fine nets
+    that read different levels, the windows and maps of the first net's kind; the positions are
+    always the whole stage's answer);
     ``fine_window_scale[c]`` the full-resolution pixels (x, y) per window pixel of context level
     ``c`` (window pixel ``j`` at ``centre + (j - (P - 1) / 2) * scale``). Flipped like the glimpses.
     """
@@ -489,16 +491,18 @@ class GlimpseModel:
         """The fine stage's looks around ``pos`` (default :attr:`fine_steps` of them): positions
         and their spread; ``pos`` and ``spread`` (the coarse stage's) as they are when it does not
         look. ``disagreement``: the coarse passes'; where it exceeds the largest offset the fine
-        stage was trained to correct (``jitter_mm[1]``), the spread is at least that. ``looks``:
+        stage was trained to correct (``jitter_mm[1]``, the smallest of its nets'), the spread is
+        at least that. ``looks``:
         receives each look's :class:`~napari_glimpse.fine.FineLook`."""
         steps = self.fine_steps if fine_steps is None else fine_steps
         if steps <= 0 or self.fine is None:
             return pos, spread
+        from .coarse import members_of
         from .fine import refine
 
         pos, fine_spread = refine(self.fine, pyr.levels, pyr.shape, pos, steps, self.fine_decode_window, looks)
         if disagreement is not None:
-            reach = self.fine.cfg.jitter_mm[1] / self.pixel_spacing
+            reach = min(m.cfg.jitter_mm[1] for m in members_of(self.fine)) / self.pixel_spacing
             fine_spread = np.where(disagreement > reach, np.maximum(fine_spread, disagreement), fine_spread)
         return pos, fine_spread
 

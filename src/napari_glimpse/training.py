@@ -19,7 +19,7 @@ from .inference import GlimpseModel, autocast, mirror_points, resolve_device
 from .io import Dataset
 from .model import GlimpseModelNet, ModelConfig
 from .coarse import CoarseConfig, CoarseEnsemble, members_of, train_coarse, view_levels
-from .fine import FineConfig, FineEnsemble, fine_levels, train_fine
+from .fine import FineConfig, FineEnsemble, fine_levels_by_kind, train_fine
 from .pyramid import build_pyramid, levels_for
 
 
@@ -117,7 +117,7 @@ class TrainingData:
         # the fine stage's levels for each kind of fine net (level, context levels): one
         # (N, 1, h, w) float stack per context level, and the normalised truth
         fines = [] if fine is None else [fine] if isinstance(fine, FineConfig) else list(fine)
-        self.fine_levels = {(c.level, c.context): fine_levels(pyramids, self.truth.numpy(), c) for c in fines} or None
+        self.fine_levels = fine_levels_by_kind(pyramids, self.truth.numpy(), fines) if fines else None
         self.n_images, self.n_landmarks = self.truth.shape[:2]
 
 
