@@ -1,5 +1,7 @@
 """How alike fine nets err: each net's answer on validation (Train 131-150) after the model's own
-coarse answer, and the per-coordinate correlation of their errors (mm), written as JSON.
+coarse answer, and the per-coordinate correlation of their errors (mm), written as JSON; also the
+model's own fine stage's MRE and mean error per landmark (bias). ``--images train-odd`` reads
+training images instead (Train 001, 003, ..., 129: how closely the nets fit what they learnt).
 
     python benchmarks/fine_error_correlation.py --model runs/r17/validated.pt \
         --add-fine runs/r20/val_fine_l2_avg0.9995.pt --names A C E L \
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--add-fine", nargs="*", default=[], metavar="MODEL")
     p.add_argument("--names", nargs="*", help="a name for each fine net (default: 0, 1, ...)")
+    p.add_argument("--images", choices=("val", "train-odd"), default="val",
+                   help="val: Train 131-150 (default); train-odd: Train 001, 003, ..., 129")
     p.add_argument("--data", default=str(REAL_DATA))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", required=True)
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(names) != len(nets):
         raise SystemExit(f"{len(names)} names for {len(nets)} fine nets")
     ds = load_dataset(a.data, "train")
-    idx = list(range(130, min(150, len(ds))))
+    idx = list(range(130, min(150, len(ds)))) if a.images == "val" else list(range(0, min(130, len(ds)), 2))
     truth = ds.ground_truth()[idx]
     answers = []
     for i in idx:
@@ -57,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     corr = {f"{names[x]}-{names[y]}": round(float(np.corrcoef(err[:, x].ravel(), err[:, y].ravel())[0, 1]), 3)
             for x in range(len(nets)) for y in range(x + 1, len(nets))}
     mre = {n: round(float(np.linalg.norm(err[:, j], axis=-1).mean()), 4) for j, n in enumerate(names)}
-    res = {"error_correlation_per_coordinate": corr, "val_mre_mm": mre, "n_val": len(idx),
+    own = err[:, :len(members_of(model.fine))].mean(1)  # the model's fine stage: its nets' mean answer
+    bias = own.mean(0)  # (K, 2) mean error per landmark, mm
+    res = {"images": a.images, "image_names": [ds.image_paths[i].name for i in idx],
+           "error_correlation_per_coordinate": corr, "mre_mm": mre,
+           "model_fine_stage_mre_mm": round(float(np.linalg.norm(own, axis=-1).mean()), 4),
+           "model_fine_stage_mean_error_mm": {name: [round(float(v), 3) for v in b]
+                                              for name, b in zip(ds.landmark_names, bias)},
            "model": a.model, "add_fine": a.add_fine, "coarse_flip_average": bool(model.meta.get("coarse_flip_average")),
            "date": datetime.datetime.now().isoformat(timespec="seconds")}
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
