@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     mre = {n: round(float(np.linalg.norm(err[:, j], axis=-1).mean()), 4) for j, n in enumerate(names)}
     own = err[:, :len(members_of(model.fine))].mean(1)  # the model's fine stage: its nets' mean answer
     bias = own.mean(0)  # (K, 2) mean error per landmark, mm
-    res = {"images": a.images, "image_names": [ds.image_paths[i].name for i in idx],
+    res = {"images": a.images, "n_images": len(idx), "image_names": [ds.image_paths[i].name for i in idx],
            "error_correlation_per_coordinate": corr, "mre_mm": mre,
            "model_fine_stage_mre_mm": round(float(np.linalg.norm(own, axis=-1).mean()), 4),
            "model_fine_stage_mean_error_mm": {name: [round(float(v), 3) for v in b]
