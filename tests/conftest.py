@@ -25,6 +25,19 @@ from napari_glimpse.model import ModelConfig  # noqa: E402
 from napari_glimpse.training import TrainConfig  # noqa: E402
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2015"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """``benchmarks/NAME.py`` as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 # Synthetic landmarks: three bright blobs of different shapes and sizes, each jittered around
 # its own mean position (as landmarks are on real cephalograms).

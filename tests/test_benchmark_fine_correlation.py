@@ -3,14 +3,12 @@ only; random tiny networks, so this checks the bookkeeping, not accuracy."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REAL_DATA
+from conftest import REAL_DATA, load_benchmark
 
 from napari_glimpse.coarse import CoarseConfig, CoarseNet
 from napari_glimpse.fine import FineConfig, FineEnsemble, FineNet
@@ -20,17 +18,12 @@ from napari_glimpse.model import GlimpseModelNet, ModelConfig
 
 pytestmark = pytest.mark.skipif(not REAL_DATA.exists(), reason=f"ISBI data not at {REAL_DATA}")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fine_error_correlation.py"
 FINE = FineConfig(patch=16, width=4, context=2)
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("fine_error_correlation", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["fine_error_correlation"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("fine_error_correlation")
 
 
 def _model(path: Path, fines: list) -> Path:

@@ -4,15 +4,13 @@ random tiny networks, so this checks the bookkeeping, not accuracy."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import REAL_DATA
+from conftest import REAL_DATA, load_benchmark
 
 from napari_glimpse.coarse import CoarseConfig, CoarseEnsemble, CoarseNet
 from napari_glimpse.fine import FineEnsemble
@@ -22,16 +20,11 @@ from napari_glimpse.model import GlimpseModelNet, ModelConfig
 
 pytestmark = pytest.mark.skipif(not REAL_DATA.exists(), reason=f"ISBI data not at {REAL_DATA}")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "isbi.py"
 
 
 @pytest.fixture(scope="module")
 def isbi():
-    spec = importlib.util.spec_from_file_location("isbi_benchmark", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["isbi_benchmark"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("isbi")
 
 
 def _random_model(path: Path, seed: int) -> Path:
