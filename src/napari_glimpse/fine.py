@@ -208,8 +208,8 @@ def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", 
     """Move each landmark's ``(K, 2)`` full-resolution position to the fine heatmap's peak.
 
     ``pyramid_levels``: the image's pyramid levels, ``(h, w)`` uint8 each (each net reads levels
-    ``cfg.level`` to ``cfg.level + cfg.context - 1`` of its own config). ``steps``: windows re-centred on the last
-    answer this many times. ``decode_window``: the heatmap peak is refined by a soft-argmax over
+    ``cfg.level`` to ``cfg.level + cfg.context - 1`` of its own config). ``steps``: windows
+    re-centred on the last answer this many times. ``decode_window``: the heatmap peak is refined by a soft-argmax over
     ``(2 decode_window + 1)^2`` heatmap pixels around it (:func:`~napari_glimpse.coarse.decode`).
     An ensemble's nets each read the windows of their kind (level and context levels; all are
     ``patch`` pixels, centred alike), cut once per kind; the answer is the mean of theirs.

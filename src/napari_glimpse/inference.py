@@ -492,8 +492,7 @@ class GlimpseModel:
         and their spread; ``pos`` and ``spread`` (the coarse stage's) as they are when it does not
         look. ``disagreement``: the coarse passes'; where it exceeds the largest offset the fine
         stage was trained to correct (``jitter_mm[1]``, the smallest of its nets'), the spread is
-        at least that. ``looks``:
-        receives each look's :class:`~napari_glimpse.fine.FineLook`."""
+        at least that. ``looks``: receives each look's :class:`~napari_glimpse.fine.FineLook`."""
         steps = self.fine_steps if fine_steps is None else fine_steps
         if steps <= 0 or self.fine is None:
             return pos, spread
