@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     answers = []
     for i in idx:
         pyr = model.pyramid(ds.image(i))
-        start = model._coarse(pyr)[0]
+        start = model.locate_coarse(pyr, fine_steps=0)[0]  # the coarse answer, as the model reads it
         answers.append([refine(n, pyr.levels, pyr.shape, start, 1, model.fine_decode_window)[0] for n in nets])
     err = (np.array(answers) - truth[:, None]) * ds.pixel_spacing  # (N, nets, K, 2) mm
     corr = {f"{names[x]}-{names[y]}": round(float(np.corrcoef(err[:, x].ravel(), err[:, y].ravel())[0, 1]), 3)

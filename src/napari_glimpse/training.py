@@ -304,13 +304,15 @@ def train(
     tune_fine = want_fine and init is not None and init.fine is not None
     if want_fine and not (want_coarse or (init is not None and init.coarse is not None)):
         raise GlimpseError("a fine stage needs a coarse stage: give a coarse budget too")
+    fine_kinds: list[FineConfig] = []  # the windows the fine nets to train read
     if tune_fine:
-        fine_config = [m.cfg for m in members_of(init.fine)]
+        fine_kinds = [m.cfg for m in members_of(init.fine)]
     elif want_fine:
         fine_config = fine_config or FineConfig(n_landmarks=len(dataset.landmark_names), seed=tcfg.seed,
                                                 pixel_spacing=dataset.pixel_spacing)
+        fine_kinds = [fine_config]
     data = TrainingData(dataset, mcfg.n_levels, mcfg.patch, tcfg.ground_truth, progress=progress,
-                        coarse=coarse_config if want_coarse else None, fine=fine_config if want_fine else None)
+                        coarse=coarse_config if want_coarse else None, fine=fine_kinds or None)
     if min(data.shapes.min(axis=0)) < mcfg.patch:
         raise GlimpseError("an image is smaller than one glimpse")
     if model is None:
