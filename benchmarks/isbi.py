@@ -306,7 +306,7 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
     flips = [False, True] if model.coarse is not None else [False]
     iters = [0, 1, 2, 3] if model.coarse is not None else [1, 2, 3]
     blends = [0.0, 0.25, 0.5] if model.coarse is not None else [0.0]
-    fines = [0, 1, 2] if model.fine is not None and model.coarse is not None else [0]
+    fines = list(a.fine_looks) if model.fine is not None and model.coarse is not None else [0]
     if a.no_glimpse:
         iters, blends = [0], [0.0]
     # with a fine stage the coarse answer only has to be near: one coarse net may do as well as
@@ -321,6 +321,8 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
     fine_nets = members_of(model.fine) if model.fine is not None else []
     subsets = subsets_of(len(nets))
     fine_subsets = subsets_of(len(fine_nets)) if fine_nets else [()]
+    if a.max_fine_nets:  # a cost rule: at most that many fine nets per answer
+        fine_subsets = [c for c in fine_subsets if len(c) <= a.max_fine_nets]
     if a.keep_choice:  # the model's own choice, made on validation before (e.g. for a refit on all of Train)
         best = (model.default_iterations, bool(model.meta.get("coarse_flip_average", False)),
                 float(model.meta.get("coarse_blend", 0.0)), model.fine_steps,
@@ -523,6 +525,10 @@ def main(argv=None) -> int:
     p.add_argument("--fine-steps", type=int, help="cap the fine net's training steps (replay a recipe)")
     p.add_argument("--add-fine", metavar="MODEL", nargs="+",
                    help="with --evaluate: take the fine stage from these models (several: an ensemble)")
+    p.add_argument("--max-fine-nets", type=int, metavar="N",
+                   help="with --add-fine: the choice grid holds only subsets of at most N fine nets")
+    p.add_argument("--fine-looks", type=int, nargs="+", default=[0, 1, 2], metavar="K",
+                   help="with a fine stage: the fine looks the choice grid holds (default 0 1 2)")
     p.add_argument("--fine-json", metavar="JSON", nargs="+",
                    help="with --evaluate: the fine stages' training runs (trained one after another, after the runs "
                         "of --train-json: their wall and CPU times add to theirs)")

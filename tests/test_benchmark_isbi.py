@@ -267,3 +267,12 @@ def test_three_fine_nets_every_subset_is_a_choice_and_half_weights_are_measured(
     assert all(sd["stem.0.0.weight"].dtype == torch.float16 for sd in fine_sds) and ck["weights_stored_as"] == "float16"
     with pytest.raises(SystemExit):  # it measures on validation: only for --evaluate ... --save-as
         isbi.main([*common, "--evaluate", str(base), "--half-weights", "--out", str(tmp_path / "x.json")])
+
+    # a cost rule narrows the grid: at most two nets, one look
+    out2 = tmp_path / "r2.json"
+    assert isbi.main([*common, "--evaluate", str(base), "--add-fine", *fines, "--max-fine-nets", "2",
+                      "--fine-looks", "1", "--out", str(out2)]) == 0
+    r2 = json.loads(out2.read_text())
+    assert {v["fine_steps"] for v in r2["val_mre"]} == {1}
+    assert [tuple(v["fine_nets"]) for v in r2["val_mre"] if v["coarse_flip_average"]] == subsets[1:]
+    assert r2["fine_steps"] == 1 and len(r2["fine_nets"]) <= 2
