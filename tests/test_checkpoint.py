@@ -147,3 +147,19 @@ def test_cuda_without_gpu_is_a_clear_error(tiny_model_path):
         pytest.skip("a GPU is present")
     with pytest.raises(GlimpseError, match="no CUDA GPU"):
         GlimpseModel.load(tiny_model_path, device="cuda")
+
+
+def test_fine_stage_deeper_than_the_pyramid_is_refused_at_load(tiny_model, tmp_path):
+    """A fine net reads levels ``level .. level + context - 1``; a model whose pyramid is too
+    shallow for it is a clear error when loaded, not at the first prediction."""
+    from napari_glimpse.fine import FineConfig, FineNet
+
+    n = tiny_model.config.n_levels
+    for context, ok in ((n - 1, True), (n, False)):
+        tiny_model.fine = FineNet(FineConfig(n_landmarks=3, level=1, patch=16, width=4, context=context)).eval()
+        tiny_model.save(tmp_path / "f.pt")
+        if ok:
+            assert GlimpseModel.load(tmp_path / "f.pt", device="cpu").fine.cfg.context == context
+        else:
+            with pytest.raises(GlimpseError, match=f"bad fine stage .*level {n}.*levels 0-{n - 1}"):
+                GlimpseModel.load(tmp_path / "f.pt", device="cpu")

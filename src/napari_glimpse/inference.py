@@ -278,6 +278,7 @@ class GlimpseModel:
         if mean_start.shape != (cfg.n_landmarks, 2) or len(ckpt["landmark_names"]) != cfg.n_landmarks:
             raise GlimpseError(f"{source}: start positions or landmark names do not match {cfg.n_landmarks} landmarks")
         from .coarse import CoarseConfig, CoarseEnsemble, CoarseNet
+        from .coarse import members_of
         from .fine import FineConfig, FineEnsemble, FineNet
 
         members = ckpt.get("coarse_members")
@@ -290,6 +291,11 @@ class GlimpseModel:
             members = [ckpt["fine"]]
         fine = _load_stage(source, "fine", members, "fine_members" in ckpt,
                            lambda c: FineNet(FineConfig.from_dict(c)), FineEnsemble, device)
+        if fine is not None:  # a fine net reads levels level .. level + context - 1 of the model's pyramid
+            deepest = max(m.cfg.level + m.cfg.context - 1 for m in members_of(fine))
+            if deepest >= cfg.n_levels:
+                raise GlimpseError(f"{source}: bad fine stage (it reads pyramid level {deepest}, but the model's "
+                                   f"pyramid has levels 0-{cfg.n_levels - 1})")
         net.eval().to(resolve_device(device))
         return cls(
             net,
