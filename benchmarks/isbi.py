@@ -43,7 +43,9 @@ Inference choice (glimpse): iterations 0-3, flip averaging of the coarse view on
 coarse/glimpse blend weight, the fine stage's steps (0-2) and which coarse nets of an ensemble
 to use are chosen on the validation split: the lowest validation MRE among the choices that run
 within ``--max-seconds`` per image (default 0.1; the shipped default used 0.12 on a machine
-1.3-1.8x slower than the one the bound was set on, see docs/results.md).
+1.3-1.8x slower than the one the bound was set on, see docs/results.md). ``--max-fine-nets N``
+and ``--fine-looks K...`` narrow the grid to a cost rule instead (at most N fine nets, those
+fine looks; run 22 on: ``--max-fine-nets 3 --fine-looks 1 --max-seconds 0``).
 
 Usage::
 
