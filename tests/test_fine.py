@@ -540,6 +540,7 @@ def test_recorded_stages_follow_the_first_fine_nets_kind(fine_model, image):
     fine_model.fine = other
     o = fine_model.predict(image, record_stages=True, facing="right")
     assert t.fine_level == o.fine_level == 2 and t.fine_windows.shape[2] == 1
+    assert t.fine_nets == (1, 2) and o.fine_nets == (1, 1)  # whose maps are shown, of how many
     np.testing.assert_array_equal(t.fine_windows, o.fine_windows)
     np.testing.assert_array_equal(t.fine_window_scale, o.fine_window_scale)
     np.testing.assert_array_equal(t.positions, alone.positions)

@@ -166,6 +166,21 @@ def test_stage_geometry_outlines_arrow_and_points():
         ld.stage_vector(make_traj(), 0, 0)
 
 
+def test_fine_look_caption_says_where_the_look_moved_and_whose_maps_are_shown():
+    tr = make_staged(looks=2)
+    c0, f0 = tr.coarse_positions[1], tr.fine_positions[0, 1]
+    text = ld.fine_look_caption(tr, 1, 0)
+    assert text.startswith("<b>Nasion</b> coarse answer (red)") and "fine look 1 answer" in text
+    assert f"moved {np.hypot(*(f0 - c0)) * 0.1:.1f} mm" in text
+    assert "windows L1 3.2 mm, L2 6.4 mm, L3 12.8 mm" in text  # 16 window pixels of 2, 4, 8 px at 0.1 mm
+    assert "fine look 1 answer (green)" in ld.fine_look_caption(tr, 1, 1) and "fine nets" not in text
+    three = Trajectory(**{**tr.__dict__, "fine_nets": (3, 3)})
+    assert ld.fine_look_caption(three, 1, 0).endswith("; heatmap: mean of 3 fine nets")
+    mixed = Trajectory(**{**tr.__dict__, "fine_nets": (1, 3)})
+    assert ld.fine_look_caption(mixed, 1, 0).endswith(
+        "; heatmap: mean of 1 of 3 fine nets (the other 2 read other levels; the answer is all 3 nets')")
+
+
 def test_fine_heatmap_cells_tile_the_finest_window():
     tr = make_staged()
     (sy, sx), (ty, tx) = ld.fine_heatmap_placement(tr, 2, 0)

@@ -274,6 +274,27 @@ def fine_window_side(traj: Trajectory, c: int) -> np.ndarray:
     return traj.fine_windows.shape[-1] * np.asarray(traj.fine_window_scale[c], dtype=np.float64)
 
 
+def fine_look_caption(traj: Trajectory, k: int, s: int) -> str:
+    """The explorer's text for landmark ``k``'s fine look ``s``: where it started and ended, how
+    far it moved, its windows' levels and sides, and (with several fine nets) whose maps are
+    shown."""
+    st = _stages(traj)
+    start, end = st[s, k], st[s + 1, k]
+    mm = float(np.hypot(*(end - start))) * traj.pixel_spacing
+    looks = traj.fine_positions.shape[0]
+    sides = ", ".join(f"L{traj.fine_level + c} {fine_window_side(traj, c)[0] * traj.pixel_spacing:.1f} mm"
+                      for c in range(traj.fine_windows.shape[2]))
+    text = (f"<b>{traj.landmark_names[k]}</b> {'coarse answer (red)' if s == 0 else f'fine look {s} answer (green)'} "
+            f"({start[0]:.0f}, {start[1]:.0f}) px → fine{f' look {s + 1}' if looks > 1 else ''} answer "
+            f"(green) ({end[0]:.0f}, {end[1]:.0f}) px: moved {mm:.1f} mm; windows {sides}")
+    shown, total = traj.fine_nets or (1, 1)
+    if total > 1:
+        text += f"; heatmap: mean of {shown} of {total} fine nets" if shown < total else f"; heatmap: mean of {total} fine nets"
+        if shown < total:
+            text += f" (the other {total - shown} read other levels; the answer is all {total} nets')"
+    return text
+
+
 def fine_window_box(traj: Trajectory, k: int, s: int, c: int) -> np.ndarray:
     """``(4, 2)`` corners (y, x) of the square fine look ``s``'s context-``c`` window covers."""
     cx, cy = _stages(traj)[s, k]

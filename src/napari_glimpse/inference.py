@@ -109,6 +109,8 @@ class Trajectory:
     always the whole stage's answer);
     ``fine_window_scale[c]`` the full-resolution pixels (x, y) per window pixel of context level
     ``c`` (window pixel ``j`` at ``centre + (j - (P - 1) / 2) * scale``). Flipped like the glimpses.
+    ``fine_nets`` ``(shown, total)``: how many fine nets' maps ``fine_heatmaps`` averages (those
+    of the first net's kind) and how many nets the fine stage has.
     """
 
     positions: np.ndarray
@@ -126,6 +128,7 @@ class Trajectory:
     fine_heatmaps: np.ndarray | None = None
     fine_window_scale: np.ndarray | None = None
     fine_level: int | None = None
+    fine_nets: tuple[int, int] | None = None
 
     @property
     def final(self) -> np.ndarray:
@@ -516,7 +519,8 @@ class GlimpseModel:
         """The :class:`Trajectory` fields of the coarse answer and the fine ``looks`` (landmarks
         ``landmarks``), in the image's own pixels: with ``mirrored`` (the stages read the mirrored
         image) positions, windows and heatmaps are flipped back, as the glimpses are."""
-        from .fine import window_scale
+        from .coarse import members_of
+        from .fine import kinds_of, window_scale
 
         ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
         cfg = self.fine.cfg
@@ -536,6 +540,7 @@ class GlimpseModel:
             "fine_heatmaps": np.ascontiguousarray(heat),
             "fine_window_scale": window_scale(pyr.shape, tuple(pyr.levels[cfg.level].shape), cfg.context),
             "fine_level": int(cfg.level),
+            "fine_nets": (len(kinds_of(members_of(self.fine))[(cfg.level, cfg.context)]), len(members_of(self.fine))),
         }
 
     def _run(

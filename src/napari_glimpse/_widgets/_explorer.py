@@ -436,17 +436,8 @@ class ExplorerWidget(QWidget):
         self._finish(active)
         # widget side
         self._show_strip(ld.fine_tile_strip(traj, k, s))
-        st = traj.stage_positions
-        start, end = st[s, k], st[s + 1, k]
-        mm = float(np.hypot(*(end - start))) * traj.pixel_spacing
-        sides = ", ".join(f"L{traj.fine_level + c} {ld.fine_window_side(traj, c)[0] * traj.pixel_spacing:.1f} mm"
-                          for c in range(n_ctx))
         self.iter_label.setText(f"{s + 1}/{traj.fine_looks}")
-        self.info.setText(
-            f"<b>{traj.landmark_names[k]}</b> {'coarse answer (red)' if s == 0 else f'fine look {s} answer (green)'} "
-            f"({start[0]:.0f}, {start[1]:.0f}) px → fine{f' look {s + 1}' if traj.fine_looks > 1 else ''} answer "
-            f"(green) ({end[0]:.0f}, {end[1]:.0f}) px: moved {mm:.1f} mm; windows {sides}"
-        )
+        self.info.setText(ld.fine_look_caption(traj, k, s))
 
     def _draw_glimpses(self) -> None:
         """Glimpse iteration ``t``: every level's patch, outlines, heatmap, path and offset."""
