@@ -26,7 +26,8 @@ Methods:
   ``--add-fine OTHER`` takes the other file's fine stage, ``--save-as FILE`` writes the result
   with its inference choice.
 * ``--fine-for MODEL``: train a fine stage (``--budget-min`` minutes) after that model's coarse
-  stage (``--fine-level``, ``--fine-context``, ``--fine-patch``, ``--fine-jitter``, ``--fine-rotation``, ``--fine-log-scale``).
+  stage (``--fine-level``, ``--fine-context``, ``--fine-patch``, ``--fine-jitter``, ``--fine-rotation``, ``--fine-log-scale``,
+  ``--fine-sigma``).
 * ``--train-all --train-only``: refit a recipe already chosen on validation on all of Train
   001-150 (no validation split, so no curve and no choice; ``--coarse-steps`` / ``--fine-steps``
   replay the chosen runs' step counts). ``--evaluate MODEL --coarse-from C --add-fine F
@@ -162,7 +163,8 @@ def _train_fine_for(a, train_ds, val_ds, res: dict, log):
     model.meta["iterations"], model.meta["fine_steps"] = 0, 1
     cfg = FineConfig(n_landmarks=len(train_ds.landmark_names), seed=a.seed, pixel_spacing=train_ds.pixel_spacing,
                      level=a.fine_level, patch=a.fine_patch, width=a.fine_width, context=a.fine_context,
-                     jitter_mm=tuple(a.fine_jitter), rotation_deg=a.fine_rotation, log_scale=a.fine_log_scale)
+                     jitter_mm=tuple(a.fine_jitter), rotation_deg=a.fine_rotation, log_scale=a.fine_log_scale,
+                     sigma=a.fine_sigma)
     pyrs = [build_pyramid(to_grey_uint8(train_ds.image(i)), model.config.n_levels, model.config.patch)
             for i in range(len(train_ds))]
     levels, truth_n = fine_levels(pyrs, train_ds.ground_truth("mean"), cfg)
@@ -513,6 +515,8 @@ def main(argv=None) -> int:
                    help="fine stage: training windows rotated uniformly within +-DEG degrees")
     p.add_argument("--fine-log-scale", type=float, default=0.1, metavar="S",
                    help="fine stage: training windows scaled by exp(U(-S, S))")
+    p.add_argument("--fine-sigma", type=float, default=1.5, metavar="PX",
+                   help="fine stage: the target Gaussian's standard deviation, heatmap pixels")
     p.add_argument("--fine-jitter", type=float, nargs=2, default=(0.5, 4.0), metavar=("LO", "HI"),
                    help="fine stage: training window offset, standard deviation range (mm per axis)")
     p.add_argument("--fine-averages", type=float, nargs="+", metavar="DECAY",
