@@ -280,8 +280,7 @@ class GlimpseModel:
         mean_start = np.asarray(ckpt["mean_start"], dtype=np.float64)
         if mean_start.shape != (cfg.n_landmarks, 2) or len(ckpt["landmark_names"]) != cfg.n_landmarks:
             raise GlimpseError(f"{source}: start positions or landmark names do not match {cfg.n_landmarks} landmarks")
-        from .coarse import CoarseConfig, CoarseEnsemble, CoarseNet
-        from .coarse import members_of
+        from .coarse import CoarseConfig, CoarseEnsemble, CoarseNet, members_of
         from .fine import FineConfig, FineEnsemble, FineNet
 
         members = ckpt.get("coarse_members")
