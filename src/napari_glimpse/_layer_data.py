@@ -281,18 +281,16 @@ def fine_look_caption(traj: Trajectory, k: int, s: int) -> str:
     st = _stages(traj)
     start, end = st[s, k], st[s + 1, k]
     mm = float(np.hypot(*(end - start))) * traj.pixel_spacing
-    looks = traj.fine_positions.shape[0]
     sides = ", ".join(f"L{traj.fine_level + c} {fine_window_side(traj, c)[0] * traj.pixel_spacing:.1f} mm"
                       for c in range(traj.fine_windows.shape[2]))
     text = (f"<b>{traj.landmark_names[k]}</b> {'coarse answer (red)' if s == 0 else f'fine look {s} answer (green)'} "
-            f"({start[0]:.0f}, {start[1]:.0f}) px → fine{f' look {s + 1}' if looks > 1 else ''} answer "
+            f"({start[0]:.0f}, {start[1]:.0f}) px → fine{f' look {s + 1}' if traj.fine_looks > 1 else ''} answer "
             f"(green) ({end[0]:.0f}, {end[1]:.0f}) px: moved {mm:.1f} mm; windows {sides}")
     shown, total = traj.fine_nets or (1, 1)
-    if total > 1:
-        text += f"; heatmap: mean of {shown} of {total} fine nets" if shown < total else f"; heatmap: mean of {total} fine nets"
-        if shown < total:
-            text += f" (the other {total - shown} read other levels; the answer is all {total} nets')"
-    return text
+    if shown < total:
+        return text + (f"; heatmap: mean of {shown} of {total} fine nets (the other {total - shown} read other "
+                       f"levels; the answer is all {total} nets')")
+    return text + (f"; heatmap: mean of {total} fine nets" if total > 1 else "")
 
 
 def fine_window_box(traj: Trajectory, k: int, s: int, c: int) -> np.ndarray:

@@ -523,6 +523,7 @@ class GlimpseModel:
 
         ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
         cfg = self.fine.cfg
+        nets = members_of(self.fine)
         w = pyr.shape[1]
         coarse = np.asarray(coarse, dtype=np.float64)[ks]
         fine = np.stack([lk.positions for lk in looks])[:, ks]
@@ -539,7 +540,7 @@ class GlimpseModel:
             "fine_heatmaps": np.ascontiguousarray(heat),
             "fine_window_scale": window_scale(pyr.shape, tuple(pyr.levels[cfg.level].shape), cfg.context),
             "fine_level": int(cfg.level),
-            "fine_nets": (len(kinds_of(members_of(self.fine))[(cfg.level, cfg.context)]), len(members_of(self.fine))),
+            "fine_nets": (len(kinds_of(nets)[(cfg.level, cfg.context)]), len(nets)),
         }
 
     def _run(
