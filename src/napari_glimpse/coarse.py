@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .int8 import usable, weights_key
 from .model import _conv_bn
 
 
@@ -209,8 +210,9 @@ def members_of(net: nn.Module) -> list:
     return list(net.members) if isinstance(net, Ensemble) else [net]
 
 
-def inference_net(net: nn.Module) -> nn.Module:
-    """``net`` as used for inference: in eval mode, a copy with every convolution + batch-norm
+def inference_net(net: nn.Module, int8: bool = True) -> "nn.Module | Callable[[torch.Tensor], torch.Tensor]":
+    """``net`` as used for inference: in eval mode, its int8 graph when it has a usable one
+    (``int8``; see :func:`napari_glimpse.int8.usable`), else a copy with every convolution + batch-norm
     pair folded into one convolution (the same answers to float rounding, one pass fewer over
     each layer's activations) and its weights in channels-last layout like the activations (so
     no convolution re-lays its input out first; ``benchmarks/weight_layout.py``). The copy is
@@ -218,7 +220,9 @@ def inference_net(net: nn.Module) -> nn.Module:
     moving the net); in training mode, ``net`` itself."""
     if net.training:
         return net
-    key = tuple((t.data_ptr(), t._version) for t in (*net.parameters(), *net.buffers()))
+    key = weights_key(net)
+    if int8 and (q := usable(net, key)) is not None:
+        return q
     cached = net.__dict__.pop("_inference_copy", None)  # (not copied along)
     if cached is None or cached[0] != key:
         fused = copy.deepcopy(net)
