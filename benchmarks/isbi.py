@@ -437,6 +437,7 @@ def _finish(a, res: dict, model, best: tuple, nets, fine_nets, val_ds, test_ds, 
             model.save(target)
         res["saved_as"] = str(target)
         log(f"saved the model with the choice {best} as {target}")
+    res["int8_nets"] = list(model.int8_nets)  # (nets running int8 graphs, coarse and fine nets)
     if a.no_test:
         res["test_read"] = False
         return res

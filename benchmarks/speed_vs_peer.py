@@ -60,7 +60,8 @@ def main(argv=None) -> int:
         row = {p: _speed(lambda im, m=m: m.predict(im), images, a.threads) for p, m in models.items()}
         row["peer"] = inference_speed(images, a.threads)
         rounds.append(row)
-        print(f"round {r + 1}: " + ", ".join(f"{Path(k).name} {v:.3f} s" for k, v in row.items()), flush=True)
+        print(f"round {r + 1}: " + ", ".join(f"{k if k == 'peer' else a.model[paths.index(k)]} {v:.3f} s"
+                                            for k, v in row.items()), flush=True)
     res = {
         "seconds_per_image": {k: [row[k] for row in rounds] for k in rounds[0]},
         "ratio_to_peer": {p: [row[p] / row["peer"] for row in rounds] for p in paths},
