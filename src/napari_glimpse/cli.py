@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default="auto")
     f.add_argument("--threads", type=_positive_int)
+    f.add_argument("--no-quantize", action="store_true",
+                   help="do not remake the parent's int8 graphs for the tuned nets (they then run float)")
     f.add_argument("--progress-json", action="store_true",
                    help="print one JSON line per step on stdout (for the napari widget)")
 
@@ -206,6 +208,9 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     from .training import TrainConfig, train
 
     parent = GlimpseModel.load(a.model, a.device)
+    from .int8 import graphs_of
+
+    had_int8 = graphs_of(parent) is not None
     ds = load_dataset(a.data, a.split)
     if a.mix_data:
         ds = concat_datasets([ds, load_dataset(a.mix_data, a.mix_split)])
@@ -247,9 +252,41 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         meta={"parent": parent_path, "parent_meta": {k: parent.meta.get(k) for k in ("command", "train_steps")},
               "finetune_data": str(a.data), "command": "napari-glimpse " + " ".join(sys.argv[1:])},
     )
+    if had_int8 and not a.no_quantize:
+        _requantize(a, ds)
     print(json.dumps({"done": True, "out": str(a.out), "steps": model.meta["train_steps"]}) if a.progress_json
           else f"wrote {a.out}: fine-tuned {model.meta['train_steps']} steps from {parent_path}")
     return 0
+
+
+def _requantize(a: argparse.Namespace, ds) -> None:
+    """After fine-tuning a model that ran int8 graphs: make them again for the tuned nets (they
+    hold the weights they were made from), calibrated on up to 10 of the fine-tuning images, and
+    write the model again. The float model is already written: without the onnx package, or on
+    any failure, it stays as it is (its nets run float)."""
+    import numpy as np
+
+    from .inference import GlimpseModel
+    from .int8 import quantize
+
+    model = GlimpseModel.load(a.out, "cpu")
+    on, total = model.int8_nets
+    if on == total:
+        return
+    idx = np.unique(np.linspace(0, len(ds) - 1, min(10, len(ds))).round().astype(int))
+
+    def progress(what: str, done: int, n: int) -> None:
+        if a.progress_json and what == "nets":
+            print(json.dumps({"stage": "int8", "step": done, "progress": done / n}), flush=True)
+
+    try:
+        quantize(model, [ds.image(int(i)) for i in idx], progress)
+    except GlimpseError as exc:
+        print(f"napari-glimpse: note: {a.out} runs its float nets ({exc})", file=sys.stderr)
+        return
+    model.save(a.out)
+    if not a.progress_json:
+        print(f"int8 graphs remade for {total} nets (calibrated on {len(idx)} image(s))")
 
 
 def _confidence_path(out: Path, given: str | None) -> Path:

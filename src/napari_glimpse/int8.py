@@ -171,8 +171,8 @@ def usable(net: nn.Module, key: tuple | None = None) -> Int8Net | None:
 # ------------------------------------------------------------------------------ making graphs
 def _record_inputs(model: "GlimpseModel", images: Sequence, progress: Callable[[int], None] | None
                    ) -> dict[int, list[np.ndarray]]:
-    """The inputs every coarse and fine net sees when the float model reads ``images`` (as
-    :meth:`~napari_glimpse.inference.GlimpseModel.locate_coarse` reads them)."""
+    """The inputs every coarse and fine net sees when the float model reads ``images`` (its
+    coarse and fine answer, left-facing images mirrored first as ``predict`` does)."""
     from .coarse import inference_net
 
     nets = [n for ns in stages(model).values() for n in ns]
@@ -184,7 +184,7 @@ def _record_inputs(model: "GlimpseModel", images: Sequence, progress: Callable[[
             lambda mod, args, key=id(n): seen[key].append(args[0].detach().cpu().float().contiguous().numpy())))
     try:
         for i, im in enumerate(images):
-            model.locate_coarse(im)
+            model.predict(im, iterations=0)
             if progress is not None:
                 progress(i + 1)
     finally:
@@ -237,8 +237,7 @@ def quantize_net(net: nn.Module, inputs: Sequence[np.ndarray]) -> bytes:
 
 def quantize(model: "GlimpseModel", images: Sequence, progress: Callable[[str, int, int], None] | None = None) -> int:
     """Make and attach int8 graphs for every coarse and fine net of ``model`` (on the CPU),
-    calibrated on ``images`` (arrays, paths or pyramids read the way the training images face;
-    10 or so is enough). Returns the number of nets quantized; save the model to keep them.
+    calibrated on ``images`` (arrays, paths or pyramids; 10 or so is enough). Returns the number of nets quantized; save the model to keep them.
 
     ``progress(what, done, total)`` is called as images are read and nets quantized."""
     if model.coarse is None:

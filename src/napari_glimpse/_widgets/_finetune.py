@@ -326,6 +326,12 @@ class FinetuneWidget(QWidget):
             self.plot.set_values(self._losses)
         self.progress.setValue(int(min(1.0, frac) * 1000))
         el = float(info.get("elapsed_s", 0.0))
+        if info.get("stage") == "int8":  # then their int8 graphs are made again
+            what = f"int8 graphs: net {self.last_step}"
+            self.progress.setFormat(what)
+            status(self.status_label, what)
+            self.progressed.emit(info)
+            return
         if info.get("stage") in ("coarse", "fine"):  # the model's coarse and fine stages are fine-tuned first
             net = f", net {int(info['member']) + 1}" if "member" in info else ""
             what = f"{info['stage']} stage{net}: step {self.last_step}"
