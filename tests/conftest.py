@@ -161,3 +161,75 @@ def tiny_model(tiny_model_path):
     from napari_glimpse.inference import GlimpseModel
 
     return GlimpseModel.load(tiny_model_path, device="cpu")
+
+
+# A coarse stage and a fine ensemble with hand-set weights (tests/test_int8.py, the CLI's quantize).
+TINY_COARSE_CONFIG = {"n_landmarks": 3, "input_hw": (64, 48), "width": 4, "batch_size": 4}
+TINY_FINE_CONFIG = {"n_landmarks": 3, "level": 1, "patch": 32, "width": 4, "batch_size": 8, "context": 2,
+                    "jitter_mm": (0.5, 2.0)}
+
+
+def blob_finder(net: torch.nn.Module, gain: float = 3.0) -> torch.nn.Module:
+    """Set a coarse or fine U-Net's weights by hand so that it finds the brightest blob: every
+    landmark's logits are ``gain`` times the (first) input channel's brightness above a threshold,
+    box-blurred (one path through the net: stem, first up block, head; every other weight 0,
+    batch norms the identity). Random weights would do for the nets' outputs, but their heatmaps
+    are flat enough that tiny changes of the logits move the answers by the whole image; these
+    nets' answers are well posed: on an image with one bright disc, every landmark goes to it."""
+    from torch import nn
+
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, nn.Conv2d):
+                mod.weight.zero_()
+                if mod.bias is not None:
+                    mod.bias.zero_()
+            elif isinstance(mod, nn.BatchNorm2d):
+                mod.weight.fill_(1.0)
+                mod.bias.zero_()
+                mod.running_mean.zero_()
+                mod.running_var.fill_(1.0)
+        box = torch.full((3, 3), 1 / 9)
+        net.stem[0][0].weight[0, 0] = box
+        net.stem[0][1].bias[0] = 1.0  # the threshold: background (-1.4 once normalised) stays below 0
+        net.stem[1][0].weight[0, 0] = box
+        up = net.up[0][0][0]  # reads the upsampled deeper features, then the stem's
+        up.weight[0, up.in_channels - net.stem[1][0].out_channels] = box
+        net.up[0][1][0].weight[0, 0] = box
+        net.head.weight[:, 0] = gain
+    return net.eval()
+
+
+def add_blob_stages(model):
+    """Give ``model`` a blob-finding coarse net and a fine ensemble of two (3 nets); returns it."""
+    from napari_glimpse.coarse import CoarseConfig, CoarseNet
+    from napari_glimpse.fine import FineConfig, FineEnsemble, FineNet
+
+    model.coarse = blob_finder(CoarseNet(CoarseConfig(**TINY_COARSE_CONFIG)))
+    fine = FineConfig(**TINY_FINE_CONFIG)
+    model.fine = FineEnsemble([blob_finder(FineNet(fine)), blob_finder(FineNet(fine), gain=2.0)])
+    model.meta["iterations"] = 0  # the coarse and fine stages' answer
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_staged_model_path(tiny_model_path, tmp_path_factory):
+    """The tiny model with a blob-finding coarse stage and fine ensemble (3 nets), no int8 graphs."""
+    from napari_glimpse.inference import GlimpseModel
+
+    out = tmp_path_factory.mktemp("tinystaged") / "staged.pt"
+    add_blob_stages(GlimpseModel.load(tiny_model_path, device="cpu", int8=False)).save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_quantized_model_path(tiny_staged_model_path, tiny_data, tmp_path_factory):
+    """:func:`tiny_staged_model_path` with int8 graphs for its 3 nets (calibrated on 2 training images)."""
+    from napari_glimpse.inference import GlimpseModel
+    from napari_glimpse.int8 import quantize
+
+    out = tmp_path_factory.mktemp("tinyint8") / "int8.pt"
+    model = GlimpseModel.load(tiny_staged_model_path, device="cpu", int8=False)
+    assert quantize(model, tiny_data["train"]["paths"][:2]) == 3
+    model.save(out)
+    return out

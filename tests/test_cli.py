@@ -1,4 +1,4 @@
-"""The command line: train, predict, evaluate, and one-line errors (exit code 2) on bad input."""
+"""The command line: train, predict, evaluate, quantize, and one-line errors (exit code 2) on bad input."""
 
 import json
 import shutil
@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import make_kaggle_dataset, save_png, synthetic_image, write_csv
+from napari_glimpse.checkpoint import read_checkpoint
 from napari_glimpse.cli import main
 from napari_glimpse.inference import DEFAULT_MODEL, GlimpseModel
+from napari_glimpse.int8 import Int8Net
 from napari_glimpse.io import load_dataset, read_landmarks_csv
 from napari_glimpse.metrics import radial_errors
 
@@ -304,12 +306,7 @@ def test_unknown_device(capsys, tiny_data, tiny_model_path, tmp_path):
 
 
 def test_resume_honours_a_new_step_limit(capsys, tiny_data, tmp_path):
-    # BUG (training.py, train(), line 173: `tcfg = TrainConfig.from_dict(ck.get("train_config", {}))`):
-    # on --resume the optimisation settings are taken wholesale from the .resume file and the
-    # command line's --max-steps (and the train_config argument of train()) are silently
-    # ignored, while --time-budget *is* honoured. So `train --resume --max-steps 4` after a
-    # 2-step run "resumes", trains 0 more steps and reports "2 steps" with exit code 0.
-    # Expected: the new limit applies (or a clear error says it cannot be changed).
+    # `train --resume --max-steps 4` after a 2-step run trains on to step 4 (the new limit applies)
     out = tmp_path / "m.pt"
     common = ["train", "--data", tiny_data["root"], "--out", out, "--batch-size", 2]
     run_ok(capsys, *common, "--max-steps", 2)
@@ -328,3 +325,51 @@ def test_finetune(capsys, tiny_data, tiny_model_path, tmp_path):
     line = run_error(capsys, "finetune", "--model", tmp_path / "none.pt", "--data", tiny_data["root"],
                      "--out", tmp_path / "x.pt")
     assert "model file not found" in line
+
+
+# ------------------------------------------------------------------- quantize, --float
+def test_quantize_writes_the_graphs_calibrated_on_at_most_limit_images(capsys, tiny_data, tiny_staged_model_path,
+                                                                        tmp_path):
+    out = tmp_path / "int8.pt"
+    paths = tiny_data["test1"]["paths"]
+    stdout, _ = run_ok(capsys, "quantize", tiny_staged_model_path, *paths, "--out", out, "--limit", 2)
+    assert f"wrote {out}: int8 graphs for 3 nets, calibrated on 2 image(s)" in stdout
+    assert GlimpseModel.load(out, device="cpu").int8_nets == (3, 3)
+    assert GlimpseModel.load(tiny_staged_model_path, device="cpu").int8_nets == (0, 3)  # the input is left alone
+
+
+def test_quantize_in_place_keeps_half_weights(capsys, tiny_data, tiny_staged_model_path, tmp_path):
+    model = tmp_path / "half.pt"
+    GlimpseModel.load(tiny_staged_model_path, device="cpu").save(model, half_weights=True)
+    stdout, _ = run_ok(capsys, "quantize", model, tiny_data["test1"]["paths"][0].parent, "--out", model)
+    assert "calibrated on 9 image(s)" in stdout  # the folder's 9 images, under the default limit of 10
+    assert read_checkpoint(model)["weights_stored_as"] == "float16"
+    assert GlimpseModel.load(model, device="cpu").int8_nets == (3, 3)
+
+
+def test_quantize_without_onnx(capsys, monkeypatch, tiny_data, tiny_staged_model_path, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx fails
+    line = run_error(capsys, "quantize", tiny_staged_model_path, tiny_data["test1"]["paths"][0],
+                     "--out", tmp_path / "int8.pt")
+    assert "napari-glimpse[quantize]" in line
+    assert not (tmp_path / "int8.pt").exists()
+
+
+def test_predict_and_evaluate_float(capsys, monkeypatch, tiny_data, tiny_quantized_model_path, tmp_path):
+    runs = []
+    call = Int8Net.__call__
+    monkeypatch.setattr(Int8Net, "__call__", lambda self, x: runs.append(1) or call(self, x))
+    paths = tiny_data["test1"]["paths"]
+    out = tmp_path / "float.csv"
+    run_ok(capsys, "predict", *paths, "--model", tiny_quantized_model_path, "--out", out, "--float")
+    assert not runs  # no int8 graph ran
+    names, coords = read_landmarks_csv(out)
+    assert names == [p.name for p in paths]
+    floats = GlimpseModel.load(tiny_quantized_model_path, device="cpu", int8=False)
+    np.testing.assert_allclose(coords, np.stack([floats.predict(p).final for p in paths]), atol=0.006)
+    run_ok(capsys, "predict", *paths, "--model", tiny_quantized_model_path, "--out", tmp_path / "int8.csv")
+    assert runs  # without --float, they do
+    for flag, nets in ((["--float"], [0, 3]), ([], [3, 3])):
+        stdout, _ = run_ok(capsys, "evaluate", "--data", tiny_data["root"], "--split", "test1", "--model",
+                           tiny_quantized_model_path, "--json", "-", *flag)
+        assert json.loads(stdout[stdout.index("{"):])["int8_nets"] == nets

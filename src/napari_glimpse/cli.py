@@ -370,13 +370,16 @@ def cmd_quantize(a: argparse.Namespace) -> int:
         if what not in bars:
             for b in bars.values():  # the previous step is done
                 b.close()
-            bars[what] = tqdm(total=total, desc="calibrate" if what == "images" else "quantize", unit=what[:-1])
+            bars[what] = tqdm(total=total, desc="calibrate" if what == "images" else "quantize", unit=what[:-1],
+                               leave=False)
         bars[what].update(done - bars[what].n)
 
     t = time.perf_counter()
-    n = quantize(model, paths, progress)
-    for b in bars.values():
-        b.close()
+    try:
+        n = quantize(model, paths, progress)
+    finally:
+        for b in bars.values():
+            b.close()
     model.save(a.out, half_weights=half)
     print(f"wrote {a.out}: int8 graphs for {n} nets, calibrated on {len(paths)} image(s) "
           f"in {time.perf_counter() - t:.0f} s")

@@ -79,6 +79,7 @@ class CoarseNet(nn.Module):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.pop("_inference_copy", None)  # a cache (see inference_net): copies make their own
+        state.pop("_int8", None)  # a graph of these weights: a copy's are other tensors (see int8.attached)
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,9 @@ def available() -> bool:
 
 def weights_key(net: nn.Module) -> tuple:
     """Identifies ``net``'s weights as they are now: changes when any parameter or buffer is
-    replaced or modified in place (training steps, ``load_state_dict``, moving the net)."""
+    replaced or modified in place (training steps, ``load_state_dict``, moving the net). Writes
+    through ``param.data`` bypass torch's version counter and are not seen (nothing here does
+    that; call :func:`quantize` again after such surgery)."""
     return tuple((t.data_ptr(), t._version) for t in (*net.parameters(), *net.buffers()))
 
 
@@ -197,23 +199,34 @@ def _export(net: nn.Module, example: torch.Tensor, path: Path) -> None:
     from .coarse import inference_net
 
     fused = copy.deepcopy(inference_net(net, int8=False)).cpu().to(memory_format=torch.contiguous_format)
+    import warnings
+
     from torch.onnx import export  # the TorchScript exporter (dynamo=False)
 
-    export(fused, (example,), str(path), dynamo=False, opset_version=17, input_names=[INPUT],
-                      output_names=["logits"], dynamic_axes={INPUT: {0: "batch"}, "logits": {0: "batch"}})
+    with warnings.catch_warnings():  # torch announces the exporter's retirement on every call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        export(fused, (example,), str(path), dynamo=False, opset_version=17, input_names=[INPUT],
+               output_names=["logits"], dynamic_axes={INPUT: {0: "batch"}, "logits": {0: "batch"}})
+
+
+def _require_tools() -> None:
+    """A clear error unless the packages that make graphs are installed."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime.quantization  # noqa: F401
+    except ImportError as exc:
+        raise GlimpseError(f"making int8 graphs needs onnx and onnxruntime ({exc.name} is missing): "
+                           "pip install 'napari-glimpse[quantize]'") from None
 
 
 def quantize_net(net: nn.Module, inputs: Sequence[np.ndarray]) -> bytes:
     """``net``'s int8 graph (ONNX bytes), activation ranges calibrated on ``inputs`` (arrays of
     the shape the net reads, any batch size)."""
-    try:
-        import onnx  # noqa: F401
-        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                              quantize_static)
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-    except ImportError as exc:
-        raise GlimpseError(f"making int8 graphs needs onnx and onnxruntime ({exc.name} is missing): "
-                           "pip install 'napari-glimpse[quantize]'") from None
+    _require_tools()
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     if not inputs:
         raise GlimpseError("no calibration inputs")
 
@@ -237,7 +250,9 @@ def quantize_net(net: nn.Module, inputs: Sequence[np.ndarray]) -> bytes:
 
 def quantize(model: "GlimpseModel", images: Sequence, progress: Callable[[str, int, int], None] | None = None) -> int:
     """Make and attach int8 graphs for every coarse and fine net of ``model`` (on the CPU),
-    calibrated on ``images`` (arrays, paths or pyramids; 10 or so is enough). Returns the number of nets quantized; save the model to keep them.
+    calibrated on ``images`` (arrays, paths or pyramids; 10 or so is enough). Returns the number
+    of nets quantized; save the model to keep them. All nets get their graph or, on any error,
+    none does (the model's graphs stay as they were).
 
     ``progress(what, done, total)`` is called as images are read and nets quantized."""
     if model.coarse is None:
@@ -246,11 +261,22 @@ def quantize(model: "GlimpseModel", images: Sequence, progress: Callable[[str, i
         raise GlimpseError("quantize a model loaded on the CPU (device='cpu')")
     if not images:
         raise GlimpseError("quantizing needs calibration images")
-    set_enabled(model, False)  # calibrate on the float nets' inputs
-    seen = _record_inputs(model, images, None if progress is None else lambda i: progress("images", i, len(images)))
+    _require_tools()
     nets = [n for ns in stages(model).values() for n in ns]
-    for i, n in enumerate(nets):
-        attach(n, quantize_net(n, seen[id(n)]))
-        if progress is not None:
-            progress("nets", i + 1, len(nets))
+    was = [(q.enabled if (q := attached(n)) is not None else None) for n in nets]
+    try:
+        set_enabled(model, False)  # calibrate on the float nets' inputs
+        seen = _record_inputs(model, images, None if progress is None else lambda i: progress("images", i, len(images)))
+        graphs = []
+        for i, n in enumerate(nets):
+            graphs.append(quantize_net(n, seen[id(n)]))
+            if progress is not None:
+                progress("nets", i + 1, len(nets))
+    except BaseException:
+        for n, e in zip(nets, was):  # as it was: graphs that still match, used as before
+            if e is not None and (q := attached(n)) is not None:
+                q.enabled = e
+        raise
+    for n, g in zip(nets, graphs):  # all nets or none
+        attach(n, g)
     return len(nets)
