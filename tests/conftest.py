@@ -233,3 +233,14 @@ def tiny_quantized_model_path(tiny_staged_model_path, tiny_data, tmp_path_factor
     assert quantize(model, tiny_data["train"]["paths"][:2]) == 3
     model.save(out)
     return out
+
+
+def randomise_weights(net: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights (batch-norm variances positive), in eval mode: nets whose outputs vary."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k, v in net.state_dict().items():
+            if v.is_floating_point():
+                r = torch.randn(v.shape, generator=g)
+                v.copy_(r.abs() + 0.5 if k.endswith("running_var") else r * 0.3)
+    return net.eval()

@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL_CONFIG
+from conftest import TINY_MODEL_CONFIG, randomise_weights
 
 from napari_glimpse.checkpoint import FORMAT_VERSION, read_checkpoint
 from napari_glimpse.coarse import CoarseConfig, CoarseNet, to_normalised
@@ -43,16 +43,6 @@ def _centroid(win: torch.Tensor) -> np.ndarray:
     return np.array([float((m * xx).sum() / m.sum()), float((m * yy).sum() / m.sum())])
 
 
-def _randomise(net: torch.nn.Module, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for k, v in net.state_dict().items():
-            if v.is_floating_point():
-                r = torch.randn(v.shape, generator=g)
-                v.copy_(r.abs() + 0.5 if k.endswith("running_var") else r * 0.3)
-    return net.eval()
-
-
 def _weights(net: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
@@ -69,8 +59,8 @@ def image(tiny_data):
 @pytest.fixture
 def fine_model(tiny_model):
     """The tiny glimpse model with random (but fixed) coarse and fine stages."""
-    tiny_model.coarse = _randomise(CoarseNet(TINY_COARSE), seed=3)
-    tiny_model.fine = _randomise(FineNet(TINY_FINE), seed=4)
+    tiny_model.coarse = randomise_weights(CoarseNet(TINY_COARSE), seed=3)
+    tiny_model.fine = randomise_weights(FineNet(TINY_FINE), seed=4)
     tiny_model.meta["iterations"] = 0
     return tiny_model
 
@@ -326,7 +316,7 @@ def test_train_fine_learns_to_find_dots_quickly():
 def test_update_average_moves_a_fraction_of_the_way_and_copies_counters():
     from napari_glimpse.coarse import update_average
 
-    net, avg = _randomise(FineNet(TINY_FINE), seed=1), _randomise(FineNet(TINY_FINE), seed=2)
+    net, avg = randomise_weights(FineNet(TINY_FINE), seed=1), randomise_weights(FineNet(TINY_FINE), seed=2)
     before, target = _weights(avg), _weights(net)
     update_average(avg, net, 0.9, step=1000)  # past the ramp: the decay itself
     after = _weights(avg)
@@ -335,7 +325,7 @@ def test_update_average_moves_a_fraction_of_the_way_and_copies_counters():
             torch.testing.assert_close(v, 0.9 * before[k] + 0.1 * target[k])
         else:  # batch norm's step counter
             assert torch.equal(v, target[k])
-    avg2 = _randomise(FineNet(TINY_FINE), seed=2)
+    avg2 = randomise_weights(FineNet(TINY_FINE), seed=2)
     update_average(avg2, net, 0.9, step=1)  # early: decay (1 + 1) / (10 + 1), nearer the net
     k = "head.weight"
     torch.testing.assert_close(avg2.state_dict()[k], 2 / 11 * before[k] + 9 / 11 * target[k])
@@ -459,7 +449,7 @@ def test_cli_finetune_tunes_the_fine_stage_after_the_coarse_one(fine_model, tiny
 @pytest.fixture
 def ensemble_model(fine_model):
     """The fine model with a second (different) fine net: a fine ensemble."""
-    fine_model.fine = FineEnsemble([fine_model.fine, _randomise(FineNet(TINY_FINE), seed=9)])
+    fine_model.fine = FineEnsemble([fine_model.fine, randomise_weights(FineNet(TINY_FINE), seed=9)])
     return fine_model
 
 
@@ -505,7 +495,7 @@ def test_a_fine_ensemble_of_two_kinds_gives_each_net_its_own_windows():
     pyr = build_pyramid(img.numpy(), 4)
     # a and b find the dot from level 1's and level 2's windows; c is a random level-1 net
     a, b = _DotFinder(TINY_FINE).eval(), _DotFinder(replace(TINY_FINE, level=2)).eval()
-    c = _sharp(_randomise(FineNet(TINY_FINE), 3))
+    c = _sharp(randomise_weights(FineNet(TINY_FINE), 3))
     assert kinds_of([a, b, c]) == {(1, 2): [0, 2], (2, 2): [1]}
     start = np.array([[58.0, 73.0], [63.0, 66.0], [55.0, 70.0]])
     looks_a, looks_b, looks_c = [], [], []
@@ -532,7 +522,7 @@ def test_a_fine_ensemble_of_two_kinds_gives_each_net_its_own_windows():
 
 
 def test_recorded_stages_follow_the_first_fine_nets_kind(fine_model, image):
-    other = _randomise(FineNet(replace(TINY_FINE, level=2, context=1)), 5)
+    other = randomise_weights(FineNet(replace(TINY_FINE, level=2, context=1)), 5)
     first = fine_model.fine
     fine_model.fine = FineEnsemble([other, first])
     t = fine_model.predict(image, record_stages=True, facing="right")
@@ -559,7 +549,7 @@ def test_finetune_tunes_each_net_of_a_two_kind_ensemble_on_its_own_windows(fine_
         return train_fine(levels, truth_n, cfg, *args, **kw)
 
     monkeypatch.setattr(training, "train_fine", spy)
-    fine_model.fine = FineEnsemble([fine_model.fine, _randomise(FineNet(replace(TINY_FINE, level=2, context=1)), 5)])
+    fine_model.fine = FineEnsemble([fine_model.fine, randomise_weights(FineNet(replace(TINY_FINE, level=2, context=1)), 5)])
     parent, out = tmp_path / "parent.pt", tmp_path / "ft.pt"
     fine_model.save(parent)
     before = [_weights(m) for m in fine_model.fine.members]
@@ -611,7 +601,7 @@ def test_refine_records_each_look_without_changing_it():
 def test_refine_records_an_ensembles_mean_heatmap():
     img = _dot_image(128, 128, 60.0, 70.0, sigma=3.0).round().clamp(0, 255).to(torch.uint8)
     pyr = build_pyramid(img.numpy(), 3)
-    a, b = _randomise(FineNet(TINY_FINE), 1), _randomise(FineNet(TINY_FINE), 2)
+    a, b = randomise_weights(FineNet(TINY_FINE), 1), randomise_weights(FineNet(TINY_FINE), 2)
     start = np.array([[60.0, 70.0]] * K)
     looks_a, looks_b, looks = [], [], []
     refine(a, pyr.levels, pyr.shape, start, record=looks_a)

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_COARSE_CONFIG, TINY_FINE_CONFIG, synthetic_image
+from conftest import TINY_COARSE_CONFIG, TINY_FINE_CONFIG, randomise_weights, synthetic_image
 
 from napari_glimpse import int8
 from napari_glimpse.checkpoint import read_checkpoint
@@ -114,23 +114,13 @@ def test_quantize_runs_int8_graphs_that_answer_like_the_float_nets(tiny_staged_m
     assert np.median(move) <= TYPICAL_MOVE_PX, move
 
 
-def _randomise(net: torch.nn.Module, seed: int) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for k, v in net.state_dict().items():
-            if v.is_floating_point():
-                r = torch.randn(v.shape, generator=g)
-                v.copy_(r.abs() + 0.5 if k.endswith("running_var") else r * 0.3)
-    return net.eval()
-
-
 def test_int8_outputs_follow_the_float_nets_on_random_weights(tiny_model, tiny_data, test_images, graph_runs):
     """Every weight of every layer in use: each graph's logits, on the inputs inference gives
     it, are those of its own float net to within a few percent of their range."""
     model = tiny_model
-    model.coarse = _randomise(CoarseNet(CoarseConfig(**TINY_COARSE_CONFIG)), seed=3)
+    model.coarse = randomise_weights(CoarseNet(CoarseConfig(**TINY_COARSE_CONFIG)), seed=3)
     fine = FineConfig(**TINY_FINE_CONFIG)
-    model.fine = FineEnsemble([_randomise(FineNet(fine), seed=4), _randomise(FineNet(fine), seed=5)])
+    model.fine = FineEnsemble([randomise_weights(FineNet(fine), seed=4), randomise_weights(FineNet(fine), seed=5)])
     model.meta["iterations"] = 0
     assert quantize(model, tiny_data["train"]["paths"][:2]) == N_NETS
     graph_runs.clear()
