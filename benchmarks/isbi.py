@@ -46,7 +46,8 @@ to use are chosen on the validation split: the lowest validation MRE among the c
 within ``--max-seconds`` per image (default 0.1; the shipped default used 0.12 on a machine
 1.3-1.8x slower than the one the bound was set on, see docs/results.md). ``--max-fine-nets N``
 and ``--fine-looks K...`` narrow the grid to a cost rule instead (at most N fine nets, those
-fine looks; run 22 on: ``--max-fine-nets 3 --fine-looks 1 --max-seconds 0``).
+fine looks; run 22 on: ``--max-fine-nets 3 --fine-looks 1 --max-seconds 0``); ``--flip-average on``
+(or ``off``) holds the coarse stage's flip averaging fixed instead of choosing it (run 27 on).
 
 Usage::
 
@@ -308,6 +309,8 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
     from napari_glimpse.metrics import radial_errors
 
     flips = [False, True] if model.coarse is not None else [False]
+    if a.flip_average != "choose" and model.coarse is not None:  # fixed by the rule, not chosen
+        flips = [a.flip_average == "on"]
     iters = [0, 1, 2, 3] if model.coarse is not None else [1, 2, 3]
     blends = [0.0, 0.25, 0.5] if model.coarse is not None else [0.0]
     fines = list(a.fine_looks) if model.fine is not None and model.coarse is not None else [0]
@@ -534,6 +537,8 @@ def main(argv=None) -> int:
                    help="with --evaluate: take the fine stage from these models (several: an ensemble)")
     p.add_argument("--max-fine-nets", type=int, metavar="N",
                    help="with --add-fine: the choice grid holds only subsets of at most N fine nets")
+    p.add_argument("--flip-average", choices=["choose", "on", "off"], default="choose",
+                   help="with a coarse stage: choose flip averaging on validation (default), or hold it on / off")
     p.add_argument("--fine-looks", type=int, nargs="+", default=[0, 1, 2], metavar="K",
                    help="with a fine stage: the fine looks the choice grid holds (default 0 1 2)")
     p.add_argument("--fine-json", metavar="JSON", nargs="+",

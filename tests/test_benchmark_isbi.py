@@ -278,3 +278,11 @@ def test_three_fine_nets_every_subset_is_a_choice_and_half_weights_are_measured(
     assert {v["fine_steps"] for v in r2["val_mre"]} == {1}
     assert [tuple(v["fine_nets"]) for v in r2["val_mre"] if v["coarse_flip_average"]] == subsets[1:]
     assert r2["fine_steps"] == 1 and len(r2["fine_nets"]) <= 2
+    # flip averaging held on instead of chosen: the same cells, only with it
+    out3 = tmp_path / "r3.json"
+    assert isbi.main([*common, "--evaluate", str(base), "--add-fine", *fines, "--max-fine-nets", "2",
+                      "--fine-looks", "1", "--flip-average", "on", "--out", str(out3)]) == 0
+    r3 = json.loads(out3.read_text())
+    assert {v["coarse_flip_average"] for v in r3["val_mre"]} == {True} and r3["coarse_flip_average"] is True
+    assert {tuple(v["fine_nets"]): v["mre_mm"] for v in r3["val_mre"]} == \
+        {tuple(v["fine_nets"]): v["mre_mm"] for v in r2["val_mre"] if v["coarse_flip_average"]}
