@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="add int8 graphs of the coarse and fine nets to a model (faster on CPUs)",
                        description="Quantize the model's coarse and fine nets to int8 (ONNX Runtime), calibrated on "
-                                   "a few images that face the way the training images do (10 or so), and write "
+                                   "a few typical images (10 or so), and write "
                                    "the model with the graphs beside its float weights. Needs the onnx package: "
                                    "pip install 'napari-glimpse[quantize]'.")
     q.add_argument("model", help="model file")
@@ -204,12 +204,11 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_finetune(a: argparse.Namespace) -> int:
     from .inference import GlimpseModel
+    from .int8 import graphs_of
     from .io import concat_datasets, load_dataset
     from .training import TrainConfig, train
 
     parent = GlimpseModel.load(a.model, a.device)
-    from .int8 import graphs_of
-
     had_int8 = graphs_of(parent) is not None
     ds = load_dataset(a.data, a.split)
     if a.mix_data:
