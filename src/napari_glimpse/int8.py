@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import functools
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -199,8 +200,6 @@ def _export(net: nn.Module, example: torch.Tensor, path: Path) -> None:
     from .coarse import inference_net
 
     fused = copy.deepcopy(inference_net(net, int8=False)).cpu().to(memory_format=torch.contiguous_format)
-    import warnings
-
     from torch.onnx import export  # the TorchScript exporter (dynamo=False)
 
     with warnings.catch_warnings():  # torch announces the exporter's retirement on every call
