@@ -4,8 +4,8 @@
 Quantizes the model's coarse and fine nets (:func:`napari_glimpse.int8.quantize`), calibrated on
 ISBI Train images ``--calibrate START:STOP:STEP`` (0-based: ``0:130:13`` = 001, 014, ..., 118), then
 reads ``--split`` with the float nets and with the int8 graphs: MRE, SDR, how far int8 moves each
-answer, and interleaved timings (median seconds per image, model loaded, ``--threads``). Writes
-JSON; ``--save-as`` keeps the quantized model (weights as they were read: float16 if they were).
+answer, and interleaved timings (median seconds per image, model loaded, ``--threads``); also each
+net's own time, float and int8, on one image's inputs (``per_net_ms``). Writes JSON; ``--save-as`` keeps the quantized model (weights as they were read: float16 if they were).
 
 Usage::
 
@@ -41,6 +41,33 @@ def _slice(text: str) -> slice:
     return slice(*parts)
 
 
+def _per_net_ms(model, image, rounds: int) -> dict:
+    """Each coarse and fine net's time (ms, median of ``rounds`` x 20 runs, float and int8 in turn)
+    on the inputs it sees when the model reads ``image``."""
+    from napari_glimpse import int8
+    from napari_glimpse.coarse import inference_net
+
+    model.use_int8(False)
+    seen = int8._record_inputs(model, [image], None)
+    model.use_int8(True)
+    out = {}
+    for stage, nets in int8.stages(model).items():
+        for i, net in enumerate(nets):
+            x = torch.from_numpy(seen[id(net)][0])
+            ts: dict = {"float": [], "int8": []}
+            with torch.inference_mode():
+                for _ in range(rounds):
+                    for kind in ("float", "int8"):
+                        f = inference_net(net, int8=kind == "int8")
+                        f(x)
+                        t = time.perf_counter()
+                        for _ in range(20):
+                            f(x)
+                        ts[kind].append((time.perf_counter() - t) / 20 * 1000)
+            out[f"{stage}{i} {tuple(x.shape)}"] = {k: statistics.median(v) for k, v in ts.items()}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
@@ -73,6 +100,9 @@ def main(argv=None) -> int:
     res: dict = {"model": a.model, "calibration_images": [train.image_paths[i].name for i in calib],
                  "nets_quantized": n, "quantize_s": time.monotonic() - t0, "int8_nets": list(model.int8_nets)}
     print(f"quantized {n} nets in {res['quantize_s']:.1f} s", flush=True)
+    res["per_net_ms"] = _per_net_ms(model, train.image(calib[0]), a.rounds)
+    print("per net, ms (float, int8): " + "; ".join(f"{k} {v['float']:.1f}, {v['int8']:.1f}"
+                                                    for k, v in res["per_net_ms"].items()), flush=True)
     if a.save_as:
         from napari_glimpse.checkpoint import read_checkpoint
 
