@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from isbi import DEFAULT_DATA, N_TRAIN  # noqa: E402
+from isbi import DEFAULT_DATA, N_TRAIN, write_json  # noqa: E402
 
 
 def _slice(text: str) -> slice:
@@ -139,8 +138,7 @@ def main(argv=None) -> int:
         print("seconds per image: " + "; ".join(f"{k} {', '.join(f'{v:.3f}' for v in vs)}" for k, vs in times.items()))
     res.update(split=a.split, threads=a.threads, date=_dt.datetime.now().isoformat(timespec="seconds"),
                command=" ".join(sys.argv))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(res, indent=1))
+    write_json(a.out, res)
     print(f"wrote {a.out}")
     return 0
 

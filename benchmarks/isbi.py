@@ -81,6 +81,13 @@ DEFAULT_DATA = HERE.parents[2] / "shared" / "data" / "isbi2015"
 N_TRAIN = 130  # Train 001-130 train, 131-150 validate
 
 
+def write_json(path, res: dict) -> None:
+    """A benchmark's record: ``res`` as indented JSON (numpy scalars as floats), folders made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1, default=float))
+
+
 def _summary(pred: np.ndarray, truth: np.ndarray, spacing: float, names) -> dict:
     from napari_glimpse.metrics import radial_errors, summarize
 
@@ -609,8 +616,7 @@ def main(argv=None) -> int:
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
     })
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=1, default=float))
+    write_json(a.out, res)
     log(f"wrote {a.out}")
     return 0
 

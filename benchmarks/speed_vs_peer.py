@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import sys
@@ -29,7 +28,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from isbi import DEFAULT_DATA, _speed
+from isbi import DEFAULT_DATA, _speed, write_json
 from peer_landmarker import inference_speed
 from speed import cpu_model
 
@@ -55,13 +54,13 @@ def main(argv=None) -> int:
     images = [test.image(i) for i in range(min(a.images, len(test)))]
     paths = [str(DEFAULT_MODEL) if m == "default" else m for m in a.model]
     models = {p: GlimpseModel.load(p, "cpu") for p in paths}
+    labels = dict(zip(paths, a.model), peer="peer")  # as given on the command line
     rounds = []
     for r in range(a.rounds):
         row = {p: _speed(lambda im, m=m: m.predict(im), images, a.threads) for p, m in models.items()}
         row["peer"] = inference_speed(images, a.threads)
         rounds.append(row)
-        print(f"round {r + 1}: " + ", ".join(f"{k if k == 'peer' else a.model[paths.index(k)]} {v:.3f} s"
-                                            for k, v in row.items()), flush=True)
+        print(f"round {r + 1}: " + ", ".join(f"{labels[k]} {v:.3f} s" for k, v in row.items()), flush=True)
     res = {
         "seconds_per_image": {k: [row[k] for row in rounds] for k in rounds[0]},
         "ratio_to_peer": {p: [row[p] / row["peer"] for row in rounds] for p in paths},
@@ -71,8 +70,7 @@ def main(argv=None) -> int:
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
     }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(res, indent=1))
+    write_json(a.out, res)
     print(f"wrote {a.out}")
     return 0
 

@@ -144,16 +144,12 @@ def attach_graphs(model: "GlimpseModel", graphs: dict | None, enabled: bool, sou
                 attach(net, g.numpy().tobytes() if isinstance(g, torch.Tensor) else bytes(g), enabled)
 
 
-def set_enabled(model: "GlimpseModel", enabled: bool) -> int:
-    """Use (or not) the model's int8 graphs; returns how many nets have one."""
-    n = 0
+def set_enabled(model: "GlimpseModel", enabled: bool) -> None:
+    """Use (or not) the model's int8 graphs (see :func:`status` for how many run)."""
     for nets in stages(model).values():
         for net in nets:
-            q = attached(net)
-            if q is not None:
+            if (q := attached(net)) is not None:
                 q.enabled = enabled
-                n += 1
-    return n
 
 
 def status(model: "GlimpseModel") -> tuple[int, int]:
