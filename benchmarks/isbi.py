@@ -470,9 +470,12 @@ def run_landmarker(a, train_ds, val_ds, test_ds, log) -> dict:
     def imgs(ds):
         return [ds.image(i) for i in range(len(ds))]
 
-    tr_i, va_i, te_i = imgs(train_ds), imgs(val_ds), imgs(test_ds)
+    # with --train-all there is no validation split: the peer's last weights are its answer
+    tr_i, te_i = imgs(train_ds), imgs(test_ds)
+    va_i = imgs(val_ds) if val_ds is not None else []
+    va_p = val_ds.ground_truth("mean") if val_ds is not None else np.zeros((0, 19, 2))
     t0, c0 = time.monotonic(), time.process_time()
-    r = train_and_predict(tr_i, train_ds.ground_truth("mean"), va_i, val_ds.ground_truth("mean"), te_i,
+    r = train_and_predict(tr_i, train_ds.ground_truth("mean"), va_i, va_p, te_i,
                           budget_s=a.budget_min * 60, threads=a.threads, seed=a.seed, log=log)
     res = {"method": "landmarker", "config": r.get("config"), "curve": r.get("curve"),
            "train": {"wall_s": r.get("train_wall_s"), "cpu_s": r.get("train_cpu_s"),
@@ -537,7 +540,7 @@ def main(argv=None) -> int:
                    help="stop after training (no inference choice, Test1 not read)")
     p.add_argument("--train-all", action="store_true",
                    help="refit on all of Train 001-150 (no validation split, no curve); with --train-only, for a "
-                        "recipe chosen on validation before (see --keep-choice)")
+                        "recipe chosen on validation before (see --keep-choice); landmarker: its last weights")
     p.add_argument("--coarse-steps", type=int, help="cap the coarse net's training steps (replay a recipe)")
     p.add_argument("--fine-steps", type=int, help="cap the fine net's training steps (replay a recipe)")
     p.add_argument("--add-fine", metavar="MODEL", nargs="+",
@@ -596,7 +599,7 @@ def main(argv=None) -> int:
     val_ds = train_all.subset(va_idx) if va_idx else None
     if a.fine_averages and not a.fine_for:
         p.error("--fine-averages goes with --fine-for (the averages are kept while a fine stage trains)")
-    if a.train_all and not (a.train_only or a.keep_choice):
+    if a.train_all and a.method == "glimpse" and not (a.train_only or a.keep_choice):
         p.error("--train-all leaves no validation split to choose on: add --train-only or --keep-choice")
 
     def log(msg: str) -> None:
