@@ -214,9 +214,10 @@ def _require_tools() -> None:
                            "pip install 'napari-glimpse[quantize]'") from None
 
 
-def quantize_net(net: nn.Module, inputs: Sequence[np.ndarray]) -> bytes:
+def quantize_net(net: nn.Module, inputs: Sequence[np.ndarray], float_ends: bool = False) -> bytes:
     """``net``'s int8 graph (ONNX bytes), activation ranges calibrated on ``inputs`` (arrays of
-    the shape the net reads, any batch size)."""
+    the shape the net reads, any batch size). ``float_ends``: the first and the last convolution
+    stay float (the input is read and the logits are written without 8-bit steps)."""
     _require_tools()
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
@@ -237,18 +238,27 @@ def quantize_net(net: nn.Module, inputs: Sequence[np.ndarray]) -> bytes:
         t = Path(tmp)
         _export(net, torch.from_numpy(inputs[0]), t / "float.onnx")
         quant_pre_process(str(t / "float.onnx"), str(t / "pre.onnx"), skip_symbolic_shape=True)
+        exclude = []
+        if float_ends:
+            import onnx
+
+            convs = [n.name for n in onnx.load(str(t / "pre.onnx")).graph.node if n.op_type == "Conv"]
+            exclude = sorted({convs[0], convs[-1]})
         quantize_static(str(t / "pre.onnx"), str(t / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        reduce_range=True, calibrate_method=CalibrationMethod.MinMax)
+                        reduce_range=True, calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude)
         return (t / "int8.onnx").read_bytes()
 
 
-def quantize(model: "GlimpseModel", images: Sequence, progress: Callable[[str, int, int], None] | None = None) -> int:
+def quantize(model: "GlimpseModel", images: Sequence, progress: Callable[[str, int, int], None] | None = None,
+             which: Sequence[str] = ("coarse", "fine"), float_ends: bool = False) -> int:
     """Make and attach int8 graphs for every coarse and fine net of ``model`` (on the CPU),
     calibrated on ``images`` (arrays, paths or pyramids; 10 or so is enough). Returns the number
     of nets quantized; save the model to keep them. All nets get their graph or, on any error,
     none does (the model's graphs stay as they were).
 
+    ``which``: the stages whose nets get graphs; the other stage's nets lose theirs and run
+    float. ``float_ends``: see :func:`quantize_net`.
     ``progress(what, done, total)`` is called as images are read and nets quantized."""
     if model.coarse is None:
         raise GlimpseError("int8 graphs are made for the coarse and fine stages; this model has none")
@@ -256,22 +266,29 @@ def quantize(model: "GlimpseModel", images: Sequence, progress: Callable[[str, i
         raise GlimpseError("quantize a model loaded on the CPU (device='cpu')")
     if not images:
         raise GlimpseError("quantizing needs calibration images")
+    unknown = set(which) - {"coarse", "fine"}
+    if unknown or not which:
+        raise GlimpseError(f"stages to quantize: coarse and/or fine, not {sorted(unknown) or 'none'}")
     _require_tools()
-    nets = [n for ns in stages(model).values() for n in ns]
+    by_stage = stages(model)
+    nets = [n for ns in by_stage.values() for n in ns]
+    chosen = [n for name, ns in by_stage.items() if name in which for n in ns]
     was = [(q.enabled if (q := attached(n)) is not None else None) for n in nets]
     try:
         set_enabled(model, False)  # calibrate on the float nets' inputs
         seen = _record_inputs(model, images, None if progress is None else lambda i: progress("images", i, len(images)))
         graphs = []
-        for i, n in enumerate(nets):
-            graphs.append(quantize_net(n, seen[id(n)]))
+        for i, n in enumerate(chosen):
+            graphs.append(quantize_net(n, seen[id(n)], float_ends))
             if progress is not None:
-                progress("nets", i + 1, len(nets))
+                progress("nets", i + 1, len(chosen))
     except BaseException:
         for n, e in zip(nets, was):  # as it was: graphs that still match, used as before
             if e is not None and (q := attached(n)) is not None:
                 q.enabled = e
         raise
-    for n, g in zip(nets, graphs):  # all nets or none
+    for n in nets:  # all chosen nets or none; the others run float
+        n.__dict__.pop("_int8", None)
+    for n, g in zip(chosen, graphs):
         attach(n, g)
-    return len(nets)
+    return len(chosen)
