@@ -333,9 +333,40 @@ def test_quantize_writes_the_graphs_calibrated_on_at_most_limit_images(capsys, t
     out = tmp_path / "int8.pt"
     paths = tiny_data["test1"]["paths"]
     stdout, _ = run_ok(capsys, "quantize", tiny_staged_model_path, *paths, "--out", out, "--limit", 2)
-    assert f"wrote {out}: int8 graphs for 3 nets, calibrated on 2 image(s)" in stdout
+    assert f"wrote {out}: int8 graphs for 3 of 3 nets, calibrated on 2 image(s)" in stdout
     assert GlimpseModel.load(out, device="cpu").int8_nets == (3, 3)
     assert GlimpseModel.load(tiny_staged_model_path, device="cpu").int8_nets == (0, 3)  # the input is left alone
+
+
+def test_quantize_only_the_fine_stage_with_float_ends(capsys, monkeypatch, tiny_data, tiny_staged_model_path,
+                                                     tmp_path):
+    from napari_glimpse import int8
+
+    seen = []
+    quantize_net = int8.quantize_net
+    monkeypatch.setattr(int8, "quantize_net", lambda *args: seen.append(args[2:]) or quantize_net(*args))
+    out = tmp_path / "fine_int8.pt"
+    stdout, _ = run_ok(capsys, "quantize", tiny_staged_model_path, *tiny_data["test1"]["paths"][:2], "--out", out,
+                       "--only", "fine", "--float-ends")
+    assert "int8 graphs for 2 of 3 nets" in stdout
+    assert seen == [(True,), (True,)]  # the two fine nets, with float ends
+    assert read_checkpoint(out)["int8"]["coarse"] == [None]
+    assert GlimpseModel.load(out, device="cpu").int8_nets == (2, 3)
+
+
+def test_finetune_remakes_the_graphs_of_the_stages_that_had_them(capsys, tiny_data, tiny_staged_model_path,
+                                                                  tmp_path):
+    """Fine-tuning changes the nets' weights, so their graphs no longer hold; they are made again
+    for the stages that ran int8 in the parent (all, or the fine stage only), not for the others."""
+    for only, nets in ((["--only", "fine"], (2, 3)), ([], (3, 3))):
+        parent = tmp_path / f"parent{len(only)}.pt"
+        run_ok(capsys, "quantize", tiny_staged_model_path, *tiny_data["test1"]["paths"][:2], "--out", parent, *only)
+        out = tmp_path / f"tuned{len(only)}.pt"
+        stdout, _ = run_ok(capsys, "finetune", "--model", parent, "--data", tiny_data["root"], "--out", out,
+                           "--max-steps", 1, "--batch-size", 2)
+        assert f"int8 graphs remade for {nets[0]} nets" in stdout
+        assert GlimpseModel.load(out, device="cpu").int8_nets == nets
+        assert GlimpseModel.load(out, device="cpu", int8=False).predict(tiny_data["test1"]["paths"][0]).final.shape == (3, 2)
 
 
 def test_quantize_in_place_keeps_half_weights(capsys, tiny_data, tiny_staged_model_path, tmp_path):

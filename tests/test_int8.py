@@ -136,6 +136,59 @@ def test_int8_outputs_follow_the_float_nets_on_random_weights(tiny_model, tiny_d
         assert err <= MAX_OUTPUT_ERROR, err
 
 
+def test_quantizing_only_the_fine_stage_leaves_the_coarse_net_float(tiny_quantized_model_path, tiny_data, test_images,
+                                                                     float_answers, graph_runs, tmp_path):
+    """``which=("fine",)``: the fine nets get graphs, the coarse net loses its own and runs float,
+    and the file says so (a ``None`` graph for it)."""
+    model = GlimpseModel.load(tiny_quantized_model_path, "cpu")
+    coarse_net, *fine_nets = nets_of(model)
+    assert quantize(model, tiny_data["train"]["paths"][:2], which=("fine",)) == N_NETS - 1
+    assert model.int8_nets == (N_NETS - 1, N_NETS)
+    assert not isinstance(inference_net(coarse_net), Int8Net)
+    graph_runs.clear()
+    q = finals(model, test_images)
+    assert graphs_run(graph_runs) == graphs_of_nets(fine_nets)
+    assert np.linalg.norm(q - float_answers, axis=-1).max() <= MAX_MOVE_PX
+    model.save(tmp_path / "fine_only.pt")
+    graphs = read_checkpoint(tmp_path / "fine_only.pt")["int8"]
+    assert graphs["coarse"] == [None] and all(g is not None for g in graphs["fine"])
+    assert GlimpseModel.load(tmp_path / "fine_only.pt", "cpu").int8_nets == (N_NETS - 1, N_NETS)
+    with pytest.raises(GlimpseError, match="coarse and/or fine"):
+        quantize(model, tiny_data["train"]["paths"][:1], which=("glimpse",))
+    with pytest.raises(GlimpseError, match="coarse and/or fine"):
+        quantize(model, tiny_data["train"]["paths"][:1], which=())
+
+
+def test_float_ends_keep_the_first_and_last_convolution_float(tiny_staged_model_path):
+    """``float_ends``: the first and the last convolution read float weights and inputs, and the
+    logits are not stepped to uint8; the convolutions between stay int8. By default all are int8."""
+    onnx = pytest.importorskip("onnx")
+    net = members_of(GlimpseModel.load(tiny_staged_model_path, "cpu").fine)[0]
+    x = np.random.default_rng(0).uniform(0, 255, (4, TINY_FINE_CONFIG["context"], 32, 32)).astype(np.float32)
+
+    def layout(graph: bytes) -> dict:
+        g = onnx.load_from_string(graph).graph
+        made_by = {out: n for n in g.node for out in n.output}
+        convs = [n for n in g.node if n.op_type == "Conv"]
+
+        def op(tensor: str) -> str | None:  # the op that makes it (None: an initializer or input)
+            n = made_by.get(tensor)
+            return None if n is None else n.op_type
+
+        logits = made_by[g.output[0].name]
+        while logits.op_type == "Cast":
+            logits = made_by[logits.input[0]]
+        return {"convs": len(convs), "weights": [op(c.input[1]) for c in convs], "input": op(convs[0].input[0]),
+                "logits": logits.op_type}
+
+    plain = layout(int8.quantize_net(net, [x]))
+    ends = layout(int8.quantize_net(net, [x], float_ends=True))
+    assert plain["convs"] == ends["convs"] > 2
+    assert plain["weights"] == ["DequantizeLinear"] * plain["convs"]
+    assert plain["input"] == "DequantizeLinear" and plain["logits"] == "DequantizeLinear"
+    assert ends["weights"] == [None] + ["DequantizeLinear"] * (ends["convs"] - 2) + [None]
+    assert ends["input"] != "DequantizeLinear" and ends["logits"] == "Conv"
+
 # ----------------------------------------------------------------------------- switching
 def test_use_int8_switches_between_the_float_and_the_int8_answers(tiny_quantized_model_path, test_images,
                                                                   float_answers, graph_runs):
