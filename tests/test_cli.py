@@ -354,17 +354,25 @@ def test_quantize_only_the_fine_stage_with_float_ends(capsys, monkeypatch, tiny_
     assert GlimpseModel.load(out, device="cpu").int8_nets == (2, 3)
 
 
-def test_finetune_remakes_the_graphs_of_the_stages_that_had_them(capsys, tiny_data, tiny_staged_model_path,
-                                                                  tmp_path):
+def test_finetune_remakes_the_graphs_of_the_stages_that_had_them(capsys, monkeypatch, tiny_data,
+                                                                  tiny_staged_model_path, tmp_path):
     """Fine-tuning changes the nets' weights, so their graphs no longer hold; they are made again
-    for the stages that ran int8 in the parent (all, or the fine stage only), not for the others."""
-    for only, nets in ((["--only", "fine"], (2, 3)), ([], (3, 3))):
+    for the stages that ran int8 in the parent (all, or the fine stage only), not for the others,
+    with the parent's float ends."""
+    from napari_glimpse import int8
+
+    ends = []
+    quantize_net = int8.quantize_net
+    monkeypatch.setattr(int8, "quantize_net", lambda *args: ends.append(args[2]) or quantize_net(*args))
+    for only, nets in ((["--only", "fine", "--float-ends"], (2, 3)), ([], (3, 3))):
         parent = tmp_path / f"parent{len(only)}.pt"
         run_ok(capsys, "quantize", tiny_staged_model_path, *tiny_data["test1"]["paths"][:2], "--out", parent, *only)
+        ends.clear()
         out = tmp_path / f"tuned{len(only)}.pt"
         stdout, _ = run_ok(capsys, "finetune", "--model", parent, "--data", tiny_data["root"], "--out", out,
                            "--max-steps", 1, "--batch-size", 2)
         assert f"int8 graphs remade for {nets[0]} nets" in stdout
+        assert ends == [bool(only)] * nets[0]  # the parent's float ends kept
         assert GlimpseModel.load(out, device="cpu").int8_nets == nets
         assert GlimpseModel.load(out, device="cpu", int8=False).predict(tiny_data["test1"]["paths"][0]).final.shape == (3, 2)
 

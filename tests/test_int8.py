@@ -153,8 +153,15 @@ def test_quantizing_only_the_fine_stage_leaves_the_coarse_net_float(tiny_quantiz
     graphs = read_checkpoint(tmp_path / "fine_only.pt")["int8"]
     assert graphs["coarse"] == [None] and all(g is not None for g in graphs["fine"])
     assert GlimpseModel.load(tmp_path / "fine_only.pt", "cpu").int8_nets == (N_NETS - 1, N_NETS)
+    assert model.meta["int8"] == {"stages": ["fine"], "float_ends": False, "calibration_images": 2}
+    assert quantize(model, tiny_data["train"]["paths"][:1], which="coarse") == 1  # a stage's name alone
+    assert model.int8_nets == (1, N_NETS) and isinstance(inference_net(coarse_net), Int8Net)
     with pytest.raises(GlimpseError, match="coarse and/or fine"):
         quantize(model, tiny_data["train"]["paths"][:1], which=("glimpse",))
+    model.fine = None  # a stage the model does not have: an error, and the graphs stay
+    with pytest.raises(GlimpseError, match="no fine stage"):
+        quantize(model, tiny_data["train"]["paths"][:1], which=("fine",))
+    assert model.int8_nets == (1, 1)
     with pytest.raises(GlimpseError, match="coarse and/or fine"):
         quantize(model, tiny_data["train"]["paths"][:1], which=())
 
@@ -344,16 +351,18 @@ def test_a_failed_quantize_leaves_the_graphs_as_they_were(tiny_quantized_model_p
     answers = finals(model, test_images)
     made = []
 
-    def fail_on_the_second(net, inputs):
+    def fail_on_the_second(net, inputs, float_ends=False):
         made.append(net)
         if len(made) == 2:
             raise RuntimeError("disk full")
         return b"not a graph"
 
     monkeypatch.setattr(int8, "quantize_net", fail_on_the_second)
-    with pytest.raises(RuntimeError, match="disk full"):
-        quantize(model, test_images[:1])
-    # no net got a new graph, and the old ones are used as before (not left disabled)
-    assert [int8.attached(n).graph for n in nets_of(model)] == before
-    assert model.int8_nets == (3, 3)
-    np.testing.assert_array_equal(finals(model, test_images), answers)
+    for which in (("coarse", "fine"), ("fine",)):  # a failure leaves the coarse graph too
+        made.clear()
+        with pytest.raises(RuntimeError, match="disk full"):
+            quantize(model, test_images[:1], which=which)
+        # no net got a new graph, and the old ones are used as before (not left disabled)
+        assert [int8.attached(n).graph for n in nets_of(model)] == before
+        assert model.int8_nets == (3, 3)
+        np.testing.assert_array_equal(finals(model, test_images), answers)

@@ -262,13 +262,14 @@ def quantize_net(net: nn.Module, inputs: Sequence[np.ndarray], float_ends: bool 
 
 def quantize(model: "GlimpseModel", images: Sequence, progress: Callable[[str, int, int], None] | None = None,
              which: Sequence[str] = ("coarse", "fine"), float_ends: bool = False) -> int:
-    """Make and attach int8 graphs for every coarse and fine net of ``model`` (on the CPU),
-    calibrated on ``images`` (arrays, paths or pyramids; 10 or so is enough). Returns the number
-    of nets quantized; save the model to keep them. All nets get their graph or, on any error,
-    none does (the model's graphs stay as they were).
+    """Make and attach int8 graphs for the coarse and fine nets of ``model`` (on the CPU; the
+    stages ``which``), calibrated on ``images`` (arrays, paths or pyramids; 10 or so is enough).
+    Returns the number of nets quantized; save the model to keep them. Every chosen net gets its
+    graph or, on any error, none does (the model's graphs stay as they were).
 
-    ``which``: the stages whose nets get graphs; the other stage's nets lose theirs and run
-    float. ``float_ends``: see :func:`quantize_net`.
+    ``which``: the stages whose nets get graphs (``"coarse"``, ``"fine"`` or both); the other
+    stage's nets lose theirs and run float. ``float_ends``: see :func:`quantize_net`. Both are
+    recorded in ``model.meta["int8"]`` (``finetune`` makes the graphs again alike).
     ``progress(what, done, total)`` is called as images are read and nets quantized."""
     if model.coarse is None:
         raise GlimpseError("int8 graphs are made for the coarse and fine stages; this model has none")
@@ -276,11 +277,14 @@ def quantize(model: "GlimpseModel", images: Sequence, progress: Callable[[str, i
         raise GlimpseError("quantize a model loaded on the CPU (device='cpu')")
     if not images:
         raise GlimpseError("quantizing needs calibration images")
+    which = (which,) if isinstance(which, str) else tuple(which)
     unknown = set(which) - {"coarse", "fine"}
     if unknown or not which:
         raise GlimpseError(f"stages to quantize: coarse and/or fine, not {sorted(unknown) or 'none'}")
-    _require_tools()
     by_stage = stages(model)
+    if missing := [name for name in which if name not in by_stage]:
+        raise GlimpseError(f"this model has no {' or '.join(missing)} stage to quantize")
+    _require_tools()
     nets = [n for ns in by_stage.values() for n in ns]
     chosen = [n for name, ns in by_stage.items() if name in which for n in ns]
     was = [(q.enabled if (q := attached(n)) is not None else None) for n in nets]
@@ -301,4 +305,5 @@ def quantize(model: "GlimpseModel", images: Sequence, progress: Callable[[str, i
         n.__dict__.pop("_int8", None)
     for n, g in zip(chosen, graphs):
         attach(n, g)
+    model.meta["int8"] = {"stages": sorted(which), "float_ends": bool(float_ends), "calibration_images": len(images)}
     return len(chosen)
