@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -204,8 +204,7 @@ def window_scale(image_hw: tuple[int, int], level_hw: tuple[int, int], context: 
 
 def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", image_hw: tuple[int, int],
            positions: np.ndarray, steps: int = 1, decode_window: int = 2,
-           record: "list[FineLook] | None" = None,
-           views: "Sequence[tuple[float, float]] | None" = None) -> tuple[np.ndarray, np.ndarray]:
+           record: "list[FineLook] | None" = None) -> tuple[np.ndarray, np.ndarray]:
     """Move each landmark's ``(K, 2)`` full-resolution position to the fine heatmap's peak.
 
     ``pyramid_levels``: the image's pyramid levels, ``(h, w)`` uint8 each (each net reads levels
@@ -218,10 +217,6 @@ def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", 
     heatmap peaks' width and, with an ensemble, how far its nets disagree.
     ``record``: a list to which every look appends a :class:`FineLook` (windows and heatmaps for
     display; the answer is the same with or without it).
-    ``views``: per net, ``(angle in degrees, scale)`` of the window it reads (turned and scaled
-    about the same centre; its answer is mapped back through it): test-time augmentation spread
-    over the ensemble at no extra pass. ``None``: every net reads the plain window. Windows are cut
-    once per kind and view; the recorded look shows the first net's.
     """
     cfg = net.cfg
     nets = members_of(net)
@@ -239,22 +234,14 @@ def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", 
     heat_hw = ((cfg.patch + 1) // 2, (cfg.patch + 1) // 2)
     ks = torch.arange(k)
     limit = torch.tensor([image_hw[1] - 1.0, image_hw[0] - 1.0])
-    if views is None:
-        views = [(0.0, 1.0)] * len(nets)
-    if len(views) != len(nets):
-        raise GlimpseError(f"{len(views)} fine views for {len(nets)} fine nets")
-    groups: dict = {}  # (kind, view) -> the nets that read it, in order
-    for kind, idx in kinds.items():
-        for i in idx:
-            groups.setdefault((kind, tuple(float(v) for v in views[i])), []).append(i)
     for _ in range(steps):
         c = to_normalised(pos, image_hw)
         every = torch.empty(k, len(nets), 2)  # each net's answer, full-resolution pixels
         width = torch.empty(k, len(nets))  # each net's heatmap peak width, full-resolution pixels
         look = None
-        for (kind, (angle, scale)), idx in groups.items():
+        for kind, idx in kinds.items():
             lhw = tuple(used[kind][0].shape[-2:])
-            theta = window_matrix(lhw, c, cfg.patch, torch.full((k,), math.radians(angle)), torch.full((k,), scale))
+            theta = window_matrix(lhw, c, cfg.patch, torch.zeros(k), torch.ones(k))
             with torch.inference_mode():
                 win = cut_windows([x.expand(k, *x.shape[1:]) for x in used[kind]], theta.to(dev), cfg.patch)
                 # (K, M, h, w): window k, heatmap k, of each net of this kind
@@ -263,7 +250,7 @@ def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", 
             o = to_normalised(xy, heat_hw)  # (K, M, 2) window normalised
             u = torch.einsum("kij,kmj->kmi", theta[:, :, :2], o) + theta[:, None, :, 2]
             every[:, idx] = torch.minimum(from_normalised(u, image_hw).clamp_min(0), limit)
-            width[:, idx] = sp * (scale * cfg.patch / heat_hw[0] * (image_hw[1] / lhw[1]))  # heatmap -> full-res pixels
+            width[:, idx] = sp * (cfg.patch / heat_hw[0] * (image_hw[1] / lhw[1]))  # heatmap -> full-res pixels
             if record is not None and look is None:  # the first net's kind is the one shown
                 look = (win, torch.softmax(logits.reshape(k, len(idx), -1).float(), -1).mean(1).reshape(k, *heat_hw))
         if record is not None:

@@ -542,8 +542,7 @@ class GlimpseModel:
         from .coarse import members_of
         from .fine import refine
 
-        pos, fine_spread = refine(self.fine, pyr.levels, pyr.shape, pos, steps, self.fine_decode_window, looks,
-                                  views=self.meta.get("fine_views"))
+        pos, fine_spread = refine(self.fine, pyr.levels, pyr.shape, pos, steps, self.fine_decode_window, looks)
         if disagreement is not None:
             reach = min(m.cfg.jitter_mm[1] for m in members_of(self.fine)) / self.pixel_spacing
             fine_spread = np.where(disagreement > reach, np.maximum(fine_spread, disagreement), fine_spread)
