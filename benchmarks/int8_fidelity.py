@@ -69,13 +69,13 @@ def make_variants(model_path: str, train, workdir: Path) -> dict:
     return made
 
 
-def fidelity(model_path: str, train, workdir: Path) -> dict:
+def fidelity(model_path: str, train, workdir: Path, limit: int | None = None) -> dict:
     from napari_glimpse.inference import GlimpseModel
 
     calibrated = set()
     for v in VARIANTS.values():
         calibrated |= set(range(len(train))[v["calibrate"]])
-    images = [i for i in range(len(train)) if i not in calibrated]
+    images = [i for i in range(len(train)) if i not in calibrated][:limit]
     ref_model = GlimpseModel.load(model_path, "cpu", int8=False)
     models = {name: GlimpseModel.load(workdir / f"{name}.pt", "cpu") for name in VARIANTS}
     px = ref_model.pixel_spacing
@@ -135,6 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fidelity", action="store_true")
     ap.add_argument("--timing", action="store_true")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--limit", type=int, help="fidelity on the first N of the 120 images only (a smoke test)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
     if a.fidelity:
         train = load_dataset(a.data, "train")
         res["made"] = make_variants(model, train, a.workdir)
-        res["fidelity"] = fidelity(model, train, a.workdir)
+        res["fidelity"] = fidelity(model, train, a.workdir, a.limit)
     if a.timing:
         res["timing"] = timing(a.workdir, load_dataset(a.data, "test1"), a.rounds, a.threads)
         res["timing"]["date"] = _dt.datetime.now().isoformat(timespec="seconds")
