@@ -19,12 +19,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from isbi import DEFAULT_DATA, N_TRAIN, write_json  # noqa: E402
+from isbi import DEFAULT_DATA, N_TRAIN, ready, write_json  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -39,10 +38,8 @@ def main(argv=None) -> int:
     from napari_glimpse.io import load_dataset
     from napari_glimpse.metrics import radial_errors
 
-    if not a.data.exists():
-        print(f"ISBI data not found at {a.data}", file=sys.stderr)
+    if not ready(a.data, a.threads):
         return 2
-    torch.set_num_threads(a.threads)
     train = load_dataset(a.data, "train")
     val = train.subset(range(N_TRAIN, len(train)))
     model = GlimpseModel.load(a.model, "cpu", int8=False)

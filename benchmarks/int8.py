@@ -30,7 +30,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from isbi import DEFAULT_DATA, N_TRAIN, write_json  # noqa: E402
+from isbi import DEFAULT_DATA, N_TRAIN, ready, write_json  # noqa: E402
 
 
 def _slice(text: str) -> slice:
@@ -85,10 +85,8 @@ def main(argv=None) -> int:
     from napari_glimpse.io import load_dataset
     from napari_glimpse.metrics import radial_errors, summarize
 
-    if not a.data.exists():
-        print(f"ISBI data not found at {a.data}", file=sys.stderr)
+    if not ready(a.data, a.threads):
         return 2
-    torch.set_num_threads(a.threads)
     train = load_dataset(a.data, "train")
     calib = list(range(len(train)))[a.calibrate]
     if a.split == "val" and any(i >= N_TRAIN for i in calib):

@@ -36,7 +36,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from isbi import DEFAULT_DATA, write_json  # noqa: E402
+from isbi import DEFAULT_DATA, ready, write_json  # noqa: E402
 
 VARIANTS = {
     "V0": dict(calibrate=slice(0, 150, 15), which=("coarse", "fine"), float_ends=False),
@@ -142,10 +142,8 @@ def main(argv=None) -> int:
     from napari_glimpse.inference import DEFAULT_MODEL
     from napari_glimpse.io import load_dataset
 
-    if not a.data.exists():
-        print(f"ISBI data not found at {a.data}", file=sys.stderr)
+    if not ready(a.data, a.threads):
         return 2
-    torch.set_num_threads(a.threads)
     model = str(DEFAULT_MODEL) if a.model == "default" else a.model
     res = json.loads(a.out.read_text()) if a.out.exists() else {}
     res.update({"model": a.model, "variants": {n: _describe(v) for n, v in VARIANTS.items()}})

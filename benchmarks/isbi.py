@@ -81,6 +81,16 @@ DEFAULT_DATA = HERE.parents[2] / "shared" / "data" / "isbi2015"
 N_TRAIN = 130  # Train 001-130 train, 131-150 validate
 
 
+def ready(data, threads: int) -> bool:
+    """Whether the ISBI data is at ``data`` (else says so on stderr); torch then runs ``threads``
+    threads. The benchmarks' common start: ``if not ready(a.data, a.threads): return 2``."""
+    if not Path(data).exists():
+        print(f"ISBI data not found at {data}", file=sys.stderr)
+        return False
+    torch.set_num_threads(threads)
+    return True
+
+
 def write_json(path, res: dict) -> None:
     """A benchmark's record: ``res`` as indented JSON (numpy scalars as floats), folders made."""
     path = Path(path)

@@ -28,7 +28,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from isbi import DEFAULT_DATA, _speed, write_json
+from isbi import DEFAULT_DATA, _speed, ready, write_json
 from peer_landmarker import inference_speed
 from speed import cpu_model
 
@@ -47,8 +47,7 @@ def main(argv=None) -> int:
     from napari_glimpse.inference import DEFAULT_MODEL, GlimpseModel
     from napari_glimpse.io import load_dataset
 
-    if not a.data.exists():
-        print(f"ISBI data not found at {a.data}", file=sys.stderr)
+    if not ready(a.data, a.threads):
         return 2
     test = load_dataset(a.data, "test1")
     images = [test.image(i) for i in range(min(a.images, len(test)))]
