@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -103,7 +102,6 @@ def fidelity(model_path: str, train, workdir: Path, limit: int | None = None) ->
 def timing(workdir: Path, test, rounds: int, threads: int) -> dict:
     from napari_glimpse.inference import GlimpseModel
 
-    torch.set_num_threads(threads)
     ims = [test.image(i) for i in range(20)]
     models = {name: GlimpseModel.load(workdir / f"{name}.pt", "cpu") for name in VARIANTS}
     names = list(models)

@@ -483,7 +483,7 @@ def run_landmarker(a, train_ds, val_ds, test_ds, log) -> dict:
     # with --train-all there is no validation split: the peer's last weights are its answer
     tr_i, te_i = imgs(train_ds), imgs(test_ds)
     va_i = imgs(val_ds) if val_ds is not None else []
-    va_p = val_ds.ground_truth("mean") if val_ds is not None else np.zeros((0, 19, 2))
+    va_p = val_ds.ground_truth("mean") if val_ds is not None else np.zeros((0, len(train_ds.landmark_names), 2))
     t0, c0 = time.monotonic(), time.process_time()
     r = train_and_predict(tr_i, train_ds.ground_truth("mean"), va_i, va_p, te_i,
                           budget_s=a.budget_min * 60, threads=a.threads, seed=a.seed, log=log)

@@ -209,13 +209,13 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_finetune(a: argparse.Namespace) -> int:
     from .inference import GlimpseModel
-    from .int8 import graphs_of
+    from .int8 import attached, stages
     from .io import concat_datasets, load_dataset
     from .training import TrainConfig, train
 
     parent = GlimpseModel.load(a.model, a.device)
     # the stages whose nets ran int8 graphs in the parent get them again after tuning
-    had_int8 = sorted(name for name, gs in (graphs_of(parent) or {}).items() if any(g is not None for g in gs))
+    had_int8 = sorted(name for name, nets in stages(parent).items() if any(attached(n) is not None for n in nets))
     ds = load_dataset(a.data, a.split)
     if a.mix_data:
         ds = concat_datasets([ds, load_dataset(a.mix_data, a.mix_split)])
