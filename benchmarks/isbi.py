@@ -27,7 +27,7 @@ Methods:
   with its inference choice.
 * ``--fine-for MODEL``: train a fine stage (``--budget-min`` minutes) after that model's coarse
   stage (``--fine-level``, ``--fine-context``, ``--fine-patch``, ``--fine-jitter``, ``--fine-rotation``, ``--fine-log-scale``,
-  ``--fine-sigma``).
+  ``--fine-sigma``, ``--fine-target``).
 * ``--train-all --train-only``: refit a recipe already chosen on validation on all of Train
   001-150 (no validation split, so no curve and no choice; ``--coarse-steps`` / ``--fine-steps``
   replay the chosen runs' step counts). ``--evaluate MODEL --coarse-from C --add-fine F
@@ -182,10 +182,13 @@ def _train_fine_for(a, train_ds, val_ds, res: dict, log):
     cfg = FineConfig(n_landmarks=len(train_ds.landmark_names), seed=a.seed, pixel_spacing=train_ds.pixel_spacing,
                      level=a.fine_level, patch=a.fine_patch, width=a.fine_width, context=a.fine_context,
                      jitter_mm=tuple(a.fine_jitter), rotation_deg=a.fine_rotation, log_scale=a.fine_log_scale,
-                     sigma=a.fine_sigma)
+                     sigma=a.fine_sigma, target=a.fine_target)
     pyrs = [build_pyramid(to_grey_uint8(train_ds.image(i)), model.config.n_levels, model.config.patch)
             for i in range(len(train_ds))]
-    levels, truth_n = fine_levels(pyrs, train_ds.ground_truth("mean"), cfg)
+    # each doctor's points (N, 2, K, 2) for a net taught where each would click, else their mean
+    truth = (np.stack(list(train_ds.annotations.values()), axis=1) if a.fine_target == "annotators"
+             else train_ds.ground_truth("mean"))
+    levels, truth_n = fine_levels(pyrs, truth, cfg)
     del pyrs
 
     def val_mre(net) -> float:
@@ -541,6 +544,9 @@ def main(argv=None) -> int:
                    help="fine stage: training windows scaled by exp(U(-S, S))")
     p.add_argument("--fine-sigma", type=float, default=1.5, metavar="PX",
                    help="fine stage: the target Gaussian's standard deviation, heatmap pixels")
+    p.add_argument("--fine-target", choices=["mean", "annotators"], default="mean",
+                   help="fine stage: teach a Gaussian at the doctors' mean point, or one at each doctor's point "
+                        "(equal weights)")
     p.add_argument("--fine-jitter", type=float, nargs=2, default=(0.5, 4.0), metavar=("LO", "HI"),
                    help="fine stage: training window offset, standard deviation range (mm per axis)")
     p.add_argument("--fine-averages", type=float, nargs="+", metavar="DECAY",

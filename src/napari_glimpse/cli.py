@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fine-minutes", type=_positive_float, metavar="MIN",
                    help="then train the fine stage for MIN minutes (a closer look around each coarse answer, "
                         "at 0.2 mm per pixel for ISBI images); needs --coarse-minutes")
+    t.add_argument("--fine-target", choices=["mean", "annotators"], default="mean",
+                   help="what the fine net is taught where the data has several annotators: a point at their "
+                        "mean (default), or each annotator's point (equal weights; its answer lands between them)")
     t.add_argument("--levels", type=_positive_int, help="pyramid levels seen by each glimpse (default 6)")
 
     f = sub.add_parser("finetune", help="fine-tune a model on reviewed labels (e.g. exported corrections)")
@@ -159,6 +162,7 @@ def _threads(n: int | None) -> None:
 def cmd_train(a: argparse.Namespace) -> int:
     from .inference import GlimpseModel
     from .io import load_dataset
+    from .fine import FineConfig
     from .training import presets, train
 
     ds = load_dataset(a.data, a.split, a.spacing)
@@ -197,6 +201,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         resume=a.resume, init=init, pretrained=a.pretrained, val=val, meta=meta,
         max_steps=a.max_steps, coarse_budget_s=a.coarse_minutes * 60 if a.coarse_minutes else None,
         fine_budget_s=a.fine_minutes * 60 if a.fine_minutes else None,
+        fine_config=None if a.fine_target == "mean" else FineConfig(
+            n_landmarks=len(ds.landmark_names), seed=tcfg.seed, pixel_spacing=ds.pixel_spacing, target=a.fine_target),
     )
     m = model.meta
     msg = f"wrote {a.out}: {m['train_steps']} steps in {m['train_wall_s'] / 60:.1f} min"

@@ -32,6 +32,9 @@ from .coarse import (CoarseConfig, CoarseNet, Ensemble, augment_intensity, decod
                      gaussian_targets, inference_net, members_of, to_normalised)
 
 
+TARGETS = ("mean", "annotators")
+
+
 @dataclass(frozen=True)
 class FineConfig:
     """Fine network and its training.
@@ -42,7 +45,11 @@ class FineConfig:
     with a standard deviation drawn log-uniformly in this range (the coarse stage errs by
     about 1–2 mm, rarely 5–10); ``context``: how many levels the window is cut from (``level``,
     ``level + 1``, ...; each its own input channel, all ``patch`` pixels and centred alike, so each
-    coarser one sees twice the area: a small glimpse).
+    coarser one sees twice the area: a small glimpse); ``target``: what each training window's
+    heatmap is taught, ``"mean"`` (one Gaussian at the mean of the annotators' points) or
+    ``"annotators"`` (one Gaussian at each annotator's point, equal weights: where each would
+    click; the answer, a soft-argmax around the peak, then lands between them where they differ by
+    less than the decode window). With one annotator both are the same.
     """
 
     n_landmarks: int = 19
@@ -58,6 +65,11 @@ class FineConfig:
     context: int = 3
     pixel_spacing: float = 0.1
     seed: int = 0
+    target: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise GlimpseError(f"fine target {self.target!r}: expected one of {', '.join(TARGETS)}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FineConfig":
@@ -282,7 +294,9 @@ def train_fine(
     """Train a fine net for ``time_budget_s`` seconds of wall time (or ``max_steps`` steps).
 
     ``levels``: per context level (finest first), ``(N, 1, h, w)`` float, every training image's
-    level (:func:`fine_levels`); ``truth_n``: ``(N, K, 2)`` positions in normalised coordinates.
+    level (:func:`fine_levels`); ``truth_n``: ``(N, K, 2)`` positions in normalised coordinates, or
+    ``(N, A, K, 2)``: each of ``A`` annotators' (taught as ``cfg.target`` says; windows are centred
+    near their mean either way).
     ``averages``: weight averages to keep (see :func:`napari_glimpse.coarse.fit_heatmaps`).
     The rest (``device`` too) as :func:`napari_glimpse.coarse.train_coarse`.
     """
@@ -293,7 +307,11 @@ def train_fine(
         net = copy.deepcopy(init).to(device).requires_grad_(True)  # e.g. a weight average, kept without gradients
     else:
         net = FineNet(cfg).to(device)
-    n, k = truth_n.shape[:2]
+    each = truth_n if truth_n.dim() == 4 else truth_n[:, None]  # (N, A, K, 2)
+    if cfg.target == "mean":
+        each = each.mean(1, keepdim=True)
+    centre_n = each.mean(1)
+    n, k = centre_n.shape[:2]
     lhw = tuple(levels[0].shape[-2:])
     heat_hw = ((cfg.patch + 1) // 2, (cfg.patch + 1) // 2)
     px_mm = cfg.pixel_spacing * 2 ** cfg.level  # mm per level pixel
@@ -308,12 +326,16 @@ def train_fine(
         off = torch.randn(b, 2, generator=gen) * sd * 2 / torch.tensor([lhw[1], lhw[0]])
         ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(cfg.rotation_deg)
         scl = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * cfg.log_scale)
-        theta = window_matrix(lhw, truth_n[i, j] + off, cfg.patch, ang, scl)
+        theta = window_matrix(lhw, centre_n[i, j] + off, cfg.patch, ang, scl)
         x = augment_intensity(cutter(i, theta), gen)
         a, t = theta[:, :, :2], theta[:, :, 2]
-        o = torch.einsum("bij,bkj->bki", torch.linalg.inv(a), truth_n[i] - t[:, None, :])
-        inside = (o.abs() < 0.95).all(-1).float()
-        return x, gaussian_targets(from_normalised(o, heat_hw), heat_hw, cfg.sigma), inside
+        # each annotator's points in window normalised coordinates: (B, A, K, 2)
+        o = torch.einsum("bij,bakj->baki", torch.linalg.inv(a), each[i] - t[:, None, None, :])
+        seen = (o.abs() < 0.95).all(-1).float()  # (B, A, K)
+        maps = gaussian_targets(from_normalised(o, heat_hw), heat_hw, cfg.sigma)  # (B, A, K, h, w)
+        count = seen.sum(1)
+        target = (maps * seen[..., None, None]).sum(1) / count.clamp_min(1)[..., None, None]
+        return x, target, (count > 0).float()
 
     history = fit_heatmaps(net, "fine", cfg.lr * lr_scale, batch, time_budget_s, progress, callback, should_stop,
                            evaluate, eval_every_s, max_steps, averages)
@@ -333,7 +355,8 @@ def fine_levels_by_kind(pyramids: list, truth: np.ndarray, cfgs: "list[FineConfi
 def fine_levels(pyramids: list, truth: np.ndarray, cfg: FineConfig) -> tuple["list[torch.Tensor]", torch.Tensor]:
     """Every image's levels ``cfg.level`` .. ``cfg.level + cfg.context - 1``, each as one
     ``(N, 1, h, w)`` float stack, and ``(N, K, 2)`` normalised positions (images of other sizes are
-    resampled to the first one's level sizes)."""
+    resampled to the first one's level sizes). ``truth`` ``(N, K, 2)``, or ``(N, A, K, 2)`` with
+    each annotator's points (normalised alike, for :func:`train_fine`)."""
     if any(len(p) < cfg.level + cfg.context for p in pyramids):
         raise GlimpseError(f"the fine stage reads pyramid levels {cfg.level}-{cfg.level + cfg.context - 1}, "
                            "which an image's pyramid does not have")

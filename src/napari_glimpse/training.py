@@ -117,7 +117,13 @@ class TrainingData:
         # the fine stage's levels for each kind of fine net (level, context levels): one
         # (N, 1, h, w) float stack per context level, and the normalised truth
         fines = [] if fine is None else [fine] if isinstance(fine, FineConfig) else list(fine)
-        self.fine_levels = fine_levels_by_kind(pyramids, self.truth.numpy(), fines) if fines else None
+        fine_truth = self.truth.numpy()
+        if any(c.target == "annotators" for c in fines):  # each annotator's points: (N, A, K, 2)
+            if ground_truth != "mean":
+                raise GlimpseError(f"a fine net with target 'annotators' learns every annotator's points; "
+                                   f"the ground truth must be 'mean', not {ground_truth!r}")
+            fine_truth = np.stack(list(dataset.annotations.values()), axis=1).astype(np.float32)
+        self.fine_levels = fine_levels_by_kind(pyramids, fine_truth, fines) if fines else None
         self.n_images, self.n_landmarks = self.truth.shape[:2]
 
 
