@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "at 0.2 mm per pixel for ISBI images); needs --coarse-minutes")
     t.add_argument("--fine-target", choices=["mean", "annotators"], default="mean",
                    help="what the fine net is taught where the data has several annotators: a point at their "
-                        "mean (default), or each annotator's point (equal weights; its answer lands between them)")
+                        "mean (default), or each annotator's point (equal weights; its answer lands between "
+                        "them where they are less than about 4 mm apart); needs --fine-minutes")
     t.add_argument("--levels", type=_positive_int, help="pyramid levels seen by each glimpse (default 6)")
 
     f = sub.add_parser("finetune", help="fine-tune a model on reviewed labels (e.g. exported corrections)")
@@ -195,6 +196,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     meta = {"command": cmd, "data": str(a.data), "split": a.split}
     if a.init:
         meta["parent"] = str(a.init)
+    if a.fine_target != "mean" and (not a.fine_minutes or a.resume or (init is not None and init.fine is not None)):
+        raise GlimpseError("--fine-target applies to a new fine stage: give --fine-minutes, without --resume "
+                           "or an --init model that has a fine stage (its own target is kept)")
     model = train(
         ds, a.out, mcfg, tcfg, device=a.device,
         time_budget_s=a.time_budget * 60 if a.time_budget else None,

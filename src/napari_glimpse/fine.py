@@ -334,6 +334,8 @@ def train_fine(
         seen = (o.abs() < 0.95).all(-1).float()  # (B, A, K)
         maps = gaussian_targets(from_normalised(o, heat_hw), heat_hw, cfg.sigma)  # (B, A, K, h, w)
         count = seen.sum(1)
+        # the mean of the Gaussians inside the window (zero where none is: their weight is 0, so
+        # the loss and its gradients are as before for one annotator or the mean point)
         target = (maps * seen[..., None, None]).sum(1) / count.clamp_min(1)[..., None, None]
         return x, target, (count > 0).float()
 
@@ -354,9 +356,9 @@ def fine_levels_by_kind(pyramids: list, truth: np.ndarray, cfgs: "list[FineConfi
 
 def fine_levels(pyramids: list, truth: np.ndarray, cfg: FineConfig) -> tuple["list[torch.Tensor]", torch.Tensor]:
     """Every image's levels ``cfg.level`` .. ``cfg.level + cfg.context - 1``, each as one
-    ``(N, 1, h, w)`` float stack, and ``(N, K, 2)`` normalised positions (images of other sizes are
+    ``(N, 1, h, w)`` float stack, and the normalised positions (images of other sizes are
     resampled to the first one's level sizes). ``truth`` ``(N, K, 2)``, or ``(N, A, K, 2)`` with
-    each annotator's points (normalised alike, for :func:`train_fine`)."""
+    each annotator's points; the positions come back in the same shape (for :func:`train_fine`)."""
     if any(len(p) < cfg.level + cfg.context for p in pyramids):
         raise GlimpseError(f"the fine stage reads pyramid levels {cfg.level}-{cfg.level + cfg.context - 1}, "
                            "which an image's pyramid does not have")
