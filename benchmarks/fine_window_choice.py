@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     tries = {name: [base_w] for name in a.names}
     for spec in a.windows:
         name, ws = spec.split("=")
+        if name not in tries:
+            ap.error(f"--windows {spec}: no fine net named {name!r} (names: {' '.join(a.names)})")
         tries[name] = [int(w) for w in ws.split(",")]
     val = load_dataset(a.data, "train").subset(range(130, 150))
     truth = val.ground_truth("mean")
@@ -73,10 +75,8 @@ def main(argv=None) -> int:
             m.meta["fine_decode_window"] = w
             answers[name, w] = np.asarray(evaluate_model(m, val, iterations=0, progress=False)["predictions"])
             print(f"{name} w={w}: {mre(answers[name, w]):.5f} mm", flush=True)
-    whole = copy.copy(model)
-    whole.fine = model.fine
-    plain = mre(np.asarray(evaluate_model(whole, val, iterations=0, progress=False)["predictions"]))
-    first = [n for n in a.names][: len(members_of(model.fine))]
+    plain = mre(np.asarray(evaluate_model(model, val, iterations=0, progress=False)["predictions"]))
+    first = a.names[: len(members_of(model.fine))]
     averaged = mre(np.mean([answers[n, base_w] for n in first], axis=0))
     choices = []
     for r in range(1, a.max_nets + 1):

@@ -37,3 +37,7 @@ def test_a_name_for_each_net(tmp_path):
     with pytest.raises(SystemExit) as e:
         script.main(["--model", str(VALIDATED), "--names", "A", "C", "--out", str(tmp_path / "r.json")])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        script.main(["--model", str(VALIDATED), "--names", "A", "C", "X5", "--windows", "X7=10,31",
+                     "--out", str(tmp_path / "r.json")])
+    assert e.value.code == 2
