@@ -25,7 +25,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from isbi import DEFAULT_DATA, ready, write_json
+from isbi import DEFAULT_DATA, N_TRAIN, ready, write_json
 
 
 def main(argv=None) -> int:
@@ -60,7 +60,8 @@ def main(argv=None) -> int:
         if name not in tries:
             ap.error(f"--windows {spec}: no fine net named {name!r} (names: {' '.join(a.names)})")
         tries[name] = [int(w) for w in ws.split(",")]
-    val = load_dataset(a.data, "train").subset(range(130, 150))
+    train = load_dataset(a.data, "train")
+    val = train.subset(range(N_TRAIN, len(train)))
     truth = val.ground_truth("mean")
 
     def mre(p: np.ndarray) -> float:
@@ -82,9 +83,10 @@ def main(argv=None) -> int:
     for r in range(1, a.max_nets + 1):
         for sub in itertools.combinations(a.names, r):
             for ws in itertools.product(*(tries[n] for n in sub)):
-                p = np.mean([answers[n, w] for n, w in zip(sub, ws)], axis=0)
-                choices.append({"nets": list(sub), "windows": list(ws), "mre_mm": mre(p),
-                                "sdr2_pct": float((radial_errors(p, truth, val.pixel_spacing) < 2).mean() * 100)})
+                err = radial_errors(np.mean([answers[n, w] for n, w in zip(sub, ws)], axis=0), truth,
+                                    val.pixel_spacing)
+                choices.append({"nets": list(sub), "windows": list(ws), "mre_mm": float(err.mean()),
+                                "sdr2_pct": float((err < 2).mean() * 100)})
     choices.sort(key=lambda c: c["mre_mm"])
     for c in choices[:8]:
         print(c)

@@ -186,8 +186,7 @@ def _train_fine_for(a, train_ds, val_ds, res: dict, log):
     pyrs = [build_pyramid(to_grey_uint8(train_ds.image(i)), model.config.n_levels, model.config.patch)
             for i in range(len(train_ds))]
     # each doctor's points (N, 2, K, 2) for a net taught where each would click, else their mean
-    truth = (np.stack(list(train_ds.annotations.values()), axis=1) if a.fine_target == "annotators"
-             else train_ds.ground_truth("mean"))
+    truth = train_ds.each_annotator() if a.fine_target == "annotators" else train_ds.ground_truth("mean")
     levels, truth_n = fine_levels(pyrs, truth, cfg)
     del pyrs
 

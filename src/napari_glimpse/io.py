@@ -216,12 +216,16 @@ class Dataset:
     def ground_truth(self, which: str = "mean") -> np.ndarray:
         """``(N, K, 2)`` labels: ``mean`` of all annotators, or one annotator by name."""
         if which == "mean":
-            return np.mean(np.stack(list(self.annotations.values())), axis=0)
+            return np.mean(self.each_annotator(), axis=1)
         if which not in self.annotations:
             raise GlimpseError(
                 f"annotator {which!r} not in this dataset (have: {', '.join(self.annotations)})"
             )
         return self.annotations[which]
+
+    def each_annotator(self) -> np.ndarray:
+        """``(N, A, K, 2)``: every annotator's labels, in the order of :attr:`annotations`."""
+        return np.stack(list(self.annotations.values()), axis=1)
 
     def subset(self, idx: Sequence[int]) -> "Dataset":
         idx = list(idx)

@@ -122,7 +122,7 @@ class TrainingData:
             if ground_truth != "mean":
                 raise GlimpseError(f"a fine net with target 'annotators' learns every annotator's points; "
                                    f"the ground truth must be 'mean', not {ground_truth!r}")
-            fine_truth = np.stack(list(dataset.annotations.values()), axis=1).astype(np.float32)
+            fine_truth = dataset.each_annotator().astype(np.float32)
         self.fine_levels = fine_levels_by_kind(pyramids, fine_truth, fines) if fines else None
         self.n_images, self.n_landmarks = self.truth.shape[:2]
 
