@@ -27,7 +27,7 @@ Methods:
   with its inference choice.
 * ``--fine-for MODEL``: train a fine stage (``--budget-min`` minutes) after that model's coarse
   stage (``--fine-level``, ``--fine-context``, ``--fine-patch``, ``--fine-jitter``, ``--fine-rotation``, ``--fine-log-scale``,
-  ``--fine-sigma``, ``--fine-target``).
+  ``--fine-sigma``, ``--fine-target``, ``--fine-coord-weight``, ``--fine-erase``).
 * ``--train-all --train-only``: refit a recipe already chosen on validation on all of Train
   001-150 (no validation split, so no curve and no choice; ``--coarse-steps`` / ``--fine-steps``
   replay the chosen runs' step counts). ``--evaluate MODEL --coarse-from C --add-fine F
@@ -182,7 +182,8 @@ def _train_fine_for(a, train_ds, val_ds, res: dict, log):
     cfg = FineConfig(n_landmarks=len(train_ds.landmark_names), seed=a.seed, pixel_spacing=train_ds.pixel_spacing,
                      level=a.fine_level, patch=a.fine_patch, width=a.fine_width, context=a.fine_context,
                      jitter_mm=tuple(a.fine_jitter), rotation_deg=a.fine_rotation, log_scale=a.fine_log_scale,
-                     sigma=a.fine_sigma, target=a.fine_target)
+                     sigma=a.fine_sigma, target=a.fine_target, coord_weight=a.fine_coord_weight,
+                     erase=a.fine_erase)
     pyrs = [build_pyramid(to_grey_uint8(train_ds.image(i)), model.config.n_levels, model.config.patch)
             for i in range(len(train_ds))]
     # each doctor's points (N, 2, K, 2) for a net taught where each would click, else their mean
@@ -546,6 +547,12 @@ def main(argv=None) -> int:
     p.add_argument("--fine-target", choices=["mean", "annotators"], default="mean",
                    help="fine stage: teach a Gaussian at the doctors' mean point, or one at each doctor's point "
                         "(equal weights)")
+    p.add_argument("--fine-coord-weight", type=float, default=0.0, metavar="W",
+                   help="fine stage: add W x the distance (heatmap pixels) from each heatmap's mean position to "
+                        "the taught point to the loss (0: heatmap cross-entropy only)")
+    p.add_argument("--fine-erase", type=float, default=0.0, metavar="P",
+                   help="fine stage: with probability P, fill a random rectangle of a training window's finest "
+                        "channel with its mean (0: never)")
     p.add_argument("--fine-jitter", type=float, nargs=2, default=(0.5, 4.0), metavar=("LO", "HI"),
                    help="fine stage: training window offset, standard deviation range (mm per axis)")
     p.add_argument("--fine-averages", type=float, nargs="+", metavar="DECAY",

@@ -324,12 +324,15 @@ def fit_heatmaps(
     eval_every_s: float = 300.0,
     max_steps: int | None = None,
     averages: "dict[float, nn.Module] | None" = None,
+    coord_weight: float = 0.0,
 ) -> list[dict]:
     """The training loop shared by the coarse and fine stages.
 
     ``batch()`` returns ``(x, target, inside)``: inputs, ``(B, K, h, w)`` target distributions
     and ``(B, K)`` weights (0 for landmarks outside the view); the loss is their cross-entropy
-    with the net's heatmaps. AdamW, warm-up then cosine to 1 % of ``lr``, fitted to the nearer
+    with the net's heatmaps. With ``coord_weight`` > 0, ``batch()`` also returns the ``(B, K, 2)``
+    taught points (heatmap pixels, x y), and the loss adds ``coord_weight`` times the mean
+    distance from each heatmap's expected position (its softmax's mean) to its point. AdamW, warm-up then cosine to 1 % of ``lr``, fitted to the nearer
     of ``time_budget_s`` and ``max_steps``. ``callback`` gets a dict per step (``stage``,
     ``step``, ``loss``, ``lr``, ``elapsed_s``, ``progress``); ``evaluate(net) -> mm`` runs every
     ``eval_every_s`` and at the end. Returns the history; the net is left in eval mode.
@@ -366,9 +369,13 @@ def fit_heatmaps(
                            (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (frac - 0.03) / 0.97))))
             for g in opt.param_groups:
                 g["lr"] = lr_now
-            x, target, inside = (t.to(dev, non_blocking=True) for t in batch())
-            logp = torch.log_softmax(net(x).flatten(2), -1)
+            x, target, inside, *pos = (t.to(dev, non_blocking=True) for t in batch())
+            logits = net(x)
+            logp = torch.log_softmax(logits.flatten(2), -1)
             loss = (-(target.flatten(2) * logp).sum(-1) * inside).sum() / inside.sum().clamp_min(1)
+            if coord_weight:
+                loss = loss + coord_weight * (expected_position(logp.exp().view_as(logits)) - pos[0]).norm(dim=-1) \
+                    .mul(inside).sum() / inside.sum().clamp_min(1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -402,6 +409,14 @@ def fit_heatmaps(
         rec["val_mre_mm"] = evaluate(net)
     history.append(rec)
     return history
+
+
+def expected_position(p: torch.Tensor) -> torch.Tensor:
+    """``(B, K, 2)`` mean position (heatmap pixels, x y) of ``(B, K, h, w)`` distributions."""
+    h, w = p.shape[-2:]
+    px, py = p.sum(-2), p.sum(-1)  # marginals over x (B, K, w) and y (B, K, h)
+    return torch.stack([(px * torch.arange(w, dtype=p.dtype, device=p.device)).sum(-1),
+                        (py * torch.arange(h, dtype=p.dtype, device=p.device)).sum(-1)], -1)
 
 
 def update_average(avg: nn.Module, net: nn.Module, decay: float, step: int) -> None:

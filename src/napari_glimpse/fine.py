@@ -49,7 +49,11 @@ class FineConfig:
     heatmap is taught, ``"mean"`` (one Gaussian at the mean of the annotators' points) or
     ``"annotators"`` (one Gaussian at each annotator's point, equal weights: where each would
     click; the answer, a soft-argmax around the peak, then lands between them where they differ by
-    less than the decode window). With one annotator both are the same.
+    less than the decode window). With one annotator both are the same. ``coord_weight``: weight of
+    a second loss term, the distance (heatmap pixels) from the heatmap's expected position to the
+    taught point, beside the heatmaps' cross-entropy (0: none). ``erase``: the probability that a
+    training window's finest channel has a random rectangle (15–50 % of the side each way) filled
+    with its mean, so the net must also place the point from context (0: never).
     """
 
     n_landmarks: int = 19
@@ -66,10 +70,16 @@ class FineConfig:
     pixel_spacing: float = 0.1
     seed: int = 0
     target: str = "mean"
+    coord_weight: float = 0.0
+    erase: float = 0.0
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise GlimpseError(f"fine target {self.target!r}: expected one of {', '.join(TARGETS)}")
+        if self.coord_weight < 0:
+            raise GlimpseError(f"fine coord_weight {self.coord_weight}: expected 0 or more")
+        if not 0.0 <= self.erase <= 1.0:
+            raise GlimpseError(f"fine erase {self.erase}: expected a probability between 0 and 1")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FineConfig":
@@ -328,6 +338,8 @@ def train_fine(
         scl = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * cfg.log_scale)
         theta = window_matrix(lhw, centre_n[i, j] + off, cfg.patch, ang, scl)
         x = augment_intensity(cutter(i, theta), gen)
+        if cfg.erase > 0:
+            x = erase_rectangles(x, cfg.erase, gen)
         a, t = theta[:, :, :2], theta[:, :, 2]
         # each annotator's points in window normalised coordinates: (B, A, K, 2)
         o = torch.einsum("bij,bakj->baki", torch.linalg.inv(a), each[i] - t[:, None, None, :])
@@ -337,11 +349,32 @@ def train_fine(
         # the mean of the Gaussians inside the window (zero where none is: their weight is 0, so
         # the loss and its gradients are as before for one annotator or the mean point)
         target = (maps * seen[..., None, None]).sum(1) / count.clamp_min(1)[..., None, None]
-        return x, target, (count > 0).float()
+        if cfg.coord_weight == 0:
+            return x, target, (count > 0).float()
+        # the taught point (heatmap pixels): the mean of the annotators' points inside the window
+        pos = (from_normalised(o, heat_hw) * seen[..., None]).sum(1) / count.clamp_min(1)[..., None]
+        return x, target, (count > 0).float(), pos
 
     history = fit_heatmaps(net, "fine", cfg.lr * lr_scale, batch, time_budget_s, progress, callback, should_stop,
-                           evaluate, eval_every_s, max_steps, averages)
+                           evaluate, eval_every_s, max_steps, averages, coord_weight=cfg.coord_weight)
     return net, history
+
+
+def erase_rectangles(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """With probability ``p`` per window, fill a random rectangle of its first channel (each side
+    15–50 % of the window's) with that channel's mean; ``x`` is ``(B, C, P, P)``."""
+    b, _, hh, ww = x.shape
+    hit = torch.rand(b, generator=gen) < p
+    side = (torch.rand(b, 2, generator=gen) * 0.35 + 0.15) * torch.tensor([hh, ww])
+    corner = torch.rand(b, 2, generator=gen) * (torch.tensor([hh, ww]) - side)
+    ys = torch.arange(hh)[None, :, None]
+    xs = torch.arange(ww)[None, None, :]
+    inside = ((ys >= corner[:, 0, None, None]) & (ys < (corner[:, 0] + side[:, 0])[:, None, None])
+              & (xs >= corner[:, 1, None, None]) & (xs < (corner[:, 1] + side[:, 1])[:, None, None]) & hit[:, None, None])
+    x = x.clone()
+    first = x[:, 0]
+    x[:, 0] = torch.where(inside, first.mean((-1, -2), keepdim=True), first)
+    return x
 
 
 def fine_levels_by_kind(pyramids: list, truth: np.ndarray, cfgs: "list[FineConfig]"
