@@ -198,8 +198,8 @@ def test_fine_weight_averages_and_the_decode_window_chosen_on_validation(isbi, t
     fine = ["--fine-for", str(base), "--fine-steps", "3", "--fine-patch", "32", "--fine-width", "4",
             "--fine-context", "2", "--train-only"]
     assert isbi.main([*common, *fine, "--fine-averages", "0.9", "0.99", "--fine-rotation", "15",
-                      "--fine-log-scale", "0.15", "--fine-sigma", "2.5", "--model-out", str(tmp_path / "f.pt"),
-                      "--out", str(tmp_path / "f.json")]) == 0
+                      "--fine-log-scale", "0.15", "--fine-sigma", "2.5", "--fine-coord-weight", "0.5",
+                      "--fine-erase", "0.25", "--model-out", str(tmp_path / "f.pt"), "--out", str(tmp_path / "f.json")]) == 0
     f = json.loads((tmp_path / "f.json").read_text())
     assert [a["decay"] for a in f["averages"]] == [0.9, 0.99] and f["config"]["fine_averages"] == [0.9, 0.99]
     assert all(a["val_mre_mm"] > 0 for a in f["averages"])
@@ -208,6 +208,8 @@ def test_fine_weight_averages_and_the_decode_window_chosen_on_validation(isbi, t
     assert avg.meta["fine_average_decay"] == 0.9 and "fine_average_decay" not in raw.meta
     assert (raw.fine.cfg.rotation_deg, raw.fine.cfg.log_scale) == (15.0, 0.15)  # the augmentation asked for
     assert raw.fine.cfg.sigma == avg.fine.cfg.sigma == 2.5 == f["config"]["fine"]["sigma"]  # and the target's width
+    assert (avg.fine.cfg.coord_weight, avg.fine.cfg.erase) == (0.5, 0.25) == (f["config"]["fine"]["coord_weight"],
+                                                                            f["config"]["fine"]["erase"])
     assert not all(torch.equal(v, avg.fine.state_dict()[k]) for k, v in raw.fine.state_dict().items())
 
     out = tmp_path / "c.json"
