@@ -47,7 +47,7 @@ def _per_net_ms(model, image, rounds: int) -> dict:
     from napari_glimpse.coarse import inference_net
 
     model.use_int8(False)
-    seen = int8._record_inputs(model, [image], None)
+    seen = int8.record_inputs(model, [image], None)
     model.use_int8(True)
     out = {}
     for stage, nets in int8.stages(model).items():

@@ -366,3 +366,21 @@ def test_a_failed_quantize_leaves_the_graphs_as_they_were(tiny_quantized_model_p
         assert [int8.attached(n).graph for n in nets_of(model)] == before
         assert model.int8_nets == (3, 3)
         np.testing.assert_array_equal(finals(model, test_images), answers)
+
+
+def test_record_inputs_gives_every_net_what_it_reads(tiny_staged_model_path, test_images):
+    """What calibration sees: one input per image for each coarse net (the 19-landmark view) and
+    one batch of windows per image for each fine net, the same for every member of an ensemble."""
+    model = GlimpseModel.load(tiny_staged_model_path, "cpu")
+    steps = []
+    seen = int8.record_inputs(model, test_images[:2], steps.append)
+    assert steps == [1, 2]
+    coarse, fine = members_of(model.coarse), members_of(model.fine)
+    assert set(seen) == {id(n) for n in coarse + fine}
+    for n in coarse:
+        assert len(seen[id(n)]) == 2 and all(x.shape[:2] == (1, 1) for x in seen[id(n)])
+    for n in fine:
+        assert len(seen[id(n)]) == 2
+        assert all(x.shape == (n.cfg.n_landmarks, n.cfg.context, n.cfg.patch, n.cfg.patch) for x in seen[id(n)])
+    for a, b in zip(seen[id(fine[0])], seen[id(fine[1])], strict=True):
+        np.testing.assert_array_equal(a, b)  # the ensemble's nets read the same windows

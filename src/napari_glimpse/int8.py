@@ -178,7 +178,7 @@ def usable(net: nn.Module, key: tuple | None = None) -> Int8Net | None:
 
 
 # ------------------------------------------------------------------------------ making graphs
-def _record_inputs(model: "GlimpseModel", images: Sequence, progress: Callable[[int], None] | None
+def record_inputs(model: "GlimpseModel", images: Sequence, progress: Callable[[int], None] | None
                    ) -> dict[int, list[np.ndarray]]:
     """The inputs every coarse and fine net sees when the float model reads ``images`` (its
     coarse and fine answer, left-facing images mirrored first as ``predict`` does)."""
@@ -290,7 +290,7 @@ def quantize(model: "GlimpseModel", images: Sequence, progress: Callable[[str, i
     was = [(q.enabled if (q := attached(n)) is not None else None) for n in nets]
     try:
         set_enabled(model, False)  # calibrate on the float nets' inputs
-        seen = _record_inputs(model, images, None if progress is None else lambda i: progress("images", i, len(images)))
+        seen = record_inputs(model, images, None if progress is None else lambda i: progress("images", i, len(images)))
         graphs = []
         for i, n in enumerate(chosen):
             graphs.append(quantize_net(n, seen[id(n)], float_ends))
