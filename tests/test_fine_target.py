@@ -43,7 +43,7 @@ def _first_batch(monkeypatch, truth_n: torch.Tensor, cfg: FineConfig, spy_maps: 
         seen.setdefault("maps", out.clone())
         return out
 
-    def one_batch(net, stage, lr, batch, *args):
+    def one_batch(net, stage, lr, batch, *args, **kwargs):
         seen["x"], seen["target"], seen["inside"] = batch()
         return []
 
