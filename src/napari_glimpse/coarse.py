@@ -332,8 +332,8 @@ def fit_heatmaps(
     and ``(B, K)`` weights (0 for landmarks outside the view); the loss is their cross-entropy
     with the net's heatmaps. With ``coord_weight`` > 0, ``batch()`` also returns the ``(B, K, 2)``
     taught points (heatmap pixels, x y), and the loss adds ``coord_weight`` times the mean
-    distance from each heatmap's expected position (its softmax's mean) to its point. AdamW, warm-up then cosine to 1 % of ``lr``, fitted to the nearer
-    of ``time_budget_s`` and ``max_steps``. ``callback`` gets a dict per step (``stage``,
+    distance from each heatmap's expected position (its softmax's mean) to its point. AdamW,
+    warm-up then cosine to 1 % of ``lr``, fitted to the nearer of ``time_budget_s`` and ``max_steps``. ``callback`` gets a dict per step (``stage``,
     ``step``, ``loss``, ``lr``, ``elapsed_s``, ``progress``); ``evaluate(net) -> mm`` runs every
     ``eval_every_s`` and at the end. Returns the history; the net is left in eval mode.
 
