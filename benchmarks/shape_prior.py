@@ -23,7 +23,6 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -115,19 +114,12 @@ class ShapePrior:
         post = mu + self.cov @ np.linalg.solve(self.cov + np.diag(noise), p - mu)
         return _invert(s, r, t, post.reshape(k, 2))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"mean": self.mean.tolist(), "cov": self.cov.tolist(), "n_shapes": int(self.n_shapes)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ShapePrior":
-        mean, cov = np.asarray(d["mean"], dtype=np.float64), np.asarray(d["cov"], dtype=np.float64)
-        if mean.ndim != 2 or mean.shape[1] != 2 or cov.shape != (2 * len(mean),) * 2:
-            raise ValueError(f"a shape prior's mean {mean.shape} and covariance {cov.shape} do not match")
-        return cls(mean=mean, cov=cov, n_shapes=int(d["n_shapes"]))
 
 
 def scores(pred: np.ndarray, truth: np.ndarray, spacing: float) -> dict:
-    err = np.linalg.norm(pred - truth, axis=-1) * spacing  # (N, K) mm
+    from napari_glimpse.metrics import radial_errors
+
+    err = radial_errors(pred, truth, spacing)  # (N, K) mm
     return {"mre_mm": float(err.mean()), "sdr_2mm": float((err <= 2.0).mean()),
             "per_landmark_mre_mm": [round(float(v), 4) for v in err.mean(0)]}
 

@@ -179,7 +179,7 @@ def usable(net: nn.Module, key: tuple | None = None) -> Int8Net | None:
 
 # ------------------------------------------------------------------------------ making graphs
 def record_inputs(model: "GlimpseModel", images: Sequence, progress: Callable[[int], None] | None
-                   ) -> dict[int, list[np.ndarray]]:
+                  ) -> dict[int, list[np.ndarray]]:
     """The inputs every coarse and fine net sees when the float model reads ``images`` (its
     coarse and fine answer, left-facing images mirrored first as ``predict`` does)."""
     from .coarse import inference_net
