@@ -149,17 +149,20 @@ def test_cuda_without_gpu_is_a_clear_error(tiny_model_path):
         GlimpseModel.load(tiny_model_path, device="cuda")
 
 
-def test_fine_stage_deeper_than_the_pyramid_is_refused_at_load(tiny_model, tmp_path):
-    """A fine net reads levels ``level .. level + context - 1``; a model whose pyramid is too
-    shallow for it is a clear error when loaded, not at the first prediction."""
+def test_a_fine_stage_deeper_than_the_pyramid_loads_and_reads_the_levels_it_makes(tiny_staged_model_path, tiny_data,
+                                                                                  tmp_path):
+    """A fine net reads levels ``level .. level + context - 1``; those below the model's pyramid
+    (a wide context window) are made when read, so such a model loads and predicts."""
     from napari_glimpse.fine import FineConfig, FineNet
 
-    n = tiny_model.config.n_levels
-    for context, ok in ((n - 1, True), (n, False)):
-        tiny_model.fine = FineNet(FineConfig(n_landmarks=3, level=1, patch=16, width=4, context=context)).eval()
-        tiny_model.save(tmp_path / "f.pt")
-        if ok:
-            assert GlimpseModel.load(tmp_path / "f.pt", device="cpu").fine.cfg.context == context
-        else:
-            with pytest.raises(GlimpseError, match=f"bad fine stage .*level {n}.*levels 0-{n - 1}"):
-                GlimpseModel.load(tmp_path / "f.pt", device="cpu")
+    model = GlimpseModel.load(tiny_staged_model_path, device="cpu")
+    n = model.config.n_levels
+    model.fine = FineNet(FineConfig(n_landmarks=3, level=1, patch=16, width=4, context=n + 1)).eval()
+    model.save(tmp_path / "f.pt")
+    loaded = GlimpseModel.load(tmp_path / "f.pt", device="cpu")
+    assert loaded.fine.cfg.context == n + 1
+    from napari_glimpse.io import read_image
+
+    t = loaded.predict(read_image(tiny_data["test1"]["paths"][0]), facing="right", record_stages=True)
+    assert np.isfinite(t.positions).all()
+    assert t.fine_windows.shape[2] == n + 1  # one window per context level, the made ones too

@@ -20,7 +20,7 @@ from napari_glimpse.fine import (FineConfig, FineEnsemble, FineNet, cut_windows,
                                  window_matrix)
 from napari_glimpse.inference import GlimpseModel
 from napari_glimpse.io import load_dataset, read_image
-from napari_glimpse.pyramid import build_pyramid
+from napari_glimpse.pyramid import build_pyramid, deepen
 from napari_glimpse.training import TrainConfig, train
 
 K = 3
@@ -118,7 +118,7 @@ def test_training_cutter_equals_cut_windows():
     torch.testing.assert_close(WindowCutter(levels, 32)(i, theta), want, atol=0.02, rtol=0)
 
 
-def test_fine_levels_reads_the_context_levels_and_refuses_short_pyramids(tiny_data):
+def test_fine_levels_reads_the_context_levels_and_deepens_short_pyramids(tiny_data):
     ds = load_dataset(tiny_data["root"], "train")
     pyrs = [build_pyramid(ds.image(i), 3) for i in range(2)]
     truth = ds.ground_truth("mean")[:2]
@@ -127,8 +127,11 @@ def test_fine_levels_reads_the_context_levels_and_refuses_short_pyramids(tiny_da
     assert torch.equal(levels[1][1, 0], pyrs[1].levels[2].float())
     np.testing.assert_allclose(tn[0].numpy(), to_normalised(torch.as_tensor(truth[0], dtype=torch.float32),
                                                             (256, 256)).numpy())
-    with pytest.raises(GlimpseError, match="pyramid levels 2-3"):
-        fine_levels(pyrs, truth, replace(TINY_FINE, level=2))
+    # level 3 is below these 3-level pyramids: made from level 2 as refine() makes it
+    deep, _ = fine_levels(pyrs, truth, replace(TINY_FINE, level=2))
+    assert [tuple(x.shape) for x in deep] == [(2, 1, 64, 64), (2, 1, 32, 32)]
+    assert torch.equal(deep[0], levels[1])
+    assert torch.equal(deep[1][1, 0], deepen(pyrs[1].levels, 4)[3].float())
 
 
 def test_train_fine_targets_sit_on_the_windows_landmarks(monkeypatch):
@@ -191,10 +194,19 @@ def test_refine_lands_on_the_dot_from_an_offset_start():
     assert np.all(spread > 0)
 
 
-def test_refine_refuses_a_pyramid_without_its_levels():
-    pyr = build_pyramid(np.zeros((64, 64), np.uint8), 2)
-    with pytest.raises(GlimpseError, match="pyramid levels 1-2"):
-        refine(FineNet(TINY_FINE).eval(), pyr.levels, pyr.shape, np.zeros((K, 2)))
+def test_refine_makes_the_levels_a_pyramid_lacks():
+    """A fine net may read deeper than the pyramid it is given (a wide context window): the
+    missing levels are made from the last one, the same answer as from a pyramid deepened
+    beforehand, and close to one built that deep."""
+    img = _dot_image(128, 128, 60.0, 70.0, sigma=3.0).round().clamp(0, 255).to(torch.uint8)
+    net = _sharp(randomise_weights(FineNet(replace(TINY_FINE, context=3)), 4))
+    start = np.array([[58.0, 73.0], [63.0, 66.0], [55.0, 70.0]])
+    short = build_pyramid(img.numpy(), 2)
+    got = refine(net, short.levels, short.shape, start)
+    want = refine(net, deepen(short.levels, 4), short.shape, start)
+    np.testing.assert_array_equal(got[0], want[0])
+    native = build_pyramid(img.numpy(), 4)
+    np.testing.assert_allclose(got[0], refine(net, native.levels, native.shape, start)[0], atol=0.5)
 
 
 # ------------------------------------------------------------------------ 3. in the model
@@ -517,8 +529,9 @@ def test_a_fine_ensemble_of_two_kinds_gives_each_net_its_own_windows():
     np.testing.assert_allclose(got, (maps[0] + maps[2]) / 2, rtol=0.02, atol=1e-4)
     assert np.abs(got - (maps[0] + maps[1] + maps[2]) / 3).max() > 0.01  # b's map is not in it
     np.testing.assert_allclose(looks[0].positions, pos)
-    with pytest.raises(GlimpseError, match="levels 1-3; this pyramid has 3"):
-        refine(FineEnsemble([a, b]), pyr.levels[:3], pyr.shape, start)
+    # b reads level 3, below a 3-level pyramid: made there, as deepen makes it
+    short = refine(FineEnsemble([a, b]), pyr.levels[:3], pyr.shape, start)[0]
+    np.testing.assert_array_equal(short, refine(FineEnsemble([a, b]), deepen(pyr.levels[:3], 4), pyr.shape, start)[0])
 
 
 def test_recorded_stages_follow_the_first_fine_nets_kind(fine_model, image):

@@ -6,7 +6,7 @@ import torch
 
 from napari_glimpse.errors import GlimpseError
 from napari_glimpse.io import read_image, to_grey_uint8
-from napari_glimpse.pyramid import build_pyramid, levels_for, pyramid_from_file
+from napari_glimpse.pyramid import build_pyramid, deepen, levels_for, pyramid_from_file
 
 
 # ------------------------------------------------------------------------------ levels_for
@@ -212,3 +212,16 @@ def test_the_blur_is_the_binomial_kernel_with_reflected_borders():
     ref = torch.nn.functional.conv2d(torch.nn.functional.pad(img[None, None], (2, 2, 2, 2), mode="reflect"),
                                      (k1[:, None] * k1[None, :])[None, None])[..., ::2, ::2]
     torch.testing.assert_close(_down2(img[None, None]), ref, atol=1e-4, rtol=0)
+
+
+def test_deepen_adds_levels_close_to_natively_built_ones():
+    rng = np.random.default_rng(3)
+    img = (rng.random((300, 241)) * 255).astype(np.uint8)
+    full = build_pyramid(img, 6)
+    deep = deepen(full.levels[:3], 6)
+    assert [tuple(x.shape) for x in deep] == [tuple(x.shape) for x in full.levels]
+    assert all(a is b for a, b in zip(deep[:3], full.levels[:3]))  # the given levels, untouched
+    for made, native in zip(deep[3:], full.levels[3:]):
+        assert made.dtype == torch.uint8
+        assert (made.int() - native.int()).abs().max() <= 1  # made from the rounded level, not the float chain
+    assert deepen(full.levels, 4) == list(full.levels)  # deep enough already: nothing added or cut

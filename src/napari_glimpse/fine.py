@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import GlimpseError
+from .pyramid import deepen
 from .coarse import (CoarseConfig, CoarseNet, Ensemble, augment_intensity, decode, fit_heatmaps, from_normalised,
                      gaussian_targets, inference_net, members_of, to_normalised)
 
@@ -247,9 +248,7 @@ def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", 
     dev = next(net.parameters()).device
     k = positions.shape[0]
     read = sorted({lv + c for lv, ctx in kinds for c in range(ctx)})
-    if len(pyramid_levels) <= read[-1]:
-        raise GlimpseError(f"the fine stage reads pyramid levels {read[0]}-{read[-1]}; "
-                           f"this pyramid has {len(pyramid_levels)}")
+    pyramid_levels = deepen(pyramid_levels, read[-1] + 1)  # levels below the pyramid's are made here
     as_float = {i: pyramid_levels[i].to(dev, torch.float32)[None, None] for i in read}
     used = {(lv, ctx): [as_float[lv + c] for c in range(ctx)] for lv, ctx in kinds}
     pos = torch.as_tensor(positions, dtype=torch.float32)
@@ -393,16 +392,14 @@ def fine_levels(pyramids: list, truth: np.ndarray, cfg: FineConfig) -> tuple["li
     ``(N, 1, h, w)`` float stack, and the normalised positions (images of other sizes are
     resampled to the first one's level sizes). ``truth`` ``(N, K, 2)``, or ``(N, A, K, 2)`` with
     each annotator's points; the positions come back in the same shape (for :func:`train_fine`)."""
-    if any(len(p) < cfg.level + cfg.context for p in pyramids):
-        raise GlimpseError(f"the fine stage reads pyramid levels {cfg.level}-{cfg.level + cfg.context - 1}, "
-                           "which an image's pyramid does not have")
+    deep = [deepen(p.levels, cfg.level + cfg.context) for p in pyramids]  # as refine() makes them
     stacks = []
     for c in range(cfg.context):
         lv = cfg.level + c
-        hw = tuple(pyramids[0].levels[lv].shape[-2:])
+        hw = tuple(deep[0][lv].shape[-2:])
         out = []
-        for p in pyramids:
-            x = p.levels[lv].float()[None, None]
+        for p in deep:
+            x = p[lv].float()[None, None]
             if tuple(x.shape[-2:]) != hw:
                 x = F.interpolate(x, size=hw, mode="bilinear", antialias=True, align_corners=False)
             out.append(x[0])

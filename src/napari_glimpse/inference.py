@@ -302,11 +302,8 @@ class GlimpseModel:
             members = [ckpt["fine"]]
         fine = _load_stage(source, "fine", members, "fine_members" in ckpt,
                            lambda c: FineNet(FineConfig.from_dict(c)), FineEnsemble, device)
-        if fine is not None:  # a fine net reads levels level .. level + context - 1 of the model's pyramid
-            deepest = max(m.cfg.level + m.cfg.context - 1 for m in members_of(fine))
-            if deepest >= cfg.n_levels:
-                raise GlimpseError(f"{source}: bad fine stage (it reads pyramid level {deepest}, but the model's "
-                                   f"pyramid has levels 0-{cfg.n_levels - 1})")
+        # a fine net reads levels level .. level + context - 1; those below the model's pyramid
+        # are made from its last level when read (pyramid.deepen), so any depth loads
         net.eval().to(resolve_device(device))
         model = cls(
             net,

@@ -92,6 +92,19 @@ def build_pyramid(image: np.ndarray | torch.Tensor, n_levels: int, patch: int = 
     return Pyramid(tuple(levels))
 
 
+def deepen(levels: "tuple[torch.Tensor, ...] | list[torch.Tensor]", n_levels: int) -> list[torch.Tensor]:
+    """``levels`` (finest first, 2-D ``uint8``) with coarser ones added until there are
+    ``n_levels``: each is blurred and halved from the stored ``uint8`` level above it (not from
+    the float chain :func:`build_pyramid` keeps, so it may differ from a natively built level by
+    a grey level). A stage that reads deeper than the model's pyramid (a fine net's widest
+    context window) makes its extra levels this way in training and at inference alike."""
+    out = list(levels)
+    while len(out) < n_levels:
+        x = _down2_array(out[-1].numpy().astype(np.float32))
+        out.append(torch.from_numpy(np.clip(np.rint(x), 0, 255).astype(np.uint8)))
+    return out
+
+
 @lru_cache(maxsize=8)
 def _cached(path: str, mtime: float, n_levels: int, patch: int) -> Pyramid:
     from .io import read_image
