@@ -46,7 +46,8 @@ class FineConfig:
     with a standard deviation drawn log-uniformly in this range (the coarse stage errs by
     about 1–2 mm, rarely 5–10); ``context``: how many levels the window is cut from (``level``,
     ``level + 1``, ...; each its own input channel, all ``patch`` pixels and centred alike, so each
-    coarser one sees twice the area: a small glimpse); ``target``: what each training window's
+    coarser one sees twice the area: a small glimpse; levels below the model's pyramid are made
+    from its last one, :func:`napari_glimpse.pyramid.deepen`); ``target``: what each training window's
     heatmap is taught, ``"mean"`` (one Gaussian at the mean of the annotators' points) or
     ``"annotators"`` (one Gaussian at each annotator's point, equal weights: where each would
     click; the answer, a soft-argmax around the peak, then lands between them where they differ by
