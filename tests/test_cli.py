@@ -12,7 +12,7 @@ from conftest import make_kaggle_dataset, save_png, synthetic_image, write_csv
 from napari_glimpse.checkpoint import read_checkpoint
 from napari_glimpse.cli import main
 from napari_glimpse.inference import DEFAULT_MODEL, GlimpseModel
-from napari_glimpse.int8 import Int8Net
+from napari_glimpse.int8 import Int8Net, checkpoint_graphs
 from napari_glimpse.io import load_dataset, read_landmarks_csv
 from napari_glimpse.metrics import radial_errors
 
@@ -350,7 +350,7 @@ def test_quantize_only_the_fine_stage_with_float_ends(capsys, monkeypatch, tiny_
                        "--only", "fine", "--float-ends")
     assert "int8 graphs for 2 of 3 nets" in stdout
     assert seen == [(True,), (True,)]  # the two fine nets, with float ends
-    assert read_checkpoint(out)["int8"]["coarse"] == [None]
+    assert checkpoint_graphs(read_checkpoint(out))["coarse"] == [None]
     assert GlimpseModel.load(out, device="cpu").int8_nets == (2, 3)
 
 

@@ -22,7 +22,7 @@ from napari_glimpse.coarse import CoarseConfig, CoarseNet, inference_net, member
 from napari_glimpse.errors import GlimpseError
 from napari_glimpse.fine import FineConfig, FineEnsemble, FineNet
 from napari_glimpse.inference import DEFAULT_MODEL, GlimpseModel
-from napari_glimpse.int8 import Int8Net, quantize
+from napari_glimpse.int8 import Int8Net, checkpoint_graphs, quantize
 from napari_glimpse.io import read_image
 
 N_NETS = 3  # the tiny models': 1 coarse + 2 fine
@@ -150,7 +150,7 @@ def test_quantizing_only_the_fine_stage_leaves_the_coarse_net_float(tiny_quantiz
     assert graphs_run(graph_runs) == graphs_of_nets(fine_nets)
     assert np.linalg.norm(q - float_answers, axis=-1).max() <= MAX_MOVE_PX
     model.save(tmp_path / "fine_only.pt")
-    graphs = read_checkpoint(tmp_path / "fine_only.pt")["int8"]
+    graphs = checkpoint_graphs(read_checkpoint(tmp_path / "fine_only.pt"))
     assert graphs["coarse"] == [None] and all(g is not None for g in graphs["fine"])
     assert GlimpseModel.load(tmp_path / "fine_only.pt", "cpu").int8_nets == (N_NETS - 1, N_NETS)
     assert model.meta["int8"] == {"stages": ["fine"], "float_ends": False, "calibration_images": 2}
@@ -221,12 +221,35 @@ def test_use_int8_switches_between_the_float_and_the_int8_answers(tiny_quantized
 
 
 # -------------------------------------------------------------------------------- files
+def test_graphs_are_stored_compressed_and_older_files_still_load(tiny_quantized_model_path, test_images, tmp_path):
+    """Files keep the graphs zlib-compressed under ``int8_zlib`` (older readers, which know only
+    ``int8``, run the float nets); a file written before, with raw graphs under ``int8``, still
+    runs them, with the same answers; a damaged graph is a clear error."""
+    ck = read_checkpoint(tiny_quantized_model_path)
+    assert "int8" not in ck and ck["int8_zlib"] is not None
+    raw = checkpoint_graphs(ck)
+    stored = sum(g.numel() for gs in ck["int8_zlib"].values() for g in gs if g is not None)
+    assert stored < sum(g.numel() for gs in raw.values() for g in gs if g is not None)
+    q = finals(GlimpseModel.load(tiny_quantized_model_path, "cpu"), test_images)
+    old = {k: v for k, v in ck.items() if k != "int8_zlib"}
+    old["int8"] = raw
+    torch.save(old, tmp_path / "old.pt")
+    loaded = GlimpseModel.load(tmp_path / "old.pt", "cpu")
+    assert loaded.int8_nets == (N_NETS, N_NETS)
+    np.testing.assert_array_equal(finals(loaded, test_images), q)
+    bad = dict(ck, int8_zlib={name: [None if g is None else g[: g.numel() // 2] for g in gs]
+                              for name, gs in ck["int8_zlib"].items()})
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(GlimpseError, match="bad.pt: the checkpoint's int8 graphs are damaged"):
+        GlimpseModel.load(tmp_path / "bad.pt", "cpu")
+
+
 def test_saving_and_loading_keeps_the_graphs(tiny_quantized_model_path, test_images, tmp_path):
     model = GlimpseModel.load(tiny_quantized_model_path, "cpu")
     q = finals(model, test_images)
     model.save(tmp_path / "again.pt")
-    graphs = read_checkpoint(tiny_quantized_model_path)["int8"]
-    again = read_checkpoint(tmp_path / "again.pt")["int8"]
+    graphs = checkpoint_graphs(read_checkpoint(tiny_quantized_model_path))
+    again = checkpoint_graphs(read_checkpoint(tmp_path / "again.pt"))
     assert sorted(again) == ["coarse", "fine"] and len(again["coarse"]) == 1 and len(again["fine"]) == 2
     for name in again:
         for a, b in zip(again[name], graphs[name]):
@@ -257,7 +280,7 @@ def test_changed_weights_drop_that_nets_graph(tiny_quantized_model_path, test_im
     assert graphs_run(graph_runs) == graphs_of_nets([coarse, fine0])
 
     model.save(tmp_path / "tuned.pt")
-    graphs = read_checkpoint(tmp_path / "tuned.pt")["int8"]
+    graphs = checkpoint_graphs(read_checkpoint(tmp_path / "tuned.pt"))
     assert graphs["fine"][1] is None
     assert graphs["coarse"][0] is not None and graphs["fine"][0] is not None
     assert GlimpseModel.load(tmp_path / "tuned.pt", "cpu").int8_nets == (N_NETS - 1, N_NETS)
@@ -285,7 +308,7 @@ def test_without_onnxruntime_the_float_nets_run(tiny_quantized_model_path, test_
         assert not graph_runs
         # the graphs are kept for machines that have it
         model.save(tmp_path / "kept.pt")
-        assert [g is not None for gs in read_checkpoint(tmp_path / "kept.pt")["int8"].values() for g in gs] == \
+        assert [g is not None for gs in checkpoint_graphs(read_checkpoint(tmp_path / "kept.pt")).values() for g in gs] == \
             [True] * N_NETS
     finally:
         int8.available.cache_clear()

@@ -233,11 +233,11 @@ class GlimpseModel:
         }
 
     def _int8_checkpoint(self) -> dict:
-        from .int8 import graphs_of
+        from .int8 import graphs_of, pack
 
         graphs = graphs_of(self)
         # an optional entry: readers that do not know it run the float nets
-        return {} if graphs is None else {"int8": graphs}
+        return {} if graphs is None else {"int8_zlib": pack(graphs)}
 
     def _fine_checkpoint(self) -> dict:
         if self.fine is None:
@@ -316,9 +316,13 @@ class GlimpseModel:
             coarse,
             fine,
         )
-        from .int8 import attach_graphs
+        from .int8 import attach_graphs, checkpoint_graphs
 
-        attach_graphs(model, ckpt.get("int8"), int8, source)
+        try:
+            graphs = checkpoint_graphs(ckpt)
+        except GlimpseError as exc:
+            raise GlimpseError(f"{source}: {exc}") from None
+        attach_graphs(model, graphs, int8, source)
         return model
 
     @classmethod
