@@ -287,9 +287,12 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
                 other = GlimpseModel.load(f, "cpu")
                 if other.fine is None:
                     raise SystemExit(f"{f} has no fine stage")
-                fnets += members_of(other.fine)
-                counts.append(other.meta.get("fine_n_train_images"))
-                decays.append(other.meta.get("fine_average_decay"))  # None: the net's own weights
+                members = members_of(other.fine)
+                fnets += members
+                # one entry per net (a file's ensemble records a list; None: the net's own weights)
+                for record, key in ((counts, "fine_n_train_images"), (decays, "fine_average_decay")):
+                    v = other.meta.get(key)
+                    record += v if isinstance(v, list) and len(v) == len(members) else [v] * len(members)
             model.fine = FineEnsemble(fnets) if len(fnets) > 1 else fnets[0]
             model.meta["fine_n_train_images"] = counts
             model.meta["fine_average_decay"] = decays

@@ -21,12 +21,12 @@ def test_quantizes_records_and_saves_with_the_weights_as_they_were(tmp_path):
                         "--threads", "1", "--save-as", str(saved), "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["calibration_images"] == ["001.jpg", "002.jpg"]
-    assert r["nets_quantized"] == 4 and r["int8_nets"] == [4, 4]
+    assert r["nets_quantized"] == 5 and r["int8_nets"] == [5, 5]
     per = r["per_net_ms"]
-    assert [k.split()[0] for k in per] == ["coarse0", "fine0", "fine1", "fine2"]
+    assert [k.split()[0] for k in per] == ["coarse0", "fine0", "fine1", "fine2", "fine3"]
     assert all(v["float"] > 0 and v["int8"] > 0 for v in per.values())
     assert read_checkpoint(saved)["weights_stored_as"] == "float16"  # as the default's were
-    assert GlimpseModel.load(saved, "cpu").int8_nets == (4, 4)
+    assert GlimpseModel.load(saved, "cpu").int8_nets == (5, 5)
     assert r["bytes"] == saved.stat().st_size
 
 

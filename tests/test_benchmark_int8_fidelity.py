@@ -31,7 +31,7 @@ def test_variants_their_moves_from_the_float_answers_and_their_times(tmp_path, m
     assert r["variants"]["V1"] == {"calibrate": "0:4:2", "which": ["fine"], "float_ends": False}
     assert r["fidelity"]["images"] == ["002", "004"]  # the first two that no variant calibrates on
     v0, v1 = r["fidelity"]["variants"]["V0"], r["fidelity"]["variants"]["V1"]
-    assert v0["int8_nets"] == [4, 4] and v1["int8_nets"] == [3, 4]
+    assert v0["int8_nets"] == [5, 5] and v1["int8_nets"] == [4, 5]
     assert checkpoint_graphs(read_checkpoint(work / "V1.pt"))["coarse"] == [None]
 
     # the moves are the distances between the variant's answers and the float nets' (mm)

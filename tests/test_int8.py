@@ -353,16 +353,16 @@ def test_deep_copies_of_quantized_nets(tiny_quantized_model_path, test_images):
 
 
 # ------------------------------------------------------------------ the shipped default
-def test_the_default_model_runs_int8_graphs_for_its_four_nets(graph_runs):
+def test_the_default_model_runs_int8_graphs_for_its_five_nets(graph_runs):
     model = GlimpseModel.load(None, "cpu")
-    assert model.int8_nets == (4, 4)
+    assert model.int8_nets == (5, 5)
     nets = nets_of(model)
-    assert len(members_of(model.coarse)) == 1 and len(members_of(model.fine)) == 3
+    assert len(members_of(model.coarse)) == 1 and len(members_of(model.fine)) == 4
     img = synthetic_image(np.array([[150.0, 150.0]]), np.random.default_rng(0), 300)
     tr = model.predict(img, iterations=0)
     assert tr.final.shape == (19, 2)
     assert graphs_run(graph_runs) == graphs_of_nets(nets)
-    assert GlimpseModel.load(None, "cpu", int8=False).int8_nets == (0, 4)
+    assert GlimpseModel.load(None, "cpu", int8=False).int8_nets == (0, 5)
     # the graphs sit beside the float weights, and the file stays small
     assert DEFAULT_MODEL.stat().st_size <= 20 * 10**6
 

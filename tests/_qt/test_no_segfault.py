@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent(
     # the shipped default runs its int8 graphs (ONNX Runtime), here too first loaded after the canvas
     from napari_glimpse.inference import GlimpseModel
     default = GlimpseModel.load(None, "cpu")
-    assert default.int8_nets == (4, 4), default.int8_nets
+    assert default.int8_nets == (5, 5), default.int8_nets
     points = default.predict(image).final
     assert points.shape == (19, 2) and np.isfinite(points).all(), points
     explorer.set_landmark(3); explorer.set_iteration(1)
