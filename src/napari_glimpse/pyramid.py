@@ -100,7 +100,7 @@ def deepen(levels: "tuple[torch.Tensor, ...] | list[torch.Tensor]", n_levels: in
     context window) makes its extra levels this way in training and at inference alike."""
     out = list(levels)
     while len(out) < n_levels:
-        x = _down2_array(out[-1].numpy().astype(np.float32))
+        x = _down2_array(out[-1].cpu().numpy().astype(np.float32))
         out.append(torch.from_numpy(np.clip(np.rint(x), 0, 255).astype(np.uint8)))
     return out
 
