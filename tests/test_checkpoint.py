@@ -154,6 +154,7 @@ def test_a_fine_stage_deeper_than_the_pyramid_loads_and_reads_the_levels_it_make
     """A fine net reads levels ``level .. level + context - 1``; those below the model's pyramid
     (a wide context window) are made when read, so such a model loads and predicts."""
     from napari_glimpse.fine import FineConfig, FineNet
+    from napari_glimpse.io import read_image
 
     model = GlimpseModel.load(tiny_staged_model_path, device="cpu")
     n = model.config.n_levels
@@ -161,8 +162,6 @@ def test_a_fine_stage_deeper_than_the_pyramid_loads_and_reads_the_levels_it_make
     model.save(tmp_path / "f.pt")
     loaded = GlimpseModel.load(tmp_path / "f.pt", device="cpu")
     assert loaded.fine.cfg.context == n + 1
-    from napari_glimpse.io import read_image
-
     t = loaded.predict(read_image(tiny_data["test1"]["paths"][0]), facing="right", record_stages=True)
     assert np.isfinite(t.positions).all()
     assert t.fine_windows.shape[2] == n + 1  # one window per context level, the made ones too

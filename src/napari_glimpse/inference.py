@@ -318,11 +318,7 @@ class GlimpseModel:
         )
         from .int8 import attach_graphs, checkpoint_graphs
 
-        try:
-            graphs = checkpoint_graphs(ckpt)
-        except GlimpseError as exc:
-            raise GlimpseError(f"{source}: {exc}") from None
-        attach_graphs(model, graphs, int8, source)
+        attach_graphs(model, checkpoint_graphs(ckpt, source), int8, source)
         return model
 
     @classmethod

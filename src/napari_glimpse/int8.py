@@ -141,26 +141,28 @@ def graphs_of(model: "GlimpseModel") -> dict[str, list[torch.Tensor | None]] | N
     return out if any(g is not None for gs in out.values() for g in gs) else None
 
 
+def _each_graph(graphs: dict, f: Callable[[bytes], bytes]) -> dict[str, list[torch.Tensor | None]]:
+    """``graphs`` (stage -> uint8 tensors or None) with ``f`` applied to each graph's bytes."""
+    return {name: [None if g is None else torch.frombuffer(bytearray(f(g.numpy().tobytes())), dtype=torch.uint8)
+                   for g in gs] for name, gs in graphs.items()}
+
+
 def pack(graphs: dict[str, list[torch.Tensor | None]]) -> dict[str, list[torch.Tensor | None]]:
     """:func:`graphs_of`'s graphs compressed for the checkpoint (zlib; about a quarter smaller:
     the int8 weights are mostly small numbers), stored under ``int8_zlib``."""
-    return {name: [None if g is None else torch.frombuffer(bytearray(zlib.compress(g.numpy().tobytes(), 9)),
-                                                           dtype=torch.uint8) for g in gs]
-            for name, gs in graphs.items()}
+    return _each_graph(graphs, lambda b: zlib.compress(b, 9))
 
 
-def checkpoint_graphs(ckpt: dict) -> dict[str, list[torch.Tensor | None]] | None:
+def checkpoint_graphs(ckpt: dict, source: str = "checkpoint") -> dict[str, list[torch.Tensor | None]] | None:
     """The int8 graphs a checkpoint holds, as :func:`graphs_of` gives them: from ``int8_zlib``
     (compressed: files written since run 40), or ``int8`` (files written before; readers older
     than ``int8_zlib`` do not know it and run the float nets)."""
-    if ckpt.get("int8_zlib") is not None:
-        try:
-            return {name: [None if g is None else torch.frombuffer(bytearray(zlib.decompress(g.numpy().tobytes())),
-                                                                   dtype=torch.uint8) for g in gs]
-                    for name, gs in ckpt["int8_zlib"].items()}
-        except zlib.error as exc:
-            raise GlimpseError(f"the checkpoint's int8 graphs are damaged ({exc})") from None
-    return ckpt.get("int8")
+    if ckpt.get("int8_zlib") is None:
+        return ckpt.get("int8")
+    try:
+        return _each_graph(ckpt["int8_zlib"], zlib.decompress)
+    except zlib.error as exc:
+        raise GlimpseError(f"{source}: the checkpoint's int8 graphs are damaged ({exc})") from None
 
 
 def attach_graphs(model: "GlimpseModel", graphs: dict | None, enabled: bool, source: str = "checkpoint") -> None:

@@ -88,8 +88,13 @@ def build_pyramid(image: np.ndarray | torch.Tensor, n_levels: int, patch: int = 
     x = img.numpy().astype(np.float32)
     for _ in range(1, n_levels):
         x = _down2_array(x)
-        levels.append(torch.from_numpy(np.clip(np.rint(x), 0, 255).astype(np.uint8)))
+        levels.append(_stored(x))
     return Pyramid(tuple(levels))
+
+
+def _stored(x: np.ndarray) -> torch.Tensor:
+    """A float level as it is kept: rounded to ``uint8``."""
+    return torch.from_numpy(np.clip(np.rint(x), 0, 255).astype(np.uint8))
 
 
 def deepen(levels: "tuple[torch.Tensor, ...] | list[torch.Tensor]", n_levels: int) -> list[torch.Tensor]:
@@ -100,8 +105,7 @@ def deepen(levels: "tuple[torch.Tensor, ...] | list[torch.Tensor]", n_levels: in
     context window) makes its extra levels this way in training and at inference alike."""
     out = list(levels)
     while len(out) < n_levels:
-        x = _down2_array(out[-1].cpu().numpy().astype(np.float32))
-        out.append(torch.from_numpy(np.clip(np.rint(x), 0, 255).astype(np.uint8)))
+        out.append(_stored(_down2_array(out[-1].cpu().numpy().astype(np.float32))))
     return out
 
 
