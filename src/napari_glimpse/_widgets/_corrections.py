@@ -29,7 +29,16 @@ from .._layer_data import abbreviations, landmark_content
 from ..corrections import DEFAULT_EXPORT_NAME, Correction
 from ..errors import GlimpseError
 from ._detect import focus_landmark
-from ._state import Detection, camera_of, error_text, layer_positions, set_layer_content, state_for, status
+from ._state import (
+    Detection,
+    camera_of,
+    error_text,
+    layer_positions,
+    real_viewer,
+    set_layer_content,
+    state_for,
+    status,
+)
 
 _EDIT_ACTIONS = ("changed", "added", "removed")
 
@@ -56,8 +65,8 @@ class CorrectionsWidget(QWidget):
 
     def __init__(self, napari_viewer: Any):
         super().__init__()
-        self.viewer = napari_viewer
-        self.state = state_for(napari_viewer)
+        self.viewer = real_viewer(napari_viewer)  # napari hands each widget its own proxy
+        self.state = state_for(self.viewer)
         self.layer = None
         self.det: Detection | None = None
         self._pending = False

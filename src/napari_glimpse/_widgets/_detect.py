@@ -45,6 +45,7 @@ from ._state import (
     camera_of,
     error_text,
     image_path_of,
+    real_viewer,
     set_layer_content,
     state_for,
     status,
@@ -126,8 +127,8 @@ class DetectWidget(QWidget):
 
     def __init__(self, napari_viewer: Any):
         super().__init__()
-        self.viewer = napari_viewer
-        self.state = state_for(napari_viewer)
+        self.viewer = real_viewer(napari_viewer)  # napari hands each widget its own proxy
+        self.state = state_for(self.viewer)
         self._worker = None
         self._t_click = 0.0
         self.folder_images: list[Path] = []

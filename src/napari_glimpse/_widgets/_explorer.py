@@ -43,7 +43,7 @@ from qtpy.QtWidgets import (
 from napari.utils.colormaps import Colormap
 
 from .. import _layer_data as ld
-from ._state import Detection, camera_of, error_text, state_for, status
+from ._state import Detection, camera_of, error_text, real_viewer, state_for, status
 
 PREFIX = "glimpse"
 LEVEL_COLORS = ["#ff5050", "#ff9f1c", "#ffe600", "#3ddc84", "#33b5ff", "#c77dff", "#ff70a6", "#ffffff"]
@@ -65,8 +65,8 @@ class ExplorerWidget(QWidget):
 
     def __init__(self, napari_viewer: Any):
         super().__init__()
-        self.viewer = napari_viewer
-        self.state = state_for(napari_viewer)
+        self.viewer = real_viewer(napari_viewer)  # napari hands each widget its own proxy
+        self.state = state_for(self.viewer)
         self.det: Detection | None = None
         self.layers: dict[str, Any] = {}
         self._updating = False

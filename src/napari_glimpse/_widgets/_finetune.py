@@ -32,7 +32,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._state import state_for, status
+from ._state import real_viewer, state_for, status
 
 KILL_AFTER_MS = 3000
 
@@ -99,8 +99,8 @@ class FinetuneWidget(QWidget):
 
     def __init__(self, napari_viewer: Any):
         super().__init__()
-        self.viewer = napari_viewer
-        self.state = state_for(napari_viewer)
+        self.viewer = real_viewer(napari_viewer)  # napari hands each widget its own proxy
+        self.state = state_for(self.viewer)
         self.proc: QProcess | None = None
         self._buf = b""
         self._cancelled = False

@@ -176,8 +176,29 @@ class GlimpseState(QObject):
 _STATES: dict[int, GlimpseState] = {}
 
 
+def real_viewer(viewer: Any) -> Any:
+    """The viewer behind napari's proxies.
+
+    napari gives every plugin widget its own ``PublicOnlyProxy`` of the viewer (``napari -w``,
+    the Plugins menu, ``add_plugin_dock_widget``), and the proxy wraps whatever is read through
+    it (layers, events) in new proxies. The widgets work on the real objects instead: one shared
+    state per viewer, and ``is`` comparisons of layers that hold.
+    """
+    seen = 0
+    while seen < 8:  # proxies of proxies, never a loop
+        inner = getattr(type(viewer), "__wrapped__", None) and getattr(viewer, "__wrapped__", None)
+        if inner is None:
+            return viewer
+        viewer, seen = inner, seen + 1
+    return viewer
+
+
 def state_for(viewer: Any) -> GlimpseState:
-    """The shared state of ``viewer``'s widgets (created on first use, dropped with the viewer)."""
+    """The shared state of ``viewer``'s widgets (created on first use, dropped with the viewer).
+
+    Keyed by the real viewer: widgets given different proxies of one viewer share one state.
+    """
+    viewer = real_viewer(viewer)
     key = id(viewer)
     st = _STATES.get(key)
     if st is None or st.viewer is not viewer:
