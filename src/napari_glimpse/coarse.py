@@ -174,7 +174,7 @@ class Ensemble(nn.Module):
     answers are averaged.
 
     Nets trained from different seeds make partly independent errors, so the mean of their
-    answers is closer than either (see docs/results.md). ``same``: the config fields every
+    answers is closer than either. ``same``: the config fields every
     member must share.
     """
 
@@ -216,7 +216,7 @@ def inference_net(net: nn.Module, int8: bool = True) -> "nn.Module | Callable[[t
     (``int8``; see :func:`napari_glimpse.int8.usable`), else a copy with every convolution + batch-norm
     pair folded into one convolution (the same answers to float rounding, one pass fewer over
     each layer's activations) and its weights in channels-last layout like the activations (so
-    no convolution re-lays its input out first; ``benchmarks/weight_layout.py``). The copy is
+    no convolution re-lays its input out first). The copy is
     made on first use and again whenever the weights change (training steps, loading weights,
     moving the net); in training mode, ``net`` itself."""
     if net.training:

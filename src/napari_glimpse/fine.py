@@ -56,7 +56,7 @@ class FineConfig:
     taught point, beside the heatmaps' cross-entropy (0: none). ``erase``: the probability that a
     training window's finest channel has a random rectangle (15–50 % of the side each way) filled
     with its mean, so the net must also place the point from context (0: never). Neither made a
-    better net on ISBI (run 36 in docs/results.md).
+    better net on ISBI validation.
     """
 
     n_landmarks: int = 19

@@ -155,7 +155,7 @@ def pack(graphs: dict[str, list[torch.Tensor | None]]) -> dict[str, list[torch.T
 
 def checkpoint_graphs(ckpt: dict, source: str = "checkpoint") -> dict[str, list[torch.Tensor | None]] | None:
     """The int8 graphs a checkpoint holds, as :func:`graphs_of` gives them: from ``int8_zlib``
-    (compressed: files written since run 40), or ``int8`` (files written before; readers older
+    (compressed: files written since version 0.1.0's four-net default), or ``int8`` (files written before; readers older
     than ``int8_zlib`` do not know it and run the float nets)."""
     if ckpt.get("int8_zlib") is None:
         return ckpt.get("int8")
