@@ -115,8 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=_positive_int)
     pr.add_argument("--float", action="store_true",
                     help="run the float nets even where the model carries int8 graphs (slower; see 'quantize')")
+    pr.add_argument("--measures", nargs="?", const=True, metavar="CSV",
+                    help="also write the 8 clinical measurements and their classes (as 'measure' does, at the "
+                         "model's pixel spacing) to CSV (default: OUT with _measures, e.g. preds_measures.csv)")
 
-    e = sub.add_parser("evaluate", help="ISBI metrics (MRE, SDR) on a labelled split")
+    ms = sub.add_parser("measure", help="clinical measurements (ANB, SNB, SNA, ODI, APDI, FHI, FMA, MW) and classes "
+                                        "from a 19-landmark CSV (docs/measurements.md)")
+    ms.add_argument("landmarks", metavar="LANDMARKS.csv", help="Kaggle-layout CSV of the 19 ISBI landmarks, pixels")
+    ms.add_argument("--out", required=True, help="CSV to write: image_path, the 8 values, then the 8 classes")
+    ms.add_argument("--spacing", type=_positive_float, default=0.1, help="pixel spacing in mm (default 0.1; MW only)")
+
+    e = sub.add_parser("evaluate", help="ISBI metrics (MRE, SDR) on a labelled split; with 19 landmarks also the "
+                                        "measurement classes' agreement with the ground truth's (JSON: classification)")
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="test1")
     e.add_argument("--model", help="model file (default: the model shipped in the package)")
@@ -146,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibrate on at most this many images, spread over those given (default 10)")
     q.add_argument("--only", choices=["coarse", "fine"],
                    help="quantize this stage's nets only; the other's run float (--only fine: the answers stay "
-                        "closer to the float nets', RMS 0.031 against 0.044 mm in run 29, at a cost in speed)")
+                        "closer to the float nets', RMS 0.031 against 0.044 mm on ISBI validation, at a cost in speed)")
     q.add_argument("--float-ends", action="store_true",
                    help="keep each net's first and last convolution float (logits not stepped to 8 bits)")
     q.add_argument("--threads", type=_positive_int)
@@ -317,6 +327,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
     paths = expand_image_args(a.images)
     model = GlimpseModel.load(a.model, a.device, int8=not a.float)
+    if a.measures and len(model.landmark_names) != 19:
+        raise GlimpseError(f"--measures needs a 19-landmark ISBI model, this one has {len(model.landmark_names)}")
     preds, conf, facings = [], [], []
     t = time.perf_counter()
     for p in tqdm(paths, desc="predict", unit="image", disable=len(paths) < 2):
@@ -333,7 +345,52 @@ def cmd_predict(a: argparse.Namespace) -> int:
     write_table_csv(cpath, ["image_path"] + [f"{i + 1}_confidence" for i in range(k)] + ["facing"],
                     [[n] + [f"{v:.3f}" for v in c] + [f] for n, c, f in zip(names, conf, facings)])
     print(f"wrote {out} and {cpath}: {len(paths)} image(s), {dt / len(paths):.2f} s per image")
+    if a.measures:
+        mpath = out.with_name(out.stem + "_measures.csv") if a.measures is True else Path(a.measures)
+        _write_measures(mpath, names, np.stack(preds), model.pixel_spacing)
     return 0
+
+
+def _write_measures(path: Path, names, coords, spacing: float) -> None:
+    from .io import write_table_csv
+    from .measurements import TABLE_COLUMNS, table_rows
+
+    if coords.shape[1] != 19:
+        raise GlimpseError(f"measurements need the 19 ISBI landmarks, got {coords.shape[1]} per image")
+    rows = table_rows(names, coords, spacing)
+    write_table_csv(path, TABLE_COLUMNS, rows)
+    blank = sum(1 for r in rows if "" in r)
+    print(f"wrote {path}: measurements of {len(rows)} image(s)"
+          + (f", {blank} with some not measurable (landmarks on top of each other)" if blank else ""))
+
+
+def cmd_measure(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .io import read_landmarks_csv
+
+    names, coords = read_landmarks_csv(a.landmarks)
+    if coords.shape[1] != 19:
+        raise GlimpseError(f"{a.landmarks}: measurements need the 19 ISBI landmarks, got {coords.shape[1]}")
+    if not np.isfinite(coords).all():
+        raise GlimpseError(f"{a.landmarks}: coordinates must be finite numbers")
+    _write_measures(Path(a.out), names, coords, a.spacing)
+    return 0
+
+
+def _classification(preds, ds, ground_truth: str) -> dict:
+    """Agreement of the measurement classes (docs/measurements.md) from ``preds`` with the ground truth's,
+    and of the two doctors with each other where both are in the data."""
+    from .measurements import classification_agreement, format_agreement
+
+    out = {"ground_truth": ground_truth, "integer_pixels": True, "spacing_mm": ds.pixel_spacing,
+           "model": classification_agreement(preds, ds.ground_truth(ground_truth), ds.pixel_spacing)}
+    if {"senior", "junior"} <= set(ds.annotations):
+        out["junior_vs_senior"] = classification_agreement(ds.annotations["junior"], ds.annotations["senior"],
+                                                           ds.pixel_spacing)
+    print(f"measurement classes against the {ground_truth} landmarks' (mean per-class recall, accuracy):")
+    print(format_agreement(out["model"]))
+    return out
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
@@ -354,6 +411,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                 "facing": a.facing, "mirrored": a.mirror, "int8_nets": list(model.int8_nets)})
     print(format_table(res))
     print(f"{res['n_images']} images, {res['seconds_per_image']:.2f} s per image")
+    if len(ds.landmark_names) == 19:
+        res["classification"] = _classification(preds, ds, a.ground_truth)
     if a.predictions:
         write_landmarks_csv(a.predictions, [p.name for p in ds.image_paths], preds)
     if a.json:
@@ -408,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _threads(getattr(a, "threads", None))
         return {"train": cmd_train, "finetune": cmd_finetune, "predict": cmd_predict, "evaluate": cmd_evaluate,
-                "quantize": cmd_quantize}[a.command](a)
+                "quantize": cmd_quantize, "measure": cmd_measure}[a.command](a)
     except GlimpseError as exc:
         print(f"napari-glimpse: error: {exc}", file=sys.stderr)
         return 2

@@ -235,3 +235,46 @@ def agreement_table(truth_classes, pred_classes) -> dict[str, dict]:
     out["average"] = {key: float(np.mean([out[m][key] for m in MEASUREMENTS]))
                       for key in ("mean_recall", "accuracy", "mpa_score")}
     return out
+
+
+TABLE_COLUMNS: tuple[str, ...] = ("image_path", *MEASUREMENTS, *(f"{m}_class" for m in MEASUREMENTS))
+"""Columns of the CLI's measurement CSV (``napari-glimpse measure``, ``predict --measures``)."""
+
+
+def _fmt(name: str, value: float) -> str:
+    if np.isnan(value):
+        return ""
+    return f"{value:.4f}" if name == "FHI" else f"{value:.3f}"
+
+
+def table_rows(names, landmarks, spacing: float = 0.1, **kw) -> list[list[str]]:
+    """Rows of :data:`TABLE_COLUMNS` for ``names`` and their ``(N, 19, 2)`` landmarks (NaN: empty cell)."""
+    values = measure_batch(landmarks, spacing, **kw)
+    classes = classify_batch(values)
+    if len(names) != len(values):
+        raise GlimpseError(f"{len(names)} names for {len(values)} landmark sets")
+    return [[str(n), *(_fmt(m, v) for m, v in zip(MEASUREMENTS, vals)), *(str(int(c)) for c in cls)]
+            for n, vals, cls in zip(names, values, classes)]
+
+
+def classification_agreement(pred_landmarks, true_landmarks, spacing: float = 0.1,
+                             integer_pixels: bool = True) -> dict[str, dict]:
+    """:func:`agreement_table` of the classes from ``(N, 19, 2)`` predicted and true landmarks.
+
+    ``integer_pixels`` (default on) truncates both sets of coordinates first, as the challenge's
+    evaluation code does.
+    """
+    pred = classify_batch(measure_batch(pred_landmarks, spacing, integer_pixels=integer_pixels))
+    truth = classify_batch(measure_batch(true_landmarks, spacing, integer_pixels=integer_pixels))
+    if len(pred) != len(truth):
+        raise GlimpseError(f"{len(pred)} predictions for {len(truth)} ground-truth landmark sets")
+    return agreement_table(truth, pred)
+
+
+def format_agreement(table: dict[str, dict]) -> str:
+    """A small text table of :func:`agreement_table`'s mean per-class recall and accuracy."""
+    lines = ["measure  recall  accuracy"]
+    for name in (*MEASUREMENTS, "average"):
+        r = table[name]
+        lines.append(f"{name:<8} {100 * r['mean_recall']:5.1f}%  {100 * r['accuracy']:6.1f}%")
+    return "\n".join(lines)
