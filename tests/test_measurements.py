@@ -290,3 +290,16 @@ def test_agreement_table():
     assert tab["average"]["accuracy"] == pytest.approx((7 + 2 / 3) / 8)
     with pytest.raises(GlimpseError):
         agreement_table(t, p[:, :7])
+
+
+def test_benchmark_compares_the_pairs_it_reports():
+    from conftest import load_benchmark
+
+    bench = load_benchmark("measurements")
+    rng = np.random.default_rng(0)
+    c = {k: rng.integers(1, 4, size=(10, 8)) for k in ("model", "senior", "junior", "mean")}
+    res = bench.compare(c)
+    assert res["junior_vs_senior"] == agreement_table(c["senior"], c["junior"])  # senior is the reference
+    assert res["model_vs_mean"] == agreement_table(c["mean"], c["model"])
+    text = bench.summary_table({"integer_pixels": res})
+    assert "average" in text and "83.4 %" in text
