@@ -6,6 +6,7 @@ which makes the layers. A table lists the landmarks, sortable by confidence.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,12 +238,29 @@ class DetectWidget(QWidget):
         lay.addWidget(self.status_label)
         lay.addWidget(self.table, 1)
 
-        self.viewer.layers.events.inserted.connect(self._refresh_layers)
+        self.viewer.layers.events.inserted.connect(self._layer_inserted)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self.viewer.layers.selection.events.active.connect(self._active_changed)
         self.state.model_changed.connect(self._sync_model_edit)
+        self.state.model_changed.connect(self.preload_model)
         self._refresh_layers()
         self._update_nav()
         self._sync_model_edit()
+        self.preload_model()
+
+    def preload_model(self) -> threading.Thread:
+        """Load the chosen model in the background (no Qt in the thread), so the first click is quick."""
+        key = self.state.model_key()
+
+        def load() -> None:
+            try:
+                self.state.get_model(key)
+            except Exception:  # noqa: BLE001 the click that needs it reports the error
+                pass
+
+        t = threading.Thread(target=load, name="napari-glimpse model preload", daemon=True)
+        t.start()
+        return t
 
     # ------------------------------------------------------------------------ inputs
     def set_model(self, path: str | Path | None) -> None:
@@ -281,6 +299,38 @@ class DetectWidget(QWidget):
         if cur in names:
             self.layer_combo.setCurrentText(cur)
         self.layer_combo.blockSignals(False)
+
+    def _layer_inserted(self, event=None) -> None:
+        """A newly opened image becomes the one Detect runs on (a folder's own layer aside)."""
+        self._refresh_layers()
+        layer = getattr(event, "value", None)
+        if layer is None or layer.name not in [ly.name for ly in self._image_layers()]:
+            return
+        path = image_path_of(layer)
+        folder_image = self.folder_images[self.folder_index] if self.folder_images and self.folder_index >= 0 else None
+        if folder_image is not None and path is not None and path == folder_image:
+            return  # the widget's own layer for the folder's current image
+        if self._worker is None and folder_image is not None and layer is not self._folder_layer():
+            self.close_folder()  # an image opened by hand: leave the folder for it
+        self.layer_combo.setCurrentText(layer.name)
+
+    def _active_changed(self, event=None) -> None:
+        """Selecting an image layer in the layer list makes it the one Detect runs on."""
+        layer = self.viewer.layers.selection.active
+        if layer is not None and layer.name in [ly.name for ly in self._image_layers()]:
+            if not self.folder_images:
+                self.layer_combo.setCurrentText(layer.name)
+
+    def _folder_layer(self) -> Any:
+        cur = self.state.current
+        return cur.image_layer if cur is not None and cur.extra.get("from_folder") else None
+
+    def close_folder(self) -> None:
+        """Stop reviewing the open folder (Detect then runs on the chosen image layer)."""
+        self.folder_images = []
+        self.folder_index = -1
+        self.folder_label.setText("no folder open")
+        self._update_nav()
 
     def set_image_layer(self, name: str) -> None:
         self._refresh_layers()
