@@ -425,3 +425,38 @@ def test_no_qt_import():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_absent_landmark_is_logged_accepted_undone_and_exported_empty(folder):
+    d, names, coords = folder["dir"], folder["names"], folder["coords"]
+    log = CorrectionLog(d, NAMES)
+    log.propose(names[0], proposal(coords[0]), "tiny.pt", [0.2, 0.5, 0.9])
+    rec = log.mark_absent(names[0], 1)
+    assert rec is not None and rec.action == "absent" and rec.k == 1
+    assert log.mark_absent(names[0], 1) is None  # already absent: nothing logged
+    st = log.state
+    assert st.absent(names[0]) == [1] and st.missing(names[0]) == []
+    assert 1 not in st.review_queue(names[0])
+    assert np.isnan(st.positions(names[0])[1]).all()
+    assert lines_of(log.path)[-1]["action"] == "absent"
+
+    log.undo(names[0])  # the point comes back, no longer absent
+    assert st.absent(names[0]) == [] and np.isfinite(st.positions(names[0])[1]).all()
+    log.redo(names[0])
+    assert st.absent(names[0]) == [1]
+    # placing the point again clears the flag; undoing that placement restores it
+    log.add(names[0], 1, coords[0][1])
+    assert st.absent(names[0]) == []
+    log.undo(names[0])
+    assert st.absent(names[0]) == [1]
+
+    log.accept(names[0])  # absent does not block accepting (a deleted point would)
+    out = log.export_training_csv()
+    row = out.read_text().splitlines()[1].split(",")
+    assert row[0] == names[0] and row[3:5] == ["", ""]  # landmark 2's cells are empty
+    assert all(v for v in row[1:3] + row[5:7])
+
+    again = CorrectionLog(d, NAMES)  # the flag survives replay
+    assert again.state.absent(names[0]) == [1] and again.state.is_accepted(names[0])
+    again.propose(names[0], proposal(coords[0]), "tiny.pt")  # a new proposal clears it
+    assert again.state.absent(names[0]) == []

@@ -16,7 +16,9 @@ never rewritten. A record looks like::
 
 ``action`` is one of ``propose`` (the model's answer for a whole image: ``new``/``old`` are
 ``K`` points, ``confidence`` ``K`` numbers, ``names`` the landmark names), ``move``, ``add``,
-``delete`` (one landmark), ``undo``/``redo`` (one landmark; ``undoes``/``redoes`` name the
+``delete`` (one landmark), ``absent`` (one landmark the annotator marks as not visible / not
+present on this image: no point, and it does not block accepting; exported as empty cells),
+``undo``/``redo`` (one landmark; ``undoes``/``redoes`` name the
 ``seq`` of the edit reverted / re-applied), ``accept``/``unaccept`` (a whole image; ``accept``
 stores the accepted positions in ``new``). ``landmark`` in the file is **1-based**, as the
 ``1_x`` columns of the Kaggle CSV; the Python API uses **0-based** indices ``k`` throughout
@@ -71,7 +73,7 @@ DEFAULT_LOG_NAME = "napari-glimpse-corrections.jsonl"
 DEFAULT_EXPORT_NAME = "napari-glimpse-reviewed.csv"
 """File name of :meth:`CorrectionLog.export_training_csv`'s default output (in the image folder)."""
 
-POINT_EDITS = ("move", "add", "delete")
+POINT_EDITS = ("move", "add", "delete", "absent")
 """Actions made by the annotator on one landmark; these are what undo/redo act on."""
 
 ACTIONS = ("propose",) + POINT_EDITS + ("undo", "redo", "accept", "unaccept")
@@ -283,6 +285,7 @@ class _ImageState:
     accepted: bool = False
     undo: list[int] = field(default_factory=list)   # seqs of effective edits, oldest first
     redo: list[int] = field(default_factory=list)   # seqs of undone edits, most recent last
+    absent: set[int] = field(default_factory=set)   # landmarks marked absent (no point, not missing)
     n_records: int = 0
 
 
@@ -303,6 +306,7 @@ class ReviewState:
         self.landmark_names: tuple[str, ...] = tuple(landmark_names)
         self._images: dict[str, _ImageState] = {}
         self._edits: dict[int, Correction] = {}
+        self._was_absent: dict[int, bool] = {}  # edit seq -> its landmark was absent before it
         self.last_seq: int = 0
 
     # ---- queries
@@ -347,8 +351,17 @@ class ReviewState:
         return None if st is None else st.model
 
     def missing(self, image: str | os.PathLike) -> list[int]:
-        """0-based indices of the landmarks ``image`` currently lacks (deleted or never placed)."""
-        return [int(k) for k in np.nonzero(~np.isfinite(self.positions(image)).all(axis=1))[0]]
+        """0-based indices of the landmarks ``image`` currently lacks (deleted or never placed).
+
+        Landmarks marked :meth:`absent` are not missing: they have no point on purpose.
+        """
+        gone = set(self.absent(image))
+        return [int(k) for k in np.nonzero(~np.isfinite(self.positions(image)).all(axis=1))[0] if int(k) not in gone]
+
+    def absent(self, image: str | os.PathLike) -> list[int]:
+        """0-based indices of the landmarks marked absent (not visible) on ``image``, sorted."""
+        st = self._images.get(_image_key(image))
+        return [] if st is None else sorted(st.absent)
 
     def is_accepted(self, image: str | os.PathLike) -> bool:
         """Whether ``image`` is currently marked reviewed."""
@@ -403,7 +416,7 @@ class ReviewState:
         landmarks without a position are left out. Without confidences the order is the
         landmark order.
         """
-        done = set(self.corrected(image)) | set(self.missing(image))
+        done = set(self.corrected(image)) | set(self.missing(image)) | set(self.absent(image))
         return [k for k in self._order(image) if k not in done]
 
     def next_to_review(self, image: str | os.PathLike, after: int | None = None) -> int | None:
@@ -487,15 +500,19 @@ class ReviewState:
             st.accepted = False
             st.undo.clear()
             st.redo.clear()
+            st.absent.clear()
         elif a in POINT_EDITS:
             assert rec.k is not None and rec.new is not None
             st.current[rec.k] = rec.new
             self._edits[rec.seq] = rec
+            self._was_absent[rec.seq] = rec.k in st.absent
+            _set_absent(st, rec.k, a == "absent")
             st.undo.append(rec.seq)
             st.redo.clear()
         elif a == "undo":
             assert rec.k is not None and rec.new is not None and rec.undoes is not None
             st.current[rec.k] = rec.new
+            _set_absent(st, rec.k, self._was_absent.get(rec.undoes, False))
             if rec.undoes in st.undo:
                 st.undo.remove(rec.undoes)
                 if rec.undoes in self._edits:
@@ -503,6 +520,8 @@ class ReviewState:
         elif a == "redo":
             assert rec.k is not None and rec.new is not None and rec.redoes is not None
             st.current[rec.k] = rec.new
+            redone = self._edits.get(rec.redoes)
+            _set_absent(st, rec.k, redone is not None and redone.action == "absent")
             if rec.redoes in st.redo:
                 st.redo.remove(rec.redoes)
                 st.undo.append(rec.redoes)
@@ -511,6 +530,13 @@ class ReviewState:
         elif a == "unaccept":
             st.accepted = False
         return True
+
+
+def _set_absent(st: _ImageState, k: int, absent: bool) -> None:
+    if absent:
+        st.absent.add(k)
+    else:
+        st.absent.discard(k)
 
 
 # --------------------------------------------------------------------------- the log
@@ -801,6 +827,26 @@ class CorrectionLog:
 
         return self._append(build)
 
+    def mark_absent(self, image: str | os.PathLike, k: int) -> Correction | None:
+        """Record that landmark ``k`` (0-based) is absent (not visible) on ``image``.
+
+        Its point, if any, goes; the image can still be accepted, and the export leaves the
+        landmark's cells empty (training reads them as missing). Undo restores the point.
+        Returns ``None`` (nothing logged) if it is already marked absent.
+        """
+        name, k = _image_key(image), self._k(k)
+
+        def build(state: ReviewState, seq: int) -> Correction:
+            if k in state.absent(name):
+                raise _Nothing
+            return self._base(name, "absent", seq, state, k=k, name=state.landmark_names[k],
+                              old=state.positions(name)[k], new=np.full(2, np.nan))
+
+        try:
+            return self._append(build)
+        except _Nothing:
+            return None
+
     def set_point(self, image: str | os.PathLike, k: int, xy: Sequence[float] | np.ndarray | None) -> Correction | None:
         """Move, add or delete landmark ``k`` (0-based) as needed so it ends at ``xy``.
 
@@ -931,9 +977,9 @@ class CorrectionLog:
             if bad:
                 raise GlimpseError(f"{bad[0]} is not accepted (reviewed); only accepted images are exported")
         coords = np.stack([st.positions(n) for n in names])
-        for n, c in zip(names, coords):
-            miss = np.nonzero(~np.isfinite(c).all(axis=1))[0]
-            if miss.size:
+        for n in names:
+            miss = st.missing(n)
+            if miss:
                 k = int(miss[0])
                 raise GlimpseError(
                     f"{n}: landmark {k + 1} ({st.landmark_names[k]}) is missing (deleted) in an accepted "
@@ -1000,7 +1046,7 @@ class CorrectionLog:
                         col = Path(os.path.relpath(img, csv_dir)).as_posix()
                     except ValueError:  # pragma: no cover - other drive on Windows
                         col = str(img)
-                w.writerow([col] + [f"{v:.{decimals}f}" for v in c.reshape(-1)])
+                w.writerow([col] + ["" if not math.isfinite(v) else f"{v:.{decimals}f}" for v in c.reshape(-1)])
             _atomic_write_text(out, buf.getvalue())
             return out
 
