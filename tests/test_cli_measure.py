@@ -129,7 +129,8 @@ def test_predict_measures_next_to_the_predictions(capsys, tmp_path):
     expect = classify_batch(measure_batch(coords))
     assert [[int(v) for v in r[9:]] for r in rows] == expect.tolist()
     # an explicit path
-    run_ok(capsys, "predict", imgs[0], "--out", tmp_path / "q.csv", "--iterations", 0, "--measures", tmp_path / "mm.csv")
+    run_ok(capsys, "predict", imgs[0], "--out", tmp_path / "q.csv", "--iterations", 0,
+           "--measures", tmp_path / "mm.csv")
     assert (tmp_path / "mm.csv").exists() and not (tmp_path / "q_measures.csv").exists()
 
 
