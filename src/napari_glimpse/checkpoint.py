@@ -4,12 +4,13 @@ positions and weights, loaded with ``torch.load(weights_only=True)``."""
 from __future__ import annotations
 
 import os
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._files import make_temp
 from .errors import GlimpseError
 
 FORMAT_VERSION = 5  # 2: optional coarse stage; 3: coarse ensemble; 4: fine stage; 5: fine ensemble; files are written at the lowest version that holds them
@@ -17,10 +18,13 @@ KIND = "napari-glimpse-model"
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``. A model
+    checkpoint with NaN or infinite weights is refused (:func:`nonfinite_tensor`); the temporary
+    file has the umask's permissions, and stale ones of killed writers are removed first."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if isinstance(obj, dict) and obj.get("kind") == KIND and (bad := nonfinite_tensor(obj)) is not None:
+        raise GlimpseError(f"refusing to write {path}: {bad} holds NaN or infinite values")
+    fd, tmp = make_temp(path)
     os.close(fd)
     try:
         torch.save(obj, tmp)
@@ -29,6 +33,24 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def nonfinite_tensor(obj: Any, name: str = "") -> str | None:
+    """The name of the first floating-point tensor in a checkpoint (nested dicts and lists; its
+    resume state aside) holding a NaN or an infinity, else ``None``."""
+    if isinstance(obj, torch.Tensor):
+        bad = obj.is_floating_point() and not bool(torch.isfinite(obj).all())
+        return (name or "a tensor") if bad else None
+    if isinstance(obj, dict):
+        items = ((k, v) for k, v in obj.items() if k != "train_state")
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        if (bad := nonfinite_tensor(v, f"{name}.{k}" if name else str(k))) is not None:
+            return bad
+    return None
 
 
 def halve_weights(ckpt: dict) -> dict:
@@ -73,7 +95,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise GlimpseError(f"expected a model file, got a folder: {path}")
     try:
         # TorchVersion (a str subclass) sits in the metadata of files written by older trainings
-        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+        # torch's UserWarnings (pickle protocol, ...) would precede the one error line
+        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and unpickler errors vary by version
         raise GlimpseError(
@@ -92,4 +116,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     for key in ("model_config", "landmark_names", "pixel_spacing", "mean_start", "state_dict"):
         if key not in ckpt:
             raise GlimpseError(f"{path}: checkpoint lacks {key!r}")
+    if (bad := nonfinite_tensor(ckpt)) is not None:
+        raise GlimpseError(f"{path}: {bad} holds NaN or infinite values (a training that diverged?); "
+                           f"the model cannot be used")
     return ckpt

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -100,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not remake the parent's int8 graphs for the tuned nets (they then run float)")
     f.add_argument("--progress-json", action="store_true",
                    help="print one JSON line per step on stdout (for the napari widget)")
+    f.add_argument("--resume", action="store_true",
+                   help="continue from OUT.resume (written every minute once the coarse and fine stages are tuned)")
 
     pr = sub.add_parser("predict", help="predict landmarks on images or folders")
     pr.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
@@ -115,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=_positive_int)
     pr.add_argument("--float", action="store_true",
                     help="run the float nets even where the model carries int8 graphs (slower; see 'quantize')")
+    pr.add_argument("--skip-bad", action="store_true",
+                    help="images that cannot be read or predicted are reported (one line each) and skipped, and "
+                         "the exit code is 0 (default: 2 once the other images are written)")
+    pr.add_argument("--resume", action="store_true",
+                    help="keep the rows already in OUT (and its confidence CSV) and predict only the other images")
     pr.add_argument("--measures", nargs="?", const=True, metavar="CSV",
                     help="also write the 8 clinical measurements and their classes (as 'measure' does, at the "
                          "model's pixel spacing) to CSV (default: OUT with _measures, e.g. preds_measures.csv)")
@@ -273,7 +282,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         ds, a.out, train_config=tcfg, device=a.device, init=parent,
         time_budget_s=glimpse_budget_s, coarse_budget_s=coarse_budget_s, coarse_steps=coarse_steps,
         fine_budget_s=fine_budget_s, fine_steps=fine_steps,
-        progress=not a.progress_json, callback=callback,
+        progress=not a.progress_json, callback=callback, resume=a.resume,
         meta={"parent": parent_path, "parent_meta": {k: parent.meta.get(k) for k in ("command", "train_steps")},
               "finetune_data": str(a.data), "command": "napari-glimpse " + " ".join(sys.argv[1:])},
     )
@@ -319,36 +328,13 @@ def _confidence_path(out: Path, given: str | None) -> Path:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
-    import numpy as np
-    from tqdm.auto import tqdm
+    from ._predict import run_predict
 
-    from .inference import GlimpseModel
-    from .io import expand_image_args, write_landmarks_csv, write_table_csv
-
-    paths = expand_image_args(a.images)
-    model = GlimpseModel.load(a.model, a.device, int8=not a.float)
-    if a.measures and len(model.landmark_names) != 19:
-        raise GlimpseError(f"--measures needs a 19-landmark ISBI model, this one has {len(model.landmark_names)}")
-    preds, conf, facings = [], [], []
-    t = time.perf_counter()
-    for p in tqdm(paths, desc="predict", unit="image", disable=len(paths) < 2):
-        tr = model.predict(p, iterations=a.iterations, starts=a.starts, facing=a.facing)
-        preds.append(tr.final)
-        conf.append(tr.confidence)
-        facings.append(tr.facing)
-    dt = time.perf_counter() - t
     out = Path(a.out)
-    names = [p.name for p in paths]
-    write_landmarks_csv(out, names, np.stack(preds))
-    cpath = _confidence_path(out, a.confidence_out)
-    k = len(model.landmark_names)
-    write_table_csv(cpath, ["image_path"] + [f"{i + 1}_confidence" for i in range(k)] + ["facing"],
-                    [[n] + [f"{v:.3f}" for v in c] + [f] for n, c, f in zip(names, conf, facings)])
-    print(f"wrote {out} and {cpath}: {len(paths)} image(s), {dt / len(paths):.2f} s per image")
+    mpath = None
     if a.measures:
         mpath = out.with_name(out.stem + "_measures.csv") if a.measures is True else Path(a.measures)
-        _write_measures(mpath, names, np.stack(preds), model.pixel_spacing)
-    return 0
+    return run_predict(a, _confidence_path(out, a.confidence_out), mpath)
 
 
 def _write_measures(path: Path, names, coords, spacing: float) -> None:
@@ -461,15 +447,41 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _warning_lines():
+    """Show :class:`GlimpseWarning` (a repaired input, e.g. NaN pixels) as one
+    ``napari-glimpse: warning: ...`` line on stderr, beside any progress bar."""
+    from .errors import GlimpseWarning, printable
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, GlimpseWarning):
+            from tqdm.auto import tqdm
+
+            tqdm.write(printable(f"napari-glimpse: warning: {message}"), file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
         _threads(getattr(a, "threads", None))
-        return {"train": cmd_train, "finetune": cmd_finetune, "predict": cmd_predict, "evaluate": cmd_evaluate,
-                "quantize": cmd_quantize, "measure": cmd_measure}[a.command](a)
+        with _warning_lines():
+            return {"train": cmd_train, "finetune": cmd_finetune, "predict": cmd_predict, "evaluate": cmd_evaluate,
+                    "quantize": cmd_quantize, "measure": cmd_measure}[a.command](a)
     except GlimpseError as exc:
-        print(f"napari-glimpse: error: {exc}", file=sys.stderr)
+        from .errors import printable
+
+        print(printable(f"napari-glimpse: error: {exc}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("napari-glimpse: interrupted", file=sys.stderr)

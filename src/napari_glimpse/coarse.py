@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import GlimpseError
 from .int8 import usable, weights_key
 from .model import _conv_bn
 
@@ -383,6 +384,9 @@ def fit_heatmaps(
             for d, avg in (averages or {}).items():
                 update_average(avg, net, d, step)
             lv = loss.item()
+            if not math.isfinite(lv):  # never go on to write NaN weights
+                raise GlimpseError(f"{stage} training stopped at step {step}: the loss is {lv} (check the labels "
+                                   f"and images for NaN or infinite values); the model was not written")
             ema = lv if ema is None else 0.98 * ema + 0.02 * lv
             done = (time.monotonic() - t0) / time_budget_s
             if max_steps:

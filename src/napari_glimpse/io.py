@@ -8,29 +8,81 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
-import tempfile
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .errors import GlimpseError
+from ._files import make_temp
+from .errors import GlimpseError, GlimpseWarning
 from .landmarks import ISBI_LANDMARKS, ISBI_PIXEL_SPACING_MM
 
 IMAGE_SUFFIXES = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
 ISBI_SPLIT_FOLDERS = {"train": "TrainingData", "test1": "Test1Data", "test2": "Test2Data"}
 
+# Our own limit on an image's size (a 500-megapixel image takes about 5 GB to predict); below it,
+# images are decoded without PIL's decompression-bomb warnings (PIL's own limit is raised to it).
+MAX_PIXELS = 500_000_000
+
+
+def _too_large(path: Path, size: tuple[int, int] | None, detail: str = "") -> GlimpseError:
+    what = f"{size[0]}x{size[1]} pixels, {size[0] * size[1] / 1e6:.0f} megapixels" if size else detail
+    return GlimpseError(f"image {path} is too large ({what}); napari-glimpse reads images of up to "
+                        f"{MAX_PIXELS / 1e6:.0f} megapixels")
+
+
+def _open_image(path: Path):
+    """``PIL.Image.open`` with our pixel limit instead of PIL's (no decompression-bomb warnings
+    below it, a clear :class:`GlimpseError` above it)."""
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_PIXELS:
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as exc:
+            m = re.search(r"\((\d+) pixels\)", str(exc))
+            raise _too_large(path, None, f"{int(m.group(1)) / 1e6:.0f} megapixels" if m else str(exc)) from None
+    if im.size[0] * im.size[1] > MAX_PIXELS:
+        im.close()
+        raise _too_large(path, im.size)
+    return im
+
+
+def finite_pixels(arr: np.ndarray, name: str = "image") -> np.ndarray:
+    """``arr`` with its NaN and infinite pixels (float images only) set to the image's lowest
+    finite value, with one :class:`GlimpseWarning` naming ``name`` and the count; an image without
+    any finite pixel is a :class:`GlimpseError`."""
+    if not np.issubdtype(arr.dtype, np.floating):
+        return arr
+    ok = np.isfinite(arr)
+    if ok.all():
+        return arr
+    if not ok.any():
+        raise GlimpseError(f"{name}: no finite pixel values (all NaN or infinite)")
+    lo = arr[ok].min()
+    warnings.warn(f"{name}: {arr.size - int(ok.sum())} NaN or infinite pixel(s) set to the image's lowest "
+                  f"value ({lo:g})", GlimpseWarning, stacklevel=2)
+    return np.where(ok, arr, lo)
+
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image as a 2-D grey ``uint8`` array.
 
     8-bit images are kept as they are; 16-bit and float images are windowed to their
-    0.5-99.5 percentile range; RGB is averaged to grey.
+    0.5-99.5 percentile range; RGB is averaged to grey. NaN or infinite pixels of a float image
+    are set to its lowest value, with a warning (:func:`finite_pixels`); an image above
+    :data:`MAX_PIXELS` is a clear error.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     path = Path(path)
     if not path.exists():
@@ -38,14 +90,14 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     if path.is_dir():
         raise GlimpseError(f"expected an image file, got a folder: {path}")
     try:
-        with Image.open(path) as im:
+        with _open_image(path) as im:
             im.load()
             if im.mode in ("RGB", "RGBA", "P", "LA", "CMYK", "YCbCr"):
                 im = im.convert("L")
             arr = np.array(im)
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise GlimpseError(f"cannot read image {path}: {exc.__class__.__name__}: {exc}") from None
-    return to_grey_uint8(arr)
+    return to_grey_uint8(finite_pixels(arr, str(path)))
 
 
 def to_grey_uint8(arr: np.ndarray) -> np.ndarray:
@@ -67,7 +119,7 @@ def to_grey_uint8(arr: np.ndarray) -> np.ndarray:
         return arr
     if arr.dtype == bool:
         return arr.astype(np.uint8) * 255
-    a = arr.astype(np.float32)
+    a = finite_pixels(arr).astype(np.float32)
     if np.issubdtype(arr.dtype, np.integer) and a.max() <= 255 and a.min() >= 0 and arr.dtype != np.uint16:
         return a.astype(np.uint8)
     lo, hi = np.percentile(a, [0.5, 99.5])
@@ -83,36 +135,81 @@ def landmark_columns(n: int) -> list[str]:
     return cols
 
 
-def read_landmarks_csv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
-    """Read a Kaggle-layout CSV: ``image_path,1_x,1_y,...``. Returns names and ``(N, K, 2)``."""
-    path = Path(path)
+CSV_ENCODING = "utf-8-sig"  # a leading byte-order mark (Excel's "CSV UTF-8") is skipped
+# bytes that are not UTF-8 (file names in another encoding) pass through unchanged, as os.fsdecode does
+CSV_ERRORS = "surrogateescape"
+
+
+def _read_csv_rows(path: Path) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of a CSV with their line numbers; ``,``, or else ``;`` or tab
+    (whichever the first line has) as the separator."""
     if not path.exists():
         raise GlimpseError(f"landmark file not found: {path}")
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GlimpseError(f"cannot read {path}: {exc}") from None
-    numbered = [(i, r) for i, r in enumerate(rows, start=1) if any(c.strip() for c in r)]
+        text = path.read_text(encoding=CSV_ENCODING, errors=CSV_ERRORS)
+    except OSError as exc:
+        raise GlimpseError(f"cannot read {path}: {exc.strerror or exc}") from None
+    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    delimiter = ","
+    if "," not in first and (";" in first or "\t" in first):
+        delimiter = ";" if first.count(";") >= first.count("\t") else "\t"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        rows = list(reader)
+    except csv.Error as exc:
+        raise GlimpseError(f"{path}:{reader.line_num}: not a readable CSV ({exc})") from None
+    return [(i, r) for i, r in enumerate(rows, start=1) if any(c.strip() for c in r)]
+
+
+def _check_header(path: Path, header: list[str]) -> None:
+    if header[0] != "image_path":
+        raise GlimpseError(f"{path}: the first column must be image_path, found {header[0][:40]!r} "
+                           f"(header: image_path,1_x,1_y,...,K_x,K_y)")
+    if len(header) < 3 or (len(header) - 1) % 2 != 0:
+        raise GlimpseError(f"{path}: header must be image_path,1_x,1_y,...,K_x,K_y: an x and a y column per "
+                           f"landmark (got {len(header)} columns, the last {header[-1][:40]!r})")
+
+
+def _coordinate(path: Path, lineno: int, name: str, column: str, text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        hint = "; a decimal comma? write 12.5, not 12,5" if re.fullmatch(r"\s*-?\d+,\d+\s*", text) else ""
+        raise GlimpseError(f"{path}:{lineno}: non-numeric value {text[:40]!r} (image {name}, column {column}"
+                           f"{hint})") from None
+    if not math.isfinite(v):
+        raise GlimpseError(f"{path}:{lineno}: image {name}, column {column}: {text.strip()!r} is not a finite number")
+    return v
+
+
+def read_landmarks_csv(path: str | os.PathLike, unique: bool = False) -> tuple[list[str], np.ndarray]:
+    """Read a Kaggle-layout CSV: ``image_path,1_x,1_y,...``. Returns names and ``(N, K, 2)``.
+
+    UTF-8 with or without a byte-order mark; ``,`` separators, or ``;`` or tabs throughout.
+    Every coordinate must be a finite number (errors name the line, image and column).
+    ``unique``: an image named on two rows is an error (labels for training or evaluation).
+    """
+    path = Path(path)
+    numbered = _read_csv_rows(path)
     if not numbered:
         raise GlimpseError(f"{path} is empty")
     header = [c.strip() for c in numbered[0][1]]
-    if len(header) < 3 or (len(header) - 1) % 2 != 0 or header[0] != "image_path":
-        raise GlimpseError(
-            f"{path}: header must be image_path,1_x,1_y,...,K_x,K_y (got {len(header)} columns)"
-        )
+    _check_header(path, header)
     n = (len(header) - 1) // 2
-    names, coords = [], []
+    names, coords, seen = [], [], {}
     for lineno, row in numbered[1:]:
+        name = row[0].strip()
         if len(row) != len(header):
-            raise GlimpseError(
-                f"{path}:{lineno}: expected {len(header)} columns, got {len(row)}"
-            )
-        try:
-            vals = [float(c) for c in row[1:]]
-        except ValueError:
-            raise GlimpseError(f"{path}:{lineno}: non-numeric coordinate") from None
-        names.append(row[0].strip())
+            detail = (f"no value for column {header[len(row)]}" if len(row) < len(header)
+                      else f"a value beyond the last column {header[-1]}")
+            raise GlimpseError(f"{path}:{lineno}: expected {len(header)} columns, got {len(row)} "
+                               f"(image {name}: {detail})")
+        if unique and name in seen:
+            raise GlimpseError(f"{path}:{lineno}: image {name} has a second row (the first on line {seen[name]}); "
+                               f"keep one row per image")
+        seen.setdefault(name, lineno)
+        vals = [_coordinate(path, lineno, name, col, c) for col, c in zip(header[1:], row[1:])]
+        names.append(name)
         coords.append(np.asarray(vals, dtype=np.float64).reshape(n, 2))
     if not names:
         raise GlimpseError(f"{path} has a header but no rows")
@@ -120,10 +217,9 @@ def read_landmarks_csv(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = make_temp(path)
     try:
-        with os.fdopen(fd, "w", newline="") as f:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8", errors=CSV_ERRORS) as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -137,10 +233,15 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def write_landmarks_csv(
     path: str | os.PathLike, names: Sequence[str], coords: np.ndarray, decimals: int = 2
 ) -> None:
-    """Write ``(N, K, 2)`` coordinates in the Kaggle layout (atomically)."""
+    """Write ``(N, K, 2)`` coordinates in the Kaggle layout (atomically); NaN or infinite
+    coordinates are refused (nothing is written)."""
     coords = np.asarray(coords, dtype=np.float64)
     if coords.ndim != 3 or coords.shape[-1] != 2 or coords.shape[0] != len(names):
         raise ValueError(f"coords must be (N, K, 2) with N={len(names)}, got {coords.shape}")
+    bad = np.nonzero(~np.isfinite(coords).all(axis=(1, 2)))[0]
+    if bad.size:
+        raise GlimpseError(f"refusing to write {path}: the coordinates of {names[int(bad[0])]} "
+                           f"({bad.size} image(s) in all) are not finite numbers")
     rows = [[name] + [f"{v:.{decimals}f}" for v in c.reshape(-1)] for name, c in zip(names, coords)]
     write_table_csv(path, landmark_columns(coords.shape[1]), rows)
 
@@ -152,6 +253,52 @@ def write_table_csv(path: str | os.PathLike, header: Sequence[str], rows: Sequen
     w.writerow(header)
     w.writerows(rows)
     _atomic_write_text(Path(path), buf.getvalue())
+
+
+class CsvAppender:
+    """A CSV written a row at a time: the header and ``rows`` are written atomically first
+    (with the umask's permissions), then each :meth:`write` appends one row and flushes it, so a
+    run that is killed leaves every row it finished, whole."""
+
+    def __init__(self, path: str | os.PathLike, header: Sequence[str], rows: Sequence[Sequence] = ()):
+        self.path = Path(path)
+        write_table_csv(self.path, header, rows)
+        self._f = open(self.path, "a", newline="", encoding="utf-8", errors=CSV_ERRORS)
+        self._w = csv.writer(self._f, lineterminator="\n")
+
+    def write(self, row: Sequence) -> None:
+        self._w.writerow(row)
+        self._f.flush()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+
+def read_rows_to_resume(path: str | os.PathLike, header: Sequence[str]) -> list[list[str]]:
+    """The whole rows of a CSV written with ``header`` (by :class:`CsvAppender`), to continue it:
+    none if the file does not exist; a last line cut short (no newline) is dropped, as are rows of
+    another length; another header is a :class:`GlimpseError`."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        text = path.read_text(encoding=CSV_ENCODING, errors=CSV_ERRORS)
+    except OSError as exc:
+        raise GlimpseError(f"cannot read {path} to resume: {exc.strerror or exc}") from None
+    text = text[: text.rfind("\n") + 1]
+    try:
+        rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r]
+    except csv.Error as exc:
+        raise GlimpseError(f"{path}: not a CSV this program wrote ({exc}); cannot resume it") from None
+    if not rows:
+        return []
+    if [c.strip() for c in rows[0]] != list(header):
+        raise GlimpseError(f"{path} has other columns ({len(rows[0])}) than these predictions ({len(header)}); "
+                           f"cannot resume it: give another --out, or drop --resume to replace it")
+    return [r for r in rows[1:] if len(r) == len(header)]
 
 
 def read_isbi_txt(path: str | os.PathLike, n_landmarks: int = 19) -> np.ndarray:
@@ -170,6 +317,8 @@ def read_isbi_txt(path: str | os.PathLike, n_landmarks: int = 19) -> np.ndarray:
             pts.append((float(parts[0]), float(parts[1])))
         except ValueError:
             raise GlimpseError(f"{path}:{i + 1}: non-numeric coordinate {ln!r}") from None
+        if not all(map(math.isfinite, pts[-1])):
+            raise GlimpseError(f"{path}:{i + 1}: coordinate {ln!r} is not a finite number")
     if len(pts) < n_landmarks:
         raise GlimpseError(f"{path}: expected {n_landmarks} landmark lines, found {len(pts)}")
     return np.asarray(pts, dtype=np.float64)
@@ -244,6 +393,11 @@ class Dataset:
         h, w = shape
         for who, ann in self.annotations.items():
             c = ann[i]
+            nonfinite = np.nonzero(~np.isfinite(c).all(-1))[0]
+            if nonfinite.size:
+                k = int(nonfinite[0])
+                raise GlimpseError(f"{self.image_paths[i].name}: landmark {k + 1} ({who}) at "
+                                   f"({c[k, 0]:g}, {c[k, 1]:g}) is not a finite position")
             bad = np.nonzero((c[:, 0] < 0) | (c[:, 1] < 0) | (c[:, 0] > w - 1) | (c[:, 1] > h - 1))[0]
             if bad.size:
                 k = int(bad[0])
@@ -282,7 +436,7 @@ def load_dataset(
     if not root.exists():
         raise GlimpseError(f"data not found: {root}")
     if root.is_file():
-        names, coords = read_landmarks_csv(root)
+        names, coords = read_landmarks_csv(root, unique=True)
         paths = [_find_image(root.parent, n) for n in names]
         return Dataset(paths, {"labels": coords}, _names_for(coords.shape[1]), spacing)
 
@@ -294,7 +448,7 @@ def load_dataset(
         ann: dict[str, np.ndarray] = {}
         names0: list[str] | None = None
         for who, p in kaggle.items():
-            names, coords = read_landmarks_csv(p)
+            names, coords = read_landmarks_csv(p, unique=True)
             if names0 is None:
                 names0 = names
             elif names != names0:

@@ -127,8 +127,13 @@ class TrainingData:
         self.n_images, self.n_landmarks = self.truth.shape[:2]
 
 
+# the glimpse stage's first resume point comes this soon (then every save_every_s)
+FIRST_RESUME_S = 30.0
+
+
 def _save_resume(path: Path, model: GlimpseModel, opt, step: int, elapsed: float, gen: torch.Generator,
-                 history: list) -> None:
+                 history: list, pending: str | None = None) -> None:
+    """Write the resume point; ``pending``: a stage still to train (such a point cannot be resumed)."""
     ck = model.to_checkpoint()
     ck["train_state"] = {
         "optimizer": opt.state_dict(),
@@ -137,7 +142,16 @@ def _save_resume(path: Path, model: GlimpseModel, opt, step: int, elapsed: float
         "rng": gen.get_state(),
         "history": history,
     }
+    if pending:
+        ck["train_state"]["pending"] = pending
     atomic_torch_save(ck, path)
+
+
+def _check_loss(loss: float, stage: str, step: int, out: Path) -> None:
+    """A NaN or infinite loss stops training with a clear error, before anything is written."""
+    if not math.isfinite(loss):
+        raise GlimpseError(f"{stage} training stopped at step {step}: the loss is {loss} (check the labels and "
+                           f"images for NaN or infinite values); {out} was not written")
 
 
 def train_step(
@@ -279,6 +293,9 @@ def train(
         state = ck.get("train_state")
         if state is None:
             raise GlimpseError(f"{rpath} holds no training state")
+        if state.get("pending"):
+            raise GlimpseError(f"{rpath} was written before the {state['pending']} stage was trained and cannot be "
+                               f"resumed; start again without --resume")
         model = GlimpseModel.from_checkpoint(ck, dev, source=str(rpath))
         tcfg = TrainConfig.from_dict(ck.get("train_config", {}))
         mcfg = model.config
@@ -369,7 +386,7 @@ def train(
             model.meta["coarse_train_wall_s"] = chist[-1]["elapsed_s"]
         model.meta["coarse_finetune_history" if tune_coarse else "coarse_history"] = chist
         data.views = None
-        _save_resume(rpath, model, opt, 0, 0.0, gen, history)
+        _save_resume(rpath, model, opt, 0, 0.0, gen, history, pending="fine" if want_fine else None)
     if want_fine:
         flevels = data.fine_levels
 
@@ -421,6 +438,7 @@ def train(
 
     t0 = time.monotonic()
     last_save = t0
+    early_saved = False
     ema = None
     bar = tqdm(total=1000, desc="train", unit="‰", disable=not progress, bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
     stopped = "budget"
@@ -438,6 +456,7 @@ def train(
                 g["lr"] = lr
             loss_sum = train_step(net, opt, mcfg, tcfg, stack, truth, shapes, mean, std, gen)
             step += 1
+            _check_loss(loss_sum, "glimpse", step, out)
             # loss in mm of the mean radial error over the batch
             loss_mm = loss_sum * unit * model.pixel_spacing
             ema = loss_mm if ema is None else 0.98 * ema + 0.02 * loss_mm
@@ -459,6 +478,11 @@ def train(
                 history.append(rec)
                 _save_resume(rpath, model, opt, step, info["elapsed_s"], gen, history)
                 last_save = time.monotonic()
+            elif not early_saved and last_save == t0 and time.monotonic() - t0 > FIRST_RESUME_S:
+                # an early first resume point (no validation, no history record: the regular
+                # saves keep their times)
+                _save_resume(rpath, model, opt, step, info["elapsed_s"], gen, history)
+                early_saved = True
     finally:
         bar.close()
     elapsed = elapsed0 + time.monotonic() - t0
@@ -492,6 +516,8 @@ def predict_dataset(model: GlimpseModel, dataset: Dataset, iterations: int | Non
             img = np.ascontiguousarray(img[:, ::-1])
         tr = model.predict(img, iterations=iterations, starts=starts, facing=facing)
         final = mirror_points(tr.final, img.shape[1]) if mirror else tr.final
+        if not np.isfinite(final).all():  # no NaN in predictions or metrics
+            raise GlimpseError(f"{dataset.image_paths[i].name}: the model's answer is not a finite number (NaN)")
         preds.append(final)
         unc.append(tr.uncertainty_mm)
     return np.stack(preds), np.stack(unc)
