@@ -83,6 +83,27 @@ class GlimpseState(QObject):
         self.log: CorrectionLog | None = None
         self.selected_landmark: int | None = None
         self._quiet = 0
+        layers = getattr(viewer, "layers", None)
+        if layers is not None:
+            layers.events.removing.connect(self._hide_text_before_removal)
+
+    def _hide_text_before_removal(self, event: Any) -> None:
+        """Hide a text-labelled layer's text and redraw once before napari removes it.
+
+        Software GL (Mesa llvmpipe) crashes in ``glDrawArrays`` when text-labelled points are
+        added after such layers were removed while their text was on screen (deleting all layers,
+        then detecting again). A frame drawn without the text before the removal avoids it.
+        """
+        viewer = self.viewer
+        try:
+            layer = viewer.layers[event.index]
+        except (AttributeError, IndexError, TypeError):
+            return
+        text = getattr(layer, "text", None)
+        if text is None or not getattr(text, "visible", False) or not len(getattr(layer, "data", ())):
+            return
+        text.visible = False
+        _repaint_now(viewer)
 
     @contextlib.contextmanager
     def quiet(self):
@@ -208,6 +229,15 @@ def state_for(viewer: Any) -> GlimpseState:
 
 
 # ------------------------------------------------------------------------- Qt helpers
+def _repaint_now(viewer: Any) -> None:
+    """Draw the viewer's canvas at once (napari offers no public call for it)."""
+    try:
+        canvas = viewer.window._qt_viewer.canvas._scene_canvas
+        canvas.native.repaint()
+    except Exception:  # noqa: BLE001 a viewer without a window (headless), or napari moved it
+        pass
+
+
 def status(label: QLabel, text: str, error: bool = False) -> None:
     """Show a one-line status; errors in red (and in the tooltip, for long messages)."""
     label.setText(text)
