@@ -76,7 +76,8 @@ def resume_rows(out: Path, cpath: Path, lhead: list[str], chead: list[str]) -> d
 
 def _predict_one(model, p: Path, a: argparse.Namespace):
     try:
-        tr = model.predict(p, iterations=a.iterations, starts=a.starts, facing=a.facing)
+        tr = model.predict(p, iterations=a.iterations, starts=a.starts, facing=a.facing,
+                           spacing=getattr(a, "spacing", None))
     except MemoryError:
         raise GlimpseError(f"{p}: out of memory while predicting") from None
     if not (np.isfinite(tr.final).all() and np.isfinite(tr.confidence).all()):

@@ -47,13 +47,9 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, float | None]:
     img = to_grey_uint8(arr)
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         img = 255 - img
-    spacing = None
-    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
-        val = getattr(ds, tag, None)
-        if val:
-            spacing = float(val[0])
-            break
-    return img, spacing
+    from .spacing import dicom_spacing
+
+    return img, dicom_spacing(ds)  # PixelSpacing, else ImagerPixelSpacing, else None
 
 
 def read_cephalogram(path: str):
@@ -64,6 +60,10 @@ def read_cephalogram(path: str):
         img, spacing = read_dicom(p)
     else:
         img = read_image(p)
+        if p.suffix.lower() in (".tif", ".tiff"):
+            from .spacing import tiff_spacing
+
+            spacing = tiff_spacing(p)  # only a meaningful resolution (not 72/96 dpi, a unit given)
     meta = {"path": str(p)}
     if spacing is not None:
         meta["pixel_spacing_mm"] = spacing

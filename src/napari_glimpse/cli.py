@@ -29,6 +29,11 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _spacing_text(s: str) -> str:
+    """``--spacing``: checked in :func:`main` (one error line, exit 2; see ``spacing.check_spacing``)."""
+    return s
+
+
 def _nonnegative_int(s: str) -> int:
     v = int(s)
     if v < 0:
@@ -62,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float)
     t.add_argument("--val-fraction", type=float, default=0.0,
                    help="hold out this fraction of the split as validation, reported as training goes")
-    t.add_argument("--spacing", type=_positive_float, help="pixel spacing in mm (default 0.1)")
+    t.add_argument("--spacing", type=_spacing_text, metavar="MM",
+                   help="pixel spacing of the images in mm (default 0.1); the new model works at it (images at "
+                        "another spacing are resampled to it when predicted)")
     t.add_argument("--threads", type=_positive_int, help="CPU threads for torch")
     t.add_argument("--coarse-minutes", type=_positive_float, metavar="MIN",
                    help="first train the coarse whole-image stage for MIN minutes (its answer is the "
@@ -82,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--split", default="train", help="split, when --data is a folder")
     f.add_argument("--mix-data", metavar="DIR", help="also train on this dataset's --mix-split (e.g. the original set)")
     f.add_argument("--mix-split", default="train")
+    f.add_argument("--spacing", type=_spacing_text, metavar="MM",
+                   help="pixel spacing of the --data images in mm (default: the model's, 0.1 for the shipped one); "
+                        "at another, they are resampled to the model's for training (labels with them)")
     f.add_argument("--out", required=True, help="new model file (records its parent)")
     f.add_argument("--max-steps", type=_positive_int, default=200)
     f.add_argument("--time-budget", type=_positive_float, metavar="MIN")
@@ -119,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--threads", type=_positive_int)
     pr.add_argument("--float", action="store_true",
                     help="run the float nets even where the model carries int8 graphs (slower; see 'quantize')")
+    pr.add_argument("--spacing", type=_spacing_text, metavar="MM",
+                    help="pixel spacing of every image in mm (default: each file's own, from DICOM or TIFF tags, "
+                         "else the model's, 0.1 mm, with a note when an image's size is unlike the training "
+                         "images'); images are resampled to the model's spacing and answered in their own pixels")
     pr.add_argument("--skip-bad", action="store_true",
                     help="images that cannot be read or predicted are reported (one line each) and skipped, and "
                          "the exit code is 0 (default: 2 once the other images are written)")
@@ -132,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "from a 19-landmark CSV (docs/measurements.md)")
     ms.add_argument("landmarks", metavar="LANDMARKS.csv", help="Kaggle-layout CSV of the 19 ISBI landmarks, pixels")
     ms.add_argument("--out", required=True, help="CSV to write: image_path, the 8 values, then the 8 classes")
-    ms.add_argument("--spacing", type=_positive_float, default=0.1, help="pixel spacing in mm (default 0.1; MW only)")
+    ms.add_argument("--spacing", type=_spacing_text, default=0.1, help="pixel spacing in mm (default 0.1; MW only)")
 
     e = sub.add_parser("evaluate", help="ISBI metrics (MRE, SDR) on a labelled split; with 19 landmarks also the "
                                         "measurement classes' agreement with the ground truth's (JSON: classification)")
@@ -148,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flip every image left-right (labels flipped to match): the facing-left check")
     e.add_argument("--json", metavar="PATH", help="also write the results as JSON ('-' for stdout)")
     e.add_argument("--predictions", metavar="CSV", help="also write the predictions (Kaggle layout)")
-    e.add_argument("--spacing", type=_positive_float)
+    e.add_argument("--spacing", type=_spacing_text, metavar="MM",
+                   help="pixel spacing of the split's images in mm (default 0.1, the ISBI images'): images at "
+                        "another spacing than the model's are resampled to it, and errors are in mm at this spacing")
     e.add_argument("--device", default="auto")
     e.add_argument("--threads", type=_positive_int)
     e.add_argument("--float", action="store_true", help="run the float nets even where the model carries int8 graphs")
@@ -239,15 +255,20 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_finetune(a: argparse.Namespace) -> int:
     from .inference import GlimpseModel
     from .int8 import attached, stages
-    from .io import concat_datasets, load_dataset
+    from .io import load_dataset
     from .training import TrainConfig, train
 
     parent = GlimpseModel.load(a.model, a.device)
     # the stages whose nets ran int8 graphs in the parent get them again after tuning
     had_int8 = sorted(name for name, nets in stages(parent).items() if any(attached(n) is not None for n in nets))
-    ds = load_dataset(a.data, a.split)
+    from .spacing import at_spacing
+
+    # the parent works at its own spacing: --data at another (--spacing) is resampled to it, labels
+    # with it; --mix-data is taken at the parent's (the original training set's)
+    parts = [load_dataset(a.data, a.split, a.spacing or parent.pixel_spacing)]
     if a.mix_data:
-        ds = concat_datasets([ds, load_dataset(a.mix_data, a.mix_split)])
+        parts.append(load_dataset(a.mix_data, a.mix_split, parent.pixel_spacing))
+    ds = at_spacing(parts, parent.pixel_spacing) if a.spacing or len(parts) > 1 else parts[0]
     if len(ds.landmark_names) != len(parent.landmark_names):
         raise GlimpseError(f"model has {len(parent.landmark_names)} landmarks, data has {len(ds.landmark_names)}")
     base = TrainConfig.from_dict(parent.train_config)
@@ -475,6 +496,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = parser.parse_args(argv)
     try:
         _threads(getattr(a, "threads", None))
+        if getattr(a, "spacing", None) is not None:
+            from .spacing import check_spacing
+
+            a.spacing = check_spacing(a.spacing, "--spacing")
         with _warning_lines():
             return {"train": cmd_train, "finetune": cmd_finetune, "predict": cmd_predict, "evaluate": cmd_evaluate,
                     "quantize": cmd_quantize, "measure": cmd_measure}[a.command](a)

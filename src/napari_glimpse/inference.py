@@ -24,6 +24,11 @@ if TYPE_CHECKING:
     from .fine import FineEnsemble, FineNet
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default.pt"
+# an image is resampled to the model's spacing when its own differs by more than this fraction
+SPACING_TOLERANCE = 0.01
+# the longest side (pixels at the model's spacing) a resampled image may have: beyond it, the
+# spacing given is taken for a mistake (the ISBI images are 2400 pixels at 0.1 mm)
+MAX_MODEL_SIDE = 8000
 
 
 def _cpu_state(module: torch.nn.Module) -> dict:
@@ -111,6 +116,14 @@ class Trajectory:
     ``c`` (window pixel ``j`` at ``centre + (j - (P - 1) / 2) * scale``). Flipped like the glimpses.
     ``fine_nets`` ``(shown, total)``: how many fine nets' maps ``fine_heatmaps`` averages (those
     of the first net's kind) and how many nets the fine stage has.
+
+    Spacing (:meth:`GlimpseModel.predict` ``spacing``): ``pixel_spacing`` is the image's (mm per
+    pixel of ``positions``) and ``spacing_source`` where it came from (``given``, ``file`` or
+    ``model``). The model works at its own spacing: an image at another (by more than 1 %) is
+    resampled first and every position mapped back to the image's pixels; ``model_scale`` (x, y)
+    is then the model's pixels per image pixel (else 1, 1): glimpses and heatmaps are in the
+    model's pixels (a level-``l`` glimpse covers ``patch * 2**l / model_scale`` image pixels),
+    ``fine_window_scale`` is in the image's. ``uncertainty_mm`` is in mm whatever the spacing.
     """
 
     positions: np.ndarray
@@ -129,6 +142,8 @@ class Trajectory:
     fine_window_scale: np.ndarray | None = None
     fine_level: int | None = None
     fine_nets: tuple[int, int] | None = None
+    spacing_source: str = "model"
+    model_scale: tuple[float, float] = (1.0, 1.0)
 
     @property
     def final(self) -> np.ndarray:
@@ -375,6 +390,7 @@ class GlimpseModel:
         seed: int = 0,
         facing: str = "auto",
         record_stages: bool = False,
+        spacing: float | None = None,
     ) -> Trajectory:
         """Locate the landmarks in one image.
 
@@ -407,10 +423,82 @@ class GlimpseModel:
         record_stages : bool
             Keep the coarse answer and the fine looks (windows, heatmaps, answers) in the
             trajectory (see :class:`Trajectory`; nothing without a fine look).
+        spacing : float, optional
+            The image's pixel spacing in mm (0.01-1; anything else is a :class:`GlimpseError`).
+            Default: the one the file records (DICOM, TIFF; see :mod:`napari_glimpse.spacing`),
+            else the model's own (:attr:`pixel_spacing`), with a one-line
+            :class:`~napari_glimpse.spacing.SpacingWarning` when the image's size is then unlike
+            the training images' (and always for a DICOM file that records none). An image at
+            another spacing than the model's (by more than 1 %) is resampled to the model's,
+            located there and the answer mapped back: positions are always in the image's pixels,
+            mm figures at its spacing. A :class:`Pyramid` is taken as the image's own.
 
         With a coarse stage and ``meta['coarse_blend'] = b > 0`` the answer is ``b`` x the coarse
         answer + ``(1 - b)`` x the glimpses' (``b`` chosen on validation by ``benchmarks/isbi.py``).
         """
+        run = {"iterations": iterations, "landmarks": landmarks, "starts": starts, "start": start,
+               "record_glimpses": record_glimpses, "record_heatmaps": record_heatmaps, "bf16": bf16, "seed": seed,
+               "facing": facing, "record_stages": record_stages}
+        image, spacing, source, notice = self._spacing_of(image, spacing)
+        factor = spacing / self.pixel_spacing
+        if abs(factor - 1) > SPACING_TOLERANCE:
+            tr = self._predict_resampled(image, spacing, source, run)
+        elif factor == 1:
+            tr = dataclasses.replace(self._predict(image, **run), spacing_source=source)
+        else:  # within 1 % of the model's: the same pixels, their mm at the image's spacing
+            tr = self._predict(image, **run)
+            tr = dataclasses.replace(tr, pixel_spacing=spacing, uncertainty_mm=tr.uncertainty_mm * factor,
+                                     spacing_source=source)
+        if notice:  # once there is an answer (an image that cannot be read gets its error alone)
+            import warnings
+
+            from .spacing import SpacingWarning
+
+            warnings.warn(notice, SpacingWarning, stacklevel=2)
+        return tr
+
+    def _spacing_of(self, image: np.ndarray | str | os.PathLike | Pyramid,
+                    spacing: float | None) -> tuple[np.ndarray | Pyramid, float, str, str | None]:
+        """The image (read when a path; grey ``uint8`` when an array), its spacing (checked), where
+        that came from (``given``, ``file`` or ``model``) and the notice to give (see :meth:`predict`)."""
+        from .spacing import DICOM_SUFFIXES, read_image_and_spacing, resolve_spacing
+
+        name, dicom, recorded = "image", False, None
+        if isinstance(image, (str, os.PathLike)):
+            name, dicom = Path(image).name, Path(image).suffix.lower() in DICOM_SUFFIXES
+            image, recorded = read_image_and_spacing(image)
+        elif not isinstance(image, Pyramid):
+            image = to_grey_uint8(image)
+        return image, *resolve_spacing(spacing, recorded, image.shape, self.pixel_spacing, name, dicom)
+
+    def _predict_resampled(self, image: np.ndarray | Pyramid, spacing: float, source: str, run: dict) -> Trajectory:
+        """:meth:`predict` of an image at another spacing than the model's: resampled to the model's,
+        located there, and every position (and fine window scale) mapped back to the image's pixels."""
+        from .spacing import model_shape, resample, to_image_pixels, to_model_pixels
+
+        img = image.levels[0].numpy() if isinstance(image, Pyramid) else image
+        h, w = img.shape
+        nh, nw = model_shape((h, w), spacing / self.pixel_spacing)
+        if max(nh, nw) > MAX_MODEL_SIDE:
+            raise GlimpseError(f"at {spacing:g} mm per pixel this {w}x{h} image is {w * spacing:.0f} x "
+                               f"{h * spacing:.0f} mm ({nw}x{nh} pixels at the model's {self.pixel_spacing:g} mm): "
+                               "check the pixel spacing")
+        scale = np.array([nw / w, nh / h])
+        if run["start"] is not None:
+            run["start"] = to_model_pixels(run["start"], scale)
+        tr = self._predict(resample(img, (nh, nw)), **run)
+        hi = np.array([w - 1.0, h - 1.0])
+        back = {k: np.clip(to_image_pixels(getattr(tr, k), scale), 0, hi)
+                for k in ("positions", "coarse_positions", "fine_positions") if getattr(tr, k) is not None}
+        if tr.fine_window_scale is not None:
+            back["fine_window_scale"] = np.asarray(tr.fine_window_scale, dtype=np.float64) / scale
+        return dataclasses.replace(tr, **back, pixel_spacing=spacing, image_shape=(h, w), spacing_source=source,
+                                   model_scale=(float(scale[0]), float(scale[1])))
+
+    def _predict(self, image: np.ndarray | Pyramid, iterations: int | None, landmarks: Sequence[int] | None,
+                 starts: int, start: np.ndarray | None, record_glimpses: bool, record_heatmaps: bool,
+                 bf16: bool | None, seed: int, facing: str, record_stages: bool) -> Trajectory:
+        """:meth:`predict` at the model's own spacing (the image's pixels as they are)."""
         if iterations is None:
             iterations = self.default_iterations
         if iterations < (0 if self.coarse is not None else 1):

@@ -501,7 +501,8 @@ def train(
 def predict_dataset(model: GlimpseModel, dataset: Dataset, iterations: int | None = None, starts: int = 1,
                     progress: bool = True, facing: str = "auto", mirror: bool = False
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Predict every image of a dataset: ``(N, K, 2)`` positions and ``(N, K)`` uncertainty (mm).
+    """Predict every image of a dataset: ``(N, K, 2)`` positions and ``(N, K)`` uncertainty (mm),
+    each image at the set's ``pixel_spacing``.
 
     ``mirror`` flips each image left-right before predicting and maps the answer back to the
     unflipped image, so it compares with the original labels (the facing-left check).
@@ -514,7 +515,8 @@ def predict_dataset(model: GlimpseModel, dataset: Dataset, iterations: int | Non
         dataset.check_inside(i, img.shape)
         if mirror:
             img = np.ascontiguousarray(img[:, ::-1])
-        tr = model.predict(img, iterations=iterations, starts=starts, facing=facing)
+        # at the set's spacing (resampled to the model's when they differ; answers in the image's pixels)
+        tr = model.predict(img, iterations=iterations, starts=starts, facing=facing, spacing=dataset.pixel_spacing)
         final = mirror_points(tr.final, img.shape[1]) if mirror else tr.final
         if not np.isfinite(final).all():  # no NaN in predictions or metrics
             raise GlimpseError(f"{dataset.image_paths[i].name}: the model's answer is not a finite number (NaN)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +19,7 @@ from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -40,6 +41,7 @@ from .._reader import DICOM_SUFFIXES, have_pydicom, read_dicom
 from ..errors import GlimpseError
 from ..inference import Trajectory
 from ..io import IMAGE_SUFFIXES, read_image, to_grey_uint8
+from ..spacing import remember_spacing, remembered_spacing
 from ._state import (
     Detection,
     GlimpseState,
@@ -60,6 +62,7 @@ class _JobResult:
     image: np.ndarray
     trajectory: Trajectory | None
     image_path: Path | None
+    spacing_note: str | None = None  # the spacing was assumed and may be wrong (see spacing.size_notice)
 
 
 def _read_any(path: Path) -> np.ndarray:
@@ -68,9 +71,23 @@ def _read_any(path: Path) -> np.ndarray:
     return read_image(path)
 
 
+def _job_spacing(spacing: float | None, spacing_file: Path | None, shape: tuple[int, int],
+                 model_spacing: float) -> tuple[float, str, str | None]:
+    """The spacing to detect at: the field's (``spacing``), else the one ``spacing_file`` records (DICOM,
+    TIFF), else the model's, with its notice (:func:`napari_glimpse.spacing.resolve_spacing`)."""
+    from ..spacing import read_spacing, resolve_spacing
+
+    recorded = read_spacing(spacing_file) if spacing is None and spacing_file is not None else None
+    name = spacing_file.name if spacing_file is not None else "image"
+    dicom = spacing_file is not None and spacing_file.suffix.lower() in DICOM_SUFFIXES
+    return resolve_spacing(spacing, recorded, shape, model_spacing, name, dicom)
+
+
 def _detect_job(image_path: Path | None, image: np.ndarray | None, get_model: Callable | None,
-                model_key: tuple, iterations: int | None):
-    """Worker body (no Qt, no layers): read, load the model, build the pyramid, predict."""
+                model_key: tuple, iterations: int | None, spacing: float | None = None,
+                spacing_file: Path | None = None):
+    """Worker body (no Qt, no layers): read, load the model, build the pyramid, predict (at the
+    spacing ``spacing``, else the one ``spacing_file`` records, else the model's: see :func:`_job_spacing`)."""
     import pandas  # noqa: F401  napari's first Points layer imports it: here, not in the GUI thread
 
     yield 0
@@ -84,8 +101,16 @@ def _detect_job(image_path: Path | None, image: np.ndarray | None, get_model: Ca
     yield 3
     # the explorer shows them: per landmark, one window stack per fine look and one glimpse (with its
     # heatmaps) per glimpse step (small beside the image)
-    traj = model.predict(pyr, iterations=iterations, record_glimpses=True, record_heatmaps=True, record_stages=True)
-    return _JobResult(img, traj, image_path)
+    at, source, note = _job_spacing(spacing, spacing_file, img.shape, model.pixel_spacing)
+    traj = model.predict(pyr, iterations=iterations, record_glimpses=True, record_heatmaps=True, record_stages=True,
+                         spacing=at)
+    return _JobResult(img, replace(traj, spacing_source=source), image_path, note)
+
+
+def _spacing_text(traj: Trajectory) -> str:
+    """``0.13 mm/px (set)``: the spacing a detection was made at and where it came from."""
+    source = {"given": "set", "file": "from the file", "model": "the model's"}.get(traj.spacing_source, "")
+    return f"{traj.pixel_spacing:g} mm/px" + (f" ({source})" if source else "")
 
 
 def focus_landmark(state: GlimpseState, k: int, zoom: float | None = None) -> bool:
@@ -203,6 +228,22 @@ class DetectWidget(QWidget):
         self.auto_check.setToolTip("Images already in the corrections log show their logged landmarks instead")
         iform.addWidget(self.auto_check)
         iform.addWidget(self.replace_check)
+        srow = QHBoxLayout()
+        self.spacing_spin = QDoubleSpinBox()
+        self.spacing_spin.setRange(0.0, 1.0)
+        self.spacing_spin.setDecimals(4)
+        self.spacing_spin.setSingleStep(0.005)
+        self.spacing_spin.setSuffix(" mm")
+        self.spacing_spin.setSpecialValueText("from the file, else the model's")
+        self.spacing_spin.setKeyboardTracking(False)
+        self.spacing_spin.setToolTip(
+            "Pixel spacing of the images (mm per pixel), remembered for their folder. 0: the file's own "
+            "(DICOM, TIFF), else the model's (0.1 mm), with a note when the image's size looks unlike that")
+        self.spacing_spin.valueChanged.connect(self._spacing_changed)
+        self.layer_combo.currentTextChanged.connect(lambda _name: self.load_spacing())
+        srow.addWidget(QLabel("Pixel spacing"))
+        srow.addWidget(self.spacing_spin, 1)
+        iform.addLayout(srow)
 
         # -- run
         self.run_btn = QPushButton("Detect landmarks")
@@ -332,6 +373,31 @@ class DetectWidget(QWidget):
         self.folder_label.setText("no folder open")
         self._update_nav()
 
+    # ------------------------------------------------------------------------ spacing
+    def spacing_folder(self) -> Path | None:
+        """The folder the spacing field is for: the open folder's, else the chosen layer's file's."""
+        if self.folder_images:
+            return self.folder_images[0].parent
+        layer = next((ly for ly in self._image_layers() if ly.name == self.layer_combo.currentText()), None)
+        path = image_path_of(layer) if layer is not None else None
+        return path.parent if path is not None else None
+
+    def load_spacing(self) -> None:
+        """Show the spacing remembered for :meth:`spacing_folder` (0 when none)."""
+        folder = self.spacing_folder()
+        value = remembered_spacing(folder) if folder is not None else None
+        self.spacing_spin.blockSignals(True)
+        self.spacing_spin.setValue(value or 0.0)
+        self.spacing_spin.blockSignals(False)
+
+    def _spacing_changed(self, value: float) -> None:
+        folder = self.spacing_folder()
+        try:
+            if folder is not None and not remember_spacing(folder, value or None):
+                status(self.status_label, "the spacing is used, but could not be saved for the folder", error=True)
+        except GlimpseError as exc:  # e.g. 0.005 mm
+            status(self.status_label, str(exc), error=True)
+
     def set_image_layer(self, name: str) -> None:
         self._refresh_layers()
         self.layer_combo.setCurrentText(name)
@@ -358,6 +424,7 @@ class DetectWidget(QWidget):
             return None
         self.folder_images = imgs
         self.folder_index = -1
+        self.load_spacing()
         log = self.state.log
         if log is None or log.image_dir.resolve() != folder.resolve():
             self.state.open_log(folder, folder)  # this folder's own log, before anything is shown
@@ -425,6 +492,7 @@ class DetectWidget(QWidget):
         worker = create_worker(
             _detect_job, path if data is None else None, data,
             self.state.get_model if predict else None, key, self.iter_spin.value() or None,
+            spacing=self.spacing_spin.value() or None, spacing_file=path,
             _start_thread=False, _ignore_errors=True,
         )
         worker.yielded.connect(self._on_stage)
@@ -523,7 +591,8 @@ class DetectWidget(QWidget):
             self.last_seconds = seconds
             self.progress.setFormat("done")
             status(self.status_label, f"{len(traj.final)} landmarks on {image_name} in {seconds:.2f} s "
-                   f"({self.state.model_name()}){warn}")
+                   f"({self.state.model_name()}; {_spacing_text(traj)}){warn}"
+                   + (f". Note: {res.spacing_note}" if res.spacing_note else ""))
         else:
             self.progress.setFormat("shown")
             status(self.status_label, f"{image_name}: " + ("landmarks from the corrections log" if points_layer

@@ -226,6 +226,13 @@ class FinetuneWidget(QWidget):
             args += ["--model", str(self.state.model_path)]
         if self.batch.value() > 0:
             args += ["--batch-size", str(self.batch.value())]
+        from ..spacing import remembered_spacing
+
+        # the spacing the Detect widget remembers for the labels' images (resampled to the model's)
+        folder = Path(data).expanduser().resolve().parent
+        spacing = remembered_spacing(folder) or remembered_spacing(folder / "images")
+        if spacing:
+            args += ["--spacing", f"{spacing:g}"]
         return args
 
     # ------------------------------------------------------------------------ process
