@@ -447,7 +447,9 @@ def test_cli_finetune_tunes_the_fine_stage_after_the_coarse_one(fine_model, tiny
                  "--max-steps", "2", "--batch-size", "2", "--progress-json"]) == 0
     lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
     stages = [ln.get("stage", "glimpse") for ln in lines if not ln.get("done")]
-    assert stages == ["coarse"] * 2 + ["fine"] * 2 + ["glimpse"] * 2
+    # the answer is the coarse and fine stages' (0 glimpse steps): the offsets (one line per image),
+    # then those stages are tuned, the glimpse net is not
+    assert stages == ["offsets"] * 6 + ["coarse"] * 2 + ["fine"] * 2
     tuned = GlimpseModel.load(out, device="cpu")
     assert not _same(before, _weights(tuned.fine)) and tuned.meta["fine_finetune_steps"] == 2
     # --fine-steps 0 keeps it
@@ -552,7 +554,7 @@ def test_recorded_stages_follow_the_first_fine_nets_kind(fine_model, image):
 
 def test_finetune_tunes_each_net_of_a_two_kind_ensemble_on_its_own_windows(fine_model, tiny_data, tmp_path,
                                                                            monkeypatch):
-    import napari_glimpse.training as training
+    import napari_glimpse.fine as fine_module
     from napari_glimpse.cli import main
 
     seen = []
@@ -561,7 +563,7 @@ def test_finetune_tunes_each_net_of_a_two_kind_ensemble_on_its_own_windows(fine_
         seen.append(((cfg.level, cfg.context), [tuple(x.shape[-2:]) for x in levels]))
         return train_fine(levels, truth_n, cfg, *args, **kw)
 
-    monkeypatch.setattr(training, "train_fine", spy)
+    monkeypatch.setattr(fine_module, "train_fine", spy)  # finetune calls it from there
     fine_model.fine = FineEnsemble([fine_model.fine, randomise_weights(FineNet(replace(TINY_FINE, level=2, context=1)), 5)])
     parent, out = tmp_path / "parent.pt", tmp_path / "ft.pt"
     fine_model.save(parent)

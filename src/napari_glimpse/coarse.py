@@ -350,9 +350,9 @@ def fit_heatmaps(
             if not 0.0 < d < 1.0:
                 raise ValueError(f"an average's decay must lie between 0 and 1, not {d}")
             averages[d] = copy.deepcopy(net).eval().requires_grad_(False)
-    net.train()
+    training_mode(net)
     dev = next(net.parameters()).device  # batches are made on the CPU, then moved to the net's device
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
     history: list[dict] = []
     t0 = time.monotonic()
     last_eval = t0
@@ -401,7 +401,7 @@ def fit_heatmaps(
             if evaluate is not None and time.monotonic() - last_eval > eval_every_s:
                 net.eval()
                 info["val_mre_mm"] = evaluate(net)
-                net.train()
+                training_mode(net)
                 bar.write(f"{stage} step {step}: val MRE {info['val_mre_mm']:.2f} mm")
                 history.append(info)
                 last_eval = time.monotonic()
@@ -413,6 +413,35 @@ def fit_heatmaps(
         rec["val_mre_mm"] = evaluate(net)
     history.append(rec)
     return history
+
+
+# which layers of a U-Net learn when it is trained (see tune_only)
+LAYERS = ("all", "decoder", "last", "head")
+
+
+def tune_only(net: CoarseNet, layers: str = "all") -> CoarseNet:
+    """Let only ``layers`` of a coarse or fine U-Net learn (the others' weights are frozen): ``all``;
+    ``decoder`` (the up blocks and the head); ``last`` (the finest up block and the head); ``head``
+    (the 1x1 convolution that makes the heatmaps). Frozen layers keep their batch-norm statistics
+    too (:func:`training_mode`). Returns ``net``."""
+    if layers not in LAYERS:
+        raise GlimpseError(f"layers to tune: one of {', '.join(LAYERS)}, not {layers!r}")
+    learn = {"all": [net], "decoder": [net.up, net.head], "last": [net.up[0], net.head], "head": [net.head]}[layers]
+    net.requires_grad_(False)
+    for m in learn:
+        m.requires_grad_(True)
+    return net
+
+
+def training_mode(net: nn.Module) -> nn.Module:
+    """``net.train()``, except that modules none of whose weights learn stay in eval mode (their
+    batch norms keep the statistics they have: see :func:`tune_only`)."""
+    net.train()
+    for m in net.modules():
+        own = list(m.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            m.eval()
+    return net
 
 
 def expected_position(p: torch.Tensor) -> torch.Tensor:
@@ -451,6 +480,7 @@ def train_coarse(
     init: CoarseNet | None = None,
     lr_scale: float = 1.0,
     device: "str | torch.device" = "cpu",
+    layers: str = "all",
 ) -> tuple[CoarseNet, list[dict]]:
     """Train a coarse net for ``time_budget_s`` seconds of wall time (or ``max_steps`` steps,
     whichever comes first; the learning-rate schedule follows the nearer).
@@ -461,7 +491,8 @@ def train_coarse(
     ``init``: fine-tune a copy of this net (its configuration replaces ``cfg``) instead of
     starting from random weights; ``lr_scale`` scales the learning rate (e.g. 0.1 to fine-tune).
     ``device``: where the net trains (e.g. ``"cuda"``); batches are made on the CPU from
-    ``levels`` and moved there. Returns the net (eval mode, on ``device``) and its history.
+    ``levels`` and moved there. ``layers``: which of its layers learn (:func:`tune_only`).
+    Returns the net (eval mode, on ``device``) and its history.
     """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -470,6 +501,7 @@ def train_coarse(
         net = copy.deepcopy(init).to(device).requires_grad_(True)  # e.g. a weight average, kept without gradients
     else:
         net = CoarseNet(cfg).to(device)
+    tune_only(net, layers)
     n = levels.shape[0]
     heat_hw = ((cfg.input_hw[0] + 1) // 2, (cfg.input_hw[1] + 1) // 2)  # the stride-2 stem's output
 

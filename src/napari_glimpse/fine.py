@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .errors import GlimpseError
 from .pyramid import deepen
 from .coarse import (CoarseConfig, CoarseNet, Ensemble, augment_intensity, decode, fit_heatmaps, from_normalised,
-                     gaussian_targets, inference_net, members_of, to_normalised)
+                     gaussian_targets, inference_net, members_of, to_normalised, tune_only)
 
 
 TARGETS = ("mean", "annotators")
@@ -301,6 +301,7 @@ def train_fine(
     lr_scale: float = 1.0,
     averages: "dict[float, FineNet] | None" = None,
     device: "str | torch.device" = "cpu",
+    layers: str = "all",
 ) -> tuple[FineNet, list[dict]]:
     """Train a fine net for ``time_budget_s`` seconds of wall time (or ``max_steps`` steps).
 
@@ -309,7 +310,7 @@ def train_fine(
     ``(N, A, K, 2)``: each of ``A`` annotators' (taught as ``cfg.target`` says; windows are centred
     near their mean either way).
     ``averages``: weight averages to keep (see :func:`napari_glimpse.coarse.fit_heatmaps`).
-    The rest (``device`` too) as :func:`napari_glimpse.coarse.train_coarse`.
+    The rest (``device`` and ``layers`` too) as :func:`napari_glimpse.coarse.train_coarse`.
     """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -318,6 +319,7 @@ def train_fine(
         net = copy.deepcopy(init).to(device).requires_grad_(True)  # e.g. a weight average, kept without gradients
     else:
         net = FineNet(cfg).to(device)
+    tune_only(net, layers)
     each = truth_n if truth_n.dim() == 4 else truth_n[:, None]  # (N, A, K, 2)
     if cfg.target == "mean":
         each = each.mean(1, keepdim=True)

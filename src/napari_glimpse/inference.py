@@ -620,10 +620,11 @@ class GlimpseModel:
         and their spread; ``pos`` and ``spread`` (the coarse stage's) as they are when it does not
         look. ``disagreement``: the coarse passes'; where it exceeds the largest offset the fine
         stage was trained to correct (``jitter_mm[1]``, the smallest of its nets'), the spread is
-        at least that. ``looks``: receives each look's :class:`~napari_glimpse.fine.FineLook`."""
+        at least that. ``looks``: receives each look's :class:`~napari_glimpse.fine.FineLook`.
+        The last stage's answer is shifted by :attr:`landmark_offsets` (a fine-tuned site's convention)."""
         steps = self.fine_steps if fine_steps is None else fine_steps
         if steps <= 0 or self.fine is None:
-            return pos, spread
+            return (self._shifted(pos, pyr.shape) if self.fine is None else pos), spread
         from .coarse import members_of
         from .fine import refine
 
@@ -631,7 +632,22 @@ class GlimpseModel:
         if disagreement is not None:
             reach = min(m.cfg.jitter_mm[1] for m in members_of(self.fine)) / self.pixel_spacing
             fine_spread = np.where(disagreement > reach, np.maximum(fine_spread, disagreement), fine_spread)
-        return pos, fine_spread
+        return self._shifted(pos, pyr.shape), fine_spread
+
+    @property
+    def landmark_offsets(self) -> np.ndarray | None:
+        """``(K, 2)`` shift (x, y, the model's pixels, the image read as the training images face)
+        added to the coarse and fine stages' answer: a site's systematic difference from the
+        training labels, learned by ``finetune`` (``meta['landmark_offsets_px']``); None without."""
+        off = self.meta.get("landmark_offsets_px")
+        return None if off is None else np.asarray(off, dtype=np.float64).reshape(self.config.n_landmarks, 2)
+
+    def _shifted(self, pos: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """``pos`` plus :attr:`landmark_offsets` (kept inside an image of ``shape``)."""
+        off = self.landmark_offsets
+        if off is None:
+            return pos
+        return np.clip(pos + off, 0.0, [shape[1] - 1.0, shape[0] - 1.0])
 
     def _stage_record(self, coarse: np.ndarray, looks: list, pyr: Pyramid, landmarks: Sequence[int] | None,
                       mirrored: bool) -> dict:
