@@ -97,7 +97,9 @@ def test_landmarks_layer_styling_and_missing_points():
     assert kw["border_color"][2][0] > kw["border_color"][2][1]
     assert len({tuple(c) for c in kw["face_color"]}) == 3  # one colour per landmark
     assert kw["metadata"]["image_path"] == "/a/b/151.jpg"
-    assert kw["text"]["string"] == "{abbr}"
+    assert kw["text"]["string"] == "{label}"  # the abbreviation, placed clear of its neighbours
+    assert [lb.strip() for lb in f["label"]] == ["S", "N", "Foo"]
+    assert list(f["state"]) == ["proposed"] * 3 and [s for s in kw["symbol"]] == ["ring"] * 3
     # a missing landmark (NaN) is left out, the others keep their index and colour
     pos = tr.final.copy()
     pos[1] = np.nan
@@ -251,3 +253,86 @@ def test_write_animation_gif_and_mp4(tmp_path):
     pytest.importorskip("imageio_ffmpeg")
     mp4 = ld.write_animation([np.full((41, 51, 4), 9, np.uint8)] * 3, tmp_path / "a.mp4")
     assert mp4.stat().st_size > 0
+
+
+def test_most_peaked_channel_ignores_a_spike_on_the_border():
+    """Zero padding can pile a channel's softmax on the patch's edge: that channel points nowhere,
+    and the one peaked inside the patch is the one to show."""
+    tr = make_traj(channels=3)
+    hm = np.full((2, 3, 3, 3, 8, 8), 1 / 64, np.float32)
+    hm[0, 0, 1, 0] = 0.1 / 63
+    hm[0, 0, 1, 0, 0, 3] = 0.9    # channel 0: a spike on the top border
+    hm[0, 0, 1, 1] = 0.5 / 63
+    hm[0, 0, 1, 1, 4, 5] = 0.5    # channel 1: a peak inside
+    hm[0, 0, 1, 2, 7, 7] = 0.95   # channel 2: a spike in a corner
+    tr = Trajectory(**{**tr.__dict__, "heatmaps": hm.astype(np.float16)})
+    assert ld.top_channels(tr, 0, 0, 1, 1) == [1]
+    assert ld.top_channels(tr, 0, 0, 1, 3)[0] == 1
+    assert ld.border_margin(8) == 1 and ld.border_margin(16) == 2 and ld.border_margin(2) == 0
+
+
+def test_glimpse_overlay_puts_every_level_where_the_sampler_took_it():
+    tr = make_traj(levels=3, p=16)
+    k, t, top = 1, 1, 2
+    rgba, scale, trans = ld.glimpse_overlay(tr, k, t, top)
+    assert rgba.shape == (64, 64, 4) and rgba.dtype == np.uint8 and scale == (1.0, 1.0)
+    assert (rgba[..., 3] > 0).all()  # the top level covers it all
+    c = tr.positions[t, k]
+    for lv in range(top + 1):
+        ls, lt = ld.glimpse_placement(c, lv, 16)
+        # a level's corner pixels (no finer level covers them): the overlay pixel under their centre holds them
+        for r, q in [(0, 0), (15, 15), (0, 15)]:
+            y, x = world_of_pixel(r, q, ls, lt)
+            i, j = int(np.floor(y - trans[0] + 0.5)), int(np.floor(x - trans[1] + 0.5))
+            assert rgba[i, j, 0] == tr.glimpses[t, k, lv, r, q], (lv, r, q)
+    # the finest level sits in the middle, unscaled
+    np.testing.assert_array_equal(rgba[24:40, 24:40, 0], tr.glimpses[t, k, 0])
+    # a heatmap adds colour over its level's square only
+    heat = np.zeros((4, 4), np.float32)
+    heat[1, 2] = 1.0
+    hot, _, _ = ld.glimpse_overlay(tr, k, t, 0, heat, heat_level=1)
+    assert hot.shape == (32, 32, 4) and (hot[:8, :, 3] > 0).all()
+    np.testing.assert_array_equal(hot[8:24, 8:24, 0] >= tr.glimpses[t, k, 0, :, :], True)
+    assert (hot[8:16, 16:24].astype(int) - np.repeat(tr.glimpses[t, k, 0, :8, 8:16, None], 4, -1)).max() > 100
+
+
+def test_arrow_shapes_end_at_the_step():
+    vec = ld.offset_vector(make_traj(), 0, 0)
+    shapes = ld.arrow_shapes(vec)
+    assert [typ for _, typ in shapes] == ["path", "polygon"]
+    start, step = vec[0]
+    np.testing.assert_allclose(shapes[0][0][0], start)
+    np.testing.assert_allclose(shapes[1][0][0], start + step)  # the head's tip
+    assert ld.arrow_shapes(np.zeros((1, 2, 2))) == []
+
+
+def test_label_frame_writes_title_scale_bar_and_legend():
+    pytest.importorskip("PIL")
+    frame = np.full((120, 300, 3), 90, np.uint8)
+    tr = make_traj()
+    lines = ld.glimpse_caption(tr, 1, 0, "151.jpg")
+    assert lines[0].startswith("Nasion (N) · glimpse step 1/2 · 151.jpg") and "mm" in lines[1]
+    legend = ld.explorer_legend("glimpses", "canvas", [0, 1], heat=True)
+    assert [t for t, _ in legend] == ["L0 patch", "L1 patch", "estimates", "step", "heatmap"]
+    out = ld.label_frame(frame, lines, px_per_mm=10.0, legend=legend)
+    assert out.shape[1] == 300 and out.shape[0] > 120 + 40
+    bright = (out > 200).all(-1)
+    assert bright[:20].sum() > 50                      # white title text above the frame
+    assert bright[-25:].sum() > 50                     # the scale bar and the legend's text below
+    assert (np.abs(out[:, :, 0].astype(int) - out[:, :, 2]) > 150).any()  # the legend's colours
+    assert ld.scale_bar_mm(10.0, 300) == 5 and ld.scale_bar_mm(10.0, 8) is None
+    same = ld.same_size([out, frame])
+    assert same[0].shape == same[1].shape == out.shape
+
+
+def test_gif_frames_keep_greys_and_small_coloured_areas(tmp_path):
+    from PIL import Image
+
+    grey = np.tile(np.linspace(0, 255, 300).astype(np.uint8), (100, 1))
+    frame = np.repeat(grey[..., None], 3, axis=-1)
+    frame = ld.label_frame(frame, ["a title"], 10.0, ld.explorer_legend("stages", "canvas", [1, 2, 3]))
+    out = ld.write_animation([frame, frame], tmp_path / "a.gif", fps=2)
+    with Image.open(out) as im:
+        back = np.asarray(im.convert("RGB")).astype(int)
+    err = np.abs(back - frame).max(-1)
+    assert err.max() <= 16  # legend keys keep their colour, the grey ramp shows no bands

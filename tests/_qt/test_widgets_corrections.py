@@ -58,12 +58,19 @@ def test_delete_add_undo_and_accept(reviewed, qtbot):
     np.testing.assert_allclose(layer.face_color[r], landmark_colors(19)[2])
     assert layer.features["landmark"][r] == "Orbitale"
 
-    # all 19 placed: an extra point is dropped, nothing logged
-    n = len(log.records)
-    layer.add([100.0, 100.0])
-    assert len(layer.data) == 19 and len(log.records) == n
-    assert "every landmark is placed" in corr.status_label.text()
+    # all 19 placed: a new point places the picked landmark again (it moves there)
+    corr.pick(4)
+    with qtbot.waitSignal(corr.recorded, timeout=5000) as sig:
+        layer.add([100.0, 120.0])
+    assert [(r.action, r.k) for r in sig.args[0]] == [("move", 4)]
+    assert len(layer.data) == 19
+    np.testing.assert_allclose(log.state.positions(image)[4], [120.0, 100.0])
+    np.testing.assert_allclose(layer.data[row_of(layer, 4)], [100.0, 120.0])
+    assert layer.features["state"][row_of(layer, 4)] == "corrected"
+    assert layer.symbol[row_of(layer, 4)].value == "cross"
 
+    corr.undo()  # the move of the picked landmark
+    assert layer.symbol[row_of(layer, 4)].value == "ring"
     corr.undo()  # the add
     assert len(layer.data) == 18
     corr.undo()  # the delete

@@ -15,6 +15,7 @@ import numpy as np
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QApplication,
+    QComboBox,
     QFileDialog,
     QGroupBox,
     QHBoxLayout,
@@ -25,7 +26,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._layer_data import abbreviations, landmark_content
+from .._layer_data import STATE_LEGEND, abbreviations, landmark_content
 from ..corrections import DEFAULT_EXPORT_NAME, Correction
 from ..errors import GlimpseError
 from ._detect import focus_landmark
@@ -34,7 +35,9 @@ from ._state import (
     camera_of,
     error_text,
     layer_positions,
+    log_states,
     real_viewer,
+    restyle,
     set_layer_content,
     state_for,
     status,
@@ -55,7 +58,22 @@ def _describe(rec: Correction) -> str:
         return f"#{rec.seq} moved {what} by {d:.1f} px"
     if a in ("undo", "redo"):
         return f"#{rec.seq} {a} of #{rec.undoes or rec.redoes} {what}"
+    if a == "absent":
+        return f"#{rec.seq} marked {what} absent"
     return f"#{rec.seq} {a}d {what}" if a == "delete" else f"#{rec.seq} {a}ed {what}"
+
+
+# keyboard shortcuts of the review (viewer-wide; napari's own keys are left alone)
+SHORTCUTS = (
+    ("N", "next_landmark", "next landmark to review (least confident first)"),
+    ("Shift-N", "previous_landmark", "previous landmark"),
+    ("PageDown", "next_image", "next image of the folder"),
+    ("PageUp", "previous_image", "previous image of the folder"),
+    ("Control-Z", "undo", "undo (through the corrections log)"),
+    ("Control-Shift-Z", "redo", "redo"),
+    ("Shift-X", "absent", "mark the selected landmark absent (not visible)"),
+    ("Shift-Enter", "accept", "accept the image"),
+)
 
 
 class CorrectionsWidget(QWidget):
@@ -98,6 +116,19 @@ class CorrectionsWidget(QWidget):
         ur.addWidget(self.undo_btn)
         ur.addWidget(self.redo_btn)
 
+        self.picker = QComboBox()
+        self.picker.setToolTip("The landmark a point you add becomes (add mode: P or 2, then click). "
+                               "Follows the selected landmark.")
+        self.picker.currentIndexChanged.connect(lambda _i: self._set_defaults())
+        self.absent_btn = QPushButton("Mark absent")
+        self.absent_btn.setToolTip("The picked landmark is not visible on this image (Shift-X): no point, "
+                                   "and the image can still be accepted and exported")
+        self.absent_btn.clicked.connect(lambda: self.mark_absent())
+        pick = QHBoxLayout()
+        pick.addWidget(QLabel("Landmark"))
+        pick.addWidget(self.picker, 1)
+        pick.addWidget(self.absent_btn)
+
         self.next_btn = QPushButton("Next least confident")
         self.next_btn.setToolTip("Jump to the least confident landmark not yet reviewed")
         self.next_btn.clicked.connect(lambda: self.next_landmark())
@@ -119,6 +150,7 @@ class CorrectionsWidget(QWidget):
         lay = QVBoxLayout(self)
         lay.addWidget(log_box)
         lay.addWidget(self.image_label)
+        lay.addLayout(pick)
         lay.addLayout(ur)
         lay.addWidget(self.next_btn)
         lay.addWidget(self.queue_label)
@@ -127,9 +159,18 @@ class CorrectionsWidget(QWidget):
         lay.addWidget(QLabel("History"))
         lay.addWidget(self.history, 1)
         lay.addWidget(self.status_label)
+        keys = QLabel("<br>".join(f"<b>{k}</b>: {what}" for k, _a, what in SHORTCUTS)
+                      + "<br>" + "<br>".join(f"<i>{s}</i>: {t}" for s, t in STATE_LEGEND))
+        keys.setWordWrap(True)
+        keys.setToolTip("Keys work with the mouse over the viewer")
+        lay.addWidget(keys)
+        for _key, action, _what in SHORTCUTS:
+            if action not in ("next_image", "previous_image"):
+                self.state.register_action(action, self.mark_absent if action == "absent" else getattr(self, action))
 
         self.state.detection_changed.connect(self.bind)
         self.state.log_changed.connect(self._refresh)
+        self.state.landmark_selected.connect(self.pick)
         self.bind(self.state.current)
 
     # ------------------------------------------------------------------------ binding
@@ -147,6 +188,10 @@ class CorrectionsWidget(QWidget):
         self.det = det
         self.layer = det.points_layer if det is not None else None
         self._last_k = None
+        self._fill_picker()
+        log = self.state.log
+        if self.layer is not None and log is not None and self.image is not None and log.state.missing(self.image):
+            self.pick(log.state.missing(self.image)[0])
         if self.layer is not None:
             self.layer.events.data.connect(self._on_data)
             self._set_defaults()
@@ -154,6 +199,20 @@ class CorrectionsWidget(QWidget):
             if log is not None and self.image is not None and log.state.has_proposal(self.image):
                 self._sync()  # catch up edits made while no widget was listening
         self._refresh()
+
+    def _fill_picker(self) -> None:
+        names = self._names()
+        items = [f"{k + 1}. {n} ({a})" for k, (n, a) in enumerate(zip(names, abbreviations(names)))]
+        if [self.picker.itemText(i) for i in range(self.picker.count())] != items:
+            self.picker.blockSignals(True)
+            self.picker.clear()
+            self.picker.addItems(items)
+            self.picker.blockSignals(False)
+
+    def pick(self, k: int) -> None:
+        """Choose landmark ``k`` (0-based) for the next added point (and for Mark absent)."""
+        if 0 <= k < self.picker.count():
+            self.picker.setCurrentIndex(k)
 
     def _names(self) -> tuple[str, ...]:
         if self.state.log is not None:
@@ -186,39 +245,56 @@ class CorrectionsWidget(QWidget):
                 status(self.status_label, "this image has no file: edits are not logged", error=True)
             return []
         K = log.state.n_landmarks
+        self._drop_replaced(layer)
         try:
             recs = log.sync(image, layer_positions(layer, K))
         except GlimpseError as exc:
             status(self.status_label, error_text(exc), error=True)
             recs = []
         n_valid = int(np.isfinite(layer_positions(layer, K)).all(axis=1).sum())
-        if n_valid != len(layer.data) or any(r.action == "add" for r in recs):
-            if n_valid != len(layer.data):
-                status(self.status_label, "every landmark is placed: drag one instead of adding a point", error=True)
-            self.render()  # extra points dropped, added points restyled
-        else:
-            self._set_defaults()
+        if n_valid != len(layer.data):
+            status(self.status_label, "pick a landmark first (every landmark is placed): the extra point was "
+                   "dropped", error=True)
+        for rec in recs:
+            if rec.action == "delete" and rec.k is not None:
+                self.pick(rec.k)  # a deleted landmark is the one a new point most likely places again
+        self.render()  # extra points dropped, edited points restyled (cross), labels re-placed
         if recs:
             status(self.status_label, "logged: " + "; ".join(_describe(r) for r in recs))
             self.recorded.emit(recs)
         self._refresh()
         return recs
 
+    def _drop_replaced(self, layer: Any) -> None:
+        """A point added for a landmark that already has one replaces it (the newest wins)."""
+        idx = np.asarray(layer.features.get("index", []))
+        if len(idx) < 2:
+            return
+        last = {int(v): r for r, v in enumerate(idx)}
+        old = [r for r, v in enumerate(idx) if last.get(int(v)) != r]
+        if old:
+            with self.state.quiet():
+                layer.selected_data = set(old)
+                layer.remove_selected()
+
     def _set_defaults(self) -> None:
-        """New points become the first missing landmark (index 0 = none missing)."""
+        """New points become the picked landmark (or the first missing one if none is picked)."""
         layer = self.layer
         names = self._names()
         if layer is None or not names:
             return
         present = set(int(i) for i in np.asarray(layer.features.get("index", [])))
         missing = [k for k in range(len(names)) if k + 1 not in present]
-        k = missing[0] if missing else None
+        k = self.picker.currentIndex() if self.picker.currentIndex() >= 0 else (missing[0] if missing else None)
+        abbr = abbreviations(names)[k] if k is not None else ""
         defaults = {
             "landmark": names[k] if k is not None else "",
-            "abbr": abbreviations(names)[k] if k is not None else "",
+            "abbr": abbr,
             "index": (k + 1) if k is not None else 0,
             "confidence": np.nan,
             "uncertainty_mm": np.nan,
+            "state": "corrected",
+            "label": abbr + "*",
         }
         with self.state.quiet():
             try:
@@ -235,9 +311,15 @@ class CorrectionsWidget(QWidget):
         st = log.state
         traj = self.det.trajectory if self.det is not None else None
         unc = traj.uncertainty_mm if traj is not None and len(traj.uncertainty_mm) == st.n_landmarks else None
-        set_layer_content(self.state, layer, landmark_content(st.positions(image), st.landmark_names,
-                                                              st.confidence(image), unc))
+        shape = tuple(np.shape(self.det.image_layer.data)[:2]) if self.det is not None else (2400, 1935)
+        content = landmark_content(st.positions(image), st.landmark_names, st.confidence(image), unc,
+                                   log_states(log, image, st.n_landmarks), shape)
+        if len(layer.data) == len(content["data"]) and np.allclose(layer.data, content["data"]):
+            restyle(self.state, layer, content)  # same points: keep the selection, restyle only
+        else:
+            set_layer_content(self.state, layer, content)
         self._set_defaults()
+        self.state.log_changed.emit()
 
     def undo(self) -> Correction | None:
         return self._undo_redo("undo")
@@ -272,9 +354,36 @@ class CorrectionsWidget(QWidget):
             status(self.status_label, error_text(exc), error=True)
             return None
         status(self.status_label, f"{image.name} accepted ({len(log.state.accepted())} reviewed image(s))")
+        self.render()
         self.recorded.emit([rec])
         self._refresh()
         return rec
+
+    def mark_absent(self, k: int | None = None) -> Correction | None:
+        """Mark landmark ``k`` (default: the selected point's, else the picked one) absent."""
+        log, image = self.state.log, self.image
+        if log is None or image is None or not log.state.has_proposal(image):
+            status(self.status_label, "nothing to mark: detect an image from a file first", error=True)
+            return None
+        if k is None:
+            k = self._selected_k()
+        if k is None:
+            k = self.picker.currentIndex()
+        self._sync()
+        rec = log.mark_absent(image, k)
+        name = log.state.landmark_names[k]
+        status(self.status_label, f"{name} marked absent" if rec is not None else f"{name} was already absent")
+        if rec is not None:
+            self.render()
+            self.recorded.emit([rec])
+        self._refresh()
+        return rec
+
+    def _selected_k(self) -> int | None:
+        layer = self.layer
+        if layer is None or len(layer.selected_data) != 1 or "index" not in layer.features:
+            return None
+        return int(np.asarray(layer.features["index"])[next(iter(layer.selected_data))]) - 1
 
     def default_export_path(self) -> Path | None:
         log = self.state.log
@@ -301,6 +410,30 @@ class CorrectionsWidget(QWidget):
         self.state.export_written.emit(str(out))
         return out
 
+    def previous_landmark(self) -> int | None:
+        """Select and centre the landmark before the current one in review order (least confident first)."""
+        log, image = self.state.log, self.image
+        if log is None or image is None or not log.state.has_proposal(image):
+            return None
+        order = [k for k in log.state._order(image) if k not in log.state.absent(image)]
+        cur = self._last_k if self._last_k in order else None
+        k = order[(order.index(cur) - 1) % len(order)] if cur is not None else order[-1]
+        return self._go_to(k)
+
+    def _go_to(self, k: int) -> int:
+        self._last_k = k
+        zoom = max(camera_of(self.viewer).zoom, 1.0) if self.viewer is not None and self.layer is not None else None
+        focus_landmark(self.state, k, zoom)
+        self.pick(k)
+        st = self.state.log.state if self.state.log is not None else None
+        if st is not None and self.image is not None:
+            conf = st.confidence(self.image)
+            c = f"confidence {conf[k]:.2f}, " if conf is not None and np.isfinite(conf[k]) else ""
+            left = len(st.review_queue(self.image))
+            self.queue_label.setText(f"→ {st.landmark_names[k]} ({abbreviations(st.landmark_names)[k]}): "
+                                     f"{c}{left} left to review")
+        return k
+
     def next_landmark(self) -> int | None:
         """Select and centre the least confident landmark not yet reviewed (after the last one)."""
         log, image = self.state.log, self.image
@@ -313,16 +446,7 @@ class CorrectionsWidget(QWidget):
         if k is None:
             self.queue_label.setText("nothing left to review on this image: accept it")
             return None
-        self._last_k = k
-        zoom = None
-        if self.viewer is not None and self.layer is not None:
-            zoom = max(camera_of(self.viewer).zoom, 1.0)
-        focus_landmark(self.state, k, zoom)
-        conf = st.confidence(image)
-        c = f"confidence {conf[k]:.2f}, " if conf is not None and np.isfinite(conf[k]) else ""
-        left = len(st.review_queue(image))
-        self.queue_label.setText(f"→ {st.landmark_names[k]} ({abbreviations(st.landmark_names)[k]}): {c}{left} left to review")
-        return k
+        return self._go_to(k)
 
     # ------------------------------------------------------------------------ display
     def _browse_log(self) -> None:
@@ -340,9 +464,10 @@ class CorrectionsWidget(QWidget):
 
     def _refresh(self) -> None:
         log, image = self.state.log, self.image
-        self.log_label.setText(str(log.path) if log is not None else "opened with the first detection (in the image folder)")
+        self.log_label.setText(str(log.path) if log is not None
+                               else "opened with the first detection (in the image folder)")
         ok = log is not None and image is not None and log.state.has_proposal(image)
-        for b in (self.accept_btn, self.next_btn):
+        for b in (self.accept_btn, self.next_btn, self.absent_btn):
             b.setEnabled(ok)
         self.undo_btn.setEnabled(ok and log.state.can_undo(image))
         self.redo_btn.setEnabled(ok and log.state.can_redo(image))
@@ -357,6 +482,8 @@ class CorrectionsWidget(QWidget):
                 f"{len(st.corrected(image))} corrected", f"{len(st.review_queue(image))} to review"]
         if st.missing(image):
             bits.append(f"{len(st.missing(image))} missing")
+        if st.absent(image):
+            bits.append(f"{len(st.absent(image))} absent")
         bits.append("<span style='color:#5fd35f'>accepted ✓</span>" if st.is_accepted(image) else "not accepted")
         self.image_label.setText(" · ".join(bits))
         recs = [r for r in log.records if r.image == image.name][-12:]

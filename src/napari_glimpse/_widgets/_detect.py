@@ -48,6 +48,7 @@ from ._state import (
     camera_of,
     error_text,
     image_path_of,
+    log_states,
     real_viewer,
     set_layer_content,
     state_for,
@@ -99,11 +100,10 @@ def _detect_job(image_path: Path | None, image: np.ndarray | None, get_model: Ca
     yield 2
     pyr = model.pyramid(img)
     yield 3
-    # the explorer shows them: per landmark, one window stack per fine look and one glimpse (with its
-    # heatmaps) per glimpse step (small beside the image)
+    # the explorer's stage view shows the fine looks (one window stack per landmark, small beside the
+    # image); its glimpse view computes its own steps from the proposal when asked: none recorded here
     at, source, note = _job_spacing(spacing, spacing_file, img.shape, model.pixel_spacing)
-    traj = model.predict(pyr, iterations=iterations, record_glimpses=True, record_heatmaps=True, record_stages=True,
-                         spacing=at)
+    traj = model.predict(pyr, iterations=iterations, record_stages=True, spacing=at)
     return _JobResult(img, replace(traj, spacing_source=source), image_path, note)
 
 
@@ -130,6 +130,29 @@ def focus_landmark(state: GlimpseState, k: int, zoom: float | None = None) -> bo
             cam.zoom = zoom
     state.select_landmark(k)
     return True
+
+
+def _table_rows(det: Detection, log: Any) -> list[tuple[int, str, float, float, str]]:
+    """``(k, "name (abbr)", confidence, ±mm, state)`` per landmark: the layer's points, plus the
+    landmarks the log marks absent."""
+    rows = []
+    layer = det.points_layer
+    names = list(det.landmark_names)
+    if layer is not None and len(layer.data) and "index" in layer.features:
+        f = layer.features
+        states = f["state"] if "state" in f else ["proposed"] * len(f)
+        abbr = abbreviations(list(f["landmark"]))
+        for r, k in enumerate(np.asarray(f["index"], dtype=int) - 1):
+            rows.append((int(k), f"{f['landmark'].iloc[r]} ({abbr[r]})", float(f["confidence"].iloc[r]),
+                         float(f["uncertainty_mm"].iloc[r]), str(states.iloc[r] if hasattr(states, "iloc")
+                                                                 else states[r])))
+    if log is not None and det.image_path is not None and names and log.state.has_proposal(det.image_path):
+        have = {r[0] for r in rows}
+        abbr_all = abbreviations(names)
+        for k in log.state.absent(det.image_path):
+            if k not in have and k < len(names):
+                rows.append((k, f"{names[k]} ({abbr_all[k]})", np.nan, np.nan, "absent"))
+    return rows
 
 
 class _SortItem(QTableWidgetItem):
@@ -257,15 +280,15 @@ class DetectWidget(QWidget):
         self.status_label.setWordWrap(True)
 
         # -- table
-        self.table = QTableWidget(0, 4)
-        self.table.setHorizontalHeaderLabels(["#", "Landmark", "Confidence", "±mm"])
+        self.table = QTableWidget(0, 5)
+        self.table.setHorizontalHeaderLabels(["#", "Landmark", "Confidence", "±mm", "State"])
         self.table.verticalHeader().setVisible(False)
         self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SingleSelection)
         self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         hh = self.table.horizontalHeader()
         hh.setSectionResizeMode(1, QHeaderView.Stretch)
-        for c in (0, 2, 3):
+        for c in (0, 2, 3, 4):
             hh.setSectionResizeMode(c, QHeaderView.ResizeToContents)
         self.table.setSortingEnabled(True)
         self.table.setToolTip("Click a landmark to select it and centre the view on it; click a header to sort")
@@ -284,6 +307,9 @@ class DetectWidget(QWidget):
         self.viewer.layers.selection.events.active.connect(self._active_changed)
         self.state.model_changed.connect(self._sync_model_edit)
         self.state.model_changed.connect(self.preload_model)
+        self.state.log_changed.connect(self._refill_table)
+        self.state.register_action("next_image", lambda: self.go(+1))
+        self.state.register_action("previous_image", lambda: self.go(-1))
         self._refresh_layers()
         self._update_nav()
         self._sync_model_edit()
@@ -319,7 +345,8 @@ class DetectWidget(QWidget):
             self.set_model(text or None)
 
     def _browse_model(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Model checkpoint", "", "napari-glimpse model (*.pt);;All files (*)")
+        path, _ = QFileDialog.getOpenFileName(self, "Model checkpoint", "",
+                                              "napari-glimpse model (*.pt);;All files (*)")
         if path:
             self.set_model(path)
 
@@ -563,12 +590,13 @@ class DetectWidget(QWidget):
             names = log.state.landmark_names
             layer_data = landmarks_layer_from(
                 log.state.positions(path), names, log.state.confidence(path),
-                image_shape=res.image.shape, name=f"{path.stem} landmarks", image_path=path)
+                image_shape=res.image.shape, name=f"{path.stem} landmarks", image_path=path,
+                states=log_states(log, path, len(names)))
         points_layer = None
         if layer_data is not None:
             data, kw, _ = layer_data
             if reuse is not None:  # same image: rewrite the layer (removing one costs napari a gc pass)
-                content = {"data": data, **{k: kw[k] for k in ("features", "face_color", "border_color")}}
+                content = {"data": data, **{k: kw[k] for k in ("features", "face_color", "border_color", "symbol")}}
                 set_layer_content(self.state, reuse, content, name=kw["name"], metadata=kw["metadata"], size=kw["size"])
                 points_layer = reuse
             else:
@@ -605,27 +633,30 @@ class DetectWidget(QWidget):
         self.detected.emit(det)
 
     # ------------------------------------------------------------------------ table
+    def _refill_table(self) -> None:
+        """The log changed (an edit, accept, absent): the table shows the layer's new states."""
+        if self.state.current is not None:
+            self._fill_table(self.state.current)
+
     def _fill_table(self, det: Detection) -> None:
+        sort = self.table.horizontalHeader().sortIndicatorSection() if self.table.rowCount() else 2
+        order = self.table.horizontalHeader().sortIndicatorOrder() if self.table.rowCount() else Qt.AscendingOrder
         self.table.setSortingEnabled(False)
         self.table.setRowCount(0)
-        layer = det.points_layer
-        if layer is not None and len(layer.data):
-            f = layer.features
-            idx = np.asarray(f["index"])
-            conf = np.asarray(f["confidence"], dtype=float)
-            unc = np.asarray(f["uncertainty_mm"], dtype=float)
-            names = list(f["landmark"])
-            self.table.setRowCount(len(idx))
-            abbr = abbreviations(names)
-            for r in range(len(idx)):
-                self.table.setItem(r, 0, _SortItem(str(int(idx[r])), float(idx[r])))
-                self.table.setItem(r, 1, _SortItem(f"{names[r]} ({abbr[r]})", float(idx[r])))
-                c = conf[r]
-                self.table.setItem(r, 2, _SortItem(f"{c:.2f}" if np.isfinite(c) else "–", c if np.isfinite(c) else 2.0))
-                u = unc[r]
-                self.table.setItem(r, 3, _SortItem(f"{u:.1f}" if np.isfinite(u) else "–", u if np.isfinite(u) else -1.0))
+        rows = _table_rows(det, self.state.log)
+        self.table.setRowCount(len(rows))
+        for r, (k, name, conf, unc, state) in enumerate(rows):
+            self.table.setItem(r, 0, _SortItem(str(k + 1), float(k)))
+            self.table.setItem(r, 1, _SortItem(name, float(k)))
+            # a corrected or absent point's model confidence no longer applies
+            shown = conf if state in ("proposed", "accepted") else np.nan
+            self.table.setItem(r, 2, _SortItem(f"{shown:.2f}" if np.isfinite(shown) else "–",
+                                               shown if np.isfinite(shown) else 2.0))
+            self.table.setItem(r, 3, _SortItem(f"{unc:.1f}" if np.isfinite(unc) else "–",
+                                               unc if np.isfinite(unc) else -1.0))
+            self.table.setItem(r, 4, _SortItem(state, float(k)))
         self.table.setSortingEnabled(True)
-        self.table.sortItems(2, Qt.AscendingOrder)
+        self.table.sortItems(sort, order)
 
     def _row_selected(self) -> None:
         rows = self.table.selectionModel().selectedRows()

@@ -83,9 +83,30 @@ class GlimpseState(QObject):
         self.log: CorrectionLog | None = None
         self.selected_landmark: int | None = None
         self._quiet = 0
+        self.actions: dict[str, Any] = {}  # keyboard actions the widgets offer (see bind_shortcuts)
         layers = getattr(viewer, "layers", None)
         if layers is not None:
             layers.events.removing.connect(self._hide_text_before_removal)
+
+    def register_action(self, name: str, func: Any) -> None:
+        """Offer ``func`` for the keyboard shortcut named ``name`` (bound once per viewer)."""
+        self.actions[name] = func
+        self.bind_shortcuts()
+
+    def bind_shortcuts(self) -> None:
+        """Bind the review's keys on the viewer (napari's own keys stay as they are)."""
+        from ._corrections import SHORTCUTS
+
+        viewer = self.viewer
+        if viewer is None or getattr(self, "_bound", False):
+            return
+        for key, action, _what in SHORTCUTS:
+            def run(_viewer: Any, action: str = action) -> None:
+                func = self.actions.get(action)
+                if func is not None:
+                    func()
+            viewer.bind_key(key, run, overwrite=True)
+        self._bound = True
 
     def _hide_text_before_removal(self, event: Any) -> None:
         """Hide a text-labelled layer's text and redraw once before napari removes it.
@@ -280,9 +301,32 @@ def set_layer_content(state: GlimpseState, layer: Any, content: dict, **attrs: A
         if len(content["data"]):
             layer.face_color = content["face_color"]
             layer.border_color = content["border_color"]
+            if "symbol" in content:
+                layer.symbol = content["symbol"]
         for k, v in attrs.items():
             setattr(layer, k, v)
         layer.refresh()
+
+
+def restyle(state: GlimpseState, layer: Any, content: dict) -> None:
+    """Rewrite a landmarks layer's features and look (not its points, so the selection stays)."""
+    with state.quiet():
+        layer.features = content["features"]
+        if len(content["data"]):
+            layer.face_color = content["face_color"]
+            layer.border_color = content["border_color"]
+            layer.symbol = content["symbol"]
+        layer.refresh()
+
+
+def log_states(log: CorrectionLog | None, image: Path | None, n_landmarks: int) -> np.ndarray:
+    """``(K,)`` review state of each landmark of ``image`` in ``log`` (all proposed without one)."""
+    from .._layer_data import review_states
+
+    if log is None or image is None or not log.state.has_proposal(image):
+        return review_states(n_landmarks)
+    st = log.state
+    return review_states(n_landmarks, st.corrected(image), st.absent(image), st.is_accepted(image))
 
 
 def layer_positions(layer: Any, n_landmarks: int) -> np.ndarray:
