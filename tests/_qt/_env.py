@@ -65,3 +65,34 @@ class LoopWatch:
         self._tick()
         self.timer.stop()
         return self.worst
+
+
+def drag_point(viewer, layer, row: int, to_yx, qtbot, steps: int = 8) -> None:
+    """Drag point ``row`` of ``layer`` to data position ``to_yx`` with real Qt mouse events on
+    napari's canvas (press on the point, move in ``steps``, release), as a hand does."""
+    import numpy as np
+    from qtpy.QtCore import QEvent, QPointF, Qt
+    from qtpy.QtGui import QMouseEvent
+    from qtpy.QtWidgets import QApplication
+
+    canvas = viewer.window._qt_viewer.canvas
+    native = canvas._scene_canvas.native
+    tr = canvas.layer_to_visual[layer].node.get_transform(map_from="visual", map_to="canvas")
+
+    def at(yx):
+        p = tr.map([yx[1], yx[0]])
+        return QPointF(p[0] / p[3], p[1] / p[3])
+
+    def send(kind, pt, buttons):
+        ev = QMouseEvent(kind, pt, native.mapToGlobal(pt.toPoint()), Qt.LeftButton, buttons, Qt.NoModifier)
+        QApplication.sendEvent(native, ev)
+
+    layer.mode = "select"
+    start, end = np.asarray(layer.data[row], dtype=float), np.asarray(to_yx, dtype=float)
+    send(QEvent.MouseButtonPress, at(start), Qt.LeftButton)
+    qtbot.wait(30)
+    for i in range(1, steps + 1):
+        send(QEvent.MouseMove, at(start + (end - start) * i / steps), Qt.LeftButton)
+        qtbot.wait(15)
+    send(QEvent.MouseButtonRelease, at(end), Qt.NoButton)
+    qtbot.wait(120)  # the review widget logs a drag once the button is up (50 ms poll)
