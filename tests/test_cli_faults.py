@@ -139,13 +139,25 @@ def test_out_and_confidence_out_must_differ_and_be_writable(capsys, folder, tmp_
     assert "cannot write there (is a folder)" in line
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
-def test_a_read_only_folder_is_refused_before_any_work(capsys, folder, tmp_path):
+def _without_root_override() -> None:
+    """(In the child) drop the capabilities that let root write anywhere, before exec."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2, 3):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP
+
+
+def test_a_read_only_folder_is_refused_before_any_work(folder, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
-    line = run_error(capsys, "predict", folder["paths"][0], "--model", MISSING_MODEL, "--out", ro / "p.csv")
-    assert "cannot write there (Permission denied)" in line
+    r = subprocess.run([sys.executable, "-m", "napari_glimpse.cli", "predict", str(folder["paths"][0]), "--model",
+                        MISSING_MODEL, "--out", str(ro / "p.csv")], capture_output=True, text=True, timeout=300,
+                       preexec_fn=_without_root_override if os.geteuid() == 0 else None)
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [f"napari-glimpse: error: --out {ro / 'p.csv'}: cannot write there "
+                                     f"(Permission denied)"]
 
 
 def test_outputs_follow_the_umask(capsys, tiny_model_path, tiny_data, tmp_path):
