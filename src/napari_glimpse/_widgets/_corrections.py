@@ -258,7 +258,8 @@ class CorrectionsWidget(QWidget):
         for rec in recs:
             if rec.action == "delete" and rec.k is not None:
                 self.pick(rec.k)  # a deleted landmark is the one a new point most likely places again
-        self.render()  # extra points dropped, edited points restyled (cross), labels re-placed
+        if recs or n_valid != len(layer.data):
+            self.render()  # extra points dropped, edited points restyled (cross), labels re-placed
         if recs:
             status(self.status_label, "logged: " + "; ".join(_describe(r) for r in recs))
             self.recorded.emit(recs)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 from napari.qt.threading import create_worker
-from qtpy.QtCore import Qt, Signal
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -56,6 +56,7 @@ from ._state import (
 )
 
 STAGES = ("reading image", "loading model", "building pyramid", "glimpsing")
+SHOW_PROGRESS_AFTER_S = 0.3  # stages of a detection quicker than this are not shown
 
 
 @dataclass
@@ -307,7 +308,11 @@ class DetectWidget(QWidget):
         self.viewer.layers.selection.events.active.connect(self._active_changed)
         self.state.model_changed.connect(self._sync_model_edit)
         self.state.model_changed.connect(self.preload_model)
-        self.state.log_changed.connect(self._refill_table)
+        self.state.log_changed.connect(self._refill_table_soon)
+        self._table_timer = QTimer(self)
+        self._table_timer.setSingleShot(True)
+        self._table_timer.setInterval(0)
+        self._table_timer.timeout.connect(self._refill_table)
         self.state.register_action("next_image", lambda: self.go(+1))
         self.state.register_action("previous_image", lambda: self.go(-1))
         self._refresh_layers()
@@ -527,8 +532,7 @@ class DetectWidget(QWidget):
         worker.errored.connect(self._on_error)
         worker.finished.connect(lambda: self._on_finished(worker))
         self._worker = worker
-        self.progress.setValue(0)
-        self.progress.setFormat("starting")
+        self.progress.setFormat("detecting…" if predict else "opening…")
         status(self.status_label, f"detecting on {path.name if path else (layer.name if layer else '')}…"
                if predict else f"opening {path.name if path else ''}…")
         self._update_nav()
@@ -537,6 +541,9 @@ class DetectWidget(QWidget):
         return worker
 
     def _on_stage(self, i: int) -> None:
+        # a progress bar repaints at once (and the canvas with it): a quick detection shows none
+        if time.perf_counter() - self._t_click < SHOW_PROGRESS_AFTER_S:
+            return
         self.progress.setValue(i)
         self.progress.setFormat(STAGES[i])
 
@@ -613,8 +620,10 @@ class DetectWidget(QWidget):
             seconds=seconds, extra={"from_folder": layer is None},
         )
         self.state.set_current(det)
+        self._table_timer.stop()
         self._fill_table(det)
-        self.progress.setValue(len(STAGES))
+        # the bar's value repaints synchronously: after the points are up, not before
+        QTimer.singleShot(0, lambda: self.progress.setValue(len(STAGES)))
         if traj is not None:
             self.last_seconds = seconds
             self.progress.setFormat("done")
@@ -633,6 +642,9 @@ class DetectWidget(QWidget):
         self.detected.emit(det)
 
     # ------------------------------------------------------------------------ table
+    def _refill_table_soon(self) -> None:
+        self._table_timer.start()  # several log changes in one event: one refill
+
     def _refill_table(self) -> None:
         """The log changed (an edit, accept, absent): the table shows the layer's new states."""
         if self.state.current is not None:

@@ -316,7 +316,6 @@ def restyle(state: GlimpseState, layer: Any, content: dict) -> None:
             layer.face_color = content["face_color"]
             layer.border_color = content["border_color"]
             layer.symbol = content["symbol"]
-        layer.refresh()
 
 
 def log_states(log: CorrectionLog | None, image: Path | None, n_landmarks: int) -> np.ndarray:
