@@ -43,7 +43,30 @@ _EXPORTS = {
     "ReviewState": "corrections",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [
+    "GlimpseError",
+    "GlimpseModel",
+    "Trajectory",
+    "Dataset",
+    "load_dataset",
+    "read_image",
+    "read_landmarks_csv",
+    "write_landmarks_csv",
+    "ISBI_LANDMARKS",
+    "radial_errors",
+    "summarize",
+    "ModelConfig",
+    "Pyramid",
+    "build_pyramid",
+    "TrainConfig",
+    "evaluate_model",
+    "presets",
+    "train",
+    "Correction",
+    "CorrectionLog",
+    "ReviewState",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

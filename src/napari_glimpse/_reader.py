@@ -13,43 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GlimpseError
-from .io import IMAGE_SUFFIXES, read_image, read_isbi_txt, read_landmarks_csv, to_grey_uint8
+from .io import IMAGE_SUFFIXES, read_image, read_isbi_txt, read_landmarks_csv
 from .landmarks import ISBI_LANDMARKS
-
-DICOM_SUFFIXES = (".dcm", ".dicom")
-
-
-def have_pydicom() -> bool:
-    try:
-        import pydicom  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def read_dicom(path: str | Path) -> tuple[np.ndarray, float | None]:
-    """Read a DICOM cephalogram as grey ``uint8`` plus its pixel spacing in mm (if recorded)."""
-    try:
-        import pydicom
-    except ImportError:
-        raise GlimpseError("reading DICOM needs pydicom: pip install 'napari-glimpse[dicom]'") from None
-    try:
-        ds = pydicom.dcmread(str(path))
-        arr = np.asarray(ds.pixel_array)
-    except Exception as exc:  # pydicom raises many kinds (missing handlers, bad files)
-        raise GlimpseError(f"cannot read DICOM {path}: {exc.__class__.__name__}: {exc}") from None
-    if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
-        arr = arr[0]  # multi-frame: the first frame
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    icept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-    if slope != 1 or icept != 0:
-        arr = arr.astype(np.float32) * slope + icept
-    img = to_grey_uint8(arr)
-    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
-        img = 255 - img
-    from .spacing import dicom_spacing
-
-    return img, dicom_spacing(ds)  # PixelSpacing, else ImagerPixelSpacing, else None
+from .spacing import DICOM_SUFFIXES, have_pydicom, read_dicom, tiff_spacing  # noqa: F401  re-exported
 
 
 def read_cephalogram(path: str):
@@ -61,8 +27,6 @@ def read_cephalogram(path: str):
     else:
         img = read_image(p)
         if p.suffix.lower() in (".tif", ".tiff"):
-            from .spacing import tiff_spacing
-
             spacing = tiff_spacing(p)  # only a meaningful resolution (not 72/96 dpi, a unit given)
     meta = {"path": str(p)}
     if spacing is not None:

@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import GlimpseError
-from .int8 import usable, weights_key
 from .model import _conv_bn
+from .runtime import inference_net, members_of  # noqa: F401  members_of: re-exported
 
 
 @dataclass(frozen=True)
@@ -205,39 +205,6 @@ class CoarseEnsemble(Ensemble):
 
     same = ("input_hw", "n_landmarks")
     stage = "coarse"
-
-
-def members_of(net: nn.Module) -> list:
-    """The nets of an ensemble, or ``[net]``."""
-    return list(net.members) if isinstance(net, Ensemble) else [net]
-
-
-def inference_net(net: nn.Module, int8: bool = True) -> "nn.Module | Callable[[torch.Tensor], torch.Tensor]":
-    """``net`` as used for inference: in eval mode, its int8 graph when it has a usable one
-    (``int8``; see :func:`napari_glimpse.int8.usable`), else a copy with every convolution + batch-norm
-    pair folded into one convolution (the same answers to float rounding, one pass fewer over
-    each layer's activations) and its weights in channels-last layout like the activations (so
-    no convolution re-lays its input out first). The copy is
-    made on first use and again whenever the weights change (training steps, loading weights,
-    moving the net); in training mode, ``net`` itself."""
-    if net.training:
-        return net
-    key = weights_key(net)
-    if int8 and (q := usable(net, key)) is not None:
-        return q
-    cached = net.__dict__.pop("_inference_copy", None)  # (not copied along)
-    if cached is None or cached[0] != key:
-        fused = copy.deepcopy(net)
-        for mod in fused.modules():
-            if isinstance(mod, nn.Sequential):
-                for a in range(len(mod) - 1):
-                    if isinstance(mod[a], nn.Conv2d) and isinstance(mod[a + 1], nn.BatchNorm2d):
-                        mod[a] = torch.nn.utils.fusion.fuse_conv_bn_eval(mod[a], mod[a + 1])
-                        mod[a + 1] = nn.Identity()
-        fused.to(memory_format=torch.channels_last)
-        cached = (key, fused)
-    net.__dict__["_inference_copy"] = cached  # a plain attribute: not a submodule, not in state_dict
-    return cached[1]
 
 
 def locate(net: "CoarseNet | CoarseEnsemble", level: torch.Tensor, image_hw: tuple[int, int],

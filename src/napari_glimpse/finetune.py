@@ -235,7 +235,7 @@ def _plan(parent, cfg: FinetuneConfig, stages: Sequence[str], n_images: int, pro
     """The run's phases in ``prog``, by stage: ``offsets`` (one step per reviewed image), each net
     of the coarse and fine stages, ``glimpse``. Stages with 0 steps are left out; the offsets are
     learned only where the answer is the coarse and fine stages' (no glimpse steps after them)."""
-    from .coarse import members_of
+    from .runtime import members_of
 
     plan: dict[str, list[_Phase]] = {}
     if cfg.offsets and "glimpse" not in stages:
@@ -363,7 +363,7 @@ def finetune(parent, reviewed: Dataset, out: str | Path, cfg: FinetuneConfig | N
     record: dict[str, Any] = {}
     nets_to_tune = [s for s in ("coarse", "fine") if s in plan]
     if nets_to_tune:
-        from .coarse import members_of
+        from .runtime import members_of
 
         data = TrainingData(train_ds, model.config.n_levels, model.config.patch, "mean",
                             coarse=members_of(model.coarse)[0].cfg if "coarse" in plan else None,

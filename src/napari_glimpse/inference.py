@@ -12,16 +12,26 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 import torch
 
+from . import runtime
 from .checkpoint import KIND, atomic_torch_save, halve_weights, read_checkpoint
+from .coarse import CoarseConfig, CoarseEnsemble, CoarseNet, facing_of, locate_parts, view_level
 from .errors import GlimpseError
+from .fine import FineConfig, FineEnsemble, FineNet, kinds_of, refine, window_scale
 from .glimpse import PyramidStack, sample_glimpses
 from .io import read_image, to_grey_uint8
 from .model import GlimpseModelNet, ModelConfig
 from .pyramid import Pyramid, build_pyramid
-
-if TYPE_CHECKING:
-    from .coarse import CoarseEnsemble, CoarseNet
-    from .fine import FineEnsemble, FineNet
+from .runtime import attach_graphs, checkpoint_graphs, graphs_of, members_of, pack
+from .spacing import (
+    DICOM_SUFFIXES,
+    SpacingWarning,
+    model_shape,
+    read_image_and_spacing,
+    resample,
+    resolve_spacing,
+    to_image_pixels,
+    to_model_pixels,
+)
 
 DEFAULT_MODEL = Path(__file__).parent / "models" / "default.pt"
 # an image is resampled to the model's spacing when its own differs by more than this fraction
@@ -248,7 +258,6 @@ class GlimpseModel:
         }
 
     def _int8_checkpoint(self) -> dict:
-        from .int8 import graphs_of, pack
 
         graphs = graphs_of(self)
         # an optional entry: readers that do not know it run the float nets
@@ -257,7 +266,6 @@ class GlimpseModel:
     def _fine_checkpoint(self) -> dict:
         if self.fine is None:
             return {}
-        from .fine import FineEnsemble
 
         if isinstance(self.fine, FineEnsemble):
             # readers before version 5 would not see the ensemble
@@ -268,7 +276,6 @@ class GlimpseModel:
     def _coarse_checkpoint(self) -> dict:
         if self.coarse is None:
             return {}
-        from .coarse import CoarseEnsemble
 
         if isinstance(self.coarse, CoarseEnsemble):
             return {
@@ -304,8 +311,6 @@ class GlimpseModel:
         mean_start = np.asarray(ckpt["mean_start"], dtype=np.float64)
         if mean_start.shape != (cfg.n_landmarks, 2) or len(ckpt["landmark_names"]) != cfg.n_landmarks:
             raise GlimpseError(f"{source}: start positions or landmark names do not match {cfg.n_landmarks} landmarks")
-        from .coarse import CoarseConfig, CoarseEnsemble, CoarseNet, members_of
-        from .fine import FineConfig, FineEnsemble, FineNet
 
         members = ckpt.get("coarse_members")
         if members is None and ckpt.get("coarse_state_dict") is not None:
@@ -331,7 +336,6 @@ class GlimpseModel:
             coarse,
             fine,
         )
-        from .int8 import attach_graphs, checkpoint_graphs
 
         attach_graphs(model, checkpoint_graphs(ckpt, source), int8, source)
         return model
@@ -355,17 +359,13 @@ class GlimpseModel:
         """Run the coarse and fine nets' int8 graphs (where usable: see
         :func:`napari_glimpse.int8.usable`) or, with ``enabled=False``, the float nets. Returns
         (nets that now run int8, coarse and fine nets)."""
-        from . import int8
-
-        int8.set_enabled(self, enabled)
-        return int8.status(self)
+        runtime.set_enabled(self, enabled)
+        return runtime.status(self)
 
     @property
     def int8_nets(self) -> tuple[int, int]:
         """(coarse and fine nets that run their int8 graphs now, coarse and fine nets)."""
-        from .int8 import status
-
-        return status(self)
+        return runtime.status(self)
 
     # ------------------------------------------------------------------------- inference
     def pyramid(self, image: np.ndarray | str | os.PathLike | Pyramid) -> Pyramid:
@@ -452,7 +452,6 @@ class GlimpseModel:
         if notice:  # once there is an answer (an image that cannot be read gets its error alone)
             import warnings
 
-            from .spacing import SpacingWarning
 
             warnings.warn(notice, SpacingWarning, stacklevel=2)
         return tr
@@ -461,7 +460,6 @@ class GlimpseModel:
                     spacing: float | None) -> tuple[np.ndarray | Pyramid, float, str, str | None]:
         """The image (read when a path; grey ``uint8`` when an array), its spacing (checked), where
         that came from (``given``, ``file`` or ``model``) and the notice to give (see :meth:`predict`)."""
-        from .spacing import DICOM_SUFFIXES, read_image_and_spacing, resolve_spacing
 
         name, dicom, recorded = "image", False, None
         if isinstance(image, (str, os.PathLike)):
@@ -474,7 +472,6 @@ class GlimpseModel:
     def _predict_resampled(self, image: np.ndarray | Pyramid, spacing: float, source: str, run: dict) -> Trajectory:
         """:meth:`predict` of an image at another spacing than the model's: resampled to the model's,
         located there, and every position (and fine window scale) mapped back to the image's pixels."""
-        from .spacing import model_shape, resample, to_image_pixels, to_model_pixels
 
         img = image.levels[0].numpy() if isinstance(image, Pyramid) else image
         h, w = img.shape
@@ -517,7 +514,6 @@ class GlimpseModel:
         coarse_start = None
         stages: dict = {}
         if self.coarse is not None and start is None:
-            from .coarse import facing_of
 
             start, spread, disagreement = self._coarse(pyr)
             if facing == "auto":
@@ -606,7 +602,6 @@ class GlimpseModel:
 
     def _coarse(self, pyr: Pyramid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The coarse stage's positions, spread and passes' disagreement (full-res pixels)."""
-        from .coarse import locate_parts, view_level
 
         lv = view_level(pyr.shape, self.coarse.cfg.input_hw, len(pyr))
         pos, width, disagreement = locate_parts(self.coarse, pyr.levels[lv], pyr.shape,
@@ -625,8 +620,6 @@ class GlimpseModel:
         steps = self.fine_steps if fine_steps is None else fine_steps
         if steps <= 0 or self.fine is None:
             return (self._shifted(pos, pyr.shape) if self.fine is None else pos), spread
-        from .coarse import members_of
-        from .fine import refine
 
         pos, fine_spread = refine(self.fine, pyr.levels, pyr.shape, pos, steps, self.fine_decode_window, looks)
         if disagreement is not None:
@@ -654,8 +647,6 @@ class GlimpseModel:
         """The :class:`Trajectory` fields of the coarse answer and the fine ``looks`` (landmarks
         ``landmarks``), in the image's own pixels: with ``mirrored`` (the stages read the mirrored
         image) positions, windows and heatmaps are flipped back, as the glimpses are."""
-        from .coarse import members_of
-        from .fine import kinds_of, window_scale
 
         ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
         cfg = self.fine.cfg

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import GlimpseError, GlimpseWarning
-from .io import Dataset, concat_datasets, read_image
+from .io import Dataset, concat_datasets, read_image, to_grey_uint8
 
 MIN_SPACING_MM = 0.01
 MAX_SPACING_MM = 1.0
@@ -137,8 +137,6 @@ def read_image_and_spacing(path: str | os.PathLike) -> tuple[np.ndarray, float |
     """An image file as grey ``uint8`` (DICOM too, with pydicom) and the spacing it records (or ``None``)."""
     p = Path(path)
     if p.suffix.lower() in DICOM_SUFFIXES:
-        from ._reader import read_dicom
-
         return read_dicom(p)
     img = read_image(p)
     return img, tiff_spacing(p) if p.suffix.lower() in TIFF_SUFFIXES else None
@@ -309,3 +307,35 @@ def remember_spacing(folder: str | os.PathLike, spacing: float | None) -> bool:
     except OSError:
         return False
     return True
+
+
+# ----------------------------------------------------------------------------- DICOM
+def have_pydicom() -> bool:
+    try:
+        import pydicom  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def read_dicom(path: str | Path) -> tuple[np.ndarray, float | None]:
+    """Read a DICOM cephalogram as grey ``uint8`` plus its pixel spacing in mm (if recorded)."""
+    try:
+        import pydicom
+    except ImportError:
+        raise GlimpseError("reading DICOM needs pydicom: pip install 'napari-glimpse[dicom]'") from None
+    try:
+        ds = pydicom.dcmread(str(path))
+        arr = np.asarray(ds.pixel_array)
+    except Exception as exc:  # pydicom raises many kinds (missing handlers, bad files)
+        raise GlimpseError(f"cannot read DICOM {path}: {exc.__class__.__name__}: {exc}") from None
+    if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
+        arr = arr[0]  # multi-frame: the first frame
+    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
+    icept = float(getattr(ds, "RescaleIntercept", 0) or 0)
+    if slope != 1 or icept != 0:
+        arr = arr.astype(np.float32) * slope + icept
+    img = to_grey_uint8(arr)
+    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        img = 255 - img
+    return img, dicom_spacing(ds)  # PixelSpacing, else ImagerPixelSpacing, else None

@@ -29,11 +29,12 @@ from qtpy.QtWidgets import (
 from .._layer_data import STATE_LEGEND, abbreviations, landmark_content
 from ..corrections import DEFAULT_EXPORT_NAME, Correction
 from ..errors import GlimpseError
-from ._detect import focus_landmark
 from ._state import (
+    SHORTCUTS,
     Detection,
     camera_of,
     error_text,
+    focus_landmark,
     layer_positions,
     log_states,
     real_viewer,
@@ -61,19 +62,6 @@ def _describe(rec: Correction) -> str:
     if a == "absent":
         return f"#{rec.seq} marked {what} absent"
     return f"#{rec.seq} {a}d {what}" if a == "delete" else f"#{rec.seq} {a}ed {what}"
-
-
-# keyboard shortcuts of the review (viewer-wide; napari's own keys are left alone)
-SHORTCUTS = (
-    ("N", "next_landmark", "next landmark to review (least confident first)"),
-    ("Shift-N", "previous_landmark", "previous landmark"),
-    ("PageDown", "next_image", "next image of the folder"),
-    ("PageUp", "previous_image", "previous image of the folder"),
-    ("Control-Z", "undo", "undo (through the corrections log)"),
-    ("Control-Shift-Z", "redo", "redo"),
-    ("Shift-X", "absent", "mark the selected landmark absent (not visible)"),
-    ("Shift-Enter", "accept", "accept the image"),
-)
 
 
 class CorrectionsWidget(QWidget):

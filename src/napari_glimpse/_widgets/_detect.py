@@ -44,9 +44,8 @@ from ..io import IMAGE_SUFFIXES, read_image, to_grey_uint8
 from ..spacing import remember_spacing, remembered_spacing
 from ._state import (
     Detection,
-    GlimpseState,
-    camera_of,
     error_text,
+    focus_landmark,
     image_path_of,
     log_states,
     real_viewer,
@@ -112,25 +111,6 @@ def _spacing_text(traj: Trajectory) -> str:
     """``0.13 mm/px (set)``: the spacing a detection was made at and where it came from."""
     source = {"given": "set", "file": "from the file", "model": "the model's"}.get(traj.spacing_source, "")
     return f"{traj.pixel_spacing:g} mm/px" + (f" ({source})" if source else "")
-
-
-def focus_landmark(state: GlimpseState, k: int, zoom: float | None = None) -> bool:
-    """Select landmark ``k`` (0-based) in the current points layer and centre the view on it."""
-    det = state.current
-    viewer = state.viewer
-    if det is None or viewer is None or det.points_layer not in viewer.layers:
-        return False
-    layer = det.points_layer
-    rows = np.nonzero(np.asarray(layer.features["index"]) == k + 1)[0] if "index" in layer.features else []
-    if len(rows):
-        r = int(rows[0])
-        layer.selected_data = {r}
-        cam = camera_of(viewer)
-        cam.center = tuple(layer.data_to_world(layer.data[r]))
-        if zoom is not None:
-            cam.zoom = zoom
-    state.select_landmark(k)
-    return True
 
 
 def _table_rows(det: Detection, log: Any) -> list[tuple[int, str, float, float, str]]:

@@ -28,6 +28,18 @@ from ..inference import DEFAULT_MODEL, GlimpseModel, Trajectory
 
 ENV_THREADS = "NAPARI_GLIMPSE_THREADS"
 
+# keyboard shortcuts of the review (viewer-wide; napari's own keys are left alone)
+SHORTCUTS = (
+    ("N", "next_landmark", "next landmark to review (least confident first)"),
+    ("Shift-N", "previous_landmark", "previous landmark"),
+    ("PageDown", "next_image", "next image of the folder"),
+    ("PageUp", "previous_image", "previous image of the folder"),
+    ("Control-Z", "undo", "undo (through the corrections log)"),
+    ("Control-Shift-Z", "redo", "redo"),
+    ("Shift-X", "absent", "mark the selected landmark absent (not visible)"),
+    ("Shift-Enter", "accept", "accept the image"),
+)
+
 
 def inference_threads() -> int:
     """CPU threads for detection: ``$NAPARI_GLIMPSE_THREADS``, else all cores but one (napari's).
@@ -95,8 +107,6 @@ class GlimpseState(QObject):
 
     def bind_shortcuts(self) -> None:
         """Bind the review's keys on the viewer (napari's own keys stay as they are)."""
-        from ._corrections import SHORTCUTS
-
         viewer = self.viewer
         if viewer is None or getattr(self, "_bound", False):
             return
@@ -348,3 +358,22 @@ def layer_positions(layer: Any, n_landmarks: int) -> np.ndarray:
             seen.add(k)
             out[k] = row[-2:][::-1]
     return out
+
+
+def focus_landmark(state: GlimpseState, k: int, zoom: float | None = None) -> bool:
+    """Select landmark ``k`` (0-based) in the current points layer and centre the view on it."""
+    det = state.current
+    viewer = state.viewer
+    if det is None or viewer is None or det.points_layer not in viewer.layers:
+        return False
+    layer = det.points_layer
+    rows = np.nonzero(np.asarray(layer.features["index"]) == k + 1)[0] if "index" in layer.features else []
+    if len(rows):
+        r = int(rows[0])
+        layer.selected_data = {r}
+        cam = camera_of(viewer)
+        cam.center = tuple(layer.data_to_world(layer.data[r]))
+        if zoom is not None:
+            cam.zoom = zoom
+    state.select_landmark(k)
+    return True
