@@ -138,14 +138,14 @@ def test_one_overall_progress_across_stages_and_nets(staged, reviewed, tmp_path)
     lines = []
     finetune(staged, reviewed, tmp_path / "ft.pt", replace(QUICK, coarse_steps=3, fine_steps=4),
              progress=Progress(lines.append))
-    assert [ln["stage"] for ln in lines] == ["offsets"] * 6 + ["coarse"] * 3 + ["fine"] * 8
+    assert [ln["stage"] for ln in lines] == ["read"] * 6 + ["offsets"] * 6 + ["coarse"] * 3 + ["fine"] * 8
     assert [ln.get("member") for ln in lines[-8:]] == [0] * 4 + [1] * 4
-    assert {ln["overall_total"] for ln in lines} == {6 + 3 + 2 * 4}
-    assert [ln["overall_step"] for ln in lines] == list(range(1, 18))
+    assert {ln["overall_total"] for ln in lines} == {6 + 6 + 3 + 2 * 4}
+    assert [ln["overall_step"] for ln in lines] == list(range(1, 24))
     fractions = [ln["progress"] for ln in lines]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
     assert all(ln["eta_s"] >= 0 for ln in lines) and lines[-1]["eta_s"] == pytest.approx(0.0, abs=1e-6)
-    assert all("loss" in ln for ln in lines if ln["stage"] != "offsets")
+    assert all("loss" in ln for ln in lines if ln["stage"] in ("coarse", "fine"))
 
 
 def test_progress_shares_the_budget_by_expected_time():

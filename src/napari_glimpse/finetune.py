@@ -32,7 +32,7 @@ from .io import Dataset
 
 # rough seconds per step on one CPU thread (the ETA and the time shares are scaled by what the
 # run measures; these only weigh the phases against each other before it has)
-COST_S = {"offsets": 0.3, "coarse": 1.0, "fine": 0.16, "glimpse": 0.3, "int8": 5.0}
+COST_S = {"read": 0.2, "offsets": 0.3, "coarse": 1.0, "fine": 0.16, "glimpse": 0.3, "int8": 5.0}
 
 
 @dataclass(frozen=True)
@@ -177,8 +177,10 @@ class LoadedDataset(Dataset):
                              self.landmark_names, self.pixel_spacing, arrays=[self.arrays[i] for i in idx])
 
 
-def load_images(ds: Dataset, idx: Sequence[int] | None = None) -> LoadedDataset:
-    """``ds`` (or its images ``idx``) with every image read once, labels the mean of its annotators."""
+def load_images(ds: Dataset, idx: Sequence[int] | None = None,
+                report: Callable[[], None] | None = None) -> LoadedDataset:
+    """``ds`` (or its images ``idx``) with every image read once, labels the mean of its annotators;
+    ``report()`` after each image."""
     from .io import to_grey_uint8
 
     idx = list(range(len(ds))) if idx is None else [int(i) for i in idx]
@@ -187,6 +189,8 @@ def load_images(ds: Dataset, idx: Sequence[int] | None = None) -> LoadedDataset:
         img = to_grey_uint8(ds.image(i))
         ds.check_inside(i, img.shape)
         arrays.append(img)
+        if report is not None:
+            report()
     return LoadedDataset([ds.image_paths[i] for i in idx], {"labels": ds.ground_truth("mean")[idx]},
                          ds.landmark_names, ds.pixel_spacing, arrays=arrays)
 
@@ -225,19 +229,23 @@ def reading_frame(d: np.ndarray, left: np.ndarray) -> np.ndarray:
 
 def learn_offsets(preds: np.ndarray, truth: np.ndarray, left: np.ndarray, prior: float) -> np.ndarray:
     """``(K, 2)`` per-landmark offsets (the model's pixels, its reading frame): the residuals'
-    (truth - answer) sum over ``N + prior`` images, a mean shrunk towards 0 for few images."""
+    (truth - answer) sum over ``N + prior`` images, a mean shrunk towards 0 for few images. ``N``
+    counts the images where the landmark is present: an absent one (NaN truth) is left out (0 for
+    a landmark absent on every image)."""
     r = reading_frame(truth - preds, left)
-    return r.sum(0) / (len(r) + float(prior))
+    ok = np.isfinite(r).all(-1, keepdims=True)  # (N, K, 1)
+    return np.where(ok, r, 0.0).sum(0) / np.maximum(ok.sum(0) + float(prior), 1.0)
 
 
 # ------------------------------------------------------------------------------ tuning
-def _plan(parent, cfg: FinetuneConfig, stages: Sequence[str], n_images: int, prog: Progress) -> dict:
-    """The run's phases in ``prog``, by stage: ``offsets`` (one step per reviewed image), each net
+def _plan(parent, cfg: FinetuneConfig, stages: Sequence[str], n_images: int, n_read: int, prog: Progress) -> dict:
+    """The run's phases in ``prog``, by stage: ``read`` (``n_read`` images read), ``offsets`` (one
+    step per reviewed image), each net
     of the coarse and fine stages, ``glimpse``. Stages with 0 steps are left out; the offsets are
     learned only where the answer is the coarse and fine stages' (no glimpse steps after them)."""
     from .runtime import members_of
 
-    plan: dict[str, list[_Phase]] = {}
+    plan: dict[str, list[_Phase]] = {"read": [prog.add("read", n_read)]}
     if cfg.offsets and "glimpse" not in stages:
         plan["offsets"] = [prog.add("offsets", n_images)]
     for stage, steps in (("coarse", cfg.coarse_steps), ("fine", cfg.fine_steps)):
@@ -302,12 +310,12 @@ def _tune_glimpse(model, ds: Dataset, out: Path, cfg: FinetuneConfig, prog: Prog
     return [{"step": model.meta.get("train_steps"), "seconds": round(model.meta.get("train_wall_s", 0.0), 1)}]
 
 
-def _replay(mix: Dataset | None, n: int, seed: int) -> LoadedDataset | None:
+def _replay(mix: Dataset | None, n: int, seed: int, report: Callable[[], None] | None = None) -> LoadedDataset | None:
     """``n`` images of the original set, drawn at random (``seed``), read once."""
     if mix is None or n <= 0 or len(mix) == 0:
         return None
     idx = np.sort(np.random.default_rng(seed).choice(len(mix), size=min(n, len(mix)), replace=False))
-    return load_images(mix, idx)
+    return load_images(mix, idx, report)
 
 
 def _offsets(model, rev: LoadedDataset, cfg: FinetuneConfig, prog: Progress,
@@ -351,9 +359,16 @@ def finetune(parent, reviewed: Dataset, out: str | Path, cfg: FinetuneConfig | N
         raise GlimpseError(f"model has {len(parent.landmark_names)} landmarks, data has {len(reviewed.landmark_names)}")
     stages = used_stages(parent)
     parent_record = parent.meta.get("finetuned")
-    plan = _plan(parent, cfg, stages, len(reviewed), prog)
-    rev = load_images(reviewed)
-    replay = _replay(mix, len(rev) if cfg.mix_images is None else cfg.mix_images, cfg.seed)
+    n_mix = 0 if mix is None else min(len(mix), len(reviewed) if cfg.mix_images is None else cfg.mix_images)
+    plan = _plan(parent, cfg, stages, len(reviewed), len(reviewed) + n_mix, prog)
+    read, count = plan["read"][0], iter(range(1, 1 + len(reviewed) + n_mix))
+
+    def one_read() -> None:
+        prog.report(read, next(count))
+
+    rev = load_images(reviewed, report=one_read)
+    replay = _replay(mix, n_mix, cfg.seed, one_read)
+    prog.finish(read)
     model = parent
     offsets = None
     if "offsets" in plan:

@@ -103,16 +103,16 @@ def test_review_loop_on_a_real_cephalogram(make_napari_viewer, qtbot, isbi, isbi
     # ---- accept and export
     assert corr.accept() is not None and log.state.is_accepted(image)
     csv = corr.export(tmp_path / "reviewed.csv")
-    assert csv is not None and ft.data_edit.text() == str(csv)
+    assert csv is not None and str(ft.data_edit.value) == str(csv)
     names, coords = read_landmarks_csv(csv)
     assert [os.path.basename(n) for n in names] == ["151.jpg"]
     np.testing.assert_allclose(coords[0, 4], moved[4][::-1], atol=0.01)
     assert len(load_dataset(csv)) == 1
 
     # ---- fine-tune in the background; the event loop keeps answering; cancel
-    ft.steps.setValue(100_000)
-    ft.batch.setValue(4)
-    ft.out_edit.setText(str(tmp_path / "cancelled.pt"))
+    ft.steps.value = 100_000
+    ft.batch.value = 4
+    ft.out_edit.value = str(tmp_path / "cancelled.pt")
     watch.start()
     with qtbot.waitSignal(ft.progressed, timeout=120_000):
         assert ft.start() is not None
@@ -132,8 +132,8 @@ def test_review_loop_on_a_real_cephalogram(make_napari_viewer, qtbot, isbi, isbi
 
     # ---- fine-tune a few steps to the end, switch detection to the new checkpoint
     out = tmp_path / "finetuned.pt"
-    ft.steps.setValue(3)
-    ft.out_edit.setText(str(out))
+    ft.steps.value = 3
+    ft.out_edit.value = str(out)
     with qtbot.waitSignal(ft.finished, timeout=180_000) as fin:
         ft.start()
     assert fin.args == [0, str(out)], ft.log.toPlainText()

@@ -5,6 +5,14 @@ The training runs as ``python -m napari_glimpse.cli finetune ... --progress-json
 so the viewer stays responsive, and Cancel terminates the process (killing it if it has not
 ended within :data:`KILL_AFTER_MS`). When it finishes, one click makes the detect widget use
 the new checkpoint.
+
+The form is a magicgui :class:`~magicgui.widgets.Container` (the reviewed labels, the new model's
+file, "with the original training set" and its folder, the time budget, and the rarer settings);
+the buttons, the progress bar, the loss plot and the log are plain Qt. The process's progress
+lines carry the whole run's step count, fraction and ETA (``napari_glimpse.finetune.Progress``):
+one bar goes once across every stage and net, and the loss of each stage tuned is plotted, each
+in its own colour. What was tuned is in the new model's ``meta['finetuned']`` and its default
+file name (the reviewed images' count, ``-mix`` with the original set).
 """
 
 from __future__ import annotations
@@ -15,19 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit, SpinBox
 from qtpy.QtCore import QPointF, QProcess, QProcessEnvironment, QTimer, Signal
-from qtpy.QtGui import QColor, QDoubleValidator, QPainter, QPen, QPolygonF
+from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
-    QComboBox,
-    QFileDialog,
-    QFormLayout,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -38,30 +42,57 @@ KILL_AFTER_MS = 3000
 
 
 
-def _path_row(placeholder: str, browse) -> tuple[QLineEdit, QHBoxLayout]:
-    """A path field with a "…" browse button beside it."""
-    edit = QLineEdit()
-    edit.setPlaceholderText(placeholder)
-    btn = QPushButton("…")
-    btn.setFixedWidth(28)
-    btn.clicked.connect(browse)
-    row = QHBoxLayout()
-    row.addWidget(edit, 1)
-    row.addWidget(btn)
-    return edit, row
+# finetune's default time budget, minutes (as the command's --time-budget)
+DEFAULT_MINUTES = 4.0
+# each stage's line in the loss plot
+STAGE_COLOURS = {"coarse": (255, 170, 60), "fine": (120, 220, 120), "glimpse": (80, 200, 255)}
+
+
+def _text(edit: FileEdit) -> str:
+    """A path field's text as typed ('' when empty; its value would be the current folder)."""
+    return str(edit.line_edit.value).strip()
+
+
+def _clock(seconds: float) -> str:
+    s = max(0, int(round(seconds)))
+    return f"{s // 60}:{s % 60:02d}"
+
+
+def original_set_folder() -> str:
+    """The ISBI folder the plugin knows of (``$NAPARI_GLIMPSE_DATA``, else the sample data's
+    ``data_dir`` setting), as a data set folder with ``train_*.csv``; '' if none."""
+    import os
+
+    from .._sample_data import ENV_DATA, read_settings
+
+    for given in (os.environ.get(ENV_DATA), read_settings().get("data_dir")):
+        if not given:
+            continue
+        for folder in (Path(given), Path(given).parent):
+            if any(folder.glob("train*.csv")) or (folder / "RawImage").is_dir():
+                return str(folder)
+    return ""
+
 
 class LossPlot(QWidget):
-    """A small line plot of the training loss (mm) per step."""
+    """The training loss of each stage tuned, per step: one line per stage (its nets one after
+    another), each scaled to its own range (the coarse and fine nets' heatmap cross-entropy and the
+    glimpse net's error in mm do not share a scale), with its first and last value."""
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
-        self.values: list[float] = []
+        self.series: dict[str, list[float]] = {}
         self.setMinimumHeight(90)
-        self.setToolTip("Training loss (mean radial error of the batch, mm; smoothed) per step")
+        self.setToolTip("Training loss per step of each stage tuned (coarse and fine: heatmap cross-entropy; "
+                        "glimpse: mean radial error of the batch, mm; smoothed), each on its own scale")
+
+    def set_series(self, series: dict[str, list[float]]) -> None:
+        self.series = {k: list(v) for k, v in series.items()}
+        self.update()
 
     def set_values(self, values: list[float]) -> None:
-        self.values = list(values)
-        self.update()
+        """One series (the glimpse net's)."""
+        self.set_series({"glimpse": values} if values else {})
 
     def paintEvent(self, event) -> None:  # noqa: N802 (Qt name)
         p = QPainter(self)
@@ -69,25 +100,24 @@ class LossPlot(QWidget):
         w, h = self.width(), self.height()
         p.fillRect(0, 0, w, h, QColor(30, 33, 40))
         p.setPen(QColor(180, 180, 180))
-        vals = [v for v in self.values if v == v]  # drop NaN
-        if len(vals) < 2:
-            p.drawText(8, h // 2, "loss (mm) appears here while training")
+        series = {k: [v for v in vals if v == v] for k, vals in self.series.items()}  # drop NaN
+        series = {k: v for k, v in series.items() if len(v) >= 2}
+        if not series:
+            p.drawText(8, h // 2, "the loss of each stage appears here while training")
             p.end()
             return
-        lo, hi = min(vals), max(vals)
-        span = hi - lo or 1.0
-        left, right, top, bottom = 44, 8, 8, 16
-        p.drawText(2, top + 10, f"{hi:.1f}")
-        p.drawText(2, h - bottom, f"{lo:.1f}")
-        p.drawText(w // 2 - 30, h - 2, f"step {len(self.values)}")
-        poly = QPolygonF()
-        n = len(vals)
-        for i, v in enumerate(vals):
-            x = left + (w - left - right) * i / (n - 1)
-            y = top + (h - top - bottom) * (1 - (v - lo) / span)
-            poly.append(QPointF(x, y))
-        p.setPen(QPen(QColor(80, 200, 255), 2))
-        p.drawPolyline(poly)
+        left, right, top, bottom = 8, 8, 8, 8
+        for row, (stage, vals) in enumerate(series.items()):
+            lo, hi = min(vals), max(vals)
+            span = hi - lo or 1.0
+            poly = QPolygonF()
+            for i, v in enumerate(vals):
+                poly.append(QPointF(left + (w - left - right) * i / (len(vals) - 1),
+                                    top + (h - top - bottom) * (1 - (v - lo) / span)))
+            colour = QColor(*STAGE_COLOURS.get(stage, (200, 200, 200)))
+            p.setPen(QPen(colour, 2))
+            p.drawPolyline(poly)
+            p.drawText(left + 4, top + 12 + 14 * row, f"{stage} {vals[0]:.2f} → {vals[-1]:.2f} ({len(vals)} steps)")
         p.end()
 
 
@@ -104,53 +134,13 @@ class FinetuneWidget(QWidget):
         self.proc: QProcess | None = None
         self._buf = b""
         self._cancelled = False
-        self._losses: list[float] = []
+        self.losses: dict[str, list[float]] = {}  # each stage's loss per step (its nets one after another)
+        self.tuned = ""  # what the finished run tuned, in a few words
         self._t0 = 0.0
+        self._painted = 0.0  # when the loss plot was last repainted
         self.last_step = 0
         self.output: Path | None = None
-
-        self.data_edit, drow = _path_row("reviewed labels CSV (Export reviewed… fills this in)",
-                                         self._browse_data)
-        self.base_label = QLabel()
-        self.base_label.setToolTip("Fine-tuning starts from the model the Detect widget uses")
-        self.out_edit, orow = _path_row("new checkpoint (default: next to the CSV)", self._browse_out)
-        self.steps = QSpinBox()
-        self.steps.setRange(1, 100000)
-        self.steps.setValue(200)
-        self.steps.setToolTip("Optimizer steps")
-        self.batch = QSpinBox()
-        self.batch.setRange(0, 1024)
-        self.batch.setValue(0)
-        self.batch.setSpecialValueText("model's")
-        self.batch.setToolTip("Batch size (default: the model's training batch size)")
-        self.lr = QLineEdit("1e-4")
-        self.lr.setValidator(QDoubleValidator(1e-8, 1.0, 8))
-        self.lr.setMaximumWidth(80)
-        self.lr.setToolTip("Learning rate (Adam)")
-        self.threads = QSpinBox()
-        self.threads.setRange(1, 64)
-        self.threads.setValue(1)
-        self.threads.setToolTip("CPU threads of the training process (leave cores to napari)")
-        self.device = QComboBox()
-        self.device.addItems(["auto", "cpu", "cuda"])
-        srow = QHBoxLayout()
-        srow.addWidget(QLabel("steps"))
-        srow.addWidget(self.steps)
-        srow.addWidget(QLabel("batch"))
-        srow.addWidget(self.batch)
-        lrow = QHBoxLayout()
-        lrow.addWidget(QLabel("lr"))
-        lrow.addWidget(self.lr)
-        lrow.addWidget(QLabel("threads"))
-        lrow.addWidget(self.threads)
-        lrow.addWidget(self.device)
-
-        form = QFormLayout()
-        form.addRow("Data", drow)
-        form.addRow("From", self.base_label)
-        form.addRow("Output", orow)
-        form.addRow(srow)
-        form.addRow(lrow)
+        self.form = self._build_form()
 
         self.start_btn = QPushButton("Start fine-tuning")
         self.start_btn.clicked.connect(lambda: self.start())
@@ -178,7 +168,7 @@ class FinetuneWidget(QWidget):
         self.log.setMaximumHeight(90)
 
         lay = QVBoxLayout(self)
-        lay.addLayout(form)
+        lay.addWidget(self.form.native)
         lay.addLayout(brow)
         lay.addWidget(self.progress)
         lay.addWidget(self.status_label)
@@ -192,40 +182,77 @@ class FinetuneWidget(QWidget):
         self._show_base()
 
     # ------------------------------------------------------------------------ inputs
+    def _build_form(self) -> Container:
+        """The form (magicgui): what to tune on, where to write it, with what, for how long."""
+        self.data_edit = FileEdit(mode="r", filter="*.csv", label="Reviewed labels",
+                                  tooltip="the reviewed labels CSV (Corrections → Export reviewed… fills this in)")
+        self.base_label = Label(label="From", tooltip="Fine-tuning starts from the model the Detect widget uses")
+        self.out_edit = FileEdit(mode="w", filter="*.pt", label="New model",
+                                 tooltip="default: next to the CSV, named after the model, the number of reviewed "
+                                         "images (-mix: with the original set) and the time")
+        self.mix_check = CheckBox(text="with the original training set", value=False,
+                                  tooltip="also replay as many images of the original training set (e.g. ISBI) as "
+                                          "there are reviewed ones, so the model keeps what it learned there")
+        self.mix_edit = FileEdit(mode="d", label="Original set", value=original_set_folder() or "",
+                                 tooltip="the original training set's folder (with train_senior.csv / "
+                                         "train_junior.csv and images/)")
+        self.minutes = FloatSpinBox(value=DEFAULT_MINUTES, min=0.5, max=600.0, step=0.5, label="Minutes",
+                                    tooltip="time budget of the tuning (the int8 graphs are remade after it, about "
+                                            "half a minute); the stages share it")
+        self.steps = SpinBox(value=0, min=0, max=100000, label="Steps",
+                             tooltip="optimizer steps of each net (0: the defaults, coarse 30, fine 100 per net, "
+                                     "glimpse 200 where the answer uses it)")
+        self.steps.native.setSpecialValueText("defaults")
+        self.batch = SpinBox(value=0, min=0, max=1024, label="Batch",
+                             tooltip="the glimpse net's batch size (0: the model's)")
+        self.batch.native.setSpecialValueText("model's")
+        self.lr = LineEdit(value="1e-4", label="Learning rate",
+                           tooltip="the glimpse net's (Adam); the coarse and fine nets learn at a tenth of their own")
+        self.threads = SpinBox(value=1, min=1, max=64, label="Threads",
+                               tooltip="CPU threads of the training process (leave cores to napari)")
+        self.device = ComboBox(choices=["auto", "cpu", "cuda"], value="auto", label="Device")
+        self.mix_edit.enabled = False
+        self.mix_check.changed.connect(lambda on: setattr(self.mix_edit, "enabled", bool(on)))
+        return Container(widgets=[self.data_edit, self.base_label, self.out_edit, self.mix_check, self.mix_edit,
+                                  self.minutes, self.steps, self.batch, self.lr, self.threads, self.device],
+                         labels=True)
+
     def _show_base(self) -> None:
         p = self.state.model_path
-        self.base_label.setText(p.name if p else "shipped default model")
-        self.base_label.setToolTip(str(p) if p else "the model shipped with napari-glimpse")
+        self.base_label.value = p.name if p else "shipped default model"
+        self.base_label.tooltip = str(p) if p else "the model shipped with napari-glimpse"
 
     def set_data(self, path: str) -> None:
-        self.data_edit.setText(str(path))
+        self.data_edit.value = str(path)
 
-    def _browse_data(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Reviewed landmarks", "", "CSV (*.csv)")
-        if path:
-            self.set_data(path)
-
-    def _browse_out(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "New checkpoint", "", "napari-glimpse model (*.pt)")
-        if path:
-            self.out_edit.setText(path)
+    def default_output(self, data: str) -> str:
+        """The new model's default file: next to the CSV, ``PARENT-ftN[-mix]-TIME.pt`` (N reviewed images)."""
+        try:
+            n = max(0, sum(1 for line in Path(data).read_text().splitlines() if line.strip()) - 1)
+        except (OSError, UnicodeDecodeError):
+            n = 0
+        parent = self.state.model_path.stem if self.state.model_path else "default"
+        mix = "-mix" if self.mix_check.value else ""
+        return str(Path(data).resolve().parent / f"{parent}-ft{n}{mix}-{time.strftime('%Y%m%d-%H%M%S')}.pt")
 
     def command(self) -> list[str]:
         """The argument list of the training process (after the Python executable)."""
-        data = self.data_edit.text().strip()
-        out = self.out_edit.text().strip()
+        data = _text(self.data_edit)
+        out = _text(self.out_edit)
         if not out:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            out = str(Path(data).resolve().parent / f"finetuned-{stamp}.pt")
-            self.out_edit.setText(out)
+            out = self.default_output(data)
+            self.out_edit.value = out
         args = ["-m", "napari_glimpse.cli", "finetune", "--data", data, "--out", out,
-                "--max-steps", str(self.steps.value()), "--lr", self.lr.text().strip() or "1e-4",
-                "--threads", str(self.threads.value()), "--device", self.device.currentText(),
-                "--progress-json"]
+                "--time-budget", f"{self.minutes.value:g}", "--lr", self.lr.value.strip() or "1e-4",
+                "--threads", str(self.threads.value), "--device", self.device.value, "--progress-json"]
+        if self.steps.value > 0:
+            args += ["--max-steps", str(self.steps.value)]
+        if self.mix_check.value and _text(self.mix_edit):
+            args += ["--mix-data", _text(self.mix_edit)]
         if self.state.model_path is not None:
             args += ["--model", str(self.state.model_path)]
-        if self.batch.value() > 0:
-            args += ["--batch-size", str(self.batch.value())]
+        if self.batch.value > 0:
+            args += ["--batch-size", str(self.batch.value)]
         from ..spacing import remembered_spacing
 
         # the spacing the Detect widget remembers for the labels' images (resampled to the model's)
@@ -244,24 +271,30 @@ class FinetuneWidget(QWidget):
         """Start the training process; returns it (``None`` if the inputs are wrong)."""
         if self.running:
             return None
-        data = self.data_edit.text().strip()
+        data = _text(self.data_edit)
         if not data or not Path(data).is_file():
-            status(self.status_label, "choose the reviewed labels CSV first (Corrections → Export reviewed…)", error=True)
+            status(self.status_label, "choose the reviewed labels CSV first (Corrections → Export reviewed…)",
+                   error=True)
             return None
         try:
-            lr = float(self.lr.text())
+            lr = float(self.lr.value)
         except ValueError:
             lr = -1.0
         if not 0 < lr <= 1:
-            status(self.status_label, f"learning rate {self.lr.text()!r}: expected a number in (0, 1]", error=True)
+            status(self.status_label, f"learning rate {self.lr.value!r}: expected a number in (0, 1]", error=True)
+            return None
+        mix = _text(self.mix_edit)
+        if self.mix_check.value and not (mix and Path(mix).is_dir()):
+            status(self.status_label, "choose the original training set's folder (with train_senior.csv / "
+                                      "train_junior.csv), or untick “with the original training set”", error=True)
             return None
         args = self.command()
-        self.output = Path(self.out_edit.text().strip())
+        self.output = Path(_text(self.out_edit))
         proc = QProcess(self)
         env = QProcessEnvironment.systemEnvironment()
         env.insert("PYTHONUNBUFFERED", "1")
         env.insert("TQDM_DISABLE", "1")
-        env.insert("OMP_NUM_THREADS", str(self.threads.value()))
+        env.insert("OMP_NUM_THREADS", str(self.threads.value))
         proc.setProcessEnvironment(env)
         proc.readyReadStandardOutput.connect(self._read_stdout)
         proc.readyReadStandardError.connect(self._read_stderr)
@@ -270,10 +303,11 @@ class FinetuneWidget(QWidget):
         self.proc = proc
         self._buf = b""
         self._cancelled = False
-        self._losses = []
+        self.losses = {}
+        self.tuned = ""
         self.last_step = 0
         self._t0 = time.monotonic()
-        self.plot.set_values([])
+        self.plot.set_series({})
         self.log.clear()
         self.log.appendPlainText("$ python " + " ".join(args))
         self.use_btn.setEnabled(False)
@@ -281,7 +315,7 @@ class FinetuneWidget(QWidget):
         self.cancel_btn.setEnabled(True)
         self.progress.setValue(0)
         self.progress.setFormat("starting (loading model and images)…")
-        status(self.status_label, f"fine-tuning {self.base_label.text()} on {Path(data).name}…")
+        status(self.status_label, f"fine-tuning {self.base_label.value} on {Path(data).name}…")
         proc.start(sys.executable, args)
         return proc
 
@@ -322,34 +356,46 @@ class FinetuneWidget(QWidget):
             self.log.appendPlainText(text)
 
     def _on_progress(self, info: dict) -> None:
+        """One progress line: the bar shows the whole run (``progress``, ``overall_step`` of
+        ``overall_total``, ``eta_s``), the status the current stage and net, the plot each stage's loss."""
         if info.get("done"):
             self.last_step = int(info.get("steps", self.last_step))
+            self.tuned = str(info.get("tuned", ""))
             return
         self.last_step = int(info.get("step", 0))
-        frac = float(info.get("progress", 0.0))
-        loss = info.get("loss_mm")
+        stage = info.get("stage", "glimpse")  # a glimpse step's line names no stage
+        loss = info.get("loss_mm", info.get("loss"))
         if loss is not None:
-            self._losses.append(float(loss))
-            self.plot.set_values(self._losses)
-        self.progress.setValue(int(min(1.0, frac) * 1000))
+            self.losses.setdefault(stage, []).append(float(loss))
+            self.plot.series = self.losses
+            if time.monotonic() - self._painted > 0.25:  # a repaint per step would crowd the event loop
+                self._painted = time.monotonic()
+                self.plot.update()
+        self.progress.setValue(int(min(1.0, float(info.get("progress", 0.0))) * 1000))
+        what = self._step_text(stage, info)
+        bar = what
+        if "overall_total" in info:
+            bar += f" · {info['overall_step']}/{info['overall_total']}"
+        eta = f"ETA {_clock(info['eta_s'])}" if info.get("eta_s") is not None else ""
+        self.progress.setFormat(f"{bar} · {eta}" if eta else bar)
         el = float(info.get("elapsed_s", 0.0))
-        if info.get("stage") == "int8":  # then their int8 graphs are made again
-            what = f"int8 graphs: net {self.last_step}"
-            self.progress.setFormat(what)
-            status(self.status_label, what)
-            self.progressed.emit(info)
-            return
-        if info.get("stage") in ("coarse", "fine"):  # the model's coarse and fine stages are fine-tuned first
-            net = f", net {int(info['member']) + 1}" if "member" in info else ""
-            what = f"{info['stage']} stage{net}: step {self.last_step}"
-            self.progress.setFormat(what)
-            status(self.status_label, f"{what}, {el:.0f} s")
-            self.progressed.emit(info)
-            return
-        self.progress.setFormat(f"step {self.last_step}/{self.steps.value()}")
-        status(self.status_label, f"step {self.last_step}: loss {loss:.2f} mm, {el:.0f} s" if loss is not None
-               else f"step {self.last_step}")
+        loss_text = f", loss {loss:.2f}{' mm' if 'loss_mm' in info else ''}" if loss is not None else ""
+        status(self.status_label, f"{what}{loss_text}, {el:.0f} s" + (f", {eta}" if eta else ""))
         self.progressed.emit(info)
+
+    def _step_text(self, stage: str, info: dict) -> str:
+        step = self.last_step
+        of = f"/{info['steps']}" if "steps" in info else ""
+        if stage == "int8":  # the int8 graphs are made again at the end
+            return f"int8 graphs: net {step}{of}"
+        if stage == "offsets":
+            return f"landmark offsets: image {step}{of}"
+        if stage == "read":
+            return f"reading images: {step}{of}"
+        if stage in ("coarse", "fine"):
+            net = f", net {int(info['member']) + 1}" if "member" in info else ""
+            return f"{stage} stage{net}: step {step}{of}"
+        return f"glimpse net: step {step}{of or (f'/{self.steps.value}' if self.steps.value else '')}"
 
     def _on_error(self, err) -> None:
         if err == QProcess.FailedToStart:
@@ -372,11 +418,12 @@ class FinetuneWidget(QWidget):
             status(self.status_label, f"cancelled after {self.last_step} step(s), {secs:.0f} s; no model written")
             self.finished.emit(-1, "")
             return
+        self.plot.update()
         if code == 0 and out is not None and out.is_file():
             self.progress.setValue(1000)
             self.progress.setFormat("done")
-            loss = f", loss {self._losses[-1]:.2f} mm" if self._losses else ""
-            status(self.status_label, f"wrote {out.name}: {self.last_step} steps in {secs:.0f} s{loss}")
+            what = self.tuned or f"{self.last_step} steps"
+            status(self.status_label, f"wrote {out.name}: {what}, in {secs:.0f} s")
             self.use_btn.setEnabled(True)
             self.finished.emit(0, str(out))
             return
