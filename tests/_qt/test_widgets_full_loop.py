@@ -93,3 +93,18 @@ def test_full_review_loop(make_napari_viewer, qtbot, isbi, isbi_model_path, tmp_
     row151 = next(ln.split(",") for ln in lines[1:] if ln.split(",")[0].endswith("151.jpg"))
     assert row151[19:21] == ["", ""]
     assert abs(float(row151[9]) - target[1]) < 4.0
+
+    # ---- fine-tune on the export (a separate process; a few steps), then detect with the new model
+    assert str(ft.data_edit.value) == str(out)  # the export reached the fine-tune widget
+    ft.steps.value = 2
+    ft.batch.value = 4
+    ft.out_edit.value = str(tmp_path / "tuned.pt")
+    with qtbot.waitSignal(ft.finished, timeout=300_000) as fin:
+        assert ft.start() is not None
+    assert fin.args == [0, str(tmp_path / "tuned.pt")], ft.log.toPlainText()
+    ft.use_new_model()
+    assert detect.state.model_path == tmp_path / "tuned.pt"
+    detect.replace_check.setChecked(True)
+    with qtbot.waitSignal(detect.detected, timeout=120_000) as blocker:
+        detect.detect()
+    assert blocker.args[0].model_name == "tuned.pt" and len(blocker.args[0].points_layer.data) == 19
