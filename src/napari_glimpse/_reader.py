@@ -46,6 +46,9 @@ def _points_layer(coords: np.ndarray, name: str, image_names: list[str] | None =
         feats = {"landmark": names * n, "index": np.tile(np.arange(1, k + 1), n),
                  "image": [im for im in (image_names or []) for _ in range(k)] or None}
         feats = {a: b for a, b in feats.items() if b is not None}
+    keep = ~np.isnan(data[:, -2:]).all(-1)  # an absent landmark (empty cells in the CSV) has no point
+    if not keep.all():
+        data, feats = data[keep], {a: np.asarray(b)[keep] for a, b in feats.items()}
     kwargs = {"name": name, "features": feats, "size": 25, "text": {"string": "{index}", "size": 10}}
     return [(data, kwargs, "points")]
 

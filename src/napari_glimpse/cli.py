@@ -448,8 +448,10 @@ def cmd_measure(a: argparse.Namespace) -> int:
     names, coords = read_landmarks_csv(a.landmarks)
     if coords.shape[1] != 19:
         raise GlimpseError(f"{a.landmarks}: measurements need the 19 ISBI landmarks, got {coords.shape[1]}")
-    if not np.isfinite(coords).all():
-        raise GlimpseError(f"{a.landmarks}: coordinates must be finite numbers")
+    if not np.isfinite(coords).all():  # read_landmarks_csv lets only absent landmarks (empty cells) through
+        i, k = (int(v[0]) for v in np.nonzero(~np.isfinite(coords).all(-1)))
+        raise GlimpseError(f"{a.landmarks}: image {names[i]} has landmark {k + 1} absent (empty cells); "
+                           f"the measurements need all 19 landmarks")
     _write_measures(Path(a.out), names, coords, a.spacing)
     return 0
 
@@ -457,14 +459,25 @@ def cmd_measure(a: argparse.Namespace) -> int:
 def _classification(preds, ds, ground_truth: str) -> dict:
     """Agreement of the measurement classes (docs/measurements.md) from ``preds`` with the ground truth's,
     and of the two doctors with each other where both are in the data."""
+    from .io import present
     from .measurements import classification_agreement, format_agreement
 
-    out = {"ground_truth": ground_truth, "integer_pixels": True, "spacing_mm": ds.pixel_spacing,
-           "model": classification_agreement(preds, ds.ground_truth(ground_truth), ds.pixel_spacing)}
+    truth = ds.ground_truth(ground_truth)
+    full = present(truth).all(axis=1)  # the measurements need every landmark: images with one absent are left out
+    out = {"ground_truth": ground_truth, "integer_pixels": True, "spacing_mm": ds.pixel_spacing}
+    if not full.all():
+        out["images_left_out"] = int((~full).sum())
+        if not full.any():
+            print("measurement classes: no image has every landmark in the ground truth; not compared")
+            return out
+    out["model"] = classification_agreement(preds[full], truth[full], ds.pixel_spacing)
     if {"senior", "junior"} <= set(ds.annotations):
-        out["junior_vs_senior"] = classification_agreement(ds.annotations["junior"], ds.annotations["senior"],
-                                                           ds.pixel_spacing)
-    print(f"measurement classes against the {ground_truth} landmarks' (mean per-class recall, accuracy):")
+        jun, sen = ds.annotations["junior"], ds.annotations["senior"]
+        both = present(jun).all(axis=1) & present(sen).all(axis=1)
+        if both.any():
+            out["junior_vs_senior"] = classification_agreement(jun[both], sen[both], ds.pixel_spacing)
+    left = f" ({out['images_left_out']} image(s) with an absent landmark left out)" if "images_left_out" in out else ""
+    print(f"measurement classes against the {ground_truth} landmarks' (mean per-class recall, accuracy){left}:")
     print(format_agreement(out["model"]))
     return out
 

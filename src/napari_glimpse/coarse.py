@@ -448,6 +448,7 @@ def train_coarse(
     lr_scale: float = 1.0,
     device: "str | torch.device" = "cpu",
     layers: str = "all",
+    present: torch.Tensor | None = None,
 ) -> tuple[CoarseNet, list[dict]]:
     """Train a coarse net for ``time_budget_s`` seconds of wall time (or ``max_steps`` steps,
     whichever comes first; the learning-rate schedule follows the nearer).
@@ -459,6 +460,8 @@ def train_coarse(
     starting from random weights; ``lr_scale`` scales the learning rate (e.g. 0.1 to fine-tune).
     ``device``: where the net trains (e.g. ``"cuda"``); batches are made on the CPU from
     ``levels`` and moved there. ``layers``: which of its layers learn (:func:`tune_only`).
+    ``present``: ``(N, K)`` bool, False where a landmark is absent (default: where ``truth_n`` is
+    NaN); an absent landmark's heatmap is left out of the loss, whatever its ``truth_n``.
     Returns the net (eval mode, on ``device``) and its history.
     """
     torch.manual_seed(cfg.seed)
@@ -470,6 +473,7 @@ def train_coarse(
         net = CoarseNet(cfg).to(device)
     tune_only(net, layers)
     n = levels.shape[0]
+    ok = torch.isfinite(truth_n).all(-1) if present is None else present.bool()  # (N, K)
     heat_hw = ((cfg.input_hw[0] + 1) // 2, (cfg.input_hw[1] + 1) // 2)  # the stride-2 stem's output
 
     def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -484,6 +488,8 @@ def train_coarse(
         # landmark positions in the view: o = A^-1 (u - t)
         a, t = theta[:, :, :2], theta[:, :, 2]
         o = torch.einsum("bij,bkj->bki", torch.linalg.inv(a), truth_n[i] - t[:, None, :])
+        # an absent landmark's heatmap is not taught (weight 0, its target made from a point outside)
+        o = torch.where(ok[i][..., None], o, 2.0)
         inside = (o.abs() < 0.98).all(-1).float()
         return x, gaussian_targets(from_normalised(o, heat_hw), heat_hw, cfg.sigma), inside
 

@@ -286,6 +286,34 @@ def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", 
     return pos.numpy().astype(np.float64), spread.numpy().astype(np.float64)
 
 
+def present_pairs(i: torch.Tensor, j: torch.Tensor, present: torch.Tensor, gen: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (image ``i``, landmark ``j``) pairs with those whose landmark is absent
+    (``present[i, j]`` False, ``present`` being ``(N, K)`` bool) drawn again among the present
+    pairs, so that every present pair is as likely and an absent one is never drawn. Nothing is
+    drawn again (no random numbers used) when all of them are present."""
+    bad = ~present[i, j]
+    if not bool(bad.any()):
+        return i, j
+    pairs = present.nonzero()
+    if not len(pairs):
+        raise GlimpseError("every landmark of the training set is absent: nothing to train on")
+    pick = pairs[torch.randint(0, len(pairs), (int(bad.sum()),), generator=gen).to(pairs.device)]
+    i, j = i.clone(), j.clone()
+    i[bad], j[bad] = pick[:, 0].to(i.device), pick[:, 1].to(j.device)
+    return i, j
+
+
+def mean_of_present(x: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, K, 2)`` mean over dim 1 of ``x`` ``(N, A, K, 2)`` where ``ok`` ``(N, A, K)`` (0 where
+    none is: never NaN) and ``(N, K)`` whether any is."""
+    if bool(ok.all()):
+        return x.mean(1), ok.all(1)
+    w = ok[..., None]
+    count = w.sum(1)
+    return torch.where(w, x, 0.0).sum(1) / count.clamp_min(1), count[..., 0] > 0
+
+
 def train_fine(
     levels: "list[torch.Tensor]",
     truth_n: torch.Tensor,
@@ -302,13 +330,16 @@ def train_fine(
     averages: "dict[float, FineNet] | None" = None,
     device: "str | torch.device" = "cpu",
     layers: str = "all",
+    present: torch.Tensor | None = None,
 ) -> tuple[FineNet, list[dict]]:
     """Train a fine net for ``time_budget_s`` seconds of wall time (or ``max_steps`` steps).
 
     ``levels``: per context level (finest first), ``(N, 1, h, w)`` float, every training image's
     level (:func:`fine_levels`); ``truth_n``: ``(N, K, 2)`` positions in normalised coordinates, or
     ``(N, A, K, 2)``: each of ``A`` annotators' (taught as ``cfg.target`` says; windows are centred
-    near their mean either way).
+    near their mean either way). ``present``: ``(N, K)`` or ``(N, A, K)`` bool, False where a
+    landmark is absent (default: where ``truth_n`` is NaN); no window is centred on an absent
+    landmark, and none is taught, whatever its ``truth_n``.
     ``averages``: weight averages to keep (see :func:`napari_glimpse.coarse.fit_heatmaps`).
     The rest (``device`` and ``layers`` too) as :func:`napari_glimpse.coarse.train_coarse`.
     """
@@ -321,9 +352,10 @@ def train_fine(
         net = FineNet(cfg).to(device)
     tune_only(net, layers)
     each = truth_n if truth_n.dim() == 4 else truth_n[:, None]  # (N, A, K, 2)
+    ok = torch.isfinite(each).all(-1) if present is None else present.bool().reshape(each.shape[:3])  # (N, A, K)
     if cfg.target == "mean":
-        each = each.mean(1, keepdim=True)
-    centre_n = each.mean(1)
+        each, ok = (v[:, None] for v in mean_of_present(each, ok))
+    centre_n, has = mean_of_present(each, ok)  # the windows' centres, where any annotator placed the landmark
     n, k = centre_n.shape[:2]
     lhw = tuple(levels[0].shape[-2:])
     heat_hw = ((cfg.patch + 1) // 2, (cfg.patch + 1) // 2)
@@ -335,6 +367,7 @@ def train_fine(
         b = cfg.batch_size
         i = torch.randint(0, n, (b,), generator=gen)
         j = torch.randint(0, k, (b,), generator=gen)
+        i, j = present_pairs(i, j, has, gen)
         sd = torch.exp(lo + (hi - lo) * torch.rand(b, 1, generator=gen))  # level pixels
         off = torch.randn(b, 2, generator=gen) * sd * 2 / torch.tensor([lhw[1], lhw[0]])
         ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(cfg.rotation_deg)
@@ -346,6 +379,7 @@ def train_fine(
         a, t = theta[:, :, :2], theta[:, :, 2]
         # each annotator's points in window normalised coordinates: (B, A, K, 2)
         o = torch.einsum("bij,bakj->baki", torch.linalg.inv(a), each[i] - t[:, None, None, :])
+        o = torch.where(ok[i][..., None], o, 2.0)  # an absent landmark: outside every window, not taught
         seen = (o.abs() < 0.95).all(-1).float()  # (B, A, K)
         maps = gaussian_targets(from_normalised(o, heat_hw), heat_hw, cfg.sigma)  # (B, A, K, h, w)
         count = seen.sum(1)

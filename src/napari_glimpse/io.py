@@ -182,11 +182,29 @@ def _coordinate(path: Path, lineno: int, name: str, column: str, text: str) -> f
     return v
 
 
+def _pair(path: Path, lineno: int, name: str, cols: Sequence[str], cells: Sequence[str]) -> tuple[float, float]:
+    """One landmark's ``(x, y)``: both cells empty is an absent landmark (NaN, NaN); one of them
+    empty, text, ``nan`` or ``inf`` is an error naming the line, image and column."""
+    empty = [not c.strip() for c in cells]
+    if all(empty):
+        return math.nan, math.nan
+    if any(empty):
+        col, other = (cols[0], cols[1]) if empty[0] else (cols[1], cols[0])
+        _coordinate(path, lineno, name, other, cells[1] if empty[0] else cells[0])  # text or nan there: that error
+        raise GlimpseError(f"{path}:{lineno}: non-numeric value '' (image {name}, column {col}; an absent landmark "
+                           f"leaves both its cells empty, {other} is not)")
+    return _coordinate(path, lineno, name, cols[0], cells[0]), _coordinate(path, lineno, name, cols[1], cells[1])
+
+
 def read_landmarks_csv(path: str | os.PathLike, unique: bool = False) -> tuple[list[str], np.ndarray]:
     """Read a Kaggle-layout CSV: ``image_path,1_x,1_y,...``. Returns names and ``(N, K, 2)``.
 
     UTF-8 with or without a byte-order mark; ``,`` separators, or ``;`` or tabs throughout.
-    Every coordinate must be a finite number (errors name the line, image and column).
+    Every coordinate must be a finite number (errors name the line, image and column), except
+    that a landmark whose x and y cells are both empty is *absent* (marked not visible, as
+    :meth:`~napari_glimpse.corrections.CorrectionLog.export_training_csv` writes it) and reads
+    as ``(NaN, NaN)``: training, fine-tuning and evaluation leave it out. Only one of the two
+    cells empty, or ``nan``/``inf`` written out, is an error; so is a row with every landmark absent.
     ``unique``: an image named on two rows is an error (labels for training or evaluation).
     """
     path = Path(path)
@@ -208,7 +226,10 @@ def read_landmarks_csv(path: str | os.PathLike, unique: bool = False) -> tuple[l
             raise GlimpseError(f"{path}:{lineno}: image {name} has a second row (the first on line {seen[name]}); "
                                f"keep one row per image")
         seen.setdefault(name, lineno)
-        vals = [_coordinate(path, lineno, name, col, c) for col, c in zip(header[1:], row[1:])]
+        vals = [_pair(path, lineno, name, header[1 + 2 * k: 3 + 2 * k], row[1 + 2 * k: 3 + 2 * k]) for k in range(n)]
+        if all(math.isnan(x) for x, _ in vals):
+            raise GlimpseError(f"{path}:{lineno}: image {name} has every landmark absent (all its cells empty); "
+                               f"label at least one landmark or leave the image out")
         names.append(name)
         coords.append(np.asarray(vals, dtype=np.float64).reshape(n, 2))
     if not names:
@@ -349,6 +370,16 @@ def expand_image_args(args: Sequence[str | os.PathLike]) -> list[Path]:
     return out
 
 
+def absent(coords: np.ndarray) -> np.ndarray:
+    """``(...)`` True where a ``(..., 2)`` landmark is absent: both coordinates NaN."""
+    return np.isnan(np.asarray(coords, dtype=np.float64)).all(-1)
+
+
+def present(coords: np.ndarray) -> np.ndarray:
+    """``(...)`` True where a ``(..., 2)`` landmark has a finite position (not absent)."""
+    return np.isfinite(np.asarray(coords, dtype=np.float64)).all(-1)
+
+
 @dataclass
 class Dataset:
     """A set of images with landmark annotations (one or more annotators)."""
@@ -363,9 +394,16 @@ class Dataset:
         return len(self.image_paths)
 
     def ground_truth(self, which: str = "mean") -> np.ndarray:
-        """``(N, K, 2)`` labels: ``mean`` of all annotators, or one annotator by name."""
+        """``(N, K, 2)`` labels: ``mean`` of all annotators, or one annotator by name. An absent
+        landmark is NaN (see :func:`present`); the mean is over the annotators who placed it."""
         if which == "mean":
-            return np.mean(self.each_annotator(), axis=1)
+            each = self.each_annotator()
+            if np.isfinite(each).all():
+                return np.mean(each, axis=1)
+            ok = present(each)[..., None]
+            count = ok.sum(axis=1)
+            mean = np.where(ok, each, 0.0).sum(axis=1) / np.maximum(count, 1)
+            return np.where(count > 0, mean, np.nan)
         if which not in self.annotations:
             raise GlimpseError(
                 f"annotator {which!r} not in this dataset (have: {', '.join(self.annotations)})"
@@ -389,11 +427,12 @@ class Dataset:
         return read_image(self.image_paths[i])
 
     def check_inside(self, i: int, shape: tuple[int, int]) -> None:
-        """Raise if any label of image ``i`` lies outside an image of ``shape``."""
+        """Raise if any label of image ``i`` lies outside an image of ``shape`` or is not a finite
+        position; absent landmarks (both coordinates NaN) are skipped."""
         h, w = shape
         for who, ann in self.annotations.items():
             c = ann[i]
-            nonfinite = np.nonzero(~np.isfinite(c).all(-1))[0]
+            nonfinite = np.nonzero(~np.isfinite(c).all(-1) & ~absent(c))[0]
             if nonfinite.size:
                 k = int(nonfinite[0])
                 raise GlimpseError(f"{self.image_paths[i].name}: landmark {k + 1} ({who}) at "

@@ -10,7 +10,8 @@ SDR_THRESHOLDS_MM: tuple[float, ...] = (2.0, 2.5, 3.0, 4.0)
 
 
 def radial_errors(pred: np.ndarray, truth: np.ndarray, pixel_spacing: float = 0.1) -> np.ndarray:
-    """Euclidean distance in mm between ``(..., 2)`` pixel coordinates."""
+    """Euclidean distance in mm between ``(..., 2)`` pixel coordinates; NaN where the truth is an
+    absent landmark (NaN: see :func:`napari_glimpse.io.present`), which :func:`summarize` leaves out."""
     pred, truth = np.asarray(pred, float), np.asarray(truth, float)
     if pred.shape != truth.shape:
         raise ValueError(f"shape mismatch: {pred.shape} vs {truth.shape}")
@@ -18,12 +19,20 @@ def radial_errors(pred: np.ndarray, truth: np.ndarray, pixel_spacing: float = 0.
 
 
 def _summary(err: np.ndarray, thresholds: Sequence[float]) -> dict:
+    """MRE, SD and SDR over the errors that are not NaN (``n``; ``n_absent``: the NaN ones, points
+    whose ground truth is absent); None for each statistic when there is none."""
     err = np.asarray(err, float).reshape(-1)
+    missing = np.isnan(err)
+    err = err[~missing]
+    if not err.size:
+        return {"mre_mm": None, "sd_mm": None, "sdr": {f"{t:g}": None for t in thresholds}, "n": 0,
+                "n_absent": int(missing.sum())}
     return {
         "mre_mm": float(err.mean()),
         "sd_mm": float(err.std(ddof=0)),
         "sdr": {f"{t:g}": float((err <= t).mean() * 100.0) for t in thresholds},
         "n": int(err.size),
+        "n_absent": int(missing.sum()),
     }
 
 
@@ -32,7 +41,10 @@ def summarize(
     landmark_names: Sequence[str] | None = None,
     thresholds: Sequence[float] = SDR_THRESHOLDS_MM,
 ) -> dict:
-    """Overall and per-landmark MRE, SD and SDR (percent within ``t`` mm) for ``(N, K)`` errors."""
+    """Overall and per-landmark MRE, SD and SDR (percent within ``t`` mm) for ``(N, K)`` errors.
+
+    NaN errors (absent ground-truth landmarks) are left out: the statistics are over the present
+    points, counted in ``n``, the absent ones in ``n_absent``."""
     errors_mm = np.asarray(errors_mm, float)
     k = errors_mm.shape[1]
     names = list(landmark_names) if landmark_names is not None else [f"L{i + 1}" for i in range(k)]
@@ -52,6 +64,8 @@ def format_table(summary: dict) -> str:
     lines = [head, "-" * len(head)]
 
     def row(idx, name, s):
+        if s["mre_mm"] is None:  # every point of this landmark absent
+            return f"{idx:>3} {name[:24]:<24} {'-':>6} {'-':>6} " + " ".join(f"{'-':>8}" for t in th)
         return f"{idx:>3} {name[:24]:<24} {s['mre_mm']:6.2f} {s['sd_mm']:6.2f} " + " ".join(
             f"{s['sdr'][t]:7.1f}%" for t in th
         )
@@ -61,4 +75,7 @@ def format_table(summary: dict) -> str:
     lines.append("-" * len(head))
     lines.append(row("", "overall", summary["overall"]))
     lines.append("(MRE and SD in mm; SDR = % within 2, 2.5, 3, 4 mm)")
+    absent = summary["overall"].get("n_absent", 0)
+    if absent:
+        lines.append(f"({summary['overall']['n']} points; {absent} absent in the ground truth, not counted)")
     return "\n".join(lines)

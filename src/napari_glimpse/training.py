@@ -19,7 +19,7 @@ from .inference import GlimpseModel, autocast, mirror_points, resolve_device
 from .io import Dataset
 from .model import GlimpseModelNet, ModelConfig
 from .coarse import CoarseConfig, CoarseEnsemble, members_of, train_coarse, view_levels
-from .fine import FineConfig, FineEnsemble, fine_levels_by_kind, train_fine
+from .fine import FineConfig, FineEnsemble, fine_levels_by_kind, present_pairs, train_fine
 from .pyramid import build_pyramid, levels_for
 
 
@@ -112,6 +112,7 @@ class TrainingData:
         self.stack = PyramidStack(pyramids)
         self.shapes = np.array([p.shape for p in pyramids])
         self.truth = torch.as_tensor(dataset.ground_truth(ground_truth), dtype=torch.float32)
+        self.present = torch.isfinite(self.truth).all(-1)  # (N, K): False where a landmark is absent (NaN)
         # the coarse stage's whole-image views: (N, 1, h, w) float, median size, normalised truth
         self.views = view_levels(pyramids, self.truth.numpy(), coarse) if coarse is not None else None
         # the fine stage's levels for each kind of fine net (level, context levels): one
@@ -165,13 +166,16 @@ def train_step(
     mean: torch.Tensor,
     std: torch.Tensor,
     gen: torch.Generator,
+    present: torch.Tensor | None = None,
 ) -> float:
     """One optimizer step on a random batch of (image, landmark) samples.
 
     Starts are drawn per ``tcfg.start_mode``; each sample follows ``tcfg.train_iterations``
     detached glimpse steps, every step's offset error (radial, in ``offset_unit``) adding to the
     loss. ``truth`` is ``(N, K, 2)``, ``shapes`` ``(N, 2)`` (h, w), ``mean``/``std`` ``(K, 2)``
-    (std already scaled). Returns the batch's mean radial error in offset units.
+    (std already scaled). ``present``: ``(N, K)`` bool, False where a landmark is absent; such
+    (image, landmark) pairs are never drawn (:func:`~napari_glimpse.fine.present_pairs`), so
+    their ``truth`` is never read. Returns the batch's mean radial error in offset units.
     """
     dev = truth.device
     n_i, n_k = truth.shape[:2]
@@ -179,6 +183,8 @@ def train_step(
     b = tcfg.batch_size
     img = torch.randint(0, n_i, (b,), generator=gen).to(dev)
     lm = torch.randint(0, n_k, (b,), generator=gen).to(dev)
+    if present is not None:
+        img, lm = present_pairs(img, lm, present, gen)
     target = truth[img, lm]
     size = shapes[img].flip(-1)  # (w, h)
     start = mean[lm] + torch.randn(b, 2, generator=gen).to(dev) * std[lm]
@@ -207,6 +213,19 @@ def train_step(
         c = torch.minimum(c.clamp(min=0), size - 1)
     opt.step()
     return loss_sum
+
+
+def start_statistics(truth: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(K, 2)`` mean and standard deviation of each landmark's ``(N, K, 2)`` training positions,
+    over the images where it is present (absent: NaN); a landmark absent on every image is an error."""
+    if np.isfinite(truth).all():
+        return truth.mean(axis=0), truth.std(axis=0)
+    placed = np.isfinite(truth).all(-1)  # (N, K)
+    never = np.nonzero(~placed.any(axis=0))[0]
+    if never.size:
+        raise GlimpseError(f"landmark {never[0] + 1} ({names[never[0]]}) is absent on every training image; "
+                           f"a new model cannot learn it")
+    return np.nanmean(truth, axis=0), np.nanstd(truth, axis=0)
 
 
 def resume_path(out: str | os.PathLike) -> Path:
@@ -346,7 +365,7 @@ def train(
         m.update({"train_image_shape": list(shape), "auto_levels": auto, "n_train_images": len(dataset),
                   "train_images": [p.name for p in dataset.image_paths]})
         model = GlimpseModel(net.to(dev), dataset.landmark_names, dataset.pixel_spacing,
-                             truth.mean(axis=0), truth.std(axis=0), tcfg.to_dict(), m)
+                             *start_statistics(truth, dataset.landmark_names), tcfg.to_dict(), m)
     else:
         model.train_config = tcfg.to_dict()
         if meta:
@@ -420,6 +439,7 @@ def train(
 
     stack = data.stack.to(dev)
     truth = data.truth.to(dev)
+    present = None if bool(data.present.all()) else data.present.to(dev)
     shapes = torch.as_tensor(data.shapes, dtype=torch.float32, device=dev)
     mean = torch.as_tensor(model.mean_start, dtype=torch.float32, device=dev)
     std = torch.as_tensor(model.std_start, dtype=torch.float32, device=dev) * tcfg.start_std_scale
@@ -454,7 +474,7 @@ def train(
             lr = learning_rate(tcfg, frac)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss_sum = train_step(net, opt, mcfg, tcfg, stack, truth, shapes, mean, std, gen)
+            loss_sum = train_step(net, opt, mcfg, tcfg, stack, truth, shapes, mean, std, gen, present)
             step += 1
             _check_loss(loss_sum, "glimpse", step, out)
             # loss in mm of the mean radial error over the batch
@@ -530,6 +550,8 @@ def evaluate_model(model: GlimpseModel, dataset: Dataset, iterations: int | None
                    mirror: bool = False) -> dict:
     """Predict a labelled dataset and summarise errors (see :func:`metrics.summarize`).
 
+    Absent ground-truth landmarks (NaN) are left out of the statistics: MRE and SDR are over the
+    present points (``n``), the absent ones counted in ``n_absent`` (``errors_mm`` is NaN there).
     ``mirror`` flips every image left-right and the labels with it (the facing-left check).
     """
     from .metrics import radial_errors, summarize
