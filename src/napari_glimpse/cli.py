@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="dataset folder (Kaggle CSV or ISBI layout) or a CSV file")
     t.add_argument("--split", default="train", help="split to train on (default: train)")
     t.add_argument("--out", required=True, help="model file to write")
+    t.add_argument("--recipe", metavar="NAME_OR_PATH",
+                   help="train the kind of model a recipe describes: 'default' (the shipped model's: a coarse net and "
+                        "four fine nets, int8; 238 min in full, about 4 h on 2 CPU cores) or a recipe file; "
+                        "--time-budget then scales every stage's minutes, --max-steps caps every stage's steps")
     t.add_argument("--config", choices=["compact", "paper"], default="compact",
                    help="compact (default; trains on a CPU) or paper (ResNet-34 as published)")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
@@ -211,9 +215,13 @@ def _threads(n: int | None) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    if a.recipe:  # the recipe sets the stages; napari_glimpse.recipe refuses the flags that would too
+        from .recipe import cmd_train_recipe
+
+        return cmd_train_recipe(a, vars(build_parser().parse_args(["train", "--data", "-", "--out", "-"])))
+    from .fine import FineConfig
     from .inference import GlimpseModel
     from .io import load_dataset
-    from .fine import FineConfig
     from .training import presets, train
 
     ds = load_dataset(a.data, a.split, a.spacing)

@@ -1,0 +1,443 @@
+"""Recipes: a kind of model as a file, and :func:`build`, which trains one from a data folder.
+
+A recipe (``recipes/NAME.json`` in the package, or any file of the same form) states the model's
+stages in the order they are trained (a coarse net, fine nets, optionally the glimpse net), each
+with its config, its minutes and its step count; the weight averaging; the inference settings the
+model is saved with; and whether its nets get int8 graphs. ``default`` is the shipped model's
+kind (``models/default.pt``): a coarse net and four fine nets, 238 minutes of training in full
+(the shipped nets' own times, one thread each on 2-core CPU machines)::
+
+    napari-glimpse train --recipe default --data DIR --out model.pt [--time-budget MIN]
+
+``--time-budget MIN`` scales every stage's minutes alike (each stage still stops at its step
+count). The recipe's name, its whole content and the budget used go into the model's
+``meta['recipe']``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .coarse import CoarseConfig, train_coarse, view_levels
+from .errors import GlimpseError
+from .fine import FineConfig, FineEnsemble, fine_levels_by_kind, train_fine
+from .inference import GlimpseModel, resolve_device
+from .io import Dataset, load_dataset
+from .model import GlimpseModelNet, ModelConfig
+from .pyramid import build_pyramid, levels_for
+from .spacing import SpacingWarning
+from .training import TrainConfig, start_statistics, train
+
+RECIPES = Path(__file__).with_name("recipes")
+FORMAT = 1
+KINDS = {"coarse": CoarseConfig, "fine": FineConfig, "glimpse": TrainConfig}
+# train flags that go with --recipe; the others set what the recipe sets
+CLI_FLAGS = ("command", "recipe", "data", "split", "out", "device", "time_budget", "max_steps", "threads", "spacing")
+
+StageConfig = CoarseConfig | FineConfig | TrainConfig
+
+
+@dataclass(frozen=True)
+class RecipeStage:
+    """One net to train. ``kind``: ``coarse``, ``fine`` or ``glimpse``; ``config``: its
+    :class:`CoarseConfig`, :class:`FineConfig` or (the glimpse net's) :class:`TrainConfig`;
+    ``minutes``: its wall-time budget and ``max_steps``: its step count (it stops at the nearer;
+    None: minutes only); ``average_decay``: a fine net is kept as the moving average of its
+    weights with this decay (None: its last weights)."""
+
+    kind: str
+    name: str
+    minutes: float
+    max_steps: int | None
+    config: StageConfig
+    average_decay: float | None = None
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How the model reads an image (saved in its meta under these keys, see :class:`GlimpseModel`)."""
+
+    iterations: int
+    fine_steps: int
+    coarse_flip_average: bool
+    coarse_blend: float
+    coarse_decode_window: int
+    fine_decode_window: int
+    notes: str = ""
+
+    def to_meta(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "notes"}
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """``int8``: make int8 graphs of the ``stages``' nets, calibrated on ``calibration_images``
+    training images spread evenly (needs the ``onnx`` package); ``half_weights``: store the
+    weights as float16 (rounded before the graphs are made)."""
+
+    int8: bool
+    stages: tuple[str, ...]
+    float_ends: bool
+    calibration_images: int
+    half_weights: bool
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    ground_truth: str
+    model: ModelConfig
+    stages: tuple[RecipeStage, ...]
+    inference: InferenceSettings
+    quantize: QuantizeSettings
+    notes: tuple[str, ...] = ()
+    content: dict = field(default_factory=dict, compare=False, repr=False)  # the file as read
+    source: str = ""
+
+    @property
+    def minutes(self) -> float:
+        """The full budget: every stage's minutes."""
+        return float(sum(s.minutes for s in self.stages))
+
+
+# ------------------------------------------------------------------------------ reading
+def packaged() -> list[str]:
+    """The names of the recipes in the package."""
+    return sorted(p.stem for p in RECIPES.glob("*.json"))
+
+
+def recipe_path(name_or_path: str | os.PathLike) -> Path:
+    """A packaged recipe's file, or the path given."""
+    p = Path(name_or_path)
+    if p.suffix or p.exists() or os.sep in str(name_or_path):
+        if not p.is_file():
+            raise GlimpseError(f"recipe file not found: {p}")
+        return p
+    if not (RECIPES / f"{p.name}.json").is_file():
+        raise GlimpseError(f"no recipe {str(name_or_path)!r} in the package (it has: {', '.join(packaged())}); "
+                           f"or give a recipe file's path")
+    return RECIPES / f"{p.name}.json"
+
+
+def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
+    """Read a recipe: a packaged one by name (``default``) or a file; a clear error on anything wrong."""
+    path = recipe_path(name_or_path)
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GlimpseError(f"{path}: not a readable recipe ({exc})") from None
+    try:
+        return parse_recipe(content, str(path))
+    except (TypeError, ValueError) as exc:
+        raise GlimpseError(f"{path}: {exc}") from None
+
+
+def _keys(d: Any, where: str, required: set[str], optional: set[str] = frozenset()) -> dict:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} must be an object")
+    if missing := sorted(required - set(d)):
+        raise ValueError(f"{where} lacks {', '.join(missing)}")
+    if unknown := sorted(set(d) - required - set(optional)):
+        raise ValueError(f"{where} has unknown keys {', '.join(unknown)}")
+    return d
+
+
+def _config(cls, d: Any, where: str):
+    """A config dataclass from its dict, every key known (a typo is an error, not a default)."""
+    names = {f.name for f in fields(cls)}
+    d = _keys(d, where, set(), names)
+    return cls.from_dict(d)
+
+
+def _stage(d: Any, i: int) -> RecipeStage:
+    where = f"stage {i + 1}"
+    _keys(d, where, {"kind", "name", "minutes", "max_steps", "config"}, {"average_decay", "notes"})
+    if d["kind"] not in KINDS:
+        raise ValueError(f"{where}: kind {d['kind']!r}, expected one of {', '.join(KINDS)}")
+    minutes, steps, decay = d["minutes"], d["max_steps"], d.get("average_decay")
+    if not isinstance(minutes, (int, float)) or isinstance(minutes, bool) or not minutes > 0:
+        raise ValueError(f"{where}: minutes must be a number above 0, not {minutes!r}")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ValueError(f"{where}: max_steps must be a whole number of 1 or more, or null, not {steps!r}")
+    if decay is not None and (d["kind"] != "fine" or not isinstance(decay, float) or not 0 < decay < 1):
+        raise ValueError(f"{where}: average_decay is for fine stages, a number between 0 and 1 (or null)")
+    return RecipeStage(d["kind"], str(d["name"]), float(minutes), steps,
+                       _config(KINDS[d["kind"]], d["config"], f"{where} config"), decay, str(d.get("notes", "")))
+
+
+def parse_recipe(content: dict, source: str = "") -> Recipe:
+    """A :class:`Recipe` from a recipe file's content (``ValueError`` on anything wrong)."""
+    _keys(content, "the recipe", {"format", "name", "ground_truth", "model", "stages", "inference", "quantize"},
+          {"description", "notes"})
+    if content["format"] != FORMAT:
+        raise ValueError(f"recipe format {content['format']!r}; this version reads format {FORMAT}")
+    stages = tuple(_stage(s, i) for i, s in enumerate(content["stages"]))
+    kinds = [s.kind for s in stages]
+    if kinds.count("coarse") != 1 or kinds.count("glimpse") > 1 or kinds[0] != "coarse":
+        raise ValueError("a recipe trains one coarse stage first, then fine stages and at most one glimpse stage")
+    inf = _keys(content["inference"], "inference", {f.name for f in fields(InferenceSettings)} - {"notes"}, {"notes"})
+    q = _keys(content["quantize"], "quantize", {f.name for f in fields(QuantizeSettings)} - {"notes"}, {"notes"})
+    quant = QuantizeSettings(**{**q, "stages": tuple(q["stages"])})
+    if not set(quant.stages) <= {"coarse", "fine"} or quant.calibration_images < 1:
+        raise ValueError("quantize: stages are coarse and/or fine, with 1 or more calibration images")
+    model = dict(content["model"])
+    model.pop("notes", None)
+    return Recipe(str(content["name"]), str(content.get("description", "")), str(content["ground_truth"]),
+                  _config(ModelConfig, model, "model"), stages, InferenceSettings(**inf), quant,
+                  tuple(content.get("notes", ())), content, source)
+
+
+# ------------------------------------------------------------------------------ building
+def _for_data(stage: RecipeStage, ds: Dataset) -> StageConfig:
+    """The stage's config for this data: its landmarks and (fine) pixel spacing."""
+    cfg = stage.config
+    if isinstance(cfg, CoarseConfig):
+        return replace(cfg, n_landmarks=len(ds.landmark_names))
+    if isinstance(cfg, FineConfig):
+        return replace(cfg, n_landmarks=len(ds.landmark_names), pixel_spacing=ds.pixel_spacing)
+    return cfg
+
+
+def _training_views(ds: Dataset, recipe: Recipe, cfgs: list[StageConfig], progress: bool) -> dict:
+    """Every image's pyramid, made once, turned into the coarse view stack and the fine levels
+    (the pyramids are not kept)."""
+    from tqdm.auto import tqdm
+
+    pyramids = []
+    for i in tqdm(range(len(ds)), desc="pyramids", disable=not progress, leave=False):
+        img = ds.image(i)
+        ds.check_inside(i, img.shape)
+        pyramids.append(build_pyramid(img, recipe.model.n_levels, recipe.model.patch))
+    truth = ds.ground_truth(recipe.ground_truth).astype(np.float32)
+    fines = [c for c in cfgs if isinstance(c, FineConfig)]
+    fine_truth = truth
+    if any(c.target == "annotators" for c in fines):
+        if recipe.ground_truth != "mean":
+            raise GlimpseError("a fine net with target 'annotators' needs ground_truth 'mean'")
+        fine_truth = ds.each_annotator().astype(np.float32)
+    coarse = next(c for c in cfgs if isinstance(c, CoarseConfig))
+    shapes = np.array([p.shape for p in pyramids])
+    return {"views": view_levels(pyramids, truth, coarse),
+            "fine": fine_levels_by_kind(pyramids, fine_truth, fines) if fines else {},
+            "shape": tuple(int(v) for v in np.median(shapes, axis=0))}
+
+
+def _new_model(recipe: Recipe, ds: Dataset, shape: tuple[int, int], dev: torch.device) -> GlimpseModel:
+    names = ds.landmark_names
+    mcfg = replace(recipe.model, n_landmarks=len(names))
+    glimpse = [s.config for s in recipe.stages if s.kind == "glimpse"]
+    torch.manual_seed(glimpse[0].seed if glimpse else 0)
+    truth = ds.ground_truth(recipe.ground_truth).astype(np.float64)
+    meta = {"train_image_shape": list(shape), "auto_levels": levels_for(shape, mcfg.patch),
+            "n_train_images": len(ds), "train_images": [p.name for p in ds.image_paths],
+            "glimpse_net": "trained" if glimpse else "untrained: the recipe has no glimpse stage"}
+    return GlimpseModel(GlimpseModelNet(mcfg).to(dev), names, ds.pixel_spacing, *start_statistics(truth, names),
+                        glimpse[0].to_dict() if glimpse else {}, meta)
+
+
+def _glimpse(model: GlimpseModel, ds: Dataset, cfg: TrainConfig, budget_s: float, steps: int | None,
+             dev: torch.device, bars: bool, callback) -> list[dict]:
+    """Train the glimpse net of ``model`` (its coarse and fine stages as they are) with
+    :func:`napari_glimpse.training.train`, into a scratch file that is then removed."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="napari-glimpse-recipe-") as tmp:
+        train(ds, Path(tmp) / "glimpse.pt", train_config=replace(cfg, max_steps=steps), device=str(dev),
+              time_budget_s=budget_s, init=model, progress=bars, callback=callback)
+    return model.meta["history"]
+
+
+def _run_stage(stage: RecipeStage, cfg: StageConfig, model: GlimpseModel, ds: Dataset, views: dict,
+               budget_s: float, steps: int | None, dev: torch.device, bars: bool, callback):
+    """Train one stage; returns its net (None for the glimpse net, trained in place) and history."""
+    if stage.kind == "coarse":
+        v, hw, truth_n = views["views"]
+        return train_coarse(v, hw, truth_n, cfg, budget_s, progress=bars, callback=callback, max_steps=steps,
+                            device=dev)
+    if stage.kind == "fine":
+        averages = {stage.average_decay: None} if stage.average_decay else None
+        net, hist = train_fine(*views["fine"][cfg.level, cfg.context], cfg, budget_s, progress=bars,
+                               callback=callback, max_steps=steps, averages=averages, device=dev)
+        return (averages[stage.average_decay] if averages else net), hist
+    return None, _glimpse(model, ds, cfg, budget_s, steps, dev, bars, callback)
+
+
+def _cap(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _reporter(progress: bool | Callable[[dict], None], recipe: Recipe):
+    """(show bars, the per-step callback maker, a line printer) for :func:`build`."""
+    bars = progress is True
+    report = progress if callable(progress) else None
+    total = recipe.minutes
+
+    def callback_for(i: int, stage: RecipeStage):
+        before = sum(s.minutes for s in recipe.stages[:i]) / total
+
+        def cb(info: dict) -> None:
+            if report is not None:
+                frac = float(info.get("progress", 0.0))
+                report({**info, "recipe_stage": stage.name, "stage_index": i, "stages": len(recipe.stages),
+                        "overall_progress": before + frac * stage.minutes / total})
+        return cb
+
+    def say(text: str) -> None:
+        if bars:
+            from tqdm.auto import tqdm
+
+            tqdm.write(text, file=sys.stderr)
+
+    return bars, callback_for, say
+
+
+def build(recipe: Recipe | str | os.PathLike, data: Dataset | str | os.PathLike, out: str | os.PathLike,
+          time_budget: float | None = None, device: str = "auto", progress: bool | Callable[[dict], None] = True,
+          split: str = "train", spacing: float | None = None, max_steps: int | None = None,
+          meta: dict | None = None) -> GlimpseModel:
+    """Train the model ``recipe`` describes on ``data`` and write it to ``out`` (atomically).
+
+    ``recipe``: a :class:`Recipe`, a packaged recipe's name or a recipe file; ``data``: a
+    :class:`Dataset` or a dataset folder (its ``split``, at ``spacing`` mm per pixel).
+    The stages are trained one after another (:func:`~napari_glimpse.coarse.train_coarse`,
+    :func:`~napari_glimpse.fine.train_fine`, the glimpse net with
+    :func:`~napari_glimpse.training.train` only if the recipe has a glimpse stage), each for its
+    minutes or its steps, whichever comes first. ``time_budget`` (minutes) scales every stage's
+    minutes alike: the ``default`` recipe is 238 minutes in full (about 4 hours on 2 CPU cores;
+    a faster machine reaches the step counts sooner). ``max_steps`` caps every stage's steps
+    (tests). The nets are assembled into one :class:`GlimpseModel` with the recipe's inference
+    settings, written with float16 weights if it says so, then given int8 graphs if it asks and
+    the ``onnx`` package is installed (else one line says so and the nets stay float; the float
+    model is written first, so a failure there loses nothing). ``meta['recipe']`` records the
+    recipe's name, content and source, the budget used and what each stage did.
+
+    ``progress``: True shows progress bars and a line per stage (stderr); a callable instead gets
+    each step's dict with ``recipe_stage`` and ``overall_progress`` (0-1); False: nothing.
+    """
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    ds = data if isinstance(data, Dataset) else load_dataset(data, split, spacing)
+    dev = resolve_device(device)
+    scale = 1.0 if time_budget is None else float(time_budget) / recipe.minutes
+    bars, callback_for, say = _reporter(progress, recipe)
+    cfgs = [_for_data(s, ds) for s in recipe.stages]
+    views = _training_views(ds, recipe, cfgs, bars)
+    model = _new_model(recipe, ds, views.pop("shape"), dev)
+    records, fine_nets = [], []
+    t0 = time.monotonic()
+    for i, (stage, cfg) in enumerate(zip(recipe.stages, cfgs)):
+        budget_s, steps = stage.minutes * scale * 60.0, _cap(stage.max_steps, max_steps)
+        net, hist = _run_stage(stage, cfg, model, ds, views, budget_s, steps, dev, bars, callback_for(i, stage))
+        if stage.kind == "coarse":
+            model.coarse, views["views"] = net, None
+        elif stage.kind == "fine":
+            fine_nets.append(net)
+            model.fine = FineEnsemble(fine_nets) if len(fine_nets) > 1 else net
+        rec = _stage_record(stage, hist, steps, budget_s)
+        records.append(rec)
+        say(f"{stage.name}: {rec['steps']} steps in {rec['wall_s'] / 60:.1f} min (stopped on {rec['stopped']})")
+    _finish_meta(model, recipe, records, scale, max_steps, time.monotonic() - t0, dev, len(ds), meta)
+    _save(model, recipe, ds, out, say)
+    return model
+
+
+def _stage_record(stage: RecipeStage, hist: list[dict], steps: int | None, budget_s: float) -> dict:
+    last = hist[-1] if hist else {}
+    done = int(last.get("step", 0))
+    return {"name": stage.name, "kind": stage.kind, "steps": done, "max_steps": steps,
+            "minutes": round(budget_s / 60.0, 4), "wall_s": float(last.get("elapsed_s", 0.0)),
+            "stopped": "steps" if steps is not None and done >= steps else "minutes",
+            "loss": last.get("loss", last.get("loss_mm")),
+            "average_decay": stage.average_decay}
+
+
+def _finish_meta(model: GlimpseModel, recipe: Recipe, records: list[dict], scale: float, max_steps: int | None,
+                 wall_s: float, dev: torch.device, n_images: int, meta: dict | None) -> None:
+    fines = [r for r in records if r["kind"] == "fine"]
+    model.meta.update(meta or {})
+    model.meta.update(recipe.inference.to_meta())
+    model.meta.update({
+        "recipe": {"name": recipe.name, "source": recipe.source, "content": recipe.content,
+                   "full_budget_min": recipe.minutes, "budget_min": round(recipe.minutes * scale, 4),
+                   "scale": scale, "max_steps_cap": max_steps, "stages": records, "wall_s": wall_s},
+        "coarse_n_train_images": [n_images], "fine_n_train_images": [n_images] * len(fines),
+        "fine_average_decay": [r["average_decay"] for r in fines],
+        "train_device": str(dev), "torch": str(torch.__version__)})
+
+
+def _round_to_half(model: GlimpseModel) -> None:
+    """Round the weights that a float16 file stores as float16 (see
+    :func:`~napari_glimpse.checkpoint.halve_weights`) in place, so that int8 graphs are made from
+    the weights the file will hold."""
+    with torch.no_grad():
+        for net in (model.net, model.coarse, model.fine):
+            for t in ([] if net is None else net.state_dict().values()):
+                if t.is_floating_point() and t.dim() >= 2:
+                    t.copy_(t.to(torch.float16).to(t.dtype))
+
+
+def _save(model: GlimpseModel, recipe: Recipe, ds: Dataset, out: str | os.PathLike, say) -> None:
+    """Write the float model, then (if asked and possible) make int8 graphs and write it again."""
+    from .int8 import quantize
+
+    for net in (model.net, model.coarse, model.fine):
+        if net is not None:
+            net.cpu().eval()
+    q = recipe.quantize
+    if q.half_weights:
+        _round_to_half(model)
+    model.save(out, half_weights=q.half_weights)
+    if not q.int8:
+        return
+    if importlib.util.find_spec("onnx") is None:
+        print(f"napari-glimpse: note: onnx is not installed, so {out} keeps its float nets (no int8 graphs): "
+              f"pip install 'napari-glimpse[quantize]' and run napari-glimpse quantize", file=sys.stderr)
+        return
+    step = max(1, math.ceil(len(ds) / q.calibration_images))
+    idx = list(range(0, len(ds), step))[: q.calibration_images]
+    try:
+        with warnings.catch_warnings():  # the training images are at the model's spacing
+            warnings.simplefilter("ignore", SpacingWarning)
+            n = quantize(model, [ds.image(i) for i in idx], which=q.stages, float_ends=q.float_ends)
+    except GlimpseError as exc:
+        print(f"napari-glimpse: note: {out} keeps its float nets ({exc})", file=sys.stderr)
+        return
+    model.save(out, half_weights=q.half_weights)
+    say(f"int8 graphs for {n} nets, calibrated on {len(idx)} training image(s)")
+
+
+# ------------------------------------------------------------------------------ command line
+def cmd_train_recipe(a: argparse.Namespace, defaults: dict[str, Any]) -> int:
+    """``napari-glimpse train --recipe NAME_OR_PATH``; ``defaults``: the train command's flag
+    defaults (a flag that differs and is not one of :data:`CLI_FLAGS` is refused)."""
+    given = [k for k, v in vars(a).items() if k not in CLI_FLAGS and k in defaults and v != defaults[k]]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise GlimpseError(f"--recipe sets the stages and their configs: {flags} cannot be given with it "
+                           f"(with --recipe: --data, --split, --out, --time-budget, --max-steps, --device, "
+                           f"--threads, --spacing)")
+    recipe = load_recipe(a.recipe)
+    meta = {"command": "napari-glimpse " + " ".join(sys.argv[1:]) if sys.argv else "", "data": str(a.data),
+            "split": a.split}
+    model = build(recipe, a.data, a.out, a.time_budget, a.device, True, a.split, a.spacing, a.max_steps, meta)
+    r = model.meta["recipe"]
+    steps = ", ".join(f"{s['name']} {s['steps']}" for s in r["stages"])
+    print(f"wrote {a.out}: recipe {recipe.name}, {len(r['stages'])} stages in {r['wall_s'] / 60:.1f} min "
+          f"(budget {r['budget_min']:.4g} of {r['full_budget_min']:.4g} min; steps: {steps}); "
+          f"int8 graphs for {model.int8_nets[0]} of {model.int8_nets[1]} nets")
+    return 0
