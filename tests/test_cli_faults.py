@@ -201,7 +201,7 @@ def test_rows_are_written_as_they_come(capsys, monkeypatch, tiny_model_path, fol
 
     def interrupted(self, image, *a, **k):
         calls.append(image)
-        if len(calls) == 3:
+        if str(image).endswith("003.png"):  # the third image (workers may start it before the second)
             raise KeyboardInterrupt
         return real(self, image, *a, **k)
 
@@ -226,7 +226,7 @@ def test_resume_predicts_only_the_missing_images(capsys, monkeypatch, tiny_model
     rc, stdout, _ = run(capsys, "predict", folder["root"] / "images", "--model", tiny_model_path, "--out", out,
                         "--resume")
     assert rc == 0 and "2 image(s), 1 kept from before" in stdout
-    assert [p.name for p in calls] == ["002.png", "003.png"]
+    assert sorted(p.name for p in calls) == ["002.png", "003.png"]  # (workers may start them in either order)
     assert out.read_text().startswith(first)
     assert read_landmarks_csv(out)[0] == ["001.png", "002.png", "003.png"]
     rc, stdout, _ = run(capsys, "predict", folder["root"] / "images", "--model", tiny_model_path, "--out", out,

@@ -2,6 +2,14 @@
 they come, bad images reported one line each (exit 2 at the end unless ``--skip-bad``), and
 ``--resume`` to continue a partly written output.
 
+A folder is predicted by ``--workers`` threads (default :func:`default_workers`), each reading,
+building the pyramid of and predicting one image at a time with one torch/ONNX Runtime thread
+(on shared cores, torch's own threads spin and waste most of a second core on these small
+operations); the rows are written in the images' order as soon as the earlier ones are, with at
+most two images per worker in flight (bounded memory). The answers are the same floats as one at a
+time: every operation gives the same result whatever the thread count. ``--shard i/n`` predicts
+every n-th image of the list (see :mod:`napari_glimpse._shards`).
+
 Names in the CSVs are the images' file names as Python sees them (``os.fsdecode``): bytes that
 are not UTF-8 are written back unchanged (``surrogateescape``), so every name reads back as the
 file it came from.
@@ -10,11 +18,16 @@ file it came from.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
+import threading
 import time
+import warnings
+from collections import deque
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -92,11 +105,14 @@ class _Outputs:
         self.args = (out, cpath, lhead, chead, kept)
         self.files: list[CsvAppender] = []
 
-    def write(self, name: str, tr) -> None:
+    def open(self) -> None:
         if not self.files:
             out, cpath, lhead, chead, kept = self.args
             self.files = [CsvAppender(out, lhead, [r for r, _ in kept.values()]),
                           CsvAppender(cpath, chead, [c for _, c in kept.values()])]
+
+    def write(self, name: str, tr) -> None:
+        self.open()
         self.files[0].write([name] + [f"{v:.2f}" for v in tr.final.reshape(-1)])
         self.files[1].write([name] + [f"{v:.3f}" for v in tr.confidence] + [tr.facing])
 
@@ -105,24 +121,124 @@ class _Outputs:
             f.close()
 
 
-def _loop(model, todo: list[Path], a: argparse.Namespace, outputs: _Outputs, single: bool) -> list[Path]:
-    """Predict ``todo``, writing each row as it comes; returns the images skipped."""
+def default_workers() -> int:
+    """``--workers``' default: 2, or 1 on a single core (more threads than cores only wait)."""
+    return max(1, min(2, cores()))
+
+
+def cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# a worker thread's held warnings (see _warnings_held); None on other threads
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def _warnings_held() -> Iterator[Callable]:
+    """Inside, a warning shown on a worker thread predicting an image is kept with that image's
+    answer (to be shown, in the images' order, when its row is written) instead of shown there.
+    Yields the function that shows warnings."""
+    show = warnings.showwarning
+
+    def hold(message, category, filename, lineno, file=None, line=None):
+        kept = getattr(_held, "warnings", None)
+        if kept is None:
+            show(message, category, filename, lineno, file, line)
+        else:
+            kept.append((message, category, filename, lineno))
+
+    warnings.showwarning = hold
+    try:
+        yield show
+    finally:
+        warnings.showwarning = show
+
+
+def _attempt(model, p: Path, a: argparse.Namespace) -> tuple:
+    """``(trajectory or None, GlimpseError or None, warnings shown meanwhile)`` for one image;
+    other exceptions (KeyboardInterrupt, ...) are raised."""
+    _held.warnings = kept = [] if threading.current_thread() is not threading.main_thread() else None
+    try:
+        return _predict_one(model, p, a), None, kept or []
+    except GlimpseError as exc:
+        return None, exc, kept or []
+    finally:
+        _held.warnings = None
+
+
+def _answers(model, todo: list[Path], a: argparse.Namespace, workers: int) -> Iterator[tuple]:
+    """``(path, trajectory or None, GlimpseError or None, held warnings)`` for each image of
+    ``todo`` in its order: predicted one by one here, or by ``workers`` threads with at most
+    ``2 * workers`` images submitted and not yet handed back."""
+    if workers <= 1 or len(todo) < 2:
+        for p in todo:
+            yield (p, *_attempt(model, p, a))
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="napari-glimpse-predict")
+    pending: deque = deque()
+    rest = iter(todo)
+    try:
+        for p in rest:
+            pending.append((p, pool.submit(_attempt, model, p, a)))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            p, future = pending.popleft()
+            answer = future.result()
+            nxt = next(rest, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_attempt, model, nxt, a)))
+            yield (p, *answer)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _torch_threads(workers: int, threads: int | None) -> Iterator[None]:
+    """With several workers and no ``--threads``: each torch (and ONNX Runtime) call runs on one
+    thread per worker's share of the cores; torch's count is put back after."""
+    if workers <= 1 or threads:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, cores() // workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _loop(model, todo: list[Path], a: argparse.Namespace, outputs: _Outputs, single: bool,
+          workers: int = 1) -> list[Path]:
+    """Predict ``todo`` (``workers`` threads), writing each row as it comes in the images' order;
+    returns the images skipped."""
     from tqdm.auto import tqdm
 
     bad: list[Path] = []
-    bar = tqdm(todo, desc="predict", unit="image", disable=len(todo) < 2)
+    bar = tqdm(total=len(todo), desc="predict", unit="image", disable=len(todo) < 2, smoothing=0.1)
     try:
-        for p in bar:
-            try:
-                tr = _predict_one(model, p, a)
-            except GlimpseError as exc:
-                if single:
-                    raise
-                bad.append(p)
-                tqdm.write(printable(f"napari-glimpse: skipped: {exc}"), file=sys.stderr)
-                bar.set_postfix_str(f"{len(bad)} skipped")
-                continue
-            outputs.write(p.name, tr)
+        with _warnings_held() as show:
+            for p, tr, exc, held in _answers(model, todo, a, workers):
+                for w in held:
+                    show(*w)
+                bar.update()
+                if exc is not None:
+                    if single:
+                        raise exc
+                    bad.append(p)
+                    tqdm.write(printable(f"napari-glimpse: skipped: {exc}"), file=sys.stderr)
+                    bar.set_postfix_str(f"{len(bad)} skipped")
+                    continue
+                outputs.write(p.name, tr)
     finally:
         bar.close()
         outputs.close()
@@ -137,6 +253,10 @@ def run_predict(a: argparse.Namespace, cpath: Path, mpath: Path | None = None) -
     paths = expand_image_args(a.images)
     out = Path(a.out)
     check_outputs([("--out", out), ("--confidence-out", cpath)] + ([("--measures", mpath)] if mpath else []), paths)
+    if getattr(a, "shard", None):
+        from ._shards import parse_shard, shard_of
+
+        paths = shard_of(paths, *parse_shard(a.shard))
     model = GlimpseModel.load(a.model, a.device, int8=not a.float)
     k = len(model.landmark_names)
     if mpath is not None and k != 19:
@@ -145,12 +265,21 @@ def run_predict(a: argparse.Namespace, cpath: Path, mpath: Path | None = None) -
     chead = ["image_path"] + [f"{i + 1}_confidence" for i in range(k)] + ["facing"]
     kept = resume_rows(out, cpath, lhead, chead) if a.resume else {}
     todo = [p for p in paths if p.name not in kept]
+    if not paths:  # a shard of more shards than images: its outputs hold the header alone (for merge)
+        empty = _Outputs(out, cpath, lhead, chead, {})
+        empty.open()
+        empty.close()
+        print(printable(f"--shard {a.shard}: no image falls to this shard; wrote {out} and {cpath} with no rows"))
+        return 0
     if not todo:
         print(printable(f"{out} already holds all {len(paths)} image(s); nothing to do"))
         _measures(out, mpath, model.pixel_spacing)
         return 0
     t = time.perf_counter()
-    bad = _loop(model, todo, a, _Outputs(out, cpath, lhead, chead, kept), single=len(paths) == 1)
+    workers = getattr(a, "workers", None) or default_workers()
+    with _torch_threads(workers, getattr(a, "threads", None)):
+        bad = _loop(model, todo, a, _Outputs(out, cpath, lhead, chead, kept), single=len(paths) == 1,
+                    workers=workers)
     done = len(todo) - len(bad)
     if done == 0:
         raise GlimpseError(f"none of the {len(todo)} image(s) could be read or predicted (listed above); "
@@ -164,7 +293,6 @@ def run_predict(a: argparse.Namespace, cpath: Path, mpath: Path | None = None) -
                         f"other {done} are in {out} (--skip-bad: exit 0 all the same)"), file=sys.stderr)
         return 2
     return 0
-
 
 
 def _measures(out: Path, mpath: Path | None, spacing: float) -> None:

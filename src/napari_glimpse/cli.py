@@ -160,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--measures", nargs="?", const=True, metavar="CSV",
                     help="also write the 8 clinical measurements and their classes (as 'measure' does, at the "
                          "model's pixel spacing) to CSV (default: OUT with _measures, e.g. preds_measures.csv)")
+    pr.add_argument("--workers", type=_positive_int, metavar="N",
+                    help="images predicted at once, each by its own thread (default: 2, or 1 on one core); with more "
+                         "than 1 and no --threads, torch runs one thread per worker's share of the cores")
+    pr.add_argument("--shard", metavar="I/N",
+                    help="predict only shard I of N (images I, I+N, I+2N, ... of the sorted list; 0 <= I < N): run N "
+                         "processes or machines with the same images, one --shard and --out each, then 'merge'")
+
+    mg = sub.add_parser("merge", help="merge the CSVs of 'predict --shard' runs (and their confidence CSVs) into one")
+    mg.add_argument("csvs", nargs="+", metavar="CSV", help="landmark CSVs written by predict (e.g. one per shard)")
+    mg.add_argument("--out", required=True, help="merged CSV, rows sorted by image name (as one predict run's)")
+    mg.add_argument("--confidence-out", help="merged confidence CSV (default: OUT with _confidence); written when "
+                                             "every CSV has its NAME_confidence.csv beside it")
 
     ms = sub.add_parser("measure", help="clinical measurements (ANB, SNB, SNA, ODI, APDI, FHI, FMA, MW) and classes "
                                         "from a 19-landmark CSV (docs/measurements.md)")
@@ -435,6 +447,12 @@ def cmd_predict(a: argparse.Namespace) -> int:
     return run_predict(a, _confidence_path(out, a.confidence_out), mpath)
 
 
+def cmd_merge(a: argparse.Namespace) -> int:
+    from ._shards import run_merge
+
+    return run_merge(a.csvs, a.out, a.confidence_out)
+
+
 def _write_measures(path: Path, names, coords, spacing: float) -> None:
     from .io import write_table_csv
     from .measurements import TABLE_COLUMNS, table_rows
@@ -592,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             a.spacing = check_spacing(a.spacing, "--spacing")
         with _warning_lines():
             return {"train": cmd_train, "finetune": cmd_finetune, "predict": cmd_predict, "evaluate": cmd_evaluate,
-                    "quantize": cmd_quantize, "measure": cmd_measure}[a.command](a)
+                    "quantize": cmd_quantize, "measure": cmd_measure, "merge": cmd_merge}[a.command](a)
     except GlimpseError as exc:
         from .errors import printable
 
