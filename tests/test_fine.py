@@ -236,9 +236,9 @@ def test_coarse_views_that_disagree_beyond_the_fine_reach_keep_the_point_uncerta
     """The fine stage corrects offsets up to ``jitter_mm[1]``; where the coarse passes (views,
     nets) disagree by more, its own narrow peak cannot vouch for the point: the uncertainty is at
     least the disagreement. Below that, it is the fine stage's alone. Positions do not change."""
-    import napari_glimpse.coarse as coarse_mod
+    import napari_glimpse.inference as inference_mod
 
-    real = coarse_mod.locate_parts
+    real = inference_mod.locate_parts
     reach = fine_model.fine.cfg.jitter_mm[1] / fine_model.pixel_spacing  # full-resolution pixels
     plain = fine_model.predict(image, facing="right")
     dis = np.zeros(K)
@@ -248,7 +248,7 @@ def test_coarse_views_that_disagree_beyond_the_fine_reach_keep_the_point_uncerta
         pos, width, _ = real(*args, **kwargs)
         return pos, width, dis
 
-    monkeypatch.setattr(coarse_mod, "locate_parts", disagreeing)
+    monkeypatch.setattr(inference_mod, "locate_parts", disagreeing)
     tr = fine_model.predict(image, facing="right")
     np.testing.assert_allclose(tr.final, plain.final, atol=1e-6)
     assert tr.uncertainty_mm[0] == pytest.approx(10 * reach * fine_model.pixel_spacing)
@@ -447,9 +447,11 @@ def test_cli_finetune_tunes_the_fine_stage_after_the_coarse_one(fine_model, tiny
                  "--max-steps", "2", "--batch-size", "2", "--progress-json"]) == 0
     lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
     stages = [ln.get("stage", "glimpse") for ln in lines if not ln.get("done")]
-    # the answer is the coarse and fine stages' (0 glimpse steps): the offsets (one line per image),
-    # then those stages are tuned, the glimpse net is not
-    assert stages == ["offsets"] * 6 + ["coarse"] * 2 + ["fine"] * 2
+    # the answer is the coarse and fine stages' (0 glimpse steps): the images are read, the offsets
+    # learned (one line per image), then those stages are tuned, the glimpse net is not
+    n_read = stages.count("read")
+    assert n_read >= 1 and stages[:n_read] == ["read"] * n_read
+    assert stages[n_read:] == ["offsets"] * 6 + ["coarse"] * 2 + ["fine"] * 2
     tuned = GlimpseModel.load(out, device="cpu")
     assert not _same(before, _weights(tuned.fine)) and tuned.meta["fine_finetune_steps"] == 2
     # --fine-steps 0 keeps it

@@ -6,7 +6,7 @@ from ._env import require_gui
 
 require_gui()
 
-WIDGETS = ("Detect landmarks", "Glimpse explorer", "Review and corrections", "Fine-tune")
+WIDGETS = ("Detect landmarks", "Glimpse explorer", "Review and corrections", "Fine-tune", "Measurements")
 
 
 def test_manifest_lists_the_four_widgets():
