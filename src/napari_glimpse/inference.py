@@ -96,6 +96,13 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def _peaks(looks: list | None) -> np.ndarray | None:
+    """``(K,)`` the last fine look's heatmap peak probability per landmark (``None`` without looks)."""
+    if not looks:
+        return None
+    return looks[-1].heatmaps.reshape(len(looks[-1].heatmaps), -1).astype(np.float32).max(1)
+
+
 def mirror_points(points: np.ndarray, width: int) -> np.ndarray:
     """``(..., 2)`` pixel positions (x, y) in an image ``width`` pixels wide, mirrored left-right."""
     return np.asarray(points, dtype=np.float64) * [-1, 1] + [width - 1, 0]
@@ -134,6 +141,14 @@ class Trajectory:
     is then the model's pixels per image pixel (else 1, 1): glimpses and heatmaps are in the
     model's pixels (a level-``l`` glimpse covers ``patch * 2**l / model_scale`` image pixels),
     ``fine_window_scale`` is in the image's. ``uncertainty_mm`` is in mm whatever the spacing.
+
+    Confidence (a model with ``meta['confidence']``, see :mod:`napari_glimpse.confidence`; the
+    coarse and fine stages' answers only, else ``None``): ``probability`` ``(K,)`` the calibrated
+    probability that each point lies within 2 mm of the truth (then :attr:`confidence`),
+    ``features`` ``(K, F)`` the cues it was computed from, ``shape_z`` / ``shape_mm`` how far (training
+    sds / mm) each point is from where the other landmarks imply it (``implied_positions``, image
+    pixels; :mod:`napari_glimpse.shape`), :attr:`flagged` the implausible ones, :attr:`expected_misses`
+    the image-level score.
     """
 
     positions: np.ndarray
@@ -154,6 +169,11 @@ class Trajectory:
     fine_nets: tuple[int, int] | None = None
     spacing_source: str = "model"
     model_scale: tuple[float, float] = (1.0, 1.0)
+    probability: np.ndarray | None = None
+    features: np.ndarray | None = None
+    shape_z: np.ndarray | None = None
+    shape_mm: np.ndarray | None = None
+    implied_positions: np.ndarray | None = None
 
     @property
     def final(self) -> np.ndarray:
@@ -166,7 +186,25 @@ class Trajectory:
 
     @property
     def confidence(self) -> np.ndarray:
-        return np.exp(-self.uncertainty_mm / 2.0)
+        """``(K,)`` in [0, 1]: :attr:`probability` when the model is calibrated, else
+        ``exp(-uncertainty_mm / 2 mm)``."""
+        return np.exp(-self.uncertainty_mm / 2.0) if self.probability is None else self.probability
+
+    @property
+    def expected_misses(self) -> float | None:
+        """The expected number of landmarks beyond 2 mm of the truth (the sum of ``1 - probability``):
+        which image to review first. ``None`` without a calibrated :attr:`probability`."""
+        return None if self.probability is None else float((1.0 - self.probability).sum())
+
+    @property
+    def flagged(self) -> np.ndarray | None:
+        """``(K,)`` bool: points far from where the other landmarks imply they should be
+        (:mod:`napari_glimpse.shape`; ``None`` without a shape model)."""
+        if self.shape_z is None:
+            return None
+        from .shape import MIN_MM, Z_FLAG
+
+        return (self.shape_z > Z_FLAG) & (self.shape_mm > MIN_MM)
 
     @property
     def iterations(self) -> int:
@@ -348,12 +386,21 @@ class GlimpseModel:
         ``int8``: on the CPU, run the int8 graphs the file carries (:mod:`napari_glimpse.int8`;
         faster; answers 0.03-0.05 mm from the float nets' on average on ISBI, rarely more where a
         heatmap has two near-equal peaks); ``False``
-        runs the float nets (see :meth:`use_int8`)."""
+        runs the float nets (see :meth:`use_int8`). A ``<stem>.confidence.json`` beside the file
+        (the shipped model's ``default.confidence.json``) goes into ``meta['confidence']`` unless
+        the file carries one (:mod:`napari_glimpse.confidence`)."""
         if path is None:
             path = DEFAULT_MODEL
             if not path.exists():
                 raise GlimpseError(f"the default model is missing from the package ({path}); pass --model")
-        return cls.from_checkpoint(read_checkpoint(path), device, source=str(path), int8=int8)
+        model = cls.from_checkpoint(read_checkpoint(path), device, source=str(path), int8=int8)
+        if "confidence" not in model.meta:  # a calibration beside the file (<stem>.confidence.json)
+            from .confidence import read_sidecar
+
+            side = read_sidecar(path)
+            if side is not None:
+                model.meta["confidence"] = side
+        return model
 
     def use_int8(self, enabled: bool = True) -> tuple[int, int]:
         """Run the coarse and fine nets' int8 graphs (where usable: see
@@ -486,7 +533,8 @@ class GlimpseModel:
         tr = self._predict(resample(img, (nh, nw)), **run)
         hi = np.array([w - 1.0, h - 1.0])
         back = {k: np.clip(to_image_pixels(getattr(tr, k), scale), 0, hi)
-                for k in ("positions", "coarse_positions", "fine_positions") if getattr(tr, k) is not None}
+                for k in ("positions", "coarse_positions", "fine_positions", "implied_positions")
+                if getattr(tr, k) is not None}
         if tr.fine_window_scale is not None:
             back["fine_window_scale"] = np.asarray(tr.fine_window_scale, dtype=np.float64) / scale
         return dataclasses.replace(tr, **back, pixel_spacing=spacing, image_shape=(h, w), spacing_source=source,
@@ -513,34 +561,40 @@ class GlimpseModel:
         mirrored = None
         coarse_start = None
         stages: dict = {}
+        cues: dict | None = None  # what the confidence is computed from (napari_glimpse.confidence)
         if self.coarse is not None and start is None:
 
             start, spread, disagreement = self._coarse(pyr)
+            cues = {"coarse_spread": spread}
             if facing == "auto":
                 facing = facing_of(start, self.mean_start)
-            looks: list | None = [] if record_stages else None
+            looks: list | None = [] if record_stages or self.meta.get("confidence") else None
             if facing == "left":
                 # read the mirrored image the way the training images face, so that a mirrored
                 # cephalogram gets exactly the mirrored answer (what locate_coarse(mirrored) does)
                 mirrored = build_pyramid(pyr.levels[0].flip(-1).numpy(), self.config.n_levels, self.config.patch)
                 coarse, spread, disagreement = self._coarse(mirrored)
+                cues["coarse_spread"] = spread
                 start, spread = self._refine(mirrored, coarse, spread, disagreement=disagreement, looks=looks)
                 start = mirror_points(start, w)
             else:
                 coarse = start
                 start, spread = self._refine(pyr, start, spread, disagreement=disagreement, looks=looks)
-            if looks:
+            if looks and record_stages:
                 stages = self._stage_record(coarse, looks, pyr, landmarks, mirrored is not None)
             coarse_start = start
+            ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
+            cues.update(coarse=coarse if mirrored is None else mirror_points(coarse, w), final=start,
+                        fine_spread=spread, ks=ks, peak=_peaks(looks))
             if iterations == 0:
-                ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
-                return Trajectory(
+                tr = Trajectory(
                     positions=start[ks][None], uncertainty_mm=spread[ks] * self.pixel_spacing,
                     landmark_names=tuple(self.landmark_names[k] for k in ks), pixel_spacing=self.pixel_spacing,
                     image_shape=pyr.shape, patch=self.config.patch, facing=facing,
                     glimpses=np.zeros((0, len(ks), self.config.n_levels, self.config.patch, self.config.patch), np.uint8) if record_glimpses else None,
                     **stages,
                 )
+                return self._assess(tr, cues)
         tr = self._predict_facing(pyr, mirrored, facing, iterations=iterations, landmarks=landmarks, starts=starts,
                                   start=start, record_glimpses=record_glimpses, record_heatmaps=record_heatmaps,
                                   bf16=bf16, seed=seed)
@@ -554,7 +608,16 @@ class GlimpseModel:
             pos = tr.positions.copy()
             pos[-1] = blend * coarse_start[ks] + (1 - blend) * pos[-1]
             tr = dataclasses.replace(tr, positions=pos)
-        return tr
+        return self._assess(tr, cues)
+
+    def _assess(self, tr: Trajectory, cues: dict | None) -> Trajectory:
+        """``tr`` with its plausibility check and calibrated confidence (:mod:`napari_glimpse.confidence`),
+        when the model carries them (``meta['confidence']``) and the coarse and fine stages ran."""
+        if cues is None or not self.meta.get("confidence"):
+            return tr
+        from .confidence import assess
+
+        return assess(self, tr, cues)
 
     def _predict_facing(self, pyr: Pyramid, mirrored: Pyramid | None, facing: str, **run) -> Trajectory:
         """The glimpse iterations for one facing (``auto``: both, keep the settled one)."""
