@@ -1,9 +1,9 @@
-"""Screenshots of the napari widgets on a real cephalogram (docs/*.png, docs/glimpse.gif).
+"""The README's pictures of the napari-glimpse widgets (docs/*.png, explorer.gif): ISBI image 151, shipped model.
 
-Run under a display (here: ``xvfb-run -a -s "-screen 0 1920x1200x24" python docs/screenshots.py
---model MODEL``). ``viewer.screenshot(canvas_only=False)`` grabs the whole window; the corrections
-log and the fine-tuned model go to a temporary folder. ``--only explorer_fine,explorer`` makes
-only those (names: detect, explorer_fine, explorer (with glimpse.gif), corrections, finetune).
+All: ``xvfb-run -a -s "-screen 0 1920x1200x24" python docs/screenshots.py``; ``--only explorer,finetune``: some
+(names in ``SHOTS``). The image is read through a symlink in a temporary folder, so the corrections log, the
+export and the fine-tuned model go there. ``viewer.screenshot(canvas_only=False)`` grabs the whole window;
+``review_states.png`` puts crops of two grabs (before and after Accept) side by side.
 """
 
 from __future__ import annotations
@@ -14,202 +14,234 @@ import tempfile
 import time
 from pathlib import Path
 
+import napari
+import napari._qt.qt_main_window as qmw
 import numpy as np
+from napari.settings import get_settings
+from PIL import Image, ImageDraw, ImageFont
+from qtpy.QtCore import QPoint, Qt
+from qtpy.QtWidgets import QApplication, QLabel
+
+from napari_glimpse._widgets._state import camera_of, layer_positions
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "isbi2015"
-SHOTS = ("detect", "explorer_fine", "explorer", "corrections", "finetune")
+SHOTS = ("review_proposed", "measurements_panel", "explorer_fine", "explorer", "review_states", "finetune")
+DETECT, REVIEW, EXPLORER, MEASURE, FINETUNE = ("Detect landmarks", "Review and corrections", "Glimpse explorer",
+                                                "Measurements", "Fine-tune")
+WINDOW, CROP = (1700, 1050), 540
+CHIN = (6, 7, 8, 10, 11, 13)  # Pog, Me, Gn, LIT, UIT, LL (0-based ISBI landmarks; present, B moves)
+DRAGGED, ABSENT = 5, 15  # the review drags B point and marks soft-tissue pogonion absent
+
+
+class Session:
+    """One viewer, the five widgets docked, 151.jpg detected; showing docks, grabbing, waiting."""
+
+    def __init__(self, image: Path, out: Path):
+        self.app = QApplication.instance() or QApplication([])
+        get_settings().application.gui_notification_level = "none"
+        qmw.SHOW_QT_WARNING = False  # a toast about PyQt5 would cover the canvas
+        self.out, self.viewer, self.det = out, napari.Viewer(title="napari-glimpse"), None
+        self.win, self.qt_viewer = self.viewer.window._qt_window, self.viewer.window._qt_viewer
+        added = {n: self.viewer.window.add_plugin_dock_widget("napari-glimpse", n)
+                 for n in (DETECT, REVIEW, EXPLORER, MEASURE, FINETUNE)}
+        self.docks, self.w = {n: d for n, (d, _) in added.items()}, {n: w for n, (_, w) in added.items()}
+        self.show(DETECT)
+        self.viewer.open(str(image), plugin="napari-glimpse")
+        self.det = self.wait(self.w[DETECT].detected, self.w[DETECT].detect)  # with the shipped model
+        self.layer = self.det.points_layer
+
+    def pump(self, seconds: float = 0.5) -> None:
+        self.until(lambda end=time.time() + seconds: time.time() >= end)
+
+    def until(self, done, timeout: float = 1800) -> None:
+        t = time.time()
+        while not done() and time.time() - t < timeout:
+            self.app.processEvents()
+            time.sleep(0.01)
+        if not done():
+            raise SystemExit(f"timed out after {timeout:g} s")
+
+    def wait(self, signal, start):
+        """Call ``start``, then run the event loop until ``signal`` (of one argument) fires; its argument."""
+        got: list = []
+        signal.connect(got.append)
+        start()
+        self.until(lambda: got)
+        return got[0]
+
+    def show(self, *names: str, across: bool = False) -> None:
+        """Only the docks ``names``: stacked, or ``across`` side by side (napari's layer docks hidden)."""
+        for name, dock in self.docks.items():
+            dock.setVisible(name in names)
+        shown = [self.docks[n] for n in names]
+        for dock in shown[1:]:
+            self.win.splitDockWidget(shown[0], dock, Qt.Horizontal if across else Qt.Vertical)
+        for side in (self.qt_viewer.dockLayerList, self.qt_viewer.dockLayerControls):
+            side.setVisible(not across)
+        for _ in range(2):  # the window shrinks once the hidden docks have left the layout
+            self.win.resize(*WINDOW)
+            self.pump(0.3)
+        self.win.resizeDocks(shown, [560, 400] if across else [560] * len(shown), Qt.Horizontal)
+        if self.det is not None:
+            self.viewer.layers.selection.active = self.layer
+        self.pump(0.8)
+
+    def grab(self, name: str | None = None) -> np.ndarray:
+        """The whole window as RGB (also written to ``name`` in the output folder)."""
+        self.pump(0.5)
+        path = str(self.out / name) if name else None
+        img = np.asarray(self.viewer.screenshot(path, canvas_only=False, flash=False))[..., :3]
+        if name:
+            print("wrote", path)
+        return img
+
+    def rect(self, widget) -> tuple[int, int, int, int]:  # x, y, width, height in the window's grab
+        p = widget.mapTo(self.win, QPoint(0, 0))
+        return p.x(), p.y(), widget.width(), widget.height()
+
+    def canvas_square(self) -> tuple[int, int, int]:
+        """``(x, y, side)``: the middle square of the canvas that review_states crops."""
+        x, y, w, h = self.rect(self.qt_viewer.canvas._scene_canvas.native)
+        side = min(w, h, CROP)
+        return x + (w - side) // 2, y + (h - side) // 2, side
+
+
+def review_proposed(s: Session) -> None:
+    """The proposal, the whole image in view; the Detect table beside the Review widget."""
+    s.show(DETECT, REVIEW, across=True)
+    s.viewer.reset_view()
+    s.grab("review_proposed.png")
+
+
+def measurements_panel(s: Session) -> None:
+    s.show(MEASURE)
+    s.w[MEASURE].lines_box.setChecked(True)
+    s.viewer.layers.selection.active = s.layer  # the lines layer came on top: the points stay draggable
+    camera_of(s.viewer).center, camera_of(s.viewer).zoom = (1250, 1050), 0.42
+    s.grab("measurements_panel.png")
+    s.w[MEASURE].lines_box.setChecked(False)
+
+
+def explorer(s: Session, view: str, gif: bool = False) -> None:
+    """Stage view (explorer_fine.png): the landmark the fine look moved furthest among those whose window
+    has contrast. Glimpse view (explorer.png, .gif): the least confident landmark's 3 steps from the
+    proposal, computed in a worker (steps_ready), step 1 shown."""
+    ex, traj = s.w[EXPLORER], s.det.trajectory
+    s.show(EXPLORER)
+    if view == "stages":
+        moved = np.linalg.norm(traj.fine_positions[0] - traj.coarse_positions, axis=-1)
+        contrast = traj.fine_windows[0, :, 0].reshape(len(moved), -1).std(-1)
+        ex.set_view("stages")
+        ex.set_landmark(int(np.argmax(np.where(contrast > 30, moved, 0))))
+        focus, name = {"context": 1}, "explorer_fine.png"
+    else:
+        ex.set_landmark(int(np.argmin(traj.confidence)))
+        s.wait(ex.steps_ready, lambda: ex.set_view("glimpses"))
+        ex.set_iteration(0)
+        ex.max_level.setValue(3)
+        focus, name = {"level": 1}, "explorer.png"
+    s.layer.visible = False  # its rings would cover the answers, the estimates
+    s.pump()
+    ex.focus(**focus)
+    s.grab(name)
+    if gif:
+        print("wrote", ex.export(s.out / "explorer.gif", fps=1.2))
+    s.layer.visible = True
+
+
+def review_states(s: Session, save: bool, tmp: Path) -> Path:
+    """Drag B point and mark Pog' absent (left pane), then accept (right); returns the review's export."""
+    corr, detect = s.w[REVIEW], s.w[DETECT]
+    s.show(DETECT, REVIEW, across=True)
+    row = int(np.nonzero(np.asarray(s.layer.features["index"]) == DRAGGED + 1)[0][0])
+    data = s.layer.data.copy()
+    data[row] += (11.0, -4.0)  # to the doctors' mean (ISBI labels), as a drag ends: logged
+    s.layer.data = data
+    s.pump()
+    corr.mark_absent(ABSENT)
+    detect.table.sortItems(2, Qt.DescendingOrder)  # corrected and absent rows (no confidence) on top
+    s.layer.selected_data = set()
+    pos = layer_positions(s.layer, len(s.det.landmark_names))[list(CHIN)][:, ::-1]  # y, x
+    cam = camera_of(s.viewer)  # the chin region fills the middle square
+    cam.center, cam.zoom = tuple((pos.min(0) + pos.max(0)) / 2), s.canvas_square()[2] / (np.ptp(pos, 0).max() * 1.3)
+    before = s.grab()
+    corr.accept()
+    s.layer.selected_data = set()
+    after = s.grab()
+    if save:
+        keys = next(w for w in corr.findChildren(QLabel) if "Shift-X" in w.text())
+        compose(s, [(before, detect.table, 150, "B dragged (B*), Pog' marked absent"),
+                    (after, keys, 400, "after Accept image: every marker a dot (ok)")], s.out / "review_states.png")
+    return corr.export(tmp / "reviewed.csv")
+
+
+def compose(s: Session, panes: list, path: Path) -> None:
+    """Panes side by side, each a caption, the canvas's middle square and a widget (at most ``h`` high) under it."""
+    x0, y0, side = s.canvas_square()
+    font = ImageFont.load_default(size=18)
+    tiles = []
+    for grab, widget, h, caption in panes:
+        wx, wy, ww, wh = s.rect(widget)
+        wh = min(wh, h)  # the table's top rows
+        tile = Image.new("RGB", (max(side, ww), 42 + side + wh), (38, 41, 48))
+        ImageDraw.Draw(tile).text((8, 8), caption, fill=(235, 235, 235), font=font)
+        tile.paste(Image.fromarray(grab[y0:y0 + side, x0:x0 + side]), (0, 36))
+        tile.paste(Image.fromarray(grab[wy:wy + wh, wx:wx + ww]), (0, 42 + side))
+        tiles.append(tile)
+    out = Image.new("RGB", (sum(t.width + 10 for t in tiles) - 10, max(t.height for t in tiles)), (20, 22, 26))
+    for i, t in enumerate(tiles):
+        out.paste(t, (sum(u.width + 10 for u in tiles[:i]), 0))
+    out.save(path)
+    print("wrote", path)
+
+
+def finetune(s: Session, csv: Path, steps: int, minutes: float, tmp: Path) -> None:
+    """A few steps on the review's export, grabbed as the int8 graphs are remade: the overall bar
+    with its ETA and each stage's loss, all plotted by then."""
+    ft, lines, ended = s.w[FINETUNE], [], []
+    s.show(FINETUNE)
+    s.viewer.reset_view()
+    ft.set_data(str(csv))
+    ft.steps.value, ft.minutes.value = steps, minutes
+    ft.out_edit.value = str(tmp / "finetuned.pt")
+    ft.progressed.connect(lines.append)
+    ft.finished.connect(lambda *args: ended.append(args))
+    ft.start()
+    s.until(lambda: ended or any(ln.get("stage") == "int8" for ln in lines))
+    s.grab("finetune.png")
+    s.until(lambda: ended)
+    print("fine-tune:", ended[0], ft.status_label.text())  # (use_new_model() would load it in a thread)
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", help="checkpoint (default: the shipped model)")
-    ap.add_argument("--image", default=str(DATA / "images" / "151.jpg"))
-    ap.add_argument("--out", default=str(HERE))
-    ap.add_argument("--finetune-steps", type=int, default=30)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--image", type=Path, default=DATA / "images" / "151.jpg")
+    ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--only", default=",".join(SHOTS), help=f"comma-separated subset of {', '.join(SHOTS)}")
+    ap.add_argument("--no-gif", action="store_true", help="explorer: leave explorer.gif as it is")
+    ap.add_argument("--finetune-steps", type=int, default=5)
+    ap.add_argument("--finetune-minutes", type=float, default=4.0)
     a = ap.parse_args()
-    only_shots = {x.strip() for x in a.only.split(",") if x.strip()}
-    if only_shots - set(SHOTS):
-        ap.error(f"unknown screenshots {sorted(only_shots - set(SHOTS))}: choose from {', '.join(SHOTS)}")
-    if "finetune" in only_shots:
-        only_shots.add("corrections")  # fine-tunes on the reviewed labels the corrections shot exports
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    only = {x.strip() for x in a.only.split(",") if x.strip()}
+    if only - set(SHOTS):
+        ap.error(f"unknown shots {sorted(only - set(SHOTS))}: choose from {', '.join(SHOTS)}")
+    a.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="glimpse-shots-"))
-    image = tmp / Path(a.image).name
-    image.symlink_to(Path(a.image).resolve())  # the log goes beside the image: keep it out of the data
-
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*PyQt5 backend.*")
-    from qtpy.QtWidgets import QApplication
-
-    app = QApplication.instance() or QApplication([])
-    import napari
-    from napari.settings import get_settings
-
-    get_settings().application.gui_notification_level = "none"
-    import napari._qt.qt_main_window as qmw
-
-    qmw.SHOW_QT_WARNING = False  # a toast about PyQt5 would cover the canvas
-    viewer = napari.Viewer(title="napari-glimpse")
-    viewer.window._qt_window.resize(1700, 1050)
-
-    from napari_glimpse._widgets._corrections import CorrectionsWidget
-    from napari_glimpse._widgets._detect import DetectWidget
-    from napari_glimpse._widgets._explorer import ExplorerWidget
-    from napari_glimpse._widgets._finetune import FinetuneWidget
-    from napari_glimpse._widgets._state import camera_of
-
-    def pump(seconds: float = 0.3) -> None:
-        t = time.time()
-        while time.time() - t < seconds:
-            app.processEvents()
-            time.sleep(0.01)
-
-    def wait(flag: list, timeout: float = 600) -> None:
-        t = time.time()
-        while not flag and time.time() - t < timeout:
-            app.processEvents()
-            time.sleep(0.01)
-        if not flag:
-            raise SystemExit("timed out")
-
-    widgets = {
-        "Detect landmarks": DetectWidget(viewer),
-        "Glimpse explorer": ExplorerWidget(viewer),
-        "Review and corrections": CorrectionsWidget(viewer),
-        "Fine-tune": FinetuneWidget(viewer),
-    }
-    docks = {name: viewer.window.add_dock_widget(w, name=name, area="right", tabify=True)
-             for name, w in widgets.items()}
-    for d in docks.values():
-        d.setMinimumWidth(470)
-
-    def only(name: str) -> None:
-        docks[name].raise_()
-        viewer.window._qt_window.resize(1700, 1050)
-        pump(0.5)
-
-    def close() -> int:
-        """Close the viewer and say what was written (the exit when the asked-for shots are done)."""
-        viewer.close()
-        print("wrote", ", ".join(sorted(f"{n}.png" for n in only_shots)))
-        return 0
-
-    detect, explorer, corr, ft = widgets.values()
-    viewer.open(str(image), plugin="napari-glimpse")
-    detect.set_model(a.model)
-    done: list = []
-    detect.detected.connect(done.append)
-    detect.detect()
-    wait(done)
-    det = done[0]
-    print(f"detect: {det.seconds:.2f} s click to points")
-    if "detect" in only_shots:
-        only("Detect landmarks")
-        viewer.reset_view()
-        pump(0.8)
-        viewer.screenshot(str(out / "detect.png"), canvas_only=False, flash=False)
-
-    if "explorer_fine" in only_shots:
-        # explorer, stage view: what the shipped model's answer is made of (coarse answer, one fine
-        # look), for the landmark the fine look moved furthest among those whose window has contrast
-        # (on 151.jpg Porion's is burnt out)
-        traj = det.trajectory
-        moved = np.linalg.norm(traj.fine_positions[0] - traj.coarse_positions, axis=-1)
-        contrast = traj.fine_windows[0, :, 0].reshape(len(moved), -1).std(-1)
-        k = int(np.argmax(np.where(contrast > 30, moved, 0)))
-        only("Glimpse explorer")
-        explorer.set_view("stages")
-        explorer.set_landmark(k)
-        explorer.focus(context=1)
-        camera_of(viewer).zoom *= 1.4  # the second window's outline just in view, the move longer
-        det.points_layer.visible = False  # its markers would cover the coarse and fine points
-        viewer.layers.selection.active = explorer.layers["stage heatmap"]
-        pump(0.8)
-        viewer.screenshot(str(out / "explorer_fine.png"), canvas_only=False, flash=False)
-        det.points_layer.visible = True
-
-    if not only_shots & {"explorer", "corrections", "finetune"}:
-        return close()
-
-    # explorer: the glimpse steps (the shipped model answers with its coarse stage alone, so ask
-    # for 3 steps), the landmark whose first step is longest, iteration 1
-    if det.trajectory.iterations < 1:
-        detect.iter_spin.setValue(3)
-        done.clear()
-        detect.detect()
-        wait(done)
-        det = done[0]
-    traj = det.trajectory
-    k = int(np.argmax(np.linalg.norm(traj.positions[1] - traj.positions[0], axis=-1)))
-    only("Glimpse explorer")
-    explorer.set_view("glimpses")
-    explorer.set_landmark(k)
-    explorer.set_iteration(0)
-    explorer.max_level.setValue(4)
-    explorer.hm_level.setValue(1)
-    explorer.focus(level=2)
-    det.points_layer.opacity = 0.45  # the glimpse under the markers
-    pump(0.8)
-    if "explorer" in only_shots:
-        viewer.screenshot(str(out / "explorer.png"), canvas_only=False, flash=False)
-        frames = explorer.frames()
-        from PIL import Image
-
-        from napari_glimpse._layer_data import write_animation
-
-        small = []
-        for f in frames:
-            im = Image.fromarray(np.asarray(f)[..., :3])
-            im.thumbnail((560, 560))
-            small.append(np.asarray(im))
-        write_animation(small, out / "glimpse.gif", fps=1.2, hold_last=2)
-    det.points_layer.opacity = 1.0
-    if not only_shots & {"corrections", "finetune"}:
-        return close()
-
-    # corrections: move the least confident landmark a little, undo, redo, accept, export
-    only("Review and corrections")
-    kq = corr.next_landmark()
-    layer = det.points_layer
-    row = int(np.nonzero(np.asarray(layer.features["index"]) == kq + 1)[0][0])
-    d = layer.data.copy()
-    d[row] += (18.0, -12.0)
-    layer.data = d
-    corr.undo()
-    corr.redo()
-    corr.next_landmark()
-    corr.accept()
-    csv = corr.export(tmp / "reviewed.csv")
-    cam = camera_of(viewer)
-    cam.center = tuple(layer.data[row])
-    cam.zoom = 1.2
-    layer.selected_data = {row}
-    pump(0.8)
-    viewer.screenshot(str(out / "corrections.png"), canvas_only=False, flash=False)
-    if "finetune" not in only_shots:
-        return close()
-
-    # fine-tune a few steps in the background, then switch detection to the new model
-    only("Fine-tune")
-    viewer.reset_view()
-    ft.set_data(str(csv))
-    ft.steps.setValue(a.finetune_steps)
-    ft.batch.setValue(16)
-    ft.out_edit.setText(str(tmp / "finetuned.pt"))
-    fin: list = []
-    ft.finished.connect(lambda code, path: fin.append((code, path)))
-    ft.start()
-    wait(fin)
-    print("fine-tune:", fin[0], ft.status_label.text())
-    ft.use_new_model()
-    pump(0.8)
-    viewer.screenshot(str(out / "finetune.png"), canvas_only=False, flash=False)
-    viewer.close()
-    print("wrote", sorted(p.name for p in out.glob("*.png")), "and glimpse.gif")
+    (image := tmp / a.image.name).symlink_to(a.image.resolve())  # the corrections log goes beside it
+    s = Session(image, a.out.resolve())
+    try:
+        for name, shot in (("review_proposed", review_proposed), ("measurements_panel", measurements_panel),
+                           ("explorer_fine", lambda s: explorer(s, "stages")),
+                           ("explorer", lambda s: explorer(s, "glimpses", gif=not a.no_gif))):
+            if name in only:
+                shot(s)
+        if only & {"review_states", "finetune"}:  # the fine-tune learns from the review's export
+            csv = review_states(s, "review_states" in only, tmp)
+            if "finetune" in only:
+                finetune(s, csv, a.finetune_steps, a.finetune_minutes, tmp)
+    finally:
+        s.viewer.close()
     return 0
 
 
