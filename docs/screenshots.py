@@ -9,6 +9,7 @@ export and the fine-tuned model go there. ``viewer.screenshot(canvas_only=False)
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -167,7 +168,6 @@ def review_states(s: Session, save: bool, tmp: Path) -> Path:
     cam.center, cam.zoom = tuple((pos.min(0) + pos.max(0)) / 2), s.canvas_square()[2] / (np.ptp(pos, 0).max() * 1.3)
     before = s.grab()
     corr.accept()
-    s.layer.selected_data = set()
     after = s.grab()
     if save:
         keys = next(w for w in corr.findChildren(QLabel) if "Shift-X" in w.text())
@@ -242,6 +242,7 @@ def main() -> int:
                 finetune(s, csv, a.finetune_steps, a.finetune_minutes, tmp)
     finally:
         s.viewer.close()
+        shutil.rmtree(tmp, ignore_errors=True)  # the log, the export, the fine-tuned model
     return 0
 
 
