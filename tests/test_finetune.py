@@ -162,6 +162,28 @@ def test_progress_shares_the_budget_by_expected_time():
     assert prog.fraction() == pytest.approx(10 / 18.2, rel=0.01)
 
 
+def test_the_eta_follows_each_stage_s_own_rate(monkeypatch):
+    """Before a stage runs, its expected time is scaled by how the run compares with the
+    expectation so far; once it runs, its own rate counts."""
+    import napari_glimpse.finetune as ft
+
+    clock = [0.0]
+    monkeypatch.setattr(ft.time, "monotonic", lambda: clock[0])
+    lines = []
+    prog = Progress(lines.append, t0=0.0, last=0.0)
+    coarse, fine1, fine2 = prog.add("coarse", 10), prog.add("fine", 10), prog.add("fine", 10)
+    for step in range(1, 11):  # 2 s a step: twice the expected 1 s
+        clock[0] += 2.0
+        prog.report(coarse, step)
+    assert lines[-1]["eta_s"] == pytest.approx(2 * 10 * 0.16 * 2.0)
+    for step in range(1, 11):  # 0.5 s a step
+        clock[0] += 0.5
+        prog.report(fine1, step)
+    assert lines[-1]["eta_s"] == pytest.approx(10 * 0.5)
+    assert lines[-1]["elapsed_s"] == pytest.approx(25.0)
+    assert fine2.done == 0 and lines[-1]["overall_step"] == 20
+
+
 # ------------------------------------------------------------------------------- metadata
 def test_what_was_tuned_is_recorded(staged, reviewed, tiny_data, tmp_path):
     mix = load_dataset(tiny_data["root"], "test1")

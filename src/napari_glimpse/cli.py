@@ -360,7 +360,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                          device=parent.device, batch_size=a.batch_size, verbose=not a.progress_json)
     if requantize:
         _requantize(a, ds, had_int8, bool((parent.meta.get("int8") or {}).get("float_ends", False)),
-                    report=lambda done: progress.report(int8_phase, done))
+                    report=lambda done: progress.report(int8_phase, done), mix=mix)
     rec = model.meta.get("finetuned", {})
     steps = sum(sum(v) for v in rec["steps"].values()) if "steps" in rec else model.meta.get("train_steps", 0)
     what = _tuned_text(rec)
@@ -400,13 +400,14 @@ def _resume_finetune(a: argparse.Namespace, ds, progress):
 
 
 def _requantize(a: argparse.Namespace, ds, which: Sequence[str], float_ends: bool,
-                report: Callable[[int], None] | None = None) -> None:
+                report: Callable[[int], None] | None = None, mix=None) -> None:
     """After fine-tuning a model that ran int8 graphs: make them again for every net of the
     stages ``which`` that had them (a graph holds the weights it was made from), with the
     parent's ``float_ends``, calibrated on up to 10 of the fine-tuning images, and write the model
     again. The float model is already written: without the onnx package, or on any failure, it
     stays as it is (its nets run float). ``report(nets done)``: progress (else, with
-    ``--progress-json``, a line per net)."""
+    ``--progress-json``, a line per net). ``mix``: the original set replayed; then half the
+    calibration images are its (the graphs' ranges then cover both kinds of image)."""
     import numpy as np
 
     from .inference import GlimpseModel
@@ -415,7 +416,10 @@ def _requantize(a: argparse.Namespace, ds, which: Sequence[str], float_ends: boo
     model = GlimpseModel.load(a.out, "cpu")
     if all(usable(n) is not None for name in which for n in stages(model)[name]):
         return
-    idx = np.unique(np.linspace(0, len(ds) - 1, min(10, len(ds))).round().astype(int))
+    def spread(d, n: int) -> list:
+        return [d.image(int(i)) for i in np.unique(np.linspace(0, len(d) - 1, min(n, len(d))).round().astype(int))]
+
+    images = spread(ds, 5) + spread(mix, 5) if mix is not None and len(mix) else spread(ds, 10)
 
     def progress(what: str, done: int, n: int) -> None:
         if what == "nets" and report is not None:
@@ -424,13 +428,13 @@ def _requantize(a: argparse.Namespace, ds, which: Sequence[str], float_ends: boo
             print(json.dumps({"stage": "int8", "step": done, "progress": done / n}), flush=True)
 
     try:
-        n = quantize(model, [ds.image(int(i)) for i in idx], progress, which=which, float_ends=float_ends)
+        n = quantize(model, images, progress, which=which, float_ends=float_ends)
     except GlimpseError as exc:
         print(f"napari-glimpse: note: {a.out} runs its float nets ({exc})", file=sys.stderr)
         return
     model.save(a.out)
     if not a.progress_json:
-        print(f"int8 graphs remade for {n} nets (calibrated on {len(idx)} image(s))")
+        print(f"int8 graphs remade for {n} nets (calibrated on {len(images)} image(s))")
 
 
 def _confidence_path(out: Path, given: str | None) -> Path:

@@ -93,6 +93,7 @@ class _Phase:
     steps: int
     cost: float  # expected seconds per step
     done: float = 0.0  # fraction
+    seconds: float = 0.0  # wall time spent in it so far
 
 
 @dataclass
@@ -109,6 +110,7 @@ class Progress:
     phases: list[_Phase] = field(default_factory=list)
     t0: float = field(default_factory=time.monotonic)
     later: int = 0  # phases appended by add(..., later=True) stay at the end
+    last: float = field(default_factory=time.monotonic)  # the time of the last report (a phase's start)
 
     def add(self, stage: str, steps: int, cost: float | None = None, member: int | None = None,
             later: bool = False) -> _Phase:
@@ -135,19 +137,36 @@ class Progress:
 
     def report(self, ph: _Phase, step: int, frac: float | None = None, **extra) -> None:
         """Phase ``ph`` reached ``step`` (its fraction done ``frac``, default step / steps)."""
+        now = time.monotonic()
         ph.done = min(1.0, step / ph.steps if frac is None else frac)
+        ph.seconds += now - self.last
+        self.last = now
         if self.callback is None:
             return
         p = self.fraction()
-        el = time.monotonic() - self.t0
+        el = now - self.t0
         info = {"stage": ph.stage, "step": int(step), "steps": ph.steps,
                 "overall_step": int(sum(min(q.steps, round(q.done * q.steps)) for q in self.phases)),
                 "overall_total": sum(q.steps for q in self.phases), "progress": p, "elapsed_s": el,
-                "eta_s": el * (1 - p) / p if p > 0 else None}
+                "eta_s": self.eta(el)}
         if ph.member is not None:
             info["member"] = ph.member
         info.update(extra)
         self.callback(info)
+
+    def eta(self, elapsed: float) -> float | None:
+        """Seconds still to go: each unfinished phase's steps at the rate its stage has run so far,
+        or (a stage not yet seen) at its expected rate scaled by how the run compares with it."""
+        seen = [q for q in self.phases if q.done > 0]
+        if not seen:
+            return None
+        expected = sum(q.done * q.steps * q.cost for q in seen)
+        speed = elapsed / expected if expected > 0 else 1.0
+        rate: dict[str, float] = {}
+        for stage in {q.stage for q in seen}:
+            qs = [q for q in seen if q.stage == stage]
+            rate[stage] = sum(q.seconds for q in qs) / max(1e-9, sum(q.done * q.steps for q in qs))
+        return sum((1 - q.done) * q.steps * rate.get(q.stage, q.cost * speed) for q in self.phases)
 
     def reporter(self, ph: _Phase) -> Callable[[dict], None]:
         """A per-step callback for a training loop (``step``, ``progress``, ``loss``/``loss_mm``)."""
