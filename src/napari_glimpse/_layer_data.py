@@ -80,7 +80,7 @@ def review_states(n: int, corrected: Sequence[int] = (), absent: Sequence[int] =
 
 
 def label_texts(yx: np.ndarray, abbr: Sequence[str], image_shape: tuple[int, int],
-                view_px: float = 1000.0, font_px: float = 12.0) -> list[str]:
+                view_px: float = 600.0, font_px: float = 12.0) -> list[str]:
     """Labels that do not collide with the whole image in view: a label that would overlap one
     already placed moves down by whole lines (leading newlines), or right by spaces.
 
@@ -93,7 +93,7 @@ def label_texts(yx: np.ndarray, abbr: Sequence[str], image_shape: tuple[int, int
     out = []
     for (y, x), text in zip(np.asarray(yx, dtype=np.float64), abbr):
         w = max(1, len(text)) * char
-        for dy, dx in [(i, 0) for i in range(4)] + [(0, j) for j in (4, 8)] + [(i, 4) for i in (1, 2, 3)]:
+        for dy, dx in [(i, 0) for i in range(4)] + [(i, j) for j in (5, 10) for i in range(4)]:
             box = (x + dx * char, y + dy * line, x + dx * char + w, y + (dy + 1) * line)
             if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
                 break

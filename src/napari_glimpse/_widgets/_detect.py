@@ -56,6 +56,7 @@ from ._state import (
 
 STAGES = ("reading image", "loading model", "building pyramid", "glimpsing")
 SHOW_PROGRESS_AFTER_S = 0.3  # stages of a detection quicker than this are not shown
+STATE_ORDER = {"absent": 0, "proposed": 1, "corrected": 2, "accepted": 3}  # the State column sorts so
 
 
 @dataclass
@@ -310,7 +311,9 @@ class DetectWidget(QWidget):
             except Exception:  # noqa: BLE001 the click that needs it reports the error
                 pass
 
-        t = threading.Thread(target=load, name="napari-glimpse model preload", daemon=True)
+        # not a daemon: closing napari waits the second or two for it (an interpreter ending under a
+        # loading ONNX Runtime / torch aborts the process)
+        t = threading.Thread(target=load, name="napari-glimpse model preload", daemon=False)
         t.start()
         return t
 
@@ -646,7 +649,7 @@ class DetectWidget(QWidget):
                                                shown if np.isfinite(shown) else 2.0))
             self.table.setItem(r, 3, _SortItem(f"{unc:.1f}" if np.isfinite(unc) else "–",
                                                unc if np.isfinite(unc) else -1.0))
-            self.table.setItem(r, 4, _SortItem(state, float(k)))
+            self.table.setItem(r, 4, _SortItem(state, STATE_ORDER.get(state, 9) + k / 100.0))
         self.table.setSortingEnabled(True)
         self.table.sortItems(sort, order)
 
