@@ -26,8 +26,8 @@ Methods:
   ``--add-fine OTHER`` takes the other file's fine stage, ``--save-as FILE`` writes the result
   with its inference choice.
 * ``--fine-for MODEL``: train a fine stage (``--budget-min`` minutes) after that model's coarse
-  stage (``--fine-level``, ``--fine-context``, ``--fine-patch``, ``--fine-jitter``, ``--fine-rotation``, ``--fine-log-scale``,
-  ``--fine-sigma``, ``--fine-target``, ``--fine-coord-weight``, ``--fine-erase``).
+  stage (``--fine-level``, ``--fine-context``, ``--fine-patch``, ``--fine-jitter``, ``--fine-rotation``,
+  ``--fine-log-scale``, ``--fine-sigma``, ``--fine-target``, ``--fine-coord-weight``, ``--fine-erase``).
 * ``--train-all --train-only``: refit a recipe already chosen on validation on all of Train
   001-150 (no validation split, so no curve and no choice; ``--coarse-steps`` / ``--fine-steps``
   replay the chosen runs' step counts). ``--evaluate MODEL --coarse-from C --add-fine F
@@ -318,7 +318,8 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
                       coarse_budget_s=cb, coarse_config=ccfg, coarse_steps=a.coarse_steps, progress=not a.quiet)
         res["train"] = {"wall_s": time.monotonic() - t0, "cpu_s": time.process_time() - c0,
                         "coarse_wall_s": model.meta.get("coarse_train_wall_s"),
-                        "glimpse_wall_s": model.meta.get("train_wall_s"), "glimpse_steps": model.meta.get("train_steps")}
+                        "glimpse_wall_s": model.meta.get("train_wall_s"),
+                        "glimpse_steps": model.meta.get("train_steps")}
         res["config"] = {"model": mcfg.to_dict(), "train": tcfg.to_dict(),
                          "coarse": ccfg.to_dict() if cb else None, "coarse_fraction": a.coarse_fraction}
         res["curve"] = model.meta.get("coarse_history", []) + model.meta.get("history", [])
@@ -378,8 +379,8 @@ def run_glimpse(a, train_ds, val_ds, test_ds, log) -> dict:
                     p = b * preds[0] + (1 - b) * preds[it] if b else preds[it]
                     key = (it, f, b, fs, sub, fsub)
                     val[key] = float(radial_errors(p, vt, val_ds.pixel_spacing).mean())
-                    log(f"val: {it} iterations, flip average {f}, coarse blend {b}, fine steps {fs}, coarse nets {sub}, "
-                        f"fine nets {fsub}: MRE {val[key]:.3f} mm")
+                    log(f"val: {it} iterations, flip average {f}, coarse blend {b}, fine steps {fs}, "
+                        f"coarse nets {sub}, fine nets {fsub}: MRE {val[key]:.3f} mm")
     # the most accurate choice on validation that meets the speed bound (timed on validation images)
     vimgs = [val_ds.image(i) for i in range(min(5, len(val_ds)))]
     res["speed_checks"] = []
@@ -430,8 +431,8 @@ def _choose_decode_window(a, res: dict, model, val_ds, log, stage: str) -> None:
 
 def _finish(a, res: dict, model, best: tuple, nets, fine_nets, val_ds, test_ds, log) -> dict:
     """Apply the inference choice ``best`` (and, with ``--coarse-decode-windows`` /
-    ``--fine-decode-windows``, choose those decode windows on validation), save the model if asked, evaluate it on Test1 (unless
-    ``--no-test``)."""
+    ``--fine-decode-windows``, choose those decode windows on validation), save the model if asked,
+    evaluate it on Test1 (unless ``--no-test``)."""
     res["iterations"], res["coarse_flip_average"], res["coarse_blend"], res["fine_steps"] = best[:4]
     res["coarse_nets"], res["fine_nets"] = list(best[4]), list(best[5])
     _apply_choice(model, best, nets, fine_nets)
@@ -524,7 +525,8 @@ def main(argv=None) -> int:
     p.add_argument("--near-sigma", type=float, nargs=2, default=(2.0, 80.0))
     p.add_argument("--eval-every", type=float, default=10.0, help="validation every N minutes (curve)")
     p.add_argument("--train-json", metavar="JSON", nargs="+",
-                   help="with --evaluate: copy train/config/curve from the training runs' JSON (several: runs side by side)")
+                   help="with --evaluate: copy train/config/curve from the training runs' JSON "
+                        "(several: runs side by side)")
     p.add_argument("--coarse-from", metavar="MODEL", nargs="+",
                    help="with --evaluate: replace the coarse stage with these models' coarse nets")
     p.add_argument("--glimpse-json", metavar="JSON", nargs="+",
@@ -589,7 +591,8 @@ def main(argv=None) -> int:
                    help="glimpse: make the choice (and save it with --save-as) without reading Test1")
     p.add_argument("--no-glimpse", action="store_true",
                    help="choose among answers without glimpse steps only (faster choice)")
-    p.add_argument("--save-as", metavar="MODEL", help="write the model with the inference choice (and any --add-coarse) here")
+    p.add_argument("--save-as", metavar="MODEL",
+                   help="write the model with the inference choice (and any --add-coarse) here")
     p.add_argument("--half-weights", action="store_true",
                    help="with --save-as: store the convolution and linear weights as float16 (about half the file); "
                         "records how far that moves the validation answers, and evaluates the file as written")
@@ -630,15 +633,16 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(f"[{_dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
 
-    log(f"{a.method}: train {len(train_ds)}, val {len(val_ds) if val_ds else 0}, test {len(test)}; budget {a.budget_min} min, "
-        f"{a.threads} threads")
+    log(f"{a.method}: train {len(train_ds)}, val {len(val_ds) if val_ds else 0}, test {len(test)}; "
+        f"budget {a.budget_min} min, {a.threads} threads")
     run = run_glimpse if a.method == "glimpse" else run_landmarker
     res = run(a, train_ds, val_ds, test, log)
     for k, v in (("budget_min", a.budget_min), ("threads", a.threads), ("seed", a.seed)):
         res.setdefault(k, v)
     res.update({
-        "protocol": {"train": f"ISBI Train 001-{n_train:03d}", "val": "ISBI Train 131-150" if val_ds else None, "test": "ISBI Test1 151-300",
-                     "ground_truth": "mean of senior and junior", "n_test": len(test), "limit": a.limit},
+        "protocol": {"train": f"ISBI Train 001-{n_train:03d}", "val": "ISBI Train 131-150" if val_ds else None,
+                     "test": "ISBI Test1 151-300", "ground_truth": "mean of senior and junior", "n_test": len(test),
+                     "limit": a.limit},
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "python": platform.python_version()},
         "date": _dt.datetime.now().isoformat(timespec="seconds"),

@@ -52,11 +52,10 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+import landmarker
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-import landmarker
 from landmarker.heatmap import GaussianHeatmapGenerator
 from landmarker.heatmap.decoder import coord_local_weighted
 from landmarker.losses import NLLLoss

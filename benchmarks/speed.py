@@ -143,7 +143,8 @@ def find_images(data: Path, n: int) -> tuple[list[Path], str]:
         if len(picks) >= n:
             break
     if not picks:
-        picks = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".bmp", ".png", ".tif", ".tiff"))[:n]
+        picks = sorted(p for p in folder.iterdir()
+                       if p.suffix.lower() in (".jpg", ".jpeg", ".bmp", ".png", ".tif", ".tiff"))[:n]
     if not picks:
         return [], f"no images in {folder}"
     return picks, str(folder)
@@ -293,7 +294,8 @@ def bench_train(name: str, pyramids, dev: torch.device, bf16_modes: list[bool], 
     truth = (mean[None] + torch.randn(n_i, n_k, 2, generator=gen).to(dev) * std[None])
     truth = torch.minimum(truth.clamp(min=0), shapes[:, None].flip(-1) - 1)
 
-    def step_once(use_bf16: bool) -> float:
+    # net/opt are arguments rather than closure variables: they are ``del``-ed at the end
+    def step_once(net: torch.nn.Module, opt: torch.optim.Optimizer, use_bf16: bool) -> float:
         loss = train_step(net, opt, mcfg, replace(tcfg, bf16=use_bf16), stack, truth, shapes,
                           mean, std, gen)
         sync(dev)
@@ -317,11 +319,11 @@ def bench_train(name: str, pyramids, dev: torch.device, bf16_modes: list[bool], 
     }
     for bf in bf16_modes:
         for _ in range(warmup):
-            step_once(bf)
+            step_once(net, opt, bf)
         times = []
         for _ in range(steps):
             t = time.perf_counter()
-            loss = step_once(bf)
+            loss = step_once(net, opt, bf)
             times.append(time.perf_counter() - t)
             if not math.isfinite(loss):
                 raise RuntimeError(f"{name}: non-finite training loss")

@@ -28,9 +28,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from isbi import DEFAULT_DATA, _speed, ready, write_json
-from peer_landmarker import inference_speed
-from speed import cpu_model
+from isbi import DEFAULT_DATA, _speed, ready, write_json  # noqa: E402 (sibling scripts, after the sys.path insert)
+from peer_landmarker import inference_speed  # noqa: E402 (as above)
+from speed import cpu_model  # noqa: E402 (as above)
 
 
 def main(argv=None) -> int:

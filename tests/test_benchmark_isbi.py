@@ -90,8 +90,8 @@ def test_fine_stage_is_trained_for_a_model_then_added_with_its_time(isbi, tmp_pa
     common = ["--method", "glimpse", "--data", str(REAL_DATA), "--limit", "3", "--threads", "1",
               "--speed-threads", "1", "--quiet", "--no-glimpse", "--max-seconds", "0"]
     assert isbi.main([*common, "--fine-for", str(a), "--budget-min", "0.05", "--eval-every", "0.02",
-                      "--fine-patch", "32", "--fine-width", "4", "--fine-level", "1", "--fine-context", "2", "--model-out", str(tmp_path / "f.pt"),
-                      "--out", str(tmp_path / "f.json")]) == 0
+                      "--fine-patch", "32", "--fine-width", "4", "--fine-level", "1", "--fine-context", "2",
+                      "--model-out", str(tmp_path / "f.pt"), "--out", str(tmp_path / "f.json")]) == 0
     f = json.loads((tmp_path / "f.json").read_text())
     assert f["config"]["fine"]["patch"] == 32 and f["config"]["coarse_from"] == str(a)
     assert f["train"]["fine_steps"] >= 1 and 2.0 < f["train"]["wall_s"] < 30
@@ -123,7 +123,8 @@ def test_fine_stage_is_trained_for_a_model_then_added_with_its_time(isbi, tmp_pa
     assert "test" not in g and "val_mre" not in g and g["config"]["fine"]["seed"] == 1
     out2 = tmp_path / "r2.json"
     assert isbi.main([*common, "--evaluate", str(a), "--add-fine", str(tmp_path / "f.pt"), str(tmp_path / "g.pt"),
-                      "--train-json", str(coarse_json), "--fine-json", str(tmp_path / "f.json"), str(tmp_path / "g.json"),
+                      "--train-json", str(coarse_json),
+                      "--fine-json", str(tmp_path / "f.json"), str(tmp_path / "g.json"),
                       "--out", str(out2), "--save-as", str(tmp_path / "s2.pt")]) == 0
     r2 = json.loads(out2.read_text())
     assert r2["train"]["wall_s"] == pytest.approx(100.0 + f["train"]["wall_s"] + g["train"]["wall_s"])
@@ -199,7 +200,8 @@ def test_fine_weight_averages_and_the_decode_window_chosen_on_validation(isbi, t
             "--fine-context", "2", "--train-only"]
     assert isbi.main([*common, *fine, "--fine-averages", "0.9", "0.99", "--fine-rotation", "15",
                       "--fine-log-scale", "0.15", "--fine-sigma", "2.5", "--fine-coord-weight", "0.5",
-                      "--fine-erase", "0.25", "--model-out", str(tmp_path / "f.pt"), "--out", str(tmp_path / "f.json")]) == 0
+                      "--fine-erase", "0.25", "--model-out", str(tmp_path / "f.pt"),
+                      "--out", str(tmp_path / "f.json")]) == 0
     f = json.loads((tmp_path / "f.json").read_text())
     assert [a["decay"] for a in f["averages"]] == [0.9, 0.99] and f["config"]["fine_averages"] == [0.9, 0.99]
     assert all(a["val_mre_mm"] > 0 for a in f["averages"])
@@ -266,7 +268,8 @@ def test_three_fine_nets_every_subset_is_a_choice_and_half_weights_are_measured(
     assert check["val_mre_mm_float32"] == pytest.approx(chosen["mre_mm"], abs=1e-9)
     assert check["val_mre_mm_float16"] == pytest.approx(chosen["mre_mm"], abs=0.05)
     ck = torch.load(tmp_path / "s.pt", map_location="cpu", weights_only=True)
-    fine_sds = [m["state_dict"] for m in ck.get("fine_members") or []] + ([ck["fine"]["state_dict"]] if "fine" in ck else [])
+    fine_sds = ([m["state_dict"] for m in ck.get("fine_members") or []]
+                + ([ck["fine"]["state_dict"]] if "fine" in ck else []))
     assert ck["coarse_state_dict"]["stem.0.0.weight"].dtype == torch.float16
     assert all(sd["stem.0.0.weight"].dtype == torch.float16 for sd in fine_sds) and ck["weights_stored_as"] == "float16"
     with pytest.raises(SystemExit):  # it measures on validation: only for --evaluate ... --save-as

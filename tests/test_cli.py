@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import make_kaggle_dataset, save_png, synthetic_image, write_csv
+
 from napari_glimpse.checkpoint import read_checkpoint
 from napari_glimpse.cli import main
 from napari_glimpse.inference import DEFAULT_MODEL, GlimpseModel
@@ -374,7 +374,8 @@ def test_finetune_remakes_the_graphs_of_the_stages_that_had_them(capsys, monkeyp
         assert f"int8 graphs remade for {nets[0]} nets" in stdout
         assert ends == [bool(only)] * nets[0]  # the parent's float ends kept
         assert GlimpseModel.load(out, device="cpu").int8_nets == nets
-        assert GlimpseModel.load(out, device="cpu", int8=False).predict(tiny_data["test1"]["paths"][0]).final.shape == (3, 2)
+        assert GlimpseModel.load(out, device="cpu", int8=False).predict(
+            tiny_data["test1"]["paths"][0]).final.shape == (3, 2)
 
 
 def test_quantize_in_place_keeps_half_weights(capsys, tiny_data, tiny_staged_model_path, tmp_path):

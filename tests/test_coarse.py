@@ -580,7 +580,8 @@ def test_train_with_a_coarse_stage_end_to_end(tiny_data, tmp_path):
     for k, v in model.coarse.state_dict().items():
         assert torch.equal(v, loaded.coarse.state_dict()[k]), k
     img = ds.image(0)
-    np.testing.assert_array_equal(loaded.predict(img, iterations=0).positions, model.predict(img, iterations=0).positions)
+    np.testing.assert_array_equal(loaded.predict(img, iterations=0).positions,
+                                  model.predict(img, iterations=0).positions)
     assert read_checkpoint(resume_path(out))["coarse_state_dict"].keys() == model.coarse.state_dict().keys()
     # resuming does not train the coarse stage again, and keeps it
     more = train(ds, out, device="cpu", resume=True, progress=False, max_steps=6, coarse_budget_s=3.0)
@@ -604,7 +605,8 @@ def test_coarse_blend_mixes_the_two_answers(coarse_model, image):
         coarse_model.meta["coarse_blend"] = 0.0
         with_start = coarse_model.predict(image, iterations=1, start=st, facing="right").final
         coarse_model.meta["coarse_blend"] = 0.25
-        np.testing.assert_allclose(coarse_model.predict(image, iterations=1, start=st, facing="right").final, with_start)
+        np.testing.assert_allclose(coarse_model.predict(image, iterations=1, start=st, facing="right").final,
+                                   with_start)
     finally:
         coarse_model.meta.pop("coarse_blend", None)
 
@@ -760,7 +762,8 @@ def test_inference_net_folds_batch_norm_and_follows_the_weights():
     convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert not all(w.is_contiguous(memory_format=torch.channels_last)
-                   for w in (m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1))
+                   for w in (m.weight for m in net.modules()
+                             if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1))
     assert inference_net(net) is fast  # unchanged weights: the same copy
     assert "_inference_copy" not in str(list(net.state_dict())) and "_inference_copy" not in copy.deepcopy(net).__dict__
     # an optimiser step changes the weights in place: a new copy, with the new answers

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import save_png, synthetic_coords, synthetic_image
+
 from napari_glimpse.corrections import DEFAULT_EXPORT_NAME, DEFAULT_LOG_NAME, Correction, CorrectionLog
 from napari_glimpse.errors import GlimpseError
 from napari_glimpse.io import load_dataset, read_landmarks_csv

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import REAL_DATA, synthetic_coords, synthetic_image
+
 from napari_glimpse import GlimpseError, load_dataset, write_landmarks_csv
 from napari_glimpse.cli import main
 from napari_glimpse.inference import DEFAULT_MODEL, GlimpseModel

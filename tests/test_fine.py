@@ -16,8 +16,17 @@ from conftest import TINY_MODEL_CONFIG, randomise_weights
 from napari_glimpse.checkpoint import FORMAT_VERSION, read_checkpoint
 from napari_glimpse.coarse import CoarseConfig, CoarseNet, to_normalised
 from napari_glimpse.errors import GlimpseError
-from napari_glimpse.fine import (FineConfig, FineEnsemble, FineNet, cut_windows, fine_levels, kinds_of, refine, train_fine,
-                                 window_matrix)
+from napari_glimpse.fine import (
+    FineConfig,
+    FineEnsemble,
+    FineNet,
+    cut_windows,
+    fine_levels,
+    kinds_of,
+    refine,
+    train_fine,
+    window_matrix,
+)
 from napari_glimpse.inference import GlimpseModel
 from napari_glimpse.io import load_dataset, read_image
 from napari_glimpse.pyramid import build_pyramid, deepen
@@ -484,8 +493,8 @@ def test_a_fine_ensemble_answers_the_mean_of_its_nets(ensemble_model, image):
     np.testing.assert_allclose(ensemble_model.predict(image, facing="right").final, pos, atol=1e-3)
     # a second look re-centres every net's windows on the mean answer
     two = refine(ensemble_model.fine, pyr.levels, pyr.shape, start, steps=2)[0]
-    np.testing.assert_allclose(two, (refine(a, pyr.levels, pyr.shape, pos)[0] + refine(b, pyr.levels, pyr.shape, pos)[0]) / 2,
-                               atol=1e-3)
+    np.testing.assert_allclose(two, (refine(a, pyr.levels, pyr.shape, pos)[0]
+                                     + refine(b, pyr.levels, pyr.shape, pos)[0]) / 2, atol=1e-3)
 
 
 def test_fine_ensemble_members_must_share_the_window_size():
@@ -515,7 +524,8 @@ def test_a_fine_ensemble_of_two_kinds_gives_each_net_its_own_windows():
     assert kinds_of([a, b, c]) == {(1, 2): [0, 2], (2, 2): [1]}
     start = np.array([[58.0, 73.0], [63.0, 66.0], [55.0, 70.0]])
     looks_a, looks_b, looks_c = [], [], []
-    alone = [refine(m, pyr.levels, pyr.shape, start, record=rec) for m, rec in ((a, looks_a), (b, looks_b), (c, looks_c))]
+    alone = [refine(m, pyr.levels, pyr.shape, start, record=rec)
+             for m, rec in ((a, looks_a), (b, looks_b), (c, looks_c))]
     for found, _ in alone[:2]:  # each in its own geometry
         np.testing.assert_allclose(found, [[60.0, 70.0]] * K, atol=4.0)
     assert not np.allclose(alone[0][0], alone[2][0], atol=1.0)
@@ -566,7 +576,8 @@ def test_finetune_tunes_each_net_of_a_two_kind_ensemble_on_its_own_windows(fine_
         return train_fine(levels, truth_n, cfg, *args, **kw)
 
     monkeypatch.setattr(fine_module, "train_fine", spy)  # finetune calls it from there
-    fine_model.fine = FineEnsemble([fine_model.fine, randomise_weights(FineNet(replace(TINY_FINE, level=2, context=1)), 5)])
+    fine_model.fine = FineEnsemble([fine_model.fine,
+                                    randomise_weights(FineNet(replace(TINY_FINE, level=2, context=1)), 5)])
     parent, out = tmp_path / "parent.pt", tmp_path / "ft.pt"
     fine_model.save(parent)
     before = [_weights(m) for m in fine_model.fine.members]

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import save_png
+
 from napari_glimpse.errors import GlimpseError
 from napari_glimpse.glimpse import PyramidStack, sample_glimpses
 from napari_glimpse.inference import GlimpseModel, Trajectory

@@ -308,8 +308,9 @@ def test_without_onnxruntime_the_float_nets_run(tiny_quantized_model_path, test_
         assert not graph_runs
         # the graphs are kept for machines that have it
         model.save(tmp_path / "kept.pt")
-        assert [g is not None for gs in checkpoint_graphs(read_checkpoint(tmp_path / "kept.pt")).values() for g in gs] == \
-            [True] * N_NETS
+        assert [g is not None
+                for gs in checkpoint_graphs(read_checkpoint(tmp_path / "kept.pt")).values()
+                for g in gs] == [True] * N_NETS
     finally:
         int8.available.cache_clear()
 

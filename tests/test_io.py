@@ -4,8 +4,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REAL_DATA, save_png, synthetic_image, write_csv
+
 from napari_glimpse.errors import GlimpseError
 from napari_glimpse.io import (
     expand_image_args,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import save_png
+
 from napari_glimpse import _sample_data as sd
 from napari_glimpse._reader import get_reader
 from napari_glimpse._writer import layer_to_rows, write_landmarks
@@ -40,7 +40,7 @@ def test_writer_refuses_incomplete_or_duplicate_landmarks():
 
 
 def test_dicom_reader(tmp_path):
-    pydicom = pytest.importorskip("pydicom")
+    pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 

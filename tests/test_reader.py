@@ -6,8 +6,8 @@ import subprocess
 
 import numpy as np
 import pytest
-
 from conftest import write_csv
+
 from napari_glimpse._reader import get_reader, read_landmarks
 from napari_glimpse.landmarks import ISBI_LANDMARKS
 

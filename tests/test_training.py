@@ -7,8 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_MODEL_CONFIG, make_kaggle_dataset, save_png, write_csv
+
 from napari_glimpse.checkpoint import read_checkpoint
 from napari_glimpse.errors import GlimpseError
 from napari_glimpse.inference import GlimpseModel

@@ -103,7 +103,8 @@ def download_sample(url: str | None = None, why_not_local: str = "") -> Path:
 def sample_path() -> Path:
     """Where the sample cephalogram is: local data set first, else the download."""
     tried = []
-    for what, source in ((ENV_DATA, os.environ.get(ENV_DATA)), ("the data_dir setting", read_settings().get("data_dir"))):
+    for what, source in ((ENV_DATA, os.environ.get(ENV_DATA)),
+                         ("the data_dir setting", read_settings().get("data_dir"))):
         if source:
             found = find_local_sample(source)
             if found is not None:

@@ -13,7 +13,9 @@ import torch
 from ._files import make_temp
 from .errors import GlimpseError
 
-FORMAT_VERSION = 5  # 2: optional coarse stage; 3: coarse ensemble; 4: fine stage; 5: fine ensemble; files are written at the lowest version that holds them
+# 2: optional coarse stage; 3: coarse ensemble; 4: fine stage; 5: fine ensemble;
+# files are written at the lowest version that holds them
+FORMAT_VERSION = 5
 KIND = "napari-glimpse-model"
 
 

@@ -301,9 +301,10 @@ def fit_heatmaps(
     with the net's heatmaps. With ``coord_weight`` > 0, ``batch()`` also returns the ``(B, K, 2)``
     taught points (heatmap pixels, x y), and the loss adds ``coord_weight`` times the mean
     distance from each heatmap's expected position (its softmax's mean) to its point. AdamW,
-    warm-up then cosine to 1 % of ``lr``, fitted to the nearer of ``time_budget_s`` and ``max_steps``. ``callback`` gets a dict per step (``stage``,
-    ``step``, ``loss``, ``lr``, ``elapsed_s``, ``progress``); ``evaluate(net) -> mm`` runs every
-    ``eval_every_s`` and at the end. Returns the history; the net is left in eval mode.
+    warm-up then cosine to 1 % of ``lr``, fitted to the nearer of ``time_budget_s`` and ``max_steps``.
+    ``callback`` gets a dict per step (``stage``, ``step``, ``loss``, ``lr``, ``elapsed_s``,
+    ``progress``); ``evaluate(net) -> mm`` runs every ``eval_every_s`` and at the end. Returns the
+    history; the net is left in eval mode.
 
     ``averages``: a dict whose keys are decays (e.g. ``{0.999: None}``); each value is replaced
     by a copy of the net whose weights (and batch-norm statistics) are the exponential moving
@@ -455,7 +456,8 @@ def train_coarse(
 
     ``levels``: ``(N, 1, h, w)`` float images (see :func:`view_levels`); ``image_hw``: the
     typical full-resolution size (for the aspect ratio of rotations); ``truth_n``: ``(N, K, 2)``
-    positions in each image's normalised coordinates (:func:`to_normalised`). ``evaluate(net) -> mm`` is called every ``eval_every_s`` and at the end.
+    positions in each image's normalised coordinates (:func:`to_normalised`). ``evaluate(net) -> mm``
+    is called every ``eval_every_s`` and at the end.
     ``init``: fine-tune a copy of this net (its configuration replaces ``cfg``) instead of
     starting from random weights; ``lr_scale`` scales the learning rate (e.g. 0.1 to fine-tune).
     ``device``: where the net trains (e.g. ``"cuda"``); batches are made on the CPU from

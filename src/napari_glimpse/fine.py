@@ -27,11 +27,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .coarse import (
+    CoarseConfig,
+    CoarseNet,
+    Ensemble,
+    augment_intensity,
+    decode,
+    fit_heatmaps,
+    from_normalised,
+    gaussian_targets,
+    inference_net,
+    members_of,
+    to_normalised,
+    tune_only,
+)
 from .errors import GlimpseError
 from .pyramid import deepen
-from .coarse import (CoarseConfig, CoarseNet, Ensemble, augment_intensity, decode, fit_heatmaps, from_normalised,
-                     gaussian_targets, inference_net, members_of, to_normalised, tune_only)
-
 
 TARGETS = ("mean", "annotators")
 
@@ -407,7 +418,8 @@ def erase_rectangles(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.T
     ys = torch.arange(hh)[None, :, None]
     xs = torch.arange(ww)[None, None, :]
     inside = ((ys >= corner[:, 0, None, None]) & (ys < (corner[:, 0] + side[:, 0])[:, None, None])
-              & (xs >= corner[:, 1, None, None]) & (xs < (corner[:, 1] + side[:, 1])[:, None, None]) & hit[:, None, None])
+              & (xs >= corner[:, 1, None, None]) & (xs < (corner[:, 1] + side[:, 1])[:, None, None])
+              & hit[:, None, None])
     x = x.clone()
     first = x[:, 0]
     x[:, 0] = torch.where(inside, first.mean((-1, -2), keepdim=True), first)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .errors import GlimpseError
 
+
 def levels_for(shape: tuple[int, int], patch: int = 64, slack: float = 1.25) -> int:
     """Number of levels so that the top level fits about one glimpse.
 

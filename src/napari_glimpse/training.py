@@ -13,13 +13,13 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_torch_save, read_checkpoint
+from .coarse import CoarseConfig, CoarseEnsemble, members_of, train_coarse, view_levels
 from .errors import GlimpseError
+from .fine import FineConfig, FineEnsemble, fine_levels_by_kind, present_pairs, train_fine
 from .glimpse import PyramidStack, frame_to_image, image_to_frame, sample_glimpses
 from .inference import GlimpseModel, autocast, mirror_points, resolve_device
 from .io import Dataset
 from .model import GlimpseModelNet, ModelConfig
-from .coarse import CoarseConfig, CoarseEnsemble, members_of, train_coarse, view_levels
-from .fine import FineConfig, FineEnsemble, fine_levels_by_kind, present_pairs, train_fine
 from .pyramid import build_pyramid, levels_for
 
 
@@ -284,8 +284,9 @@ def train(
     (whichever comes first; the learning-rate schedule follows the nearer one), or when
     ``should_stop()`` returns True. Every ``save_every_s`` a resumable state is written to
     ``out + '.resume'``; ``resume=True`` continues from it. ``init`` starts from an existing model
-    (fine-tuning); ``max_steps`` overrides the step limit (also on resume); ``pretrained`` loads ImageNet weights into the paper trunk (True: torchvision,
-    or a path to a local ResNet-34 state dict). ``callback`` receives a dict per step.
+    (fine-tuning); ``max_steps`` overrides the step limit (also on resume); ``pretrained`` loads
+    ImageNet weights into the paper trunk (True: torchvision, or a path to a local ResNet-34 state
+    dict). ``callback`` receives a dict per step.
 
     ``coarse_budget_s``: first train a coarse stage (:mod:`napari_glimpse.coarse`, all landmarks
     from a whole-image view) for that many seconds and attach it, so the glimpses start from its
@@ -370,7 +371,8 @@ def train(
         model.train_config = tcfg.to_dict()
         if meta:
             model.meta.update(meta)
-    if tuple(model.landmark_names) != tuple(dataset.landmark_names) and len(model.landmark_names) != len(dataset.landmark_names):
+    if (tuple(model.landmark_names) != tuple(dataset.landmark_names)
+            and len(model.landmark_names) != len(dataset.landmark_names)):
         raise GlimpseError(
             f"model has {len(model.landmark_names)} landmarks, data has {len(dataset.landmark_names)}"
         )
@@ -392,7 +394,8 @@ def train(
             tuned, chist, wall = _tune_each(
                 members_of(model.coarse), callback, dev, budget_s,
                 lambda m, b, cb: train_coarse(views, view_hw, truth_n, m.cfg, b, progress=progress, callback=cb,
-                                              should_stop=should_stop, max_steps=coarse_steps, init=m, lr_scale=0.1, device=dev))
+                                              should_stop=should_stop, max_steps=coarse_steps, init=m,
+                                              lr_scale=0.1, device=dev))
             model.coarse = CoarseEnsemble(tuned) if len(tuned) > 1 else tuned[0]
             model.meta["coarse_finetune_steps"] = coarse_steps
             model.meta["coarse_finetune_wall_s"] = wall
@@ -416,8 +419,9 @@ def train(
         if tune_fine:  # fine-tune the given fine stage, member by member
             tuned, fhist, wall = _tune_each(
                 members_of(init.fine), callback, dev, fine_budget_s or 1e12,
-                lambda m, b, cb: train_fine(*flevels[m.cfg.level, m.cfg.context], m.cfg, b, progress=progress, callback=cb,
-                                            should_stop=should_stop, max_steps=fine_steps, init=m, lr_scale=0.1, device=dev))
+                lambda m, b, cb: train_fine(*flevels[m.cfg.level, m.cfg.context], m.cfg, b, progress=progress,
+                                            callback=cb, should_stop=should_stop, max_steps=fine_steps, init=m,
+                                            lr_scale=0.1, device=dev))
             model.fine = FineEnsemble(tuned) if len(tuned) > 1 else tuned[0]
             model.meta.update(fine_finetune_steps=fine_steps, fine_finetune_history=fhist, fine_finetune_wall_s=wall)
         else:
@@ -460,7 +464,8 @@ def train(
     last_save = t0
     early_saved = False
     ema = None
-    bar = tqdm(total=1000, desc="train", unit="‰", disable=not progress, bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+    bar = tqdm(total=1000, desc="train", unit="‰", disable=not progress,
+               bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
     stopped = "budget"
     try:
         while True:

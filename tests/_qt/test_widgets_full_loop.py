@@ -62,14 +62,16 @@ def test_full_review_loop(make_napari_viewer, qtbot, isbi, isbi_model_path, tmp_
     drag_point(viewer, layer, _row(layer, k), target, qtbot)
     moves = [r for r in log.records if r.action == "move"]
     assert moves and moves[-1].k == k
-    np.testing.assert_allclose(log.state.positions(det.image_path)[k], target[::-1], atol=4.0)  # a screen pixel is ~2.5 image pixels
+    # a screen pixel is ~2.5 image pixels
+    np.testing.assert_allclose(log.state.positions(det.image_path)[k], target[::-1], atol=4.0)
     assert layer.symbol[_row(layer, k)].value == "cross"
 
     # ---- undo / redo by keyboard
     _key(qtbot, viewer, Qt.Key_Z, Qt.ControlModifier)
     np.testing.assert_allclose(log.state.positions(det.image_path)[k], start[::-1], atol=0.01)
     _key(qtbot, viewer, Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier)
-    np.testing.assert_allclose(log.state.positions(det.image_path)[k], target[::-1], atol=4.0)  # a screen pixel is ~2.5 image pixels
+    # a screen pixel is ~2.5 image pixels
+    np.testing.assert_allclose(log.state.positions(det.image_path)[k], target[::-1], atol=4.0)
 
     # ---- Gonion not visible: absent; then accept by keyboard
     review.pick(9)
