@@ -7,7 +7,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -118,8 +118,9 @@ class Trajectory:
     ``heatmaps[t, k, l, c]`` the trunk's softmax map of channel ``c`` (float16); both only on
     request. ``facing`` is ``right`` when the image was read as it is (the training set's
     orientation) and ``left`` when it was mirrored first: positions are always in the image's own
-    pixels, and glimpses and heatmaps are flipped back to the image's axes. ``uncertainty_mm`` is the spread of the perturbed starts' answers (or, with one
-    start, the length of the last step); ``confidence = exp(-uncertainty_mm / 2 mm)``.
+    pixels, and glimpses and heatmaps are flipped back to the image's axes. ``uncertainty_mm`` is
+    the spread of the perturbed starts' answers (or, with one start, the length of the last step);
+    ``confidence = exp(-uncertainty_mm / 2 mm)``.
 
     The stages before the glimpses, on request (``record_stages``) and only when the fine stage
     looked (else ``None``): ``coarse_positions`` ``(K, 2)`` the coarse answer; for each of the ``S``
@@ -547,7 +548,8 @@ class GlimpseModel:
         if iterations is None:
             iterations = self.default_iterations
         if iterations < (0 if self.coarse is not None else 1):
-            raise GlimpseError("iterations must be at least 1" if self.coarse is None else "iterations must be at least 0")
+            raise GlimpseError("iterations must be at least 1" if self.coarse is None
+                               else "iterations must be at least 0")
         if facing not in ("auto", "right", "left"):
             raise GlimpseError(f"facing must be auto, right or left, not {facing!r}")
         pyr = self.pyramid(image)
@@ -555,8 +557,9 @@ class GlimpseModel:
             ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
             st = np.asarray(start, dtype=np.float64)[ks]
             return Trajectory(positions=st[None], uncertainty_mm=np.zeros(len(ks)),
-                              landmark_names=tuple(self.landmark_names[k] for k in ks), pixel_spacing=self.pixel_spacing,
-                              image_shape=pyr.shape, patch=self.config.patch, facing=facing if facing != "auto" else "right")
+                              landmark_names=tuple(self.landmark_names[k] for k in ks),
+                              pixel_spacing=self.pixel_spacing, image_shape=pyr.shape, patch=self.config.patch,
+                              facing=facing if facing != "auto" else "right")
         w = pyr.shape[1]
         mirrored = None
         coarse_start = None
@@ -591,7 +594,8 @@ class GlimpseModel:
                     positions=start[ks][None], uncertainty_mm=spread[ks] * self.pixel_spacing,
                     landmark_names=tuple(self.landmark_names[k] for k in ks), pixel_spacing=self.pixel_spacing,
                     image_shape=pyr.shape, patch=self.config.patch, facing=facing,
-                    glimpses=np.zeros((0, len(ks), self.config.n_levels, self.config.patch, self.config.patch), np.uint8) if record_glimpses else None,
+                    glimpses=np.zeros((0, len(ks), self.config.n_levels, self.config.patch, self.config.patch),
+                                      np.uint8) if record_glimpses else None,
                     **stages,
                 )
                 return self._assess(tr, cues)
@@ -617,7 +621,18 @@ class GlimpseModel:
             return tr
         from .confidence import assess
 
-        return assess(self, tr, cues)
+        off = self.landmark_offsets
+        if off is None:
+            return assess(self, tr, cues)
+        # the shape model and the calibrator know answers without a site's offsets (finetune): judge
+        # the answer as the nets gave it, and show it (and where the others imply it) with them
+        d = off * ([-1.0, 1.0] if tr.facing == "left" else [1.0, 1.0])
+        ks = cues["ks"]
+        pos = tr.positions.copy()
+        pos[-1] -= d[ks]
+        judged = assess(self, dataclasses.replace(tr, positions=pos), {**cues, "final": cues["final"] - d})
+        implied = None if judged.implied_positions is None else judged.implied_positions + d[ks]
+        return dataclasses.replace(judged, positions=tr.positions, implied_positions=implied)
 
     def _predict_facing(self, pyr: Pyramid, mirrored: Pyramid | None, facing: str, **run) -> Trajectory:
         """The glimpse iterations for one facing (``auto``: both, keep the settled one)."""
