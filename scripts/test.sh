@@ -11,4 +11,5 @@ if ! command -v xvfb-run >/dev/null 2>&1; then
     libxkbcommon-x11-0 libgl1 libegl1 libfontconfig1 libdbus-1-3 >/dev/null
 fi
 python -m pip install -q -c constraints.txt -e ".[test]"
+python -m ruff check .  # lint and import order (configured in pyproject.toml): CI fails on an error
 xvfb-run -a -s "-screen 0 1920x1200x24" python -m pytest -q -p no:cacheprovider "$@"
