@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import add_blob_stages
+from conftest import REAL_DATA, add_blob_stages
 
 from napari_glimpse.cli import main
 from napari_glimpse.coarse import LAYERS, CoarseNet, training_mode, tune_only
@@ -249,3 +249,25 @@ def test_cli_finetune_defaults_within_the_budget_and_records(capsys, tiny_data, 
     assert main([*parent_args, "--no-offsets", "--coarse-steps", "0", "--fine-steps", "0"]) == 0
     assert "fine-tuned 0 steps" in capsys.readouterr().out
     assert GlimpseModel.load(out, device="cpu").landmark_offsets is None
+
+
+@pytest.mark.skipif(not REAL_DATA.exists(), reason=f"ISBI data not at {REAL_DATA}")
+def test_offsets_move_the_answer_not_its_confidence():
+    """The shipped model's confidence (shape check, calibrated probability) was fitted on answers
+    without a site's offsets: with offsets the points move, their probability and plausibility do
+    not (and where the other landmarks imply a point moves with it); a mirrored image alike."""
+    model = GlimpseModel.load(None, device="cpu")
+    img = read_image(REAL_DATA / "images" / "131.jpg")  # ISBI Train (validation of the shipped choice)
+    before = model.predict(img)
+    off = np.zeros((19, 2))
+    off[3] = [40.0, -20.0]  # Porion 4.5 mm further on
+    model.meta["landmark_offsets_px"] = off.tolist()
+    after = model.predict(img)
+    np.testing.assert_allclose(after.final, before.final + off, atol=1e-6)
+    np.testing.assert_allclose(after.confidence, before.confidence, atol=1e-9)
+    np.testing.assert_allclose(after.shape_z, before.shape_z, atol=1e-9)
+    np.testing.assert_allclose(after.implied_positions, before.implied_positions + off, atol=1e-6)
+    mirrored = model.predict(np.ascontiguousarray(img[:, ::-1]))
+    assert mirrored.facing == "left"
+    np.testing.assert_allclose(mirrored.final, mirror_points(after.final, img.shape[1]), atol=1e-3)
+    np.testing.assert_allclose(mirrored.confidence, after.confidence, atol=1e-3)
