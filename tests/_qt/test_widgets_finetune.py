@@ -106,6 +106,10 @@ def test_one_overall_bar_with_an_eta_across_stages(make_napari_viewer, qtbot):
     assert ft.progress.format() == "fine stage, net 1: step 1/25 · 36/135 · ETA 0:39"
     assert "ETA 0:39" in ft.status_label.text() and "loss 4.10" in ft.status_label.text()
     assert set(ft.losses) == {"coarse", "fine"} and ft.plot.series["fine"] == [4.1, 3.9, 4.1]
+    assert ft.plot.runs("fine") == [[4.1], [3.9], [4.1]]  # each net its own stretch of the stage's line
+    ft._on_progress({**lines[3], "loss": 3.8})
+    assert ft.plot.runs("fine") == [[4.1], [3.9], [4.1], [3.8]]
+    assert not ft.plot.grab().isNull()  # it paints
     ft._on_progress({"done": True, "out": "x.pt", "steps": 130, "tuned": "landmark offsets, coarse 30 steps"})
     assert ft.last_step == 130 and ft.tuned == "landmark offsets, coarse 30 steps"
 

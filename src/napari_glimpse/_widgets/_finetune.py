@@ -75,24 +75,40 @@ def original_set_folder() -> str:
 
 
 class LossPlot(QWidget):
-    """The training loss of each stage tuned, per step: one line per stage (its nets one after
-    another), each scaled to its own range (the coarse and fine nets' heatmap cross-entropy and the
-    glimpse net's error in mm do not share a scale), with its first and last value."""
+    """The training loss of each stage tuned, per step: one line per stage, each net of the stage
+    its own stretch of it (``nets``: the net of each point), each stage scaled to its own range (the
+    coarse and fine nets' heatmap cross-entropy and the glimpse net's error in mm do not share a
+    scale; a range under 5 % of the values is not stretched further); the legend gives each stage's
+    first and last loss (the mean over its nets)."""
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.series: dict[str, list[float]] = {}
+        self.nets: dict[str, list[int]] = {}
         self.setMinimumHeight(90)
         self.setToolTip("Training loss per step of each stage tuned (coarse and fine: heatmap cross-entropy; "
                         "glimpse: mean radial error of the batch, mm; smoothed), each on its own scale")
 
-    def set_series(self, series: dict[str, list[float]]) -> None:
+    def set_series(self, series: dict[str, list[float]], nets: dict[str, list[int]] | None = None) -> None:
         self.series = {k: list(v) for k, v in series.items()}
+        self.nets = {k: list(v) for k, v in (nets or {}).items()}
         self.update()
 
     def set_values(self, values: list[float]) -> None:
         """One series (the glimpse net's)."""
         self.set_series({"glimpse": values} if values else {})
+
+    def runs(self, stage: str) -> list[list[float]]:
+        """The stage's losses, net by net."""
+        vals, nets = self.series.get(stage, []), self.nets.get(stage, [])
+        if len(nets) != len(vals):
+            nets = [0] * len(vals)
+        out: list[list[float]] = []
+        for i, v in enumerate(vals):
+            if i == 0 or nets[i] != nets[i - 1]:
+                out.append([])
+            out[-1].append(v)
+        return out
 
     def paintEvent(self, event) -> None:  # noqa: N802 (Qt name)
         p = QPainter(self)
@@ -100,24 +116,33 @@ class LossPlot(QWidget):
         w, h = self.width(), self.height()
         p.fillRect(0, 0, w, h, QColor(30, 33, 40))
         p.setPen(QColor(180, 180, 180))
-        series = {k: [v for v in vals if v == v] for k, vals in self.series.items()}  # drop NaN
-        series = {k: v for k, v in series.items() if len(v) >= 2}
-        if not series:
+        stages = [k for k, v in self.series.items() if len([x for x in v if x == x]) >= 2]  # NaN dropped
+        if not stages:
             p.drawText(8, h // 2, "the loss of each stage appears here while training")
             p.end()
             return
         left, right, top, bottom = 8, 8, 8, 8
-        for row, (stage, vals) in enumerate(series.items()):
-            lo, hi = min(vals), max(vals)
-            span = hi - lo or 1.0
-            poly = QPolygonF()
-            for i, v in enumerate(vals):
-                poly.append(QPointF(left + (w - left - right) * i / (len(vals) - 1),
-                                    top + (h - top - bottom) * (1 - (v - lo) / span)))
+        for row, stage in enumerate(stages):
+            vals = self.series[stage]
+            finite = [v for v in vals if v == v]
+            lo, hi = min(finite), max(finite)
+            span = max(hi - lo, 0.05 * max(abs(hi), abs(lo), 1e-9))
+            mid = (hi + lo) / 2
             colour = QColor(*STAGE_COLOURS.get(stage, (200, 200, 200)))
             p.setPen(QPen(colour, 2))
-            p.drawPolyline(poly)
-            p.drawText(left + 4, top + 12 + 14 * row, f"{stage} {vals[0]:.2f} → {vals[-1]:.2f} ({len(vals)} steps)")
+            x0, runs = 0, self.runs(stage)
+            for run in runs:
+                poly = QPolygonF()
+                for i, v in enumerate(run):
+                    if v == v:
+                        poly.append(QPointF(left + (w - left - right) * (x0 + i) / max(1, len(vals) - 1),
+                                            top + (h - top - bottom) * (0.5 - (v - mid) / span)))
+                p.drawPolyline(poly)
+                x0 += len(run)
+            first = sum(r[0] for r in runs) / len(runs)
+            last = sum(r[-1] for r in runs) / len(runs)
+            nets = f", {len(runs)} nets" if len(runs) > 1 else ""
+            p.drawText(left + 4, top + 12 + 14 * row, f"{stage}{nets}: {first:.2f} → {last:.2f} ({len(vals)} steps)")
         p.end()
 
 
@@ -135,6 +160,7 @@ class FinetuneWidget(QWidget):
         self._buf = b""
         self._cancelled = False
         self.losses: dict[str, list[float]] = {}  # each stage's loss per step (its nets one after another)
+        self.loss_nets: dict[str, list[int]] = {}  # the net of each of them
         self.tuned = ""  # what the finished run tuned, in a few words
         self._t0 = 0.0
         self._painted = 0.0  # when the loss plot was last repainted
@@ -303,7 +329,7 @@ class FinetuneWidget(QWidget):
         self.proc = proc
         self._buf = b""
         self._cancelled = False
-        self.losses = {}
+        self.losses, self.loss_nets = {}, {}
         self.tuned = ""
         self.last_step = 0
         self._t0 = time.monotonic()
@@ -367,7 +393,8 @@ class FinetuneWidget(QWidget):
         loss = info.get("loss_mm", info.get("loss"))
         if loss is not None:
             self.losses.setdefault(stage, []).append(float(loss))
-            self.plot.series = self.losses
+            self.loss_nets.setdefault(stage, []).append(int(info.get("member", 0)))
+            self.plot.series, self.plot.nets = self.losses, self.loss_nets
             if time.monotonic() - self._painted > 0.25:  # a repaint per step would crowd the event loop
                 self._painted = time.monotonic()
                 self.plot.update()
