@@ -80,25 +80,32 @@ def review_states(n: int, corrected: Sequence[int] = (), absent: Sequence[int] =
 
 
 def label_texts(yx: np.ndarray, abbr: Sequence[str], image_shape: tuple[int, int],
-                view_px: float = 600.0, font_px: float = 12.0) -> list[str]:
-    """Labels that do not collide with the whole image in view: a label that would overlap one
-    already placed moves down by whole lines (leading newlines), or right by spaces.
+                view_px: float = 700.0, font_px: float = 11.0) -> list[str]:
+    """Labels that do not overlap with the whole image in view: landmarks whose labels would collide
+    share one label (``"LIT/UIT"`` on the first of them; the others get none).
 
-    ``yx`` are the points (data pixels) in drawing order; the boxes are estimated for the image's
-    longer side shown over ``view_px`` screen pixels with ``font_px`` text.
+    ``yx`` are the points (data pixels) in drawing order; the label boxes are estimated for the
+    image's longer side shown over ``view_px`` screen pixels with ``font_px`` text. (napari places
+    every label at the same offset from its point, and vispy anchors on the glyphs, so moving one
+    label by padding it with blank lines or spaces does not work.)
     """
     per_px = max(image_shape) / view_px  # data pixels per screen pixel
     line, char = 1.3 * font_px * per_px, 0.65 * font_px * per_px
-    placed: list[tuple[float, float, float, float]] = []
-    out = []
-    for (y, x), text in zip(np.asarray(yx, dtype=np.float64), abbr):
-        w = max(1, len(text)) * char
-        for dy, dx in [(i, 0) for i in range(4)] + [(i, j) for j in (5, 10) for i in range(4)]:
-            box = (x + dx * char, y + dy * line, x + dx * char + w, y + (dy + 1) * line)
-            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
-                break
-        placed.append(box)
-        out.append("\n" * dy + " " * dx + text)
+    boxes: list[list[float]] = []  # x0, y0, x1, y1 of each shown label
+    owner: list[int] = []          # the point each shown label sits on
+    out = [""] * len(abbr)
+    for i, ((y, x), text) in enumerate(zip(np.asarray(yx, dtype=np.float64), abbr)):
+        box = [x, y, x + max(1, len(text)) * char, y + line]
+        hit = next((j for j, b in enumerate(boxes)
+                    if box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]), None)
+        if hit is None:
+            boxes.append(box)
+            owner.append(i)
+            out[i] = text
+        else:
+            j = owner[hit]
+            out[j] = f"{out[j]}/{text}"
+            boxes[hit][2] = boxes[hit][0] + len(out[j]) * char
     return out
 
 
