@@ -362,6 +362,7 @@ class FinetuneWidget(QWidget):
             return
         self._buf += bytes(self.proc.readAllStandardOutput())
         *lines, self._buf = self._buf.split(b"\n")
+        infos = []
         for raw in lines:
             line = raw.decode("utf-8", "replace").strip()
             if not line:
@@ -372,7 +373,22 @@ class FinetuneWidget(QWidget):
                 self.log.appendPlainText(line)
                 continue
             if isinstance(info, dict):
-                self._on_progress(info)
+                infos.append(info)
+        # a burst of lines (read all at once) redraws the bar once: a progress bar repaints
+        # synchronously, and twenty repaints in a row stall napari for half a second
+        steps = [i for i in infos if not i.get("done")]
+        for info in steps[:-1]:
+            self._record_loss(info)
+            self.progressed.emit(info)
+        for info in steps[-1:] + [i for i in infos if i.get("done")]:
+            self._on_progress(info)
+
+    def _record_loss(self, info: dict) -> None:
+        loss = info.get("loss_mm", info.get("loss"))
+        if loss is not None:
+            stage = info.get("stage", "glimpse")
+            self.losses.setdefault(stage, []).append(float(loss))
+            self.loss_nets.setdefault(stage, []).append(int(info.get("member", 0)))
 
     def _read_stderr(self) -> None:
         if self.proc is None:
@@ -392,8 +408,7 @@ class FinetuneWidget(QWidget):
         stage = info.get("stage", "glimpse")  # a glimpse step's line names no stage
         loss = info.get("loss_mm", info.get("loss"))
         if loss is not None:
-            self.losses.setdefault(stage, []).append(float(loss))
-            self.loss_nets.setdefault(stage, []).append(int(info.get("member", 0)))
+            self._record_loss(info)
             self.plot.series, self.plot.nets = self.losses, self.loss_nets
             if time.monotonic() - self._painted > 0.25:  # a repaint per step would crowd the event loop
                 self._painted = time.monotonic()
