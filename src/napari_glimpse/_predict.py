@@ -297,8 +297,21 @@ def run_predict(a: argparse.Namespace, cpath: Path, mpath: Path | None = None) -
 
 def _measures(out: Path, mpath: Path | None, spacing: float) -> None:
     if mpath is not None:
-        from .cli import _write_measures
         from .io import read_landmarks_csv
 
         names, coords = read_landmarks_csv(out)
-        _write_measures(mpath, names, coords, spacing)
+        write_measures(mpath, names, coords, spacing)
+
+
+def write_measures(path: Path, names, coords, spacing: float) -> None:
+    """Write the 8 measurements and classes of ``(N, 19, 2)`` landmarks (``measure``, ``predict --measures``)."""
+    from .io import write_table_csv
+    from .measurements import TABLE_COLUMNS, table_rows
+
+    if coords.shape[1] != 19:
+        raise GlimpseError(f"measurements need the 19 ISBI landmarks, got {coords.shape[1]} per image")
+    rows = table_rows(names, coords, spacing)
+    write_table_csv(path, TABLE_COLUMNS, rows)
+    blank = sum(1 for r in rows if "" in r)
+    print(f"wrote {path}: measurements of {len(rows)} image(s)"
+          + (f", {blank} with some not measurable (landmarks on top of each other)" if blank else ""))

@@ -457,19 +457,6 @@ def cmd_merge(a: argparse.Namespace) -> int:
     return run_merge(a.csvs, a.out, a.confidence_out)
 
 
-def _write_measures(path: Path, names, coords, spacing: float) -> None:
-    from .io import write_table_csv
-    from .measurements import TABLE_COLUMNS, table_rows
-
-    if coords.shape[1] != 19:
-        raise GlimpseError(f"measurements need the 19 ISBI landmarks, got {coords.shape[1]} per image")
-    rows = table_rows(names, coords, spacing)
-    write_table_csv(path, TABLE_COLUMNS, rows)
-    blank = sum(1 for r in rows if "" in r)
-    print(f"wrote {path}: measurements of {len(rows)} image(s)"
-          + (f", {blank} with some not measurable (landmarks on top of each other)" if blank else ""))
-
-
 def cmd_measure(a: argparse.Namespace) -> int:
     import numpy as np
 
@@ -482,7 +469,9 @@ def cmd_measure(a: argparse.Namespace) -> int:
         i, k = (int(v[0]) for v in np.nonzero(~np.isfinite(coords).all(-1)))
         raise GlimpseError(f"{a.landmarks}: image {names[i]} has landmark {k + 1} absent (empty cells); "
                            f"the measurements need all 19 landmarks")
-    _write_measures(Path(a.out), names, coords, a.spacing)
+    from ._predict import write_measures
+
+    write_measures(Path(a.out), names, coords, a.spacing)
     return 0
 
 
