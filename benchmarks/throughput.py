@@ -7,7 +7,8 @@ ten times under other names) go through the whole CLI, ``python -m napari_glimps
 per image from the command's start to its exit, the child's peak RSS and CPU time
 (``os.wait4``), and the machine's load (``os.getloadavg``) before and after each run, since
 other jobs may share the cores. Every run's CSVs are checked against the one-worker run's (the
-one-by-one path, as before issue 25): the same bytes; the 1000-image rows against the 100's.
+one-by-one path, as before issue 25): the same bytes (``same_csvs_as_workers_1``); the
+1000-image rows against the 100's.
 
 ``--profile`` first records where the time of the one-by-one path goes (a fresh process on 20
 Test1 images): start-up (imports, model load, ONNX sessions, first image's extra) and each
@@ -18,7 +19,9 @@ Before running, waits (up to ``--max-wait`` s) for the 1-minute load to fall to
 ``--quiet-load``; runs anyway after that and says so in the JSON.
 
 Writes the ``predict`` part of ``benchmarks/results/throughput.json`` (other parts, e.g. a
-training part, are kept). About 8 minutes on 2 cores.
+training part, are kept). A setting run again replaces its run, which moves to ``earlier_runs``
+(e.g. one made on a busier machine); runs are compared through their CSVs' digests. About 8
+minutes on 2 cores for everything.
 
 Usage::
 
@@ -29,12 +32,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -78,55 +83,95 @@ def run_cli(args: list[str], log: Path) -> dict:
         t0 = time.perf_counter()
         pid = os.posix_spawn(sys.executable, [sys.executable, "-m", "napari_glimpse", *args], os.environ,
                              file_actions=[(os.POSIX_SPAWN_DUP2, f.fileno(), 1), (os.POSIX_SPAWN_DUP2, f.fileno(), 2)])
+        samples: list[tuple[float, float]] = []
+        sampler = threading.Thread(target=sample_rss, args=(pid, samples), daemon=True)
+        sampler.start()
         _, status, ru = os.wait4(pid, 0)
         wall = time.perf_counter() - t0
+        sampler.join()
     text = log.read_text(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"napari-glimpse {' '.join(args)} failed:\n{text[-2000:]}")
     summary = [ln.split("\r")[-1] for ln in text.splitlines() if "wrote " in ln]
     return {"seconds": round(wall, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1),
-            "cpu_s": round(ru.ru_utime + ru.ru_stime, 2), "load_before": before, "load_after": load(),
-            "summary": summary[-1] if summary else None}
+            "cpu_s": round(ru.ru_utime + ru.ru_stime, 2), "user_s": round(ru.ru_utime, 2),
+            "sys_s": round(ru.ru_stime, 2), "rss_mb_by_tenth": by_tenth(samples, wall), "load_before": before,
+            "load_after": load(), "summary": summary[-1] if summary else None}
+
+
+def sample_rss(pid: int, into: list) -> None:
+    """``(seconds, RSS MB)`` of process ``pid`` every 0.25 s until it is gone."""
+    t0 = time.perf_counter()
+    while True:
+        try:
+            text = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return
+        rss = [ln.split()[1] for ln in text.splitlines() if ln.startswith("VmRSS:")]
+        if not rss:  # a zombie: exited, not yet reaped
+            return
+        into.append((time.perf_counter() - t0, int(rss[0]) / 1024))
+        time.sleep(0.25)
+
+
+def by_tenth(samples: list[tuple[float, float]], wall: float) -> list[float | None]:
+    """The largest RSS sampled in each tenth of the run (start-up in the first): flat = no growth."""
+    out: list[float | None] = [None] * 10
+    for t, mb in samples:
+        i = min(9, int(10 * t / wall))
+        out[i] = round(max(out[i] or 0.0, mb), 1)
+    return out
 
 
 def csv_rows(path: Path) -> list[list[str]]:
     return [ln.split(",") for ln in path.read_text().splitlines()[1:]]
 
 
-def same_answers(csv: Path, ref: Path, ref100: Path | None) -> dict:
-    """Whether ``csv`` (and its confidence CSV) are the bytes of ``ref``'s, and its rows those of
-    the 100-image run for the same source images."""
-    out = {"same_csv_as_workers_1": csv.read_bytes() == ref.read_bytes()
-           and conf(csv).read_bytes() == conf(ref).read_bytes()}
-    if ref100 is not None:
-        base = csv_rows(ref100)
-        out["rows_same_as_the_100_image_run"] = all(r[1:] == base[i % len(base)][1:]
-                                                    for i, r in enumerate(csv_rows(csv)))
-    return out
-
-
 def conf(p: Path) -> Path:
     return p.with_name(p.stem + "_confidence.csv")
 
 
+def digest(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes() + b"\0" + conf(p).read_bytes()).hexdigest()[:16]
+
+
 def run_predict(sizes: list[int], workers: list[int], tmp: Path) -> list[dict]:
+    """One run per (size, workers): its figures, the digest of its two CSVs and, for a folder of
+    more than 100 images run with the 100-image folder, whether its rows are the 100's."""
     runs = []
-    ref100 = None
+    base = None
     for n in sizes:
         folder = make_folder(tmp, n)
-        ref = None
         for w in sorted(workers):
             out = tmp / f"p{n}_w{w}.csv"
             print(f"{n} images, --workers {w} ...", flush=True)
             r = run_cli(["predict", str(folder), "--out", str(out), "--workers", str(w)], out.with_suffix(".log"))
-            r = {"images": n, "workers": w, "s_per_image": round(r["seconds"] / n, 4), **r}
-            ref = ref or out
-            r.update(same_answers(out, ref, ref100 if n != 100 else None))
+            r = {"images": n, "workers": w, "s_per_image": round(r["seconds"] / n, 4),
+                 "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **r,
+                 "csvs_sha256": digest(out)}
+            if n == 100:
+                base = base or csv_rows(out)
+            elif base is not None:
+                r["rows_same_as_the_100_image_run"] = all(row[1:] == base[i % len(base)][1:]
+                                                          for i, row in enumerate(csv_rows(out)))
             print(json.dumps(r), flush=True)
             runs.append(r)
-        if n == 100:
-            ref100 = ref
     return runs
+
+
+def merge_runs(old: dict, new: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The runs to keep (one per setting, the newest) and the earlier runs they replace; each
+    run's ``same_csvs_as_workers_1``: its CSVs' digest against the one-worker run's of its size."""
+    runs = {(r["images"], r["workers"]): r for r in old.get("runs", [])}
+    earlier = list(old.get("earlier_runs", []))
+    for r in new:
+        if (r["images"], r["workers"]) in runs:
+            earlier.append(runs[(r["images"], r["workers"])])
+        runs[(r["images"], r["workers"])] = r
+    for (n, _), r in runs.items():
+        ref = runs.get((n, 1))
+        r["same_csvs_as_workers_1"] = None if ref is None else r.get("csvs_sha256") == ref.get("csvs_sha256")
+    return sorted(runs.values(), key=lambda r: (r["images"], r["workers"])), earlier
 
 
 def run_one_image(tmp: Path) -> dict:
@@ -148,15 +193,19 @@ def main() -> None:
     if not DATA.exists():
         raise SystemExit(f"needs the ISBI 2015 images in {DATA}")
     quiet = wait_for_quiet(a.quiet_load, a.max_wait)
-    part: dict = {"meta": meta(quiet)}
+    doc = json.loads(a.out.read_text()) if a.out.exists() else {}
+    part = doc.get("predict", {})
+    part["meta"] = meta(quiet)
     with tempfile.TemporaryDirectory(prefix="throughput") as tmp:
         if a.profile:
+            if "profile" in part:
+                part.setdefault("earlier_profiles", []).append(part["profile"])
             part["profile"] = {f"torch_threads_{t}": profile(t) for t in (1, 2)}
         part["one_image"] = run_one_image(Path(tmp))
-        part["runs"] = run_predict(a.sizes, a.workers, Path(tmp))
+        part["runs"], part["earlier_runs"] = merge_runs(part, run_predict(a.sizes, a.workers, Path(tmp)))
     part["meta"]["load_at_end"] = load()
-    doc = json.loads(a.out.read_text()) if a.out.exists() else {}
-    doc["predict"] = part
+    keys = ("meta", "profile", "one_image", "runs", "earlier_profiles", "earlier_runs")
+    doc["predict"] = {k: part[k] for k in keys if k in part}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {a.out}")
@@ -179,7 +228,8 @@ def meta(quiet: dict) -> dict:
             "quiet_wait": quiet,
             "notes": ["s_per_image = the whole command's wall time (python start, imports, model load, every "
                       "image, CSVs written) / images; one run per setting",
-                      "peak_rss_mb and cpu_s: the child process's (os.wait4 rusage)",
+                      "peak_rss_mb and cpu_s: the child process's (os.wait4 rusage); rss_mb_by_tenth: the largest "
+                      "RSS sampled (every 0.25 s, /proc) in each tenth of the run's wall time",
                       "workers 1 is the one-by-one path (torch's default threads, as before issue 25)"]}
 
 

@@ -226,8 +226,8 @@ def _loop(model, todo: list[Path], a: argparse.Namespace, outputs: _Outputs, sin
     bad: list[Path] = []
     bar = tqdm(total=len(todo), desc="predict", unit="image", disable=len(todo) < 2, smoothing=0.1)
     try:
-        with _warnings_held() as show:
-            for p, tr, exc, held in _answers(model, todo, a, workers):
+        with _warnings_held() as show, contextlib.closing(_answers(model, todo, a, workers)) as answers:
+            for p, tr, exc, held in answers:  # (closing: no image is left in the workers' hands on an error)
                 for w in held:
                     show(*w)
                 bar.update()
@@ -276,7 +276,7 @@ def run_predict(a: argparse.Namespace, cpath: Path, mpath: Path | None = None) -
         _measures(out, mpath, model.pixel_spacing)
         return 0
     t = time.perf_counter()
-    workers = getattr(a, "workers", None) or default_workers()
+    workers = min(getattr(a, "workers", None) or default_workers(), len(todo))  # one image: torch's threads
     with _torch_threads(workers, getattr(a, "threads", None)):
         bad = _loop(model, todo, a, _Outputs(out, cpath, lhead, chead, kept), single=len(paths) == 1,
                     workers=workers)
