@@ -96,3 +96,21 @@ def drag_point(viewer, layer, row: int, to_yx, qtbot, steps: int = 8) -> None:
         qtbot.wait(15)
     send(QEvent.MouseButtonRelease, at(end), Qt.NoButton)
     qtbot.wait(120)  # the review widget logs a drag once the button is up (50 ms poll)
+
+
+def run_gui_script(script: str, args, tmp_path: Path, isbi: Path, timeout: float):
+    """Run ``script`` in a fresh Python with ISBI 151 linked into ``tmp_path`` (so the default
+    corrections log stays out of the data), one OpenMP thread and a private settings file: a
+    segfault fails the calling test instead of killing pytest. ``args`` is called with the image's
+    path and returns the script's arguments. Returns ``(completed process, output tail)`` after
+    checking the exit code."""
+    import subprocess
+
+    env = dict(os.environ, NAPARI_GLIMPSE_CONFIG=str(tmp_path / "settings.json"), OMP_NUM_THREADS="1")
+    img = tmp_path / "151.jpg"
+    img.symlink_to(isbi / "images" / "151.jpg")
+    r = subprocess.run([sys.executable, "-c", script, *map(str, args(img))],
+                       capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+    tail = (r.stdout + r.stderr)[-3000:]
+    assert r.returncode == 0, f"exit {r.returncode} (negative = killed by signal {-r.returncode})\n{tail}"
+    return r, tail

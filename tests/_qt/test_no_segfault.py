@@ -8,12 +8,9 @@ a segfault fails the test instead of killing pytest.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
-from ._env import require_gui
+from ._env import require_gui, run_gui_script
 
 require_gui()
 
@@ -74,12 +71,5 @@ SCRIPT = textwrap.dedent(
 
 
 def test_widgets_after_canvas_do_not_crash(isbi, isbi_model_path, tmp_path):
-    env = dict(os.environ, NAPARI_GLIMPSE_CONFIG=str(tmp_path / "settings.json"), OMP_NUM_THREADS="1")
-    # the default log would go beside the image: run on a link in a temporary folder instead
-    img = tmp_path / "151.jpg"
-    img.symlink_to(isbi / "images" / "151.jpg")
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(isbi_model_path), str(img)],
-                       capture_output=True, text=True, timeout=420, env=env, cwd=tmp_path)
-    tail = (r.stdout + r.stderr)[-3000:]
-    assert r.returncode == 0, f"exit {r.returncode} (negative = killed by signal {-r.returncode})\n{tail}"
+    r, tail = run_gui_script(SCRIPT, lambda img: [isbi_model_path, img], tmp_path, isbi, timeout=420)
     assert "ok" in r.stdout, tail
