@@ -278,6 +278,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         fine_config=None if a.fine_target == "mean" else FineConfig(
             n_landmarks=len(ds.landmark_names), seed=tcfg.seed, pixel_spacing=ds.pixel_spacing, target=a.fine_target),
     )
+    if not _is_main():  # rank 0 of a torchrun job reports
+        return 0
     m = model.meta
     msg = f"wrote {a.out}: {m['train_steps']} steps in {m['train_wall_s'] / 60:.1f} min"
     last = m["history"][-1] if m.get("history") else {}
@@ -339,7 +341,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     from .inference import DEFAULT_MODEL, GlimpseModel
     from .int8 import attached, stages
 
-    progress = Progress(_progress_line if a.progress_json else None)  # the time budget counts from here
+    main = _is_main()  # rank 0 of a torchrun job reports, requantizes and writes
+    progress = Progress(_progress_line if a.progress_json and main else None)  # the time budget counts from here
     parent = GlimpseModel.load(a.model, a.device)
     # the stages whose nets ran int8 graphs in the parent get them again after tuning
     had_int8 = sorted(name for name, nets in stages(parent).items() if any(attached(n) is not None for n in nets))
@@ -357,7 +360,9 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         model = _resume_finetune(a, ds, progress)
     else:
         model = finetune(parent, ds, a.out, _finetune_config(a), mix=mix, progress=progress, meta=meta,
-                         device=parent.device, batch_size=a.batch_size, verbose=not a.progress_json)
+                         device=parent.device, batch_size=a.batch_size, verbose=not a.progress_json and main)
+    if not main:
+        return 0
     if requantize:
         _requantize(a, ds, had_int8, bool((parent.meta.get("int8") or {}).get("float_ends", False)),
                     report=lambda done: progress.report(int8_phase, done), mix=mix)
@@ -395,7 +400,8 @@ def _resume_finetune(a: argparse.Namespace, ds, progress):
     model = train(ds, a.out, device=a.device, resume=True, max_steps=a.max_steps, progress=not a.progress_json,
                   callback=progress.reporter(ph))
     model.meta.setdefault("finetuned", {})["resumed"] = True
-    model.save(a.out)
+    if _is_main():
+        model.save(a.out)
     return model
 
 
@@ -592,6 +598,28 @@ def _warning_lines():
         warnings.showwarning = shown
 
 
+def _is_main() -> bool:
+    from .distributed import is_main
+
+    return is_main()
+
+
+@contextlib.contextmanager
+def _processes(a: argparse.Namespace):
+    """``train`` and ``finetune`` under torchrun: join the process group (gloo, or NCCL with
+    ``--device`` this process's GPU), and at the end wait for every rank before leaving it
+    (:func:`napari_glimpse.distributed.session`). Anything else, or one process: nothing."""
+    if a.command not in ("train", "finetune"):
+        yield
+        return
+    from .distributed import launched, session
+
+    with session(a.device) as dev:
+        if launched():
+            a.device = dev
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
@@ -601,7 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .spacing import check_spacing
 
             a.spacing = check_spacing(a.spacing, "--spacing")
-        with _warning_lines():
+        with _warning_lines(), _processes(a):
             return {"train": cmd_train, "finetune": cmd_finetune, "predict": cmd_predict, "evaluate": cmd_evaluate,
                     "quantize": cmd_quantize, "measure": cmd_measure, "merge": cmd_merge}[a.command](a)
     except GlimpseError as exc:

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from .errors import GlimpseError
 from .model import _conv_bn
 from .runtime import inference_net, members_of  # noqa: F401  members_of: re-exported
@@ -310,6 +311,10 @@ def fit_heatmaps(
     by a copy of the net whose weights (and batch-norm statistics) are the exponential moving
     average of the net's after every step with that decay (:func:`update_average`), in eval
     mode: ordinary nets of the same size, so an average costs nothing more at inference.
+
+    Under torchrun (:mod:`napari_glimpse.distributed`) each process trains on its share of every
+    ``batch()`` (the global batch), with the batch norms' statistics and the gradients over all of
+    them; the clock and ``should_stop`` are rank 0's, and only rank 0 shows progress and evaluates.
     """
     from tqdm.auto import tqdm
 
@@ -319,6 +324,9 @@ def fit_heatmaps(
                 raise ValueError(f"an average's decay must lie between 0 and 1, not {d}")
             averages[d] = copy.deepcopy(net).eval().requires_grad_(False)
     training_mode(net)
+    progress, evaluate = (progress, evaluate) if distributed.is_main() else (False, None)
+    distributed.broadcast_state(net)
+    synced = distributed.synced_batchnorm(net)
     dev = next(net.parameters()).device  # batches are made on the CPU, then moved to the net's device
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
     history: list[dict] = []
@@ -332,21 +340,24 @@ def fit_heatmaps(
             frac = (time.monotonic() - t0) / time_budget_s
             if max_steps:
                 frac = max(frac, step / max_steps)
-            if frac >= 1.0 or (should_stop is not None and should_stop()):
+            frac, stop = distributed.from_main(frac, should_stop is not None and should_stop())
+            if frac >= 1.0 or stop:
                 break
             lr_now = lr * ((0.1 + 0.9 * frac / 0.03) if frac < 0.03 else
                            (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (frac - 0.03) / 0.97))))
             for g in opt.param_groups:
                 g["lr"] = lr_now
-            x, target, inside, *pos = (t.to(dev, non_blocking=True) for t in batch())
+            x, target, inside, *pos = (distributed.share(t).to(dev, non_blocking=True) for t in batch())
             logits = net(x)
             logp = torch.log_softmax(logits.flatten(2), -1)
-            loss = (-(target.flatten(2) * logp).sum(-1) * inside).sum() / inside.sum().clamp_min(1)
+            count = distributed.mean_divisor(inside.sum())
+            loss = (-(target.flatten(2) * logp).sum(-1) * inside).sum() / count
             if coord_weight:
                 loss = loss + coord_weight * (expected_position(logp.exp().view_as(logits)) - pos[0]).norm(dim=-1) \
-                    .mul(inside).sum() / inside.sum().clamp_min(1)
+                    .mul(inside).sum() / count
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(net.parameters())
             opt.step()
             step += 1
             for d, avg in (averages or {}).items():
@@ -375,6 +386,7 @@ def fit_heatmaps(
                 last_eval = time.monotonic()
     finally:
         bar.close()
+        distributed.plain_batchnorm(synced)
     net.eval()
     rec = {"stage": stage, "step": step, "loss": ema, "elapsed_s": time.monotonic() - t0}
     if evaluate is not None:

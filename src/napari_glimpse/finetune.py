@@ -367,7 +367,12 @@ def finetune(parent, reviewed: Dataset, out: str | Path, cfg: FinetuneConfig | N
     ``later=True``, e.g. the int8 graphs, stay after these). ``should_stop()``: stop tuning (what
     is tuned so far is written). ``meta``: merged into the model's metadata;
     ``meta['finetuned']`` records what was tuned (stages, steps, images, parent, seconds).
+
+    Under torchrun every process calls this alike: the nets train data-parallel
+    (:mod:`napari_glimpse.distributed`), rank 0 alone writes ``out`` (the others wait for it), and
+    ``meta['finetuned']['world_size']`` records how many processes tuned.
     """
+    from . import distributed
     from .training import TrainingData
 
     cfg = cfg or FinetuneConfig()
@@ -415,7 +420,10 @@ def finetune(parent, reviewed: Dataset, out: str | Path, cfg: FinetuneConfig | N
         model.meta[f"{stage}_finetune_steps"] = getattr(cfg, f"{stage}_steps")
     model.meta["finetuned"] = _record(model, cfg, record, offsets is not None, rev, replay, prog, parent_record,
                                       cancelled=should_stop is not None and should_stop())
-    model.save(out)
+    model.meta["finetuned"]["world_size"] = distributed.world_size()
+    if distributed.is_main():
+        model.save(out)
+    distributed.barrier()
     return model
 
 

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from . import distributed
 from .coarse import CoarseConfig, train_coarse, view_levels
 from .errors import GlimpseError
 from .fine import FineConfig, FineEnsemble, fine_levels_by_kind, train_fine
@@ -329,6 +330,11 @@ def build(recipe: Recipe | str | os.PathLike, data: Dataset | str | os.PathLike,
 
     ``progress``: True shows progress bars and a line per stage (stderr); a callable instead gets
     each step's dict with ``recipe_stage`` and ``overall_progress`` (0-1); False: nothing.
+
+    Under torchrun every process calls this alike: the stages train data-parallel
+    (:mod:`napari_glimpse.distributed`; the configs' batch sizes are the global batches), rank 0
+    alone shows progress and writes ``out`` (the others wait for it), and ``meta['world_size']``
+    records how many processes trained.
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     ds = data if isinstance(data, Dataset) else load_dataset(data, split, spacing)
@@ -352,7 +358,9 @@ def build(recipe: Recipe | str | os.PathLike, data: Dataset | str | os.PathLike,
         records.append(rec)
         say(f"{stage.name}: {rec['steps']} steps in {rec['wall_s'] / 60:.1f} min (stopped on {rec['stopped']})")
     _finish_meta(model, recipe, records, scale, max_steps, time.monotonic() - t0, dev, len(ds), meta)
-    _save(model, recipe, ds, out, say)
+    if distributed.is_main():
+        _save(model, recipe, ds, out, say)
+    distributed.barrier()
     return model
 
 
@@ -377,7 +385,7 @@ def _finish_meta(model: GlimpseModel, recipe: Recipe, records: list[dict], scale
                    "scale": scale, "max_steps_cap": max_steps, "stages": records, "wall_s": wall_s},
         "coarse_n_train_images": [n_images], "fine_n_train_images": [n_images] * len(fines),
         "fine_average_decay": [r["average_decay"] for r in fines],
-        "train_device": str(dev), "torch": str(torch.__version__)})
+        "train_device": str(dev), "torch": str(torch.__version__), "world_size": distributed.world_size()})
 
 
 def _round_to_half(model: GlimpseModel) -> None:
@@ -434,7 +442,10 @@ def cmd_train_recipe(a: argparse.Namespace, defaults: dict[str, Any]) -> int:
     recipe = load_recipe(a.recipe)
     meta = {"command": "napari-glimpse " + " ".join(sys.argv[1:]) if sys.argv else "", "data": str(a.data),
             "split": a.split}
-    model = build(recipe, a.data, a.out, a.time_budget, a.device, True, a.split, a.spacing, a.max_steps, meta)
+    model = build(recipe, a.data, a.out, a.time_budget, a.device, distributed.is_main(), a.split, a.spacing,
+                  a.max_steps, meta)
+    if not distributed.is_main():
+        return 0
     r = model.meta["recipe"]
     steps = ", ".join(f"{s['name']} {s['steps']}" for s in r["stages"])
     print(f"wrote {a.out}: recipe {recipe.name}, {len(r['stages'])} stages in {r['wall_s'] / 60:.1f} min "

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from . import distributed
 from .checkpoint import atomic_torch_save, read_checkpoint
 from .coarse import CoarseConfig, CoarseEnsemble, members_of, train_coarse, view_levels
 from .errors import GlimpseError
@@ -134,7 +135,10 @@ FIRST_RESUME_S = 30.0
 
 def _save_resume(path: Path, model: GlimpseModel, opt, step: int, elapsed: float, gen: torch.Generator,
                  history: list, pending: str | None = None) -> None:
-    """Write the resume point; ``pending``: a stage still to train (such a point cannot be resumed)."""
+    """Write the resume point (rank 0 only); ``pending``: a stage still to train (such a point cannot
+    be resumed)."""
+    if not distributed.is_main():
+        return
     ck = model.to_checkpoint()
     ck["train_state"] = {
         "optimizer": opt.state_dict(),
@@ -176,6 +180,10 @@ def train_step(
     (std already scaled). ``present``: ``(N, K)`` bool, False where a landmark is absent; such
     (image, landmark) pairs are never drawn (:func:`~napari_glimpse.fine.present_pairs`), so
     their ``truth`` is never read. Returns the batch's mean radial error in offset units.
+
+    Under torchrun, ``tcfg.batch_size`` is the global batch: every rank draws it all (the same
+    generator state everywhere) and trains on its share (:func:`~napari_glimpse.distributed.share`),
+    the gradients averaged over the ranks; the returned error is this rank's share's.
     """
     dev = truth.device
     n_i, n_k = truth.shape[:2]
@@ -197,12 +205,14 @@ def train_step(
     c = torch.minimum(start.clamp(min=0), size - 1)
     ang = ((torch.rand(b, generator=gen) * 2 - 1) * math.radians(tcfg.rotation_deg)).to(dev)
     scl = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * tcfg.log_scale).to(dev)
+    img, lm, target, size, c, ang, scl = (distributed.share(t) for t in (img, lm, target, size, c, ang, scl))
     opt.zero_grad(set_to_none=True)
     loss_sum = 0.0
     for _ in range(tcfg.train_iterations):
         patches = sample_glimpses(stack, img, c, mcfg.patch, ang, scl)
         if tcfg.noise > 0:
-            patches = patches + torch.randn(patches.shape, generator=gen).to(dev) * (255.0 * tcfg.noise)
+            noise = distributed.share(torch.randn((b, *patches.shape[1:]), generator=gen))
+            patches = patches + noise.to(dev) * (255.0 * tcfg.noise)
         with autocast(dev, tcfg.bf16):
             pred = net(patches, lm).float()
         tgt = image_to_frame(target - c, ang, scl) / unit
@@ -211,6 +221,7 @@ def train_step(
         loss_sum += float(loss.detach())
         c = c + frame_to_image(pred.detach() * unit, ang, scl)
         c = torch.minimum(c.clamp(min=0), size - 1)
+    distributed.average_gradients(net.parameters())
     opt.step()
     return loss_sum
 
@@ -298,9 +309,16 @@ def train(
     ``fine_budget_s`` / ``fine_steps``: then train the fine stage (:mod:`napari_glimpse.fine`,
     a closer look around each coarse answer) the same way, or fine-tune ``init``'s. A fine stage
     needs a coarse stage (trained here or in ``init``).
+
+    Under torchrun every process calls this alike (:mod:`napari_glimpse.distributed`): each trains
+    on its share of every batch (the batch sizes are the global batches), rank 0 alone shows
+    progress, validates and writes ``out`` and the resume points, and the others wait for it
+    before returning. ``meta['world_size']`` records how many processes trained.
     """
     from tqdm.auto import tqdm
 
+    if not distributed.is_main():
+        progress, val = False, None
     out = Path(out)
     dev = resolve_device(device)
     tcfg = train_config or TrainConfig()
@@ -467,13 +485,16 @@ def train(
     bar = tqdm(total=1000, desc="train", unit="‰", disable=not progress,
                bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
     stopped = "budget"
+    distributed.broadcast_state(net)
+    synced = distributed.synced_batchnorm(net)
     try:
         while True:
             elapsed = elapsed0 + time.monotonic() - t0
-            frac = progress_of(step, elapsed)
+            # the clock and a stop request are rank 0's, so every rank takes as many steps
+            frac, stop = distributed.from_main(progress_of(step, elapsed), should_stop is not None and should_stop())
             if frac >= 1.0:
                 break
-            if should_stop is not None and should_stop():
+            if stop:
                 stopped = "cancelled"
                 break
             lr = learning_rate(tcfg, frac)
@@ -510,6 +531,7 @@ def train(
                 early_saved = True
     finally:
         bar.close()
+        distributed.plain_batchnorm(synced)
     elapsed = elapsed0 + time.monotonic() - t0
     net.eval()
     rec = {"step": step, "elapsed_s": elapsed, "loss_mm": ema, "stopped": stopped}
@@ -517,9 +539,12 @@ def train(
         rec["val_mre_mm"] = evaluate_model(model, val, progress=False)["overall"]["mre_mm"]
     history.append(rec)
     model.meta.update({"train_steps": step, "train_wall_s": elapsed, "history": history,
-                       "train_device": str(dev), "torch": str(torch.__version__), "stopped": stopped})
+                       "train_device": str(dev), "torch": str(torch.__version__), "stopped": stopped,
+                       "world_size": distributed.world_size()})
     _save_resume(rpath, model, opt, step, elapsed, gen, history)
-    model.save(out)
+    if distributed.is_main():
+        model.save(out)
+    distributed.barrier()
     return model
 
 
