@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--levels", type=_positive_int, help="pyramid levels seen by each glimpse (default 6)")
 
     f = sub.add_parser("finetune", help="fine-tune a model on reviewed labels (e.g. exported corrections)")
-    f.add_argument("--model", help="model to start from (default: the shipped model)")
+    f.add_argument("--model", help="model to start from: a file, or a packaged model's name (default, glimpse); "
+                                   "default: the shipped model")
     f.add_argument("--data", required=True, help="reviewed labels: a Kaggle-layout CSV or a dataset folder")
     f.add_argument("--split", default="train", help="split, when --data is a folder")
     f.add_argument("--mix-data", metavar="DIR",
@@ -136,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", help="predict landmarks on images or folders")
     pr.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
-    pr.add_argument("--model", help="model file (default: the model shipped in the package)")
+    pr.add_argument("--model", help="model file, or a packaged model's name: default (the shipped model, the "
+                                    "default) or glimpse (the glimpse-only model)")
     pr.add_argument("--out", required=True, help="CSV to write (Kaggle layout)")
     pr.add_argument("--confidence-out", help="CSV of per-landmark confidence (default: OUT with _confidence)")
     pr.add_argument("--iterations", type=_nonnegative_int,
@@ -183,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "measurement classes' agreement with the ground truth's (JSON: classification)")
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="test1")
-    e.add_argument("--model", help="model file (default: the model shipped in the package)")
+    e.add_argument("--model", help="model file, or a packaged model's name: default (the shipped model, the "
+                                   "default) or glimpse (the glimpse-only model)")
     e.add_argument("--iterations", type=_nonnegative_int,
                    help="glimpse steps (default: the model's own choice; 0 = the coarse and fine stages' answer)")
     e.add_argument("--starts", type=_positive_int, default=1)
@@ -338,7 +341,7 @@ def _progress_line(info: dict) -> None:
 
 def cmd_finetune(a: argparse.Namespace) -> int:
     from .finetune import Progress, finetune
-    from .inference import DEFAULT_MODEL, GlimpseModel
+    from .inference import GlimpseModel, resolve_model
     from .int8 import attached, stages
 
     main = _is_main()  # rank 0 of a torchrun job reports, requantizes and writes
@@ -347,7 +350,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     # the stages whose nets ran int8 graphs in the parent get them again after tuning
     had_int8 = sorted(name for name, nets in stages(parent).items() if any(attached(n) is not None for n in nets))
     ds, mix = _finetune_data(a, parent)
-    parent_path = str(a.model or DEFAULT_MODEL)
+    parent_path = str(resolve_model(a.model))
     meta = {"parent": parent_path, "parent_meta": {k: parent.meta.get(k) for k in ("command", "train_steps")},
             "finetune_data": str(a.data), "command": "napari-glimpse " + " ".join(sys.argv[1:])}
     if a.mix_data:
@@ -543,14 +546,14 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .checkpoint import read_checkpoint
-    from .inference import GlimpseModel
+    from .inference import GlimpseModel, resolve_model
     from .int8 import quantize
     from .io import expand_image_args
 
     paths = expand_image_args(a.images)
     if len(paths) > a.limit:  # spread over the images given
         paths = [paths[i] for i in np.linspace(0, len(paths) - 1, a.limit).round().astype(int)]
-    half = read_checkpoint(a.model).get("weights_stored_as") == "float16"
+    half = read_checkpoint(resolve_model(a.model)).get("weights_stored_as") == "float16"
     model = GlimpseModel.load(a.model, "cpu", int8=False)
     bars: dict = {}
 

@@ -33,7 +33,8 @@ from .spacing import (
     to_model_pixels,
 )
 
-DEFAULT_MODEL = Path(__file__).parent / "models" / "default.pt"
+MODELS = Path(__file__).parent / "models"
+DEFAULT_MODEL = MODELS / "default.pt"
 # an image is resampled to the model's spacing when its own differs by more than this fraction
 SPACING_TOLERANCE = 0.01
 # the longest side (pixels at the model's spacing) a resampled image may have: beyond it, the
@@ -75,6 +76,22 @@ def _load_stage(source: str, stage: str, members: list[dict] | None, ensemble: b
     except _BAD_STAGE as exc:
         raise _stage_error(source, stage, exc) from None
     return out.eval().to(resolve_device(device))
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """A model's file: ``None`` the shipped default; a packaged model's name (``default``,
+    ``glimpse``: no suffix, no folder, no such file here) ``models/NAME.pt`` in the package (a
+    one-line error naming the file when it is missing); anything else the path as given."""
+    if model is None:
+        return DEFAULT_MODEL
+    p = Path(model)
+    if p.suffix or p.exists() or os.sep in str(model) or "/" in str(model):
+        return p
+    f = MODELS / f"{p.name}.pt"
+    if not f.exists():
+        hint = f" (train it: napari-glimpse train --recipe glimpse --data DIR --out {f})" if p.name == "glimpse" else ""
+        raise GlimpseError(f"no model {p.name!r} in the package: {f} is missing{hint}")
+    return f
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -150,6 +167,11 @@ class Trajectory:
     sds / mm) each point is from where the other landmarks imply it (``implied_positions``, image
     pixels; :mod:`napari_glimpse.shape`), :attr:`flagged` the implausible ones, :attr:`expected_misses`
     the image-level score.
+
+    ``steps_gated`` ``(K,)`` bool: glimpse steps were asked for after the coarse and fine stages
+    but not applied to these landmarks, the model's gate (``meta['glimpse_gate']``, see
+    :mod:`napari_glimpse.gate`) keeping them off: their positions are the 0-step answer at every
+    step. ``None`` when no step was asked for or the model has no gate.
     """
 
     positions: np.ndarray
@@ -175,6 +197,7 @@ class Trajectory:
     shape_z: np.ndarray | None = None
     shape_mm: np.ndarray | None = None
     implied_positions: np.ndarray | None = None
+    steps_gated: np.ndarray | None = None
 
     @property
     def final(self) -> np.ndarray:
@@ -394,6 +417,7 @@ class GlimpseModel:
             path = DEFAULT_MODEL
             if not path.exists():
                 raise GlimpseError(f"the default model is missing from the package ({path}); pass --model")
+        path = resolve_model(path)
         model = cls.from_checkpoint(read_checkpoint(path), device, source=str(path), int8=int8)
         if "confidence" not in model.meta:  # a calibration beside the file (<stem>.confidence.json)
             from .confidence import read_sidecar
@@ -589,14 +613,15 @@ class GlimpseModel:
             ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
             cues.update(coarse=coarse if mirrored is None else mirror_points(coarse, w), final=start,
                         fine_spread=spread, ks=ks, peak=_peaks(looks))
-            if iterations == 0:
+            gate = self.glimpse_gate
+            if iterations == 0 or (gate is not None and not gate[ks].any()):
                 tr = Trajectory(
                     positions=start[ks][None], uncertainty_mm=spread[ks] * self.pixel_spacing,
                     landmark_names=tuple(self.landmark_names[k] for k in ks), pixel_spacing=self.pixel_spacing,
                     image_shape=pyr.shape, patch=self.config.patch, facing=facing,
                     glimpses=np.zeros((0, len(ks), self.config.n_levels, self.config.patch, self.config.patch),
                                       np.uint8) if record_glimpses else None,
-                    **stages,
+                    steps_gated=np.ones(len(ks), bool) if iterations > 0 else None, **stages,
                 )
                 return self._assess(tr, cues)
         tr = self._predict_facing(pyr, mirrored, facing, iterations=iterations, landmarks=landmarks, starts=starts,
@@ -604,6 +629,8 @@ class GlimpseModel:
                                   bf16=bf16, seed=seed)
         if stages:
             tr = dataclasses.replace(tr, **stages)
+        if coarse_start is not None and self.glimpse_gate is not None:
+            tr = self._gated(tr, coarse_start, cues["fine_spread"], cues["ks"])
         blend = float(self.meta.get("coarse_blend", 0.0)) if coarse_start is not None else 0.0
         if blend > 0:
             # the answer blends the glimpses' last estimate with the coarse stage's (two estimators
@@ -613,6 +640,22 @@ class GlimpseModel:
             pos[-1] = blend * coarse_start[ks] + (1 - blend) * pos[-1]
             tr = dataclasses.replace(tr, positions=pos)
         return self._assess(tr, cues)
+
+    @property
+    def glimpse_gate(self) -> np.ndarray | None:
+        """``(K,)`` bool: the landmarks whose glimpse steps are applied after the coarse and fine
+        stages (``meta['glimpse_gate']['apply']``, fitted on validation by
+        :func:`napari_glimpse.gate.fit_gate`); ``None``: no gate, every asked-for step is applied."""
+        g = self.meta.get("glimpse_gate")
+        return None if g is None else np.asarray(g["apply"], dtype=bool).reshape(self.config.n_landmarks)
+
+    def _gated(self, tr: Trajectory, start: np.ndarray, spread: np.ndarray, ks: np.ndarray) -> Trajectory:
+        """``tr`` with the gated-off landmarks kept at the 0-step answer ``start`` (and its spread)."""
+        off = ~self.glimpse_gate[ks]
+        pos, unc = tr.positions.copy(), tr.uncertainty_mm.copy()
+        pos[:, off] = start[ks][off]
+        unc[off] = spread[ks][off] * self.pixel_spacing
+        return dataclasses.replace(tr, positions=pos, uncertainty_mm=unc, steps_gated=off)
 
     def _assess(self, tr: Trajectory, cues: dict | None) -> Trajectory:
         """``tr`` with its plausibility check and calibrated confidence (:mod:`napari_glimpse.confidence`),

@@ -35,6 +35,7 @@ from . import distributed
 from .coarse import CoarseConfig, train_coarse, view_levels
 from .errors import GlimpseError
 from .fine import FineConfig, FineEnsemble, fine_levels_by_kind, train_fine
+from .glimpse_only import GlimpseOnlyConfig
 from .inference import GlimpseModel, resolve_device
 from .io import Dataset, load_dataset
 from .model import GlimpseModelNet, ModelConfig
@@ -44,11 +45,11 @@ from .training import TrainConfig, start_statistics, train
 
 RECIPES = Path(__file__).with_name("recipes")
 FORMAT = 1
-KINDS = {"coarse": CoarseConfig, "fine": FineConfig, "glimpse": TrainConfig}
+KINDS = {"coarse": CoarseConfig, "fine": FineConfig, "glimpse": TrainConfig, "glimpse_only": GlimpseOnlyConfig}
 # train flags that go with --recipe; the others set what the recipe sets
 CLI_FLAGS = ("command", "recipe", "data", "split", "out", "device", "time_budget", "max_steps", "threads", "spacing")
 
-StageConfig = CoarseConfig | FineConfig | TrainConfig
+StageConfig = CoarseConfig | FineConfig | TrainConfig | GlimpseOnlyConfig
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class Recipe:
     notes: tuple[str, ...] = ()
     content: dict = field(default_factory=dict, compare=False, repr=False)  # the file as read
     source: str = ""
+    validation: dict | None = None  # a glimpse-only recipe's held-out images (see glimpse_only_build)
 
     @property
     def minutes(self) -> float:
@@ -184,6 +186,9 @@ def _stage(d: Any, i: int) -> RecipeStage:
 
 def parse_recipe(content: dict, source: str = "") -> Recipe:
     """A :class:`Recipe` from a recipe file's content (``ValueError`` on anything wrong)."""
+    if isinstance(content, dict) and [s.get("kind") for s in content.get("stages", []) if isinstance(s, dict)] == [
+            "glimpse_only"]:
+        return _parse_glimpse_only(content, source)
     _keys(content, "the recipe", {"format", "name", "ground_truth", "model", "stages", "inference", "quantize"},
           {"description", "notes"})
     if content["format"] != FORMAT:
@@ -202,6 +207,31 @@ def parse_recipe(content: dict, source: str = "") -> Recipe:
     return Recipe(str(content["name"]), str(content.get("description", "")), str(content["ground_truth"]),
                   _config(ModelConfig, model, "model"), stages, InferenceSettings(**inf), quant,
                   tuple(content.get("notes", ())), content, source)
+
+
+def _parse_glimpse_only(content: dict, source: str) -> Recipe:
+    """A glimpse-only recipe: one ``glimpse_only`` stage, the held-out images (``validation``:
+    ``train_ids`` and ``val_ids`` as inclusive ``[first, last]`` image numbers, ``eval_steps``),
+    ``inference.iterations`` (null: chosen on validation) and ``quantize.half_weights``."""
+    _keys(content, "the recipe", {"format", "name", "ground_truth", "model", "stages", "inference", "quantize",
+                                  "validation"}, {"description", "notes"})
+    if content["format"] != FORMAT:
+        raise ValueError(f"recipe format {content['format']!r}; this version reads format {FORMAT}")
+    stage = _stage(content["stages"][0], 0)
+    val = _keys(content["validation"], "validation", {"train_ids", "val_ids", "eval_steps"}, {"notes"})
+    for k in ("train_ids", "val_ids"):
+        if not (isinstance(val[k], list) and len(val[k]) == 2 and all(isinstance(v, int) for v in val[k])):
+            raise ValueError(f"validation: {k} must be [first, last] image numbers")
+    inf = _keys(content["inference"], "inference", {"iterations"}, {"notes"})
+    q = _keys(content["quantize"], "quantize", {"half_weights"}, {"notes"})
+    model = {k: v for k, v in content["model"].items() if k != "notes"}
+    it = inf["iterations"]
+    return Recipe(str(content["name"]), str(content.get("description", "")), str(content["ground_truth"]),
+                  _config(ModelConfig, model, "model"), (stage,),
+                  InferenceSettings(-1 if it is None else int(it), 0, False, 0.0, 2, 2, str(inf.get("notes", ""))),
+                  QuantizeSettings(False, (), False, 1, bool(q["half_weights"])),
+                  tuple(content.get("notes", ())), content, source,
+                  {k: v for k, v in val.items() if k != "notes"})
 
 
 # ------------------------------------------------------------------------------ building
@@ -248,6 +278,8 @@ def _new_model(recipe: Recipe, ds: Dataset, shape: tuple[int, int], dev: torch.d
     meta = {"train_image_shape": list(shape), "auto_levels": levels_for(shape, mcfg.patch),
             "n_train_images": len(ds), "train_images": [p.name for p in ds.image_paths],
             "glimpse_net": "trained" if glimpse else "untrained: the recipe has no glimpse stage"}
+    if not glimpse:  # an untrained glimpse net's steps never reach the answer (napari_glimpse.gate)
+        meta["glimpse_gate"] = {"apply": [False] * len(names), "reason": "the recipe trains no glimpse net"}
     return GlimpseModel(GlimpseModelNet(mcfg).to(dev), names, ds.pixel_spacing, *start_statistics(truth, names),
                         glimpse[0].to_dict() if glimpse else {}, meta)
 
@@ -338,6 +370,8 @@ def build(recipe: Recipe | str | os.PathLike, data: Dataset | str | os.PathLike,
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     ds = data if isinstance(data, Dataset) else load_dataset(data, split, spacing)
+    if recipe.validation is not None:
+        return glimpse_only_build(recipe, ds, out, time_budget, device, progress, max_steps, meta)
     dev = resolve_device(device)
     scale = 1.0 if time_budget is None else float(time_budget) / recipe.minutes
     bars, callback_for, say = _reporter(progress, recipe)
@@ -361,6 +395,48 @@ def build(recipe: Recipe | str | os.PathLike, data: Dataset | str | os.PathLike,
     if distributed.is_main():
         _save(model, recipe, ds, out, say)
     distributed.barrier()
+    return model
+
+
+def glimpse_only_build(recipe: Recipe, ds: Dataset, out: str | os.PathLike, time_budget: float | None = None,
+                       device: str = "auto", progress: bool | Callable[[dict], None] = True,
+                       max_steps: int | None = None, meta: dict | None = None) -> GlimpseModel:
+    """:func:`build` for a glimpse-only recipe (:mod:`napari_glimpse.glimpse_only`): train on the
+    images numbered ``validation.train_ids``, validate on ``val_ids`` after 1 .. ``max(eval_steps)``
+    steps (the default step count chosen there unless ``inference.iterations`` fixes it), write
+    ``out`` (float16 weights if the recipe says so) and print the validation figures."""
+    from .glimpse_only import split_by_ids, train_glimpse_only, validation_line
+
+    stage = recipe.stages[0]
+    scale = 1.0 if time_budget is None else float(time_budget) / recipe.minutes
+    train_ds, val_ds = split_by_ids(ds, recipe.validation["train_ids"], recipe.validation["val_ids"])
+    bars, callback_for, say = _reporter(progress, recipe)
+    mcfg = replace(recipe.model, n_landmarks=len(ds.landmark_names))
+    steps = _cap(stage.max_steps, max_steps)
+    t0 = time.monotonic()
+    model = train_glimpse_only(train_ds, val_ds, mcfg, stage.config, stage.minutes * scale * 60.0, steps, device,
+                               bars, callback_for(0, stage), meta, max(recipe.validation["eval_steps"]))
+    if recipe.inference.iterations >= 1:
+        model.meta["iterations"] = recipe.inference.iterations
+    hist = model.meta["history"]
+    rec = _stage_record(stage, hist, steps, stage.minutes * scale * 60.0)
+    model.meta.update({
+        "recipe": {"name": recipe.name, "source": recipe.source, "content": recipe.content,
+                   "full_budget_min": recipe.minutes, "budget_min": round(recipe.minutes * scale, 4),
+                   "scale": scale, "max_steps_cap": max_steps, "stages": [rec], "wall_s": time.monotonic() - t0},
+        "train_device": str(model.device), "torch": str(torch.__version__)})
+    model.net.cpu().eval()
+    if recipe.quantize.half_weights:
+        _round_to_half(model)
+    model.save(out, half_weights=recipe.quantize.half_weights)
+    say(f"{stage.name}: {rec['steps']} steps in {rec['wall_s'] / 60:.1f} min (stopped on {rec['stopped']})")
+    if "validation" in model.meta:
+        v = model.meta["validation"]
+        msg = (f"{validation_line(v, recipe.validation['eval_steps'])} on {v['n_images']} held-out images; "
+               f"default steps {model.meta['iterations']} ({model.meta['weights']} weights; "
+               f"{v['read_as_left_facing']} read as left-facing)")
+        say(msg)
+        model.meta["validation_line"] = msg
     return model
 
 
@@ -451,4 +527,6 @@ def cmd_train_recipe(a: argparse.Namespace, defaults: dict[str, Any]) -> int:
     print(f"wrote {a.out}: recipe {recipe.name}, {len(r['stages'])} stages in {r['wall_s'] / 60:.1f} min "
           f"(budget {r['budget_min']:.4g} of {r['full_budget_min']:.4g} min; steps: {steps}); "
           f"int8 graphs for {model.int8_nets[0]} of {model.int8_nets[1]} nets")
+    if "validation_line" in model.meta:
+        print(model.meta["validation_line"])
     return 0

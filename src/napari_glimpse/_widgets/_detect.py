@@ -39,6 +39,7 @@ from qtpy.QtWidgets import (
 from .._layer_data import abbreviations, landmarks_layer, landmarks_layer_from
 from .._reader import DICOM_SUFFIXES, have_pydicom, read_dicom
 from ..errors import GlimpseError
+from ..gate import gate_note
 from ..inference import Trajectory
 from ..io import IMAGE_SUFFIXES, read_image, to_grey_uint8
 from ..spacing import remember_spacing, remembered_spacing
@@ -180,10 +181,15 @@ class DetectWidget(QWidget):
         default = QPushButton("Default")
         default.setToolTip("Use the model shipped with napari-glimpse")
         default.clicked.connect(lambda: self.set_model(None))
+        glimpse = QPushButton("Glimpse")
+        glimpse.setToolTip("Use the glimpse-only model shipped with napari-glimpse (the paper's method: from the mean "
+                           "start, glimpse steps alone)")
+        glimpse.clicked.connect(lambda: self.set_model("glimpse"))
         row = QHBoxLayout()
         row.addWidget(self.model_edit, 1)
         row.addWidget(browse)
         row.addWidget(default)
+        row.addWidget(glimpse)
         form.addRow("Checkpoint", row)
         self.device_combo = QComboBox()
         self.device_combo.addItems(["auto", "cpu", "cuda"])
@@ -612,7 +618,8 @@ class DetectWidget(QWidget):
             self.progress.setFormat("done")
             status(self.status_label, f"{len(traj.final)} landmarks on {image_name} in {seconds:.2f} s "
                    f"({self.state.model_name()}; {_spacing_text(traj)}){warn}"
-                   + (f". Note: {res.spacing_note}" if res.spacing_note else ""))
+                   + (f". Note: {res.spacing_note}" if res.spacing_note else "")
+                   + (f". {gate_note(traj)}" if gate_note(traj) else ""))
         else:
             self.progress.setFormat("shown")
             status(self.status_label, f"{image_name}: " + ("landmarks from the corrections log" if points_layer

@@ -48,6 +48,7 @@ from qtpy.QtWidgets import (
 
 from .. import _layer_data as ld
 from ..errors import GlimpseError
+from ..gate import gate_note
 from ._state import Detection, camera_of, error_text, layer_positions, real_viewer, state_for, status
 
 PREFIX = "glimpse"
@@ -58,7 +59,10 @@ TILE_UPSCALE = 2  # exported tile frames: each tile pixel 2 x 2 (legible labels 
 
 
 STAGES, GLIMPSES = "stages", "glimpses"
-_VIEWS = ((STAGES, "Coarse → fine stages"), (GLIMPSES, "Glimpse steps (from the proposal)"))
+_VIEWS = ((STAGES, "Coarse → fine stages"), (GLIMPSES, "Glimpse steps"))
+PROPOSAL, MEAN = "proposal", "mean"
+_ORIGINS = ((PROPOSAL, "the proposal"), (MEAN, "the mean start (the paper's journey)"))
+TRUTH_COLOR = "lime"
 _GLIMPSE_TIPS = ("Step: the glimpse seen and the step taken",
                  "Top: the patch of each level (finest left, red cross = the estimate); "
                  "below: softmax heatmaps, one channel per row")
@@ -68,12 +72,26 @@ _STAGE_TIPS = ("Fine look (usually one): the windows read and the move made",
                "fine heatmap over the part the finest window covers")
 
 
+def mean_start(model: Any, image_hw: tuple[int, int], facing: str) -> np.ndarray:
+    """``(K, 2)`` the model's mean start in an image of ``image_hw`` (its own pixels, scaled from the
+    training images' size as :meth:`GlimpseModel.predict` scales it; mirrored for a left-facing image)."""
+    h, w = image_hw
+    start = np.asarray(model.mean_start, dtype=np.float64)
+    if "train_image_shape" in model.meta:
+        th, tw = model.meta["train_image_shape"]
+        start = start * np.array([w / tw, h / th])
+    return start * [-1, 1] + [w - 1, 0] if facing == "left" else start
+
+
 def _explore_job(get_model: Callable, model_key: tuple, image: np.ndarray, pyramid: Any, k: int,
-                 start: np.ndarray, steps: int, facing: str, spacing: float | None):
+                 start: np.ndarray | None, steps: int, facing: str, spacing: float | None):
     """Worker body (no Qt, no layers): ``steps`` glimpse steps of landmark ``k`` from ``start``
-    (``(K, 2)`` x, y), recorded. Returns ``(pyramid or None, Trajectory)``: the pyramid is reused
-    next time (only at the model's own spacing: another is resampled by ``predict``)."""
+    (``(K, 2)`` x, y; ``None``: the model's mean start, the paper's journey), recorded. Returns
+    ``(pyramid or None, Trajectory)``: the pyramid is reused next time (only at the model's own
+    spacing: another is resampled by ``predict``)."""
     model = get_model(model_key)
+    if start is None:
+        start = mean_start(model, tuple(pyramid.shape) if pyramid is not None else image.shape[:2], facing)
     if len(start) != model.config.n_landmarks:
         raise GlimpseError(f"the model locates {model.config.n_landmarks} landmarks, the proposal has {len(start)}")
     at_model = spacing is None or abs(spacing / model.pixel_spacing - 1) <= 0.01
@@ -157,6 +175,12 @@ class ExplorerWidget(QWidget):
         self.steps.setValue(3)
         self.steps.setToolTip("Glimpse steps to compute from the current proposal")
         self.steps.valueChanged.connect(lambda _: self._view_changed())
+        self.origin = QComboBox()
+        for key, text in _ORIGINS:
+            self.origin.addItem(text, key)
+        self.origin.setToolTip("Where the glimpse steps start: the current proposal, or every landmark's mean "
+                               "training position (a glimpse-only model's own start: its whole journey)")
+        self.origin.currentIndexChanged.connect(lambda _: self._view_changed())
         self.slider = QSlider(Qt.Horizontal)
         self.slider.setRange(0, 0)
         self.slider.valueChanged.connect(lambda _: self.update_layers())
@@ -196,6 +220,8 @@ class ExplorerWidget(QWidget):
         form.addRow("Landmark", self.landmark_combo)
         labels = [QLabel(t) for t in ("Steps", "Levels up to", "level", "channel", "Heatmap rows")]
         form.addRow(labels[0], self.steps)
+        from_label = QLabel("From")
+        form.addRow(from_label, self.origin)
         self.step_name = QLabel("Step")
         form.addRow(self.step_name, srow)
         form.addRow(labels[1], self.max_level)
@@ -206,7 +232,8 @@ class ExplorerWidget(QWidget):
         form.addRow(hrow)
         form.addRow(labels[4], self.n_rows)
         # controls of the glimpse view only (hidden in the stage view)
-        self._glimpse_controls = [*labels[:1], self.steps, *labels[1:], self.max_level, self.hm_level, self.channel,
+        self._glimpse_controls = [*labels[:1], self.steps, from_label, self.origin, *labels[1:], self.max_level,
+                                  self.hm_level, self.channel,
                                   self.auto_channel, self.n_rows, self.apply_btn]
 
         self.tiles = QLabel("run Detect, then pick a landmark")
@@ -366,14 +393,56 @@ class ExplorerWidget(QWidget):
     def _request(self) -> tuple[tuple, np.ndarray] | None:
         """The key of the steps the glimpse view shows now, and the start they need (``None`` when
         the chosen landmark has no point)."""
-        pos, k = self.proposal(), self.landmark_combo.currentIndex()
-        if pos is None or k < 0 or not np.isfinite(pos[k]).all():
+        pos, k, mean = self.proposal(), self.landmark_combo.currentIndex(), self.origin.currentData() == MEAN
+        if pos is None or k < 0 or not (mean or np.isfinite(pos[k]).all()):
             return None
         traj = self.traj
         facing = traj.facing if traj is not None else "auto"
+        if mean and facing == "auto":
+            facing = "right"  # one journey from the mean start, as the training images face
         spacing = float(traj.pixel_spacing) if traj is not None else None
-        key = (k, self.steps.value(), self.state.model_key(), tuple(np.round(pos[k], 3)), facing, spacing)
+        where = MEAN if mean else tuple(np.round(pos[k], 3))
+        key = (k, self.steps.value(), self.state.model_key(), where, facing, spacing)
         return key, pos
+
+    def truth(self) -> np.ndarray | None:
+        """``(K, 2)`` x, y of the labels loaded for the detection's image (a Points layer with an
+        ``index`` feature, e.g. a Kaggle CSV or an ISBI txt opened in napari, rows of this image
+        where it has an ``image`` feature; NaN where none), or ``None`` without such a layer."""
+        det = self.det
+        if det is None:
+            return None
+        from napari.layers import Points
+
+        own = {d.points_layer for d in self.state.detections.values()} | {det.points_layer, *self.layers.values()}
+        names = {det.image_name, Path(det.image_name).stem}
+        if det.image_path is not None:
+            names |= {det.image_path.name, det.image_path.stem}
+        n = len(det.landmark_names)
+        for layer in self.viewer.layers:
+            feats = getattr(layer, "features", None)
+            if not isinstance(layer, Points) or layer in own or feats is None or "index" not in feats:
+                continue
+            rows = np.ones(len(layer.data), bool)
+            if "image" in feats:
+                rows = np.array([Path(str(v)).name in names or Path(str(v)).stem in names for v in feats["image"]])
+            if not rows.any():
+                continue
+            out = np.full((n, 2), np.nan)
+            idx = np.asarray(feats["index"])[rows].astype(int) - 1
+            ok = (idx >= 0) & (idx < n)
+            out[idx[ok]] = np.asarray(layer.data)[rows][ok][:, -2:][:, ::-1]
+            return out
+        return None
+
+    def truth_error_mm(self, traj: Any, t: int) -> tuple[float, float] | None:
+        """(error to the truth after step ``t + 1``, at the start) in mm, or ``None`` without labels."""
+        truth = self.truth()
+        k = self.landmark_combo.currentIndex()
+        if truth is None or not np.isfinite(truth[k]).all():
+            return None
+        err = np.hypot(*(traj.positions[[t + 1, 0], 0] - truth[k]).T) * traj.pixel_spacing
+        return float(err[0]), float(err[1])
 
     def glimpse_traj(self):
         """The glimpse steps of the chosen landmark from its current position (one-landmark
@@ -396,14 +465,15 @@ class ExplorerWidget(QWidget):
         if pyr is None and image is None:
             status(self.status_label, "no image to glimpse at: the detection's image layer is gone", error=True)
             return
-        start = np.where(np.isfinite(pos), pos, 0.0)  # only row k is read
+        start = None if key[3] == MEAN else np.where(np.isfinite(pos), pos, 0.0)  # only row k is read
         worker = create_worker(_explore_job, self.state.get_model, model_key, image, pyr, k, start, steps, facing,
                                spacing, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(lambda res: self._on_explored(key, det, res))
         worker.errored.connect(lambda exc: self._on_explore_error(key, exc))
         worker.finished.connect(self._on_explore_finished)
         self._worker = worker
-        status(self.status_label, f"computing {steps} glimpse step(s) of {det.landmark_names[k]} from the proposal…")
+        status(self.status_label, f"computing {steps} glimpse step(s) of {det.landmark_names[k]} from "
+                                  f"{'the mean start' if start is None else 'the proposal'}…")
         worker.start()
 
     def _on_explored(self, key: tuple, det: Detection, res: tuple) -> None:
@@ -663,16 +733,26 @@ class ExplorerWidget(QWidget):
                  for lv, box in enumerate(ld.glimpse_boxes(traj, 0, t, top))]
         items.append((path, "path", "cyan", "transparent", 1.5))
         items += _arrow_items(ld.offset_vector(traj, 0, t))
+        truth = self.truth()
+        k = self.landmark_combo.currentIndex()
+        pts, colors = path, ["cyan"] * len(path)
+        if truth is not None and np.isfinite(truth[k]).all():  # the labels loaded: where it should get to
+            items.append((np.array([path[-1], truth[k][::-1]]), "line", TRUTH_COLOR, "transparent", 1.0))
+            pts, colors = np.vstack([path, truth[k][::-1]]), colors + [TRUTH_COLOR]
         self._show_shapes(items)
-        self._show_points(path, ["cyan"] * len(path), 4)
+        self._show_points(pts, colors, 4)
         self._arrange(active)
         self._show_strip(ld.tile_strip(traj, 0, t, self.tile_channels(ch) if hm_on else []))
         step = traj.positions[t + 1, 0] - traj.positions[t, 0]
         total = traj.positions[t + 1, 0] - traj.positions[0, 0]
         c = traj.positions[t, 0]
         self.iter_label.setText(f"{t + 1}/{traj.iterations}")
+        err = self.truth_error_mm(traj, t)
+        origin = "mean start" if self.origin.currentData() == MEAN else "proposal"
         self.info.setText(
-            f"<b>{traj.landmark_names[0]}</b> step {t + 1}: glimpse at ({c[0]:.0f}, {c[1]:.0f}) px, step "
+            (f"From the {origin}" + (f"; error to the truth {err[1]:.1f} → {err[0]:.1f} mm" if err else "")
+             + (f". {gate_note(self.traj)}" if gate_note(self.traj) else "") + "<br>")
+            + f"<b>{traj.landmark_names[0]}</b> step {t + 1}: glimpse at ({c[0]:.0f}, {c[1]:.0f}) px, step "
             f"({step[0]:+.0f}, {step[1]:+.0f}) px = {np.hypot(*step) * traj.pixel_spacing:.1f} mm"
             + (f"; heatmap: level {hl}, channel {ch}" if hm_on else "")
             + f"<br>Apply would move the proposal {np.hypot(*total) * traj.pixel_spacing:.1f} mm")
@@ -731,12 +811,20 @@ class ExplorerWidget(QWidget):
         stages = self.view() == STAGES
         image = self.det.image_name if self.det is not None else ""
         lines = (ld.stage_caption if stages else ld.glimpse_caption)(traj, k, t, image)
+        err, truth_key = None, []
+        if not stages:
+            if self.origin.currentData() == MEAN:
+                lines = [lines[0], lines[1].replace("from the proposal", "from the mean start")]
+            err = self.truth_error_mm(traj, t)
+            if err is not None:
+                lines = lines + [f"error to the truth: {err[0]:.1f} mm (at the start {err[1]:.1f} mm)"]
+                truth_key = [("truth (labels loaded)", (0, 255, 0))]
         heat = self.hm_check.isChecked()
         if stages:
             levels = [traj.fine_level + c for c in range(traj.fine_windows.shape[2])]
         else:
             levels = list(range(self.max_level.value() + 1))
-        legend = ld.explorer_legend(self.view(), source, levels, heat)
+        legend = ld.explorer_legend(self.view(), source, levels, heat) + (truth_key if not stages and err else [])
         if source == "tiles":
             px = (float(traj.fine_window_scale[0][0]) if stages else 1.0 / float(traj.model_scale[0]))
             per_mm = TILE_UPSCALE / (px * traj.pixel_spacing)  # the finest (first) tile's pixels
