@@ -271,13 +271,16 @@ def gaussian_targets(xy: torch.Tensor, heat_hw: tuple[int, int], sigma: float) -
 
 
 def augment_intensity(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random gamma, contrast, brightness and noise for a ``(B, C, h, w)`` batch (0-255 scale)."""
-    b = x.shape[0]
-    g_ = torch.exp((torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.3)
+    """Random gamma, contrast, brightness and noise for a ``(B, C, h, w)`` batch (0-255 scale).
+
+    Under torchrun ``x`` is this rank's share of the batch: the draws are made for the whole batch,
+    alike on every rank, and each rank keeps its share's (:func:`napari_glimpse.distributed.share`)."""
+    b, own = x.shape[0] * distributed.world_size(), distributed.share
+    g_ = torch.exp((own(torch.rand(b, 1, 1, 1, generator=gen)) * 2 - 1) * 0.3)
     x = 255.0 * (x.clamp(0, 255) / 255.0) ** g_
-    x = x * (1 + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 0.15) \
-        + (torch.rand(b, 1, 1, 1, generator=gen) * 2 - 1) * 15.0
-    return x + torch.randn(x.shape, generator=gen) * 3.0
+    x = x * (1 + (own(torch.rand(b, 1, 1, 1, generator=gen)) * 2 - 1) * 0.15) \
+        + (own(torch.rand(b, 1, 1, 1, generator=gen)) * 2 - 1) * 15.0
+    return x + own(torch.randn((b, *x.shape[1:]), generator=gen)) * 3.0
 
 
 def fit_heatmaps(
@@ -299,10 +302,11 @@ def fit_heatmaps(
 
     ``batch()`` returns ``(x, target, inside)``: inputs, ``(B, K, h, w)`` target distributions
     and ``(B, K)`` weights (0 for landmarks outside the view); the loss is their cross-entropy
-    with the net's heatmaps. With ``coord_weight`` > 0, ``batch()`` also returns the ``(B, K, 2)``
-    taught points (heatmap pixels, x y), and the loss adds ``coord_weight`` times the mean
-    distance from each heatmap's expected position (its softmax's mean) to its point. AdamW,
-    warm-up then cosine to 1 % of ``lr``, fitted to the nearer of ``time_budget_s`` and ``max_steps``.
+    with the net's heatmaps (under torchrun, ``batch()`` returns this rank's share of the batch).
+    With ``coord_weight`` > 0, ``batch()`` also returns the ``(B, K, 2)`` taught points (heatmap
+    pixels, x y), and the loss adds ``coord_weight`` times the mean distance from each heatmap's
+    expected position (its softmax's mean) to its point. AdamW, warm-up then cosine to 1 % of
+    ``lr``, fitted to the nearer of ``time_budget_s`` and ``max_steps``.
     ``callback`` gets a dict per step (``stage``, ``step``, ``loss``, ``lr``, ``elapsed_s``,
     ``progress``); ``evaluate(net) -> mm`` runs every ``eval_every_s`` and at the end. Returns the
     history; the net is left in eval mode.
@@ -312,9 +316,9 @@ def fit_heatmaps(
     average of the net's after every step with that decay (:func:`update_average`), in eval
     mode: ordinary nets of the same size, so an average costs nothing more at inference.
 
-    Under torchrun (:mod:`napari_glimpse.distributed`) each process trains on its share of every
-    ``batch()`` (the global batch), with the batch norms' statistics and the gradients over all of
-    them; the clock and ``should_stop`` are rank 0's, and only rank 0 shows progress and evaluates.
+    Under torchrun (:mod:`napari_glimpse.distributed`) each process trains on its share of the
+    global batch, with the batch norms' statistics and the gradients over all of them; the clock
+    and ``should_stop`` are rank 0's, and only rank 0 shows progress and evaluates.
     """
     from tqdm.auto import tqdm
 
@@ -347,7 +351,7 @@ def fit_heatmaps(
                            (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (frac - 0.03) / 0.97))))
             for g in opt.param_groups:
                 g["lr"] = lr_now
-            x, target, inside, *pos = (distributed.share(t).to(dev, non_blocking=True) for t in batch())
+            x, target, inside, *pos = (t.to(dev, non_blocking=True) for t in batch())
             logits = net(x)
             logp = torch.log_softmax(logits.flatten(2), -1)
             count = distributed.mean_divisor(inside.sum())
@@ -498,6 +502,7 @@ def train_coarse(
         flip = torch.rand(b, generator=gen) < cfg.flip
         shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * cfg.shift
         theta = view_matrix(image_hw, ang, scl, flip, shift)
+        i, theta = distributed.share(i), distributed.share(theta)  # this rank's views (all in one process)
         x = augment_intensity(render_views(levels[i], theta, cfg.input_hw), gen)
         # landmark positions in the view: o = A^-1 (u - t)
         a, t = theta[:, :, :2], theta[:, :, 2]

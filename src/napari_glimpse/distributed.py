@@ -9,9 +9,10 @@ process) every function here is a no-op and training runs exactly as before.
 
 How a run is shared (the training loops call these):
 
-- every rank draws the same **global** batch from the same seeded generator and keeps its own
-  share of it (:func:`share`): N processes with a batch of B train on the same samples as one
-  process with a batch of B, each process computing B / N of them;
+- every rank draws the random numbers of the same **global** batch from the same seeded
+  generator and makes (augments, computes on) only its own share of the samples (:func:`share`):
+  N processes with a batch of B train on the same samples as one process with a batch of B,
+  each process making and computing B / N of them;
 - the batch norms of the net being trained take their statistics over the whole global batch
   (:func:`synced_batchnorm`), so the N shares together are the one batch;
 - after ``backward()``, :func:`average_gradients` averages the gradients over the ranks before

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .coarse import (
     CoarseConfig,
     CoarseNet,
@@ -384,6 +385,7 @@ def train_fine(
         ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(cfg.rotation_deg)
         scl = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * cfg.log_scale)
         theta = window_matrix(lhw, centre_n[i, j] + off, cfg.patch, ang, scl)
+        i, theta = distributed.share(i), distributed.share(theta)  # this rank's windows (all in one process)
         x = augment_intensity(cutter(i, theta), gen)
         if cfg.erase > 0:
             x = erase_rectangles(x, cfg.erase, gen)
@@ -410,11 +412,13 @@ def train_fine(
 
 def erase_rectangles(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
     """With probability ``p`` per window, fill a random rectangle of its first channel (each side
-    15–50 % of the window's) with that channel's mean; ``x`` is ``(B, C, P, P)``."""
-    b, _, hh, ww = x.shape
-    hit = torch.rand(b, generator=gen) < p
-    side = (torch.rand(b, 2, generator=gen) * 0.35 + 0.15) * torch.tensor([hh, ww])
-    corner = torch.rand(b, 2, generator=gen) * (torch.tensor([hh, ww]) - side)
+    15–50 % of the window's) with that channel's mean; ``x`` is ``(B, C, P, P)``, under torchrun this
+    rank's share of the batch (the draws are the whole batch's, as :func:`augment_intensity`'s)."""
+    _, _, hh, ww = x.shape
+    b, own = x.shape[0] * distributed.world_size(), distributed.share
+    hit = own(torch.rand(b, generator=gen)) < p
+    side = (own(torch.rand(b, 2, generator=gen)) * 0.35 + 0.15) * torch.tensor([hh, ww])
+    corner = own(torch.rand(b, 2, generator=gen)) * (torch.tensor([hh, ww]) - side)
     ys = torch.arange(hh)[None, :, None]
     xs = torch.arange(ww)[None, None, :]
     inside = ((ys >= corner[:, 0, None, None]) & (ys < (corner[:, 0] + side[:, 0])[:, None, None])
