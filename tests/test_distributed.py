@@ -69,6 +69,8 @@ def _free_port() -> int:
 def _rank(rank: int, world: int, port: int, data: str, out: str) -> None:
     """One of ``world`` processes (torch.multiprocessing.spawn): what torchrun would set, then train."""
     from napari_glimpse import distributed
+    from napari_glimpse.errors import GlimpseError
+    from napari_glimpse.recipe import build
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
@@ -76,6 +78,10 @@ def _rank(rank: int, world: int, port: int, data: str, out: str) -> None:
     with distributed.session("cpu"):
         assert distributed.world_size() == world and distributed.rank() == rank
         grads = first_step_gradients(Path(data), Path(out) / "model.pt")
+        try:  # a glimpse-only recipe's loop is not data-parallel: refused, not trained N times over
+            build("glimpse", Path(data), Path(out) / "glimpse.pt", progress=False)
+        except GlimpseError as exc:
+            grads["refused"] = str(exc)
     torch.save(grads, Path(out) / f"grads_{rank}.pt")
 
 
@@ -126,6 +132,10 @@ def test_two_processes_give_the_one_process_gradient(stage, two_processes, one_p
 
 def test_only_rank_0_writes(two_processes):
     assert two_processes["written"] == ["grads_0.pt", "grads_1.pt", "model.pt", "model.pt.resume"]
+
+
+def test_a_glimpse_only_recipe_is_refused(two_processes):
+    assert "trains in one process" in two_processes[0]["refused"] and "refused" in two_processes[1]
 
 
 def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -371,6 +371,8 @@ def build(recipe: Recipe | str | os.PathLike, data: Dataset | str | os.PathLike,
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     ds = data if isinstance(data, Dataset) else load_dataset(data, split, spacing)
     if recipe.validation is not None:
+        if distributed.world_size() > 1:  # its loop (napari_glimpse.glimpse_only) is not data-parallel
+            raise GlimpseError("a glimpse-only recipe trains in one process: run it without torchrun")
         return glimpse_only_build(recipe, ds, out, time_budget, device, progress, max_steps, meta)
     dev = resolve_device(device)
     scale = 1.0 if time_budget is None else float(time_budget) / recipe.minutes
