@@ -99,3 +99,30 @@ def test_model_answers_on_train_images_are_not_flagged():
         assert tr.flagged is not None and not tr.flagged.any(), name
         assert tr.shape_z.shape == (19,) and (tr.shape_z < 4).all()
         assert np.abs(tr.implied_positions - tr.final).max() < 150  # within 15 mm
+
+
+@pytest.mark.skipif(not REAL_DATA.exists(), reason="needs the ISBI data")
+def test_a_point_on_the_wrong_bone_is_searched_again_where_the_others_imply_it():
+    from napari_glimpse.inference import GlimpseModel
+    from napari_glimpse.io import load_dataset
+
+    model = GlimpseModel.load(device="cpu")
+    ds = load_dataset(REAL_DATA, "train")
+    i = 46  # 047.jpg
+    pyr = model.pyramid(ds.image(i))
+    good = model.predict(pyr).final
+    spread = np.full(19, 10.0)
+    wrong = good.copy()
+    wrong[1] = good[7]  # Nasion answered on Menton
+    pos, _, moved = model._research(pyr, wrong, spread, None)
+    assert moved.tolist() == [k == 1 for k in range(19)]
+    assert np.linalg.norm(pos[1] - good[1]) * 0.1 < 2.0  # back on Nasion (was ~100 mm off)
+    assert np.array_equal(pos[np.arange(19) != 1], wrong[np.arange(19) != 1])
+    # nothing flagged: nothing moves; switched off: nothing either
+    assert not model._research(pyr, good, spread, None)[2].any()
+    model.meta["research"] = False
+    assert model._research(pyr, wrong, spread, None)[2] is None
+    # through predict: the trajectory says which points moved (none on this image)
+    model.meta["research"] = True
+    tr = model.predict(pyr)
+    assert tr.researched is not None and not tr.researched.any()

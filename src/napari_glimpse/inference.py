@@ -16,7 +16,7 @@ from . import runtime
 from .checkpoint import KIND, atomic_torch_save, halve_weights, read_checkpoint
 from .coarse import CoarseConfig, CoarseEnsemble, CoarseNet, facing_of, locate_parts, view_level
 from .errors import GlimpseError
-from .fine import FineConfig, FineEnsemble, FineNet, kinds_of, refine, window_scale
+from .fine import FineConfig, FineEnsemble, FineLook, FineNet, kinds_of, refine, window_scale
 from .glimpse import PyramidStack, sample_glimpses
 from .io import read_image, to_grey_uint8
 from .model import GlimpseModelNet, ModelConfig
@@ -166,7 +166,8 @@ class Trajectory:
     ``features`` ``(K, F)`` the cues it was computed from, ``shape_z`` / ``shape_mm`` how far (training
     sds / mm) each point is from where the other landmarks imply it (``implied_positions``, image
     pixels; :mod:`napari_glimpse.shape`), :attr:`flagged` the implausible ones, :attr:`expected_misses`
-    the image-level score.
+    the image-level score. ``researched`` ``(K,)`` bool: the points the shape check flagged that were
+    searched again from their implied position and moved there (:meth:`GlimpseModel._research`).
 
     ``steps_gated`` ``(K,)`` bool: glimpse steps were asked for after the coarse and fine stages
     but not applied to these landmarks, the model's gate (``meta['glimpse_gate']``, see
@@ -197,6 +198,7 @@ class Trajectory:
     shape_z: np.ndarray | None = None
     shape_mm: np.ndarray | None = None
     implied_positions: np.ndarray | None = None
+    researched: np.ndarray | None = None
     steps_gated: np.ndarray | None = None
 
     @property
@@ -603,14 +605,18 @@ class GlimpseModel:
                 coarse, spread, disagreement = self._coarse(mirrored)
                 cues["coarse_spread"] = spread
                 start, spread = self._refine(mirrored, coarse, spread, disagreement=disagreement, looks=looks)
+                start, spread, researched = self._research(mirrored, start, spread, looks)
                 start = mirror_points(start, w)
             else:
                 coarse = start
                 start, spread = self._refine(pyr, start, spread, disagreement=disagreement, looks=looks)
+                start, spread, researched = self._research(pyr, start, spread, looks)
+            ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
             if looks and record_stages:
                 stages = self._stage_record(coarse, looks, pyr, landmarks, mirrored is not None)
+            if researched is not None:
+                stages["researched"] = researched[ks]
             coarse_start = start
-            ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
             cues.update(coarse=coarse if mirrored is None else mirror_points(coarse, w), final=start,
                         fine_spread=spread, ks=ks, peak=_peaks(looks))
             gate = self.glimpse_gate
@@ -747,6 +753,38 @@ class GlimpseModel:
             reach = min(m.cfg.jitter_mm[1] for m in members_of(self.fine)) / self.pixel_spacing
             fine_spread = np.where(disagreement > reach, np.maximum(fine_spread, disagreement), fine_spread)
         return self._shifted(pos, pyr.shape), fine_spread
+
+    def _research(self, pyr: Pyramid, pos: np.ndarray, spread: np.ndarray, looks: list | None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Implausible answers searched again: each point the shape check flags (``pos``: all
+        landmarks, the stages' frame, i.e. the training images' facing) gets a fine look from where
+        the other landmarks imply it, and keeps the new answer where that is more plausible (a
+        lower ``z``). Returns positions, spread and which points moved (None without a shape
+        model or a fine stage, or with ``meta['research'] = False``); ``looks`` (the fine looks) take
+        the new looks' entries of those points."""
+        from .confidence import of_model
+
+        conf = of_model(self)
+        if (conf is None or conf.shape is None or self.fine is None or self.fine_steps <= 0
+                or conf.shape.n_landmarks != len(pos) or not self.meta.get("research", True)):
+            return pos, spread, None
+        off = 0.0 if self.landmark_offsets is None else self.landmark_offsets  # judged without a site's offsets
+        s = self.pixel_spacing
+        before = conf.shape.check((pos - off) * s)
+        moved = np.zeros(len(pos), bool)
+        if not before.flagged.any():
+            return pos, spread, moved
+        new_looks: list | None = [] if looks else None
+        cand, cand_spread = self._refine(pyr, before.implied / s, spread, looks=new_looks)
+        trial = np.where(before.flagged[:, None], cand, pos)
+        after = conf.shape.check((trial - off) * s)
+        moved = before.flagged & (after.z < before.z)
+        if looks and new_looks:
+            for i, (old, new) in enumerate(zip(looks, new_looks)):
+                looks[i] = FineLook(*(np.where(moved.reshape((-1,) + (1,) * (a.ndim - 1)), b, a) for a, b in
+                                      ((old.centers, new.centers), (old.positions, new.positions),
+                                       (old.windows, new.windows), (old.heatmaps, new.heatmaps))))
+        return np.where(moved[:, None], cand, pos), np.where(moved, cand_spread, spread), moved
 
     @property
     def landmark_offsets(self) -> np.ndarray | None:
