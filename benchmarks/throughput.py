@@ -18,7 +18,15 @@ threads.
 Before running, waits (up to ``--max-wait`` s) for the 1-minute load to fall to
 ``--quiet-load``; runs anyway after that and says so in the JSON.
 
-Writes the ``predict`` part of ``benchmarks/results/throughput.json`` (other parts, e.g. a
+``--train`` instead times training (issue 25): optimizer steps per second of the shipped
+model's coarse net and one fine net (their default configs, synthetic 2400 x 1935 images) in one
+process on 1 and on 2 threads and in 2 processes of 1 thread each (``torchrun --standalone
+--nproc_per_node 2``, gloo), the same global batch throughout (coarse 8, fine 32: 4 and 16 per
+process), the first steps left out as warm-up; also the seconds per step spent making the
+batches (each process makes its share, see ``napari_glimpse.distributed``). About 2 minutes; it
+writes the ``train`` part of the JSON, and nothing when the machine is not quiet by ``--max-wait``.
+
+Writes the ``predict`` part of ``benchmarks/results/throughput.json`` (other parts, e.g. the
 training part, are kept). A setting run again replaces its run, which moves to ``earlier_runs``
 (e.g. one made on a busier machine); runs are compared through their CSVs' digests. About 8
 minutes on 2 cores for everything.
@@ -26,6 +34,7 @@ minutes on 2 cores for everything.
 Usage::
 
     python benchmarks/throughput.py [--sizes 100 1000] [--workers 1 2] [--profile] [--max-wait 600]
+    python benchmarks/throughput.py --train [--max-wait 600]
 """
 
 from __future__ import annotations
@@ -189,7 +198,14 @@ def main() -> None:
     ap.add_argument("--quiet-load", type=float, default=1.5)
     ap.add_argument("--max-wait", type=float, default=600)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--train", action="store_true", help="time training steps/s, 1 vs 2 processes (no ISBI data)")
+    ap.add_argument("--train-child", type=Path, metavar="JSON", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.train_child:
+        return train_child(a.train_child, a.threads)
+    if a.train:
+        return run_train(a)
     if not DATA.exists():
         raise SystemExit(f"needs the ISBI 2015 images in {DATA}")
     quiet = wait_for_quiet(a.quiet_load, a.max_wait)
@@ -284,6 +300,119 @@ def profile(threads: int) -> dict:
     res.update(load_before=before, load_after=load(), seconds=round(time.perf_counter() - t, 2))
     print(json.dumps(res), flush=True)
     return res
+
+
+# ---------------------------------------------------------------------------- training
+TRAIN_STEPS = {"coarse": 10, "fine": 30}  # steps timed per stage, the first WARM_UP of them left out
+WARM_UP = 2
+TRAIN_SETTINGS = ((1, 1), (1, 2), (2, 1))  # (processes, torch threads each)
+
+
+def synthetic_set(n: int = 8, hw: tuple[int, int] = (2400, 1935), k: int = 19, seed: int = 0):
+    """``n`` noisy images of a cephalogram's size, each with ``k`` bright discs at its landmarks:
+    their pyramids (4 levels, as the shipped model's) and the ``(n, k, 2)`` landmarks."""
+    import numpy as np
+
+    from napari_glimpse.pyramid import build_pyramid
+
+    rng = np.random.default_rng(seed)
+    pyramids, truth = [], rng.uniform([200, 200], [hw[1] - 200, hw[0] - 200], size=(n, k, 2))
+    yy, xx = np.ogrid[:hw[0], :hw[1]]
+    for pts in truth:
+        img = rng.normal(60, 12, size=hw).astype(np.float32)
+        for x, y in pts:
+            img[(xx - x) ** 2 + (yy - y) ** 2 <= 15 ** 2] = 220
+        pyramids.append(build_pyramid(img.clip(0, 255).astype(np.uint8), 4, 64))
+    return pyramids, truth
+
+
+def _timed_steps(train, steps: int) -> dict:
+    """Run ``train(callback, max_steps)`` and time its steps after the warm-up (rank 0's clock),
+    and the seconds per step spent in ``batch()`` (see :func:`train_child`)."""
+    times: list[float] = []
+    BATCH_S[0] = 0.0
+    train(lambda info: times.append(info["elapsed_s"]), steps)
+    rate = (len(times) - WARM_UP) / (times[-1] - times[WARM_UP - 1])
+    return {"steps": len(times), "steps_per_s": round(rate, 3), "s_per_step": round(1 / rate, 4),
+            "batch_making_s_per_step": round(BATCH_S[0] / len(times), 4)}
+
+
+BATCH_S = [0.0]
+
+
+def train_child(out: Path, threads: int) -> None:
+    """One process of a timing run (alone, or one of torchrun's): train the coarse net and a fine
+    net for :data:`TRAIN_STEPS`; rank 0 writes the figures to ``out``."""
+    import torch
+
+    from napari_glimpse import coarse, distributed, fine
+
+    def timed(net, stage, lr, batch, *args, **kw):  # fit_heatmaps, timing batch()
+        def timed_batch():
+            t = time.perf_counter()
+            b = batch()
+            BATCH_S[0] += time.perf_counter() - t
+            return b
+        return fit(net, stage, lr, timed_batch, *args, **kw)
+
+    fit = coarse.fit_heatmaps
+    coarse.fit_heatmaps = fine.fit_heatmaps = timed
+    torch.set_num_threads(threads)
+    with distributed.session("cpu"):
+        main_rank, world = distributed.is_main(), distributed.world_size()
+        pyramids, truth = synthetic_set()
+        ccfg, fcfg = coarse.CoarseConfig(), fine.FineConfig(context=3, pixel_spacing=0.1)
+        views = coarse.view_levels(pyramids, truth, ccfg)
+        levels, truth_f = fine.fine_levels(pyramids, truth, fcfg)
+        del pyramids
+        res = {"processes": world, "threads_each": threads, "global_batch": {"coarse": ccfg.batch_size,
+                                                                            "fine": fcfg.batch_size},
+               "coarse": _timed_steps(lambda cb, n: coarse.train_coarse(*views, ccfg, 1e9, progress=False, callback=cb,
+                                                                        max_steps=n), TRAIN_STEPS["coarse"]),
+               "fine": _timed_steps(lambda cb, n: fine.train_fine(levels, truth_f, fcfg, 1e9, progress=False,
+                                                                  callback=cb, max_steps=n), TRAIN_STEPS["fine"])}
+    if main_rank:
+        out.write_text(json.dumps(res))
+
+
+def run_train(a: argparse.Namespace) -> None:
+    """Every setting of :data:`TRAIN_SETTINGS` in a fresh process (or two), once the machine is
+    quiet; the ``train`` part of the JSON (the ``predict`` part kept)."""
+    quiet = wait_for_quiet(a.quiet_load, a.max_wait)
+    if not quiet["quiet_when_started"]:  # other jobs' share of the cores would decide 1 vs 2 processes
+        raise SystemExit(f"load {quiet['load']} after {quiet['waited_s']} s: training not timed (nothing written)")
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="throughput-train") as tmp:
+        for procs, threads in TRAIN_SETTINGS:
+            out = Path(tmp) / f"p{procs}_t{threads}.json"
+            child = [str(Path(__file__).resolve()), "--train-child", str(out), "--threads", str(threads)]
+            cmd = ([sys.executable, *child] if procs == 1 else
+                   [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+                    *child])
+            print(f"training: {procs} process(es) x {threads} thread(s) ...", flush=True)
+            before, t = load(), time.perf_counter()
+            subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+            r = json.loads(out.read_text())
+            r.update(wall_s=round(time.perf_counter() - t, 1), load_before=before, load_after=load())
+            print(json.dumps(r), flush=True)
+            runs.append(r)
+    for stage in TRAIN_STEPS:
+        base = {(r["processes"], r["threads_each"]): r[stage]["steps_per_s"] for r in runs}
+        for r in runs:
+            r[stage]["speed_vs_1_process_1_thread"] = round(r[stage]["steps_per_s"] / base[1, 1], 3)
+            r[stage]["speed_vs_1_process_2_threads"] = round(r[stage]["steps_per_s"] / base[1, 2], 3)
+    doc = json.loads(a.out.read_text()) if a.out.exists() else {}
+    old = doc.get("train", {})
+    m = meta(quiet)
+    m.update(model="the shipped model's coarse net and one fine net (default CoarseConfig, FineConfig context 3)",
+             images="8 synthetic 2400 x 1935 images (noise and 19 bright discs), 4-level pyramids", load_at_end=load(),
+             notes=[f"steps/s over steps {WARM_UP + 1}-{max(TRAIN_STEPS.values())} of each stage (rank 0's clock)",
+                    "the same global batch in every setting; 2 processes: torchrun --standalone, gloo, "
+                    "batch norms synced, gradients all-reduced"])
+    doc["train"] = {"meta": m, "runs": runs,
+                    "earlier_runs": old.get("earlier_runs", []) + ([old["runs"]] if "runs" in old else [])}
+    a.out.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":

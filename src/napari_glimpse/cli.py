@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pretrained", nargs="?", const=True, metavar="PATH",
                    help="paper trunk: ImageNet weights from torchvision, or a local ResNet-34 state dict")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--batch-size", type=_positive_int)
+    t.add_argument("--batch-size", type=_positive_int,
+                   help="the glimpse net's batch of one step; under torchrun the processes share it (docs/scale.md)")
     t.add_argument("--lr", type=_positive_float)
     t.add_argument("--val-fraction", type=float, default=0.0,
                    help="hold out this fraction of the split as validation, reported as training goes")
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-offsets", action="store_true",
                    help="do not learn the per-landmark offsets (a site's systematic difference from the model's "
                         "answers, added to it; learned only where the answer is the coarse and fine stages')")
-    f.add_argument("--batch-size", type=_positive_int)
+    f.add_argument("--batch-size", type=_positive_int,
+                   help="the glimpse net's batch of one step, when it is tuned; under torchrun the processes share it")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--device", default="auto")
     f.add_argument("--threads", type=_positive_int)
