@@ -77,7 +77,7 @@ def _rank(rank: int, world: int, port: int, data: str, out: str) -> None:
     torch.set_num_threads(1)
     with distributed.session("cpu"):
         assert distributed.world_size() == world and distributed.rank() == rank
-        grads = first_step_gradients(Path(data), Path(out) / "model.pt")
+        grads = first_step_gradients(Path(data), Path(out) / f"model_{rank}.pt")  # rank 1 must write nothing
         try:  # a glimpse-only recipe's loop is not data-parallel: refused, not trained N times over
             build("glimpse", Path(data), Path(out) / "glimpse.pt", progress=False)
         except GlimpseError as exc:
@@ -131,7 +131,7 @@ def test_two_processes_give_the_one_process_gradient(stage, two_processes, one_p
 
 
 def test_only_rank_0_writes(two_processes):
-    assert two_processes["written"] == ["grads_0.pt", "grads_1.pt", "model.pt", "model.pt.resume"]
+    assert two_processes["written"] == ["grads_0.pt", "grads_1.pt", "model_0.pt", "model_0.pt.resume"]
 
 
 def test_a_glimpse_only_recipe_is_refused(two_processes):
