@@ -188,6 +188,29 @@ def run_variant(name: str, site: dict, k: int, scale: float, tmp: Path) -> dict:
     return out
 
 
+_TEST1: dict = {}  # plain Test1 (read with --test1 only), loaded once
+
+
+def test1_scores(model) -> dict:
+    """Plain ISBI Test1 (151-300, untransformed): against the mean of the doctors (what the shipped
+    model learned), against the senior's labels (the simulated site's convention) and, for an
+    adapted model, against the mean without the landmark offsets (what the nets still know)."""
+    from napari_glimpse.finetune import LoadedDataset, load_images
+    from napari_glimpse.io import load_dataset
+
+    if "mean" not in _TEST1:
+        raw = load_dataset(DATA, "test1")
+        _TEST1["mean"] = load_images(raw)
+        _TEST1["senior"] = LoadedDataset(_TEST1["mean"].image_paths, {"labels": raw.ground_truth("senior")},
+                                         raw.landmark_names, raw.pixel_spacing, arrays=_TEST1["mean"].arrays)
+    out = {"mean": score(model, _TEST1["mean"], 0.1), "senior": score(model, _TEST1["senior"], 0.1)}
+    off = model.meta.pop("landmark_offsets_px", None)
+    if off is not None:
+        out["mean_nets"] = score(model, _TEST1["mean"], 0.1)
+        model.meta["landmark_offsets_px"] = off
+    return out
+
+
 def run_cli(site: dict, k: int, scale: float, tmp: Path, mix: bool, extra: list[str]) -> dict:
     """``napari-glimpse finetune`` as the napari widget runs it (its defaults, 1 thread, int8 graphs remade)."""
     from napari_glimpse.inference import GlimpseModel
@@ -212,6 +235,8 @@ def run_cli(site: dict, k: int, scale: float, tmp: Path, mix: bool, extra: list[
            "progress_lines": len(lines), "eta_at_half": _eta_at_half(lines, minutes * 60)}
     res.update(evaluate_after(model, site, scale))
     res["finetuned"] = {key: model.meta["finetuned"][key] for key in ("stages", "steps", "nets", "config", "seconds")}
+    if _TEST1.get("wanted"):
+        res["test1"] = test1_scores(model)
     return res
 
 
@@ -280,8 +305,19 @@ def summarize(results: dict) -> dict:
                       "plain_mre_mm": [results["before"]["plain"]["mre_mm"], r["plain"]["mre_mm"]],
                       "plain_senior_mre_mm": [results["before"]["plain_senior"]["mre_mm"], r["plain_senior"]["mre_mm"]],
                       "plain_nets_mre_mm": r.get("plain_nets", {}).get("mre_mm"),
+                      **_test1_row(results["before"].get("test1"), r.get("test1")),
                       "load": r["load_before"]["loadavg"][0]}
     return rows
+
+
+def _test1_row(before: dict | None, after: dict | None) -> dict:
+    """Plain Test1 MRE before -> after adapting (against the mean, the senior; the nets alone)."""
+    if not before or not after:
+        return {}
+    return {"test1_mre_mm": [before["mean"]["mre_mm"], after["mean"]["mre_mm"]],
+            "test1_senior_mre_mm": [before["senior"]["mre_mm"], after["senior"]["mre_mm"]],
+            "test1_nets_mre_mm": after.get("mean_nets", {}).get("mre_mm"),
+            "test1_over10": [before["mean"]["over10"], after["mean"]["over10"]]}
 
 
 def _save(results: dict, path: Path) -> None:
@@ -303,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                         "cli_mix or reference)")
     p.add_argument("--scale", type=float, default=0.9)
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--test1", action="store_true",
+                   help="also score the CLI runs' models on plain ISBI Test1 (read once per shipped result)")
     a = p.parse_args(argv)
     import torch
 
@@ -321,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         if "plain_senior" not in results.get("before", {}) or results["before"].get("scale") != a.scale:
             results["before"] = {"scale": a.scale, **evaluate_after(GlimpseModel.load(None, "cpu"), site, a.scale)}
             _save(results, a.out)
+        if a.test1:
+            _TEST1["wanted"] = True
+            results["before"]["test1"] = test1_scores(GlimpseModel.load(None, "cpu"))
         runs = results.setdefault("runs", {})
         todo = [(v, k, lambda v=v, k=k: run_variant(v, site, k, a.scale, tmp)) for v in a.variants for k in a.k]
         if a.cli or a.cli_mix:
