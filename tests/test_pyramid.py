@@ -225,3 +225,16 @@ def test_deepen_adds_levels_close_to_natively_built_ones():
         assert made.dtype == torch.uint8
         assert (made.int() - native.int()).abs().max() <= 1  # made from the rounded level, not the float chain
     assert deepen(full.levels, 4) == list(full.levels)  # deep enough already: nothing added or cut
+
+
+def test_rgb_becomes_grey_as_the_reader_makes_it(tmp_path):
+    """An RGB(A) array (a napari RGB layer of a colour file) is as grey as the file read with
+    read_image (PIL's convert("L")), to the bit; alpha is ignored."""
+    from PIL import Image
+
+    rgb = np.random.default_rng(5).integers(0, 256, size=(30, 40, 3), dtype=np.uint8)
+    p = tmp_path / "colour.png"
+    Image.fromarray(rgb).save(p)
+    np.testing.assert_array_equal(to_grey_uint8(rgb), read_image(p))
+    rgba = np.concatenate([rgb, np.full((30, 40, 1), 7, dtype=np.uint8)], axis=-1)
+    np.testing.assert_array_equal(to_grey_uint8(rgba), read_image(p))

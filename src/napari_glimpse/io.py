@@ -78,7 +78,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image as a 2-D grey ``uint8`` array.
 
     8-bit images are kept as they are; 16-bit and float images are windowed to their
-    0.5-99.5 percentile range; RGB is averaged to grey. NaN or infinite pixels of a float image
+    0.5-99.5 percentile range; RGB becomes its luma (PIL's ``convert("L")``). NaN or infinite pixels of a float image
     are set to its lowest value, with a warning (:func:`finite_pixels`); an image above
     :data:`MAX_PIXELS` is a clear error.
     """
@@ -100,19 +100,27 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     return to_grey_uint8(finite_pixels(arr, str(path)))
 
 
+def rgb_to_grey(rgb: np.ndarray) -> np.ndarray:
+    """``(H, W)`` luma of an ``(H, W, 3|4)`` RGB(A) array (alpha ignored), as :func:`read_image` makes
+    it of an RGB file (PIL's ``convert("L")``: ITU-R 601-2 weights): bit for bit for ``uint8``,
+    ``float32`` for other types."""
+    rgb = np.asarray(rgb)[..., :3]
+    if rgb.dtype == np.uint8:  # PIL's integer formula
+        r, g, b = (rgb[..., i].astype(np.uint32) for i in range(3))
+        return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
+    return rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
 def to_grey_uint8(arr: np.ndarray) -> np.ndarray:
-    """Convert an image array (grey or RGB/RGBA, any dtype) to grey ``uint8``."""
+    """Convert an image array (grey or RGB/RGBA, any dtype) to grey ``uint8`` (RGB: :func:`rgb_to_grey`)."""
     arr = np.asarray(arr)
     if arr.ndim == 3:
-        was_uint8 = arr.dtype == np.uint8
         if arr.shape[-1] in (3, 4):
-            arr = arr[..., :3].astype(np.float32).mean(axis=-1)
+            arr = rgb_to_grey(arr)
         elif arr.shape[0] in (3, 4):
-            arr = arr[:3].astype(np.float32).mean(axis=0)
+            arr = rgb_to_grey(np.moveaxis(arr, 0, -1))
         else:
             raise GlimpseError(f"expected a 2-D grey or RGB image, got shape {arr.shape}")
-        if was_uint8:
-            return (arr + 0.5).astype(np.uint8)
     if arr.ndim != 2:
         raise GlimpseError(f"expected a 2-D grey or RGB image, got shape {arr.shape}")
     if arr.dtype == np.uint8:
