@@ -67,6 +67,18 @@ class LoopWatch:
         return self.worst
 
 
+def idle_repaint_stall(viewer, qtbot, repaints: int = 6) -> float:
+    """The worst event-loop stall while napari only redraws its canvas ``repaints`` times: what one
+    frame of this window costs on this machine now (software GL redraws it all, and a busy machine
+    makes that slower). Stall bounds scale with it instead of being raw timings."""
+    canvas = viewer.window._qt_viewer.canvas._scene_canvas.native
+    watch = LoopWatch().start()
+    for _ in range(repaints):
+        canvas.update()
+        qtbot.wait(120)
+    return watch.stop()
+
+
 def drag_point(viewer, layer, row: int, to_yx, qtbot, steps: int = 8) -> None:
     """Drag point ``row`` of ``layer`` to data position ``to_yx`` with real Qt mouse events on
     napari's canvas (press on the point, move in ``steps``, release), as a hand does."""

