@@ -17,8 +17,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,13 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed
+from ._serde import DictConfig
 from .errors import GlimpseError
 from .model import _conv_bn
 from .runtime import inference_net, members_of  # noqa: F401  members_of: re-exported
 
 
 @dataclass(frozen=True)
-class CoarseConfig:
+class CoarseConfig(DictConfig):
     """Coarse network and its training. ``sigma``: target Gaussian, heatmap pixels."""
 
     n_landmarks: int = 19
@@ -46,19 +47,6 @@ class CoarseConfig:
     shift: float = 0.05
     flip: float = 0.5
     seed: int = 0
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CoarseConfig":
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        if "input_hw" in d:
-            d["input_hw"] = tuple(d["input_hw"])
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["input_hw"] = list(self.input_hw)
-        return d
 
 
 class CoarseNet(nn.Module):

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import distributed
+from ._serde import DictConfig
 from .coarse import (
     CoarseConfig,
     CoarseNet,
@@ -49,7 +50,7 @@ TARGETS = ("mean", "annotators")
 
 
 @dataclass(frozen=True)
-class FineConfig:
+class FineConfig(DictConfig):
     """Fine network and its training.
 
     ``level``: pyramid level the windows are cut from; ``patch``: window side (pixels of that
@@ -95,19 +96,6 @@ class FineConfig:
             raise GlimpseError(f"fine coord_weight {self.coord_weight}: expected 0 or more")
         if not 0.0 <= self.erase <= 1.0:
             raise GlimpseError(f"fine erase {self.erase}: expected a probability between 0 and 1")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FineConfig":
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        if "jitter_mm" in d:
-            d["jitter_mm"] = tuple(d["jitter_mm"])
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["jitter_mm"] = list(self.jitter_mm)
-        return d
 
 
 class FineNet(CoarseNet):

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ._serde import DictConfig
 from .errors import GlimpseError
 from .io import Dataset
 
@@ -36,7 +37,7 @@ COST_S = {"read": 0.2, "offsets": 0.3, "coarse": 1.0, "fine": 0.16, "glimpse": 0
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(DictConfig):
     """What :func:`finetune` tunes, and for how long.
 
     ``coarse_steps`` / ``fine_steps``: optimizer steps for each net of the coarse / fine stage
@@ -61,14 +62,6 @@ class FinetuneConfig:
     mix_images: int | None = None
     time_budget_s: float | None = 240.0
     seed: int = 0
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def used_stages(model) -> tuple[str, ...]:

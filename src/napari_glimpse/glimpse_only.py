@@ -25,12 +25,13 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from ._serde import DictConfig
 from .errors import GlimpseError
 from .glimpse import PyramidStack, image_to_frame, sample_glimpses
 from .inference import GlimpseModel
@@ -41,7 +42,7 @@ from .pyramid import levels_for
 
 
 @dataclass(frozen=True)
-class GlimpseOnlyConfig:
+class GlimpseOnlyConfig(DictConfig):
     """Optimisation, start curriculum, augmentation and weight averaging (see the module)."""
 
     batch_size: int = 48
@@ -64,14 +65,6 @@ class GlimpseOnlyConfig:
     val_every_s: float = 900.0
     ground_truth: str = "mean"
     seed: int = 0
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GlimpseOnlyConfig":
-        known = {f.name: f for f in fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 def curriculum_value(pair: Sequence[float], progress: float, end: float) -> float:

@@ -8,16 +8,17 @@ frame, in units of ``offset_unit`` full-resolution pixels) from the glimpse cent
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._serde import DictConfig
+
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(DictConfig):
     """Architecture. ``trunk``: ``compact`` (default) or ``paper`` (ResNet-34 cut as published).
 
     ``mode``: ``shared`` (one network for all landmarks: a landmark embedding in the first MLP
@@ -32,19 +33,6 @@ class ModelConfig:
     patch: int = 64
     hidden: tuple[int, ...] = (512, 128)
     offset_unit: float = 100.0
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        if "hidden" in d:
-            d["hidden"] = tuple(d["hidden"])
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
 
 
 # ----------------------------------------------------------------------------------- trunks

@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from . import distributed
+from ._serde import DictConfig
 from .checkpoint import atomic_torch_save, read_checkpoint
 from .coarse import CoarseConfig, CoarseEnsemble, members_of, train_coarse, view_levels
 from .errors import GlimpseError
@@ -25,7 +26,7 @@ from .pyramid import build_pyramid, levels_for
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(DictConfig):
     """Optimisation and augmentation.
 
     ``start_mode``: ``mean`` draws starts from N(mean, std) of the landmark's training positions
@@ -52,19 +53,6 @@ class TrainConfig:
     ground_truth: str = "mean"
     save_every_s: float = 300.0
     seed: int = 0
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        if "near_sigma_px" in d:
-            d["near_sigma_px"] = tuple(d["near_sigma_px"])
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["near_sigma_px"] = list(self.near_sigma_px)
-        return d
 
 
 def presets(name: str, n_train: int = 150, n_landmarks: int = 19) -> tuple[ModelConfig, TrainConfig]:
