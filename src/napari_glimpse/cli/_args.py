@@ -1,0 +1,45 @@
+"""Argument types and helpers shared by the commands."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_float(s: str) -> float:
+    v = float(s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return v
+
+
+def positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return v
+
+
+def spacing_text(s: str) -> str:
+    """``--spacing``: checked in :func:`main` (one error line, exit 2; see ``spacing.check_spacing``)."""
+    return s
+
+
+def nonnegative_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return v
+
+
+def threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def is_main() -> bool:
+    """Rank 0 of a torchrun job (or the only process)."""
+    from ..distributed import is_main as main_rank
+
+    return main_rank()

@@ -1,0 +1,121 @@
+"""``napari-glimpse train``: train a model on a labelled split (or a recipe)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+from ..errors import GlimpseError
+from ._args import is_main, positive_float, positive_int, spacing_text
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser("train", help="train a model on a labelled split")
+    t.add_argument("--data", required=True, help="dataset folder (Kaggle CSV or ISBI layout) or a CSV file")
+    t.add_argument("--split", default="train", help="split to train on (default: train)")
+    t.add_argument("--out", required=True, help="model file to write")
+    t.add_argument("--recipe", metavar="NAME_OR_PATH",
+                   help="train the kind of model a recipe describes: 'default' (the shipped model's: a coarse net and "
+                        "four fine nets, int8; 238 min in full, about 4 h on 2 CPU cores) or a recipe file; "
+                        "--time-budget then scales every stage's minutes, --max-steps caps every stage's steps")
+    t.add_argument("--config", choices=["compact", "paper"], default="compact",
+                   help="compact (default; trains on a CPU) or paper (ResNet-34 as published)")
+    t.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    t.add_argument("--time-budget", type=positive_float, metavar="MIN",
+                   help="stop after this many minutes of training; the schedule fits the budget")
+    t.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
+    t.add_argument("--resume", action="store_true", help="continue from OUT.resume")
+    t.add_argument("--init", metavar="MODEL", help="start from this model's weights (fine-tuning)")
+    t.add_argument("--pretrained", nargs="?", const=True, metavar="PATH",
+                   help="paper trunk: ImageNet weights from torchvision, or a local ResNet-34 state dict")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--batch-size", type=positive_int,
+                   help="the glimpse net's batch of one step; under torchrun the processes share it (docs/scale.md)")
+    t.add_argument("--lr", type=positive_float)
+    t.add_argument("--val-fraction", type=float, default=0.0,
+                   help="hold out this fraction of the split as validation, reported as training goes")
+    t.add_argument("--spacing", type=spacing_text, metavar="MM",
+                   help="pixel spacing of the images in mm (default 0.1); the new model works at it (images at "
+                        "another spacing are resampled to it when predicted)")
+    t.add_argument("--threads", type=positive_int, help="CPU threads for torch")
+    t.add_argument("--coarse-minutes", type=positive_float, metavar="MIN",
+                   help="first train the coarse whole-image stage for MIN minutes (its answer is the "
+                        "glimpses' start and tells which way the patient faces); --time-budget follows")
+    t.add_argument("--fine-minutes", type=positive_float, metavar="MIN",
+                   help="then train the fine stage for MIN minutes (a closer look around each coarse answer, "
+                        "at 0.2 mm per pixel for ISBI images); needs --coarse-minutes")
+    t.add_argument("--fine-target", choices=["mean", "annotators"], default="mean",
+                   help="what the fine net is taught where the data has several annotators: a point at their "
+                        "mean (default), or each annotator's point (equal weights; its answer lands between "
+                        "them where they are less than about 4 mm apart); needs --fine-minutes")
+    t.add_argument("--levels", type=positive_int, help="pyramid levels seen by each glimpse (default 6)")
+
+
+def run(a: argparse.Namespace) -> int:
+    if a.recipe:  # the recipe sets the stages; napari_glimpse.recipe refuses the flags that would too
+        from ..recipe import cmd_train_recipe
+
+        return cmd_train_recipe(a, vars(_parser().parse_args(["train", "--data", "-", "--out", "-"])))
+    from ..fine import FineConfig
+    from ..inference import GlimpseModel
+    from ..io import load_dataset
+    from ..training import presets, train
+
+    ds = load_dataset(a.data, a.split, a.spacing)
+    mcfg, tcfg = presets(a.config, len(ds), len(ds.landmark_names))
+    if a.levels:
+        mcfg = replace(mcfg, n_levels=a.levels)
+    over = {"seed": a.seed}
+    if a.batch_size:
+        over["batch_size"] = a.batch_size
+    if a.lr:
+        over["lr"] = a.lr
+    if a.max_steps:
+        over["max_steps"] = a.max_steps
+    elif a.time_budget:
+        over["max_steps"] = None
+    tcfg = replace(tcfg, **over)
+    val = None
+    if a.val_fraction:
+        if not 0 < a.val_fraction < 1:
+            raise GlimpseError("--val-fraction must be between 0 and 1")
+        import numpy as np
+
+        order = np.random.default_rng(a.seed).permutation(len(ds))
+        n_val = max(1, int(round(a.val_fraction * len(ds))))
+        val, ds = ds.subset(sorted(order[:n_val])), ds.subset(sorted(order[n_val:]))
+    init = GlimpseModel.load(a.init, a.device) if a.init else None
+    if a.pretrained and a.config != "paper":
+        raise GlimpseError("--pretrained applies to --config paper (the ResNet-34 trunk)")
+    cmd = "napari-glimpse " + " ".join(sys.argv[1:]) if sys.argv else ""
+    meta = {"command": cmd, "data": str(a.data), "split": a.split}
+    if a.init:
+        meta["parent"] = str(a.init)
+    if a.fine_target != "mean" and (not a.fine_minutes or a.resume or (init is not None and init.fine is not None)):
+        raise GlimpseError("--fine-target applies to a new fine stage: give --fine-minutes, without --resume "
+                           "or an --init model that has a fine stage (its own target is kept)")
+    model = train(
+        ds, a.out, mcfg, tcfg, device=a.device,
+        time_budget_s=a.time_budget * 60 if a.time_budget else None,
+        resume=a.resume, init=init, pretrained=a.pretrained, val=val, meta=meta,
+        max_steps=a.max_steps, coarse_budget_s=a.coarse_minutes * 60 if a.coarse_minutes else None,
+        fine_budget_s=a.fine_minutes * 60 if a.fine_minutes else None,
+        fine_config=None if a.fine_target == "mean" else FineConfig(
+            n_landmarks=len(ds.landmark_names), seed=tcfg.seed, pixel_spacing=ds.pixel_spacing, target=a.fine_target),
+    )
+    if not is_main():  # rank 0 of a torchrun job reports
+        return 0
+    m = model.meta
+    msg = f"wrote {a.out}: {m['train_steps']} steps in {m['train_wall_s'] / 60:.1f} min"
+    last = m["history"][-1] if m.get("history") else {}
+    if "val_mre_mm" in last:
+        msg += f", validation MRE {last['val_mre_mm']:.2f} mm"
+    print(msg)
+    return 0
+
+
+def _parser():
+    from . import build_parser
+
+    return build_parser()
