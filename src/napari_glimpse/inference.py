@@ -249,6 +249,22 @@ class Trajectory:
         return np.concatenate([self.coarse_positions[None], self.fine_positions])
 
 
+@dataclass(frozen=True)
+class _StageAnswer:
+    """What the coarse and fine stages answered on one image (:meth:`GlimpseModel._coarse_fine`):
+    ``positions`` and ``spread`` ``(K, ...)`` all landmarks, image pixels; ``facing`` as read;
+    ``mirrored`` the mirrored pyramid the stages read (None when the image was read as it is);
+    ``record`` the :class:`Trajectory` fields of the stages (on request) and ``cues`` the
+    confidence's inputs."""
+
+    positions: np.ndarray
+    spread: np.ndarray
+    facing: str
+    mirrored: Pyramid | None
+    record: dict
+    cues: dict
+
+
 class GlimpseModel:
     """A trained detector: network, configuration and the metadata it was trained with."""
 
@@ -586,43 +602,18 @@ class GlimpseModel:
                               landmark_names=tuple(self.landmark_names[k] for k in ks),
                               pixel_spacing=self.pixel_spacing, image_shape=pyr.shape, patch=self.config.patch,
                               facing=facing if facing != "auto" else "right")
-        w = pyr.shape[1]
-        mirrored = None
-        coarse_start = None
+        mirrored = coarse_start = None
         stages: dict = {}
         cues: dict | None = None  # what the confidence is computed from (napari_glimpse.confidence)
         if self.coarse is not None and start is None:
-
-            start, spread, disagreement = self._coarse(pyr)
-            cues = {"coarse_spread": spread}
-            if facing == "auto":
-                facing = facing_of(start, self.mean_start)
-            looks: list | None = [] if record_stages or self.meta.get("confidence") else None
-            if facing == "left":
-                # read the mirrored image the way the training images face, so that a mirrored
-                # cephalogram gets exactly the mirrored answer (what locate_coarse(mirrored) does)
-                mirrored = build_pyramid(pyr.levels[0].flip(-1).numpy(), self.config.n_levels, self.config.patch)
-                coarse, spread, disagreement = self._coarse(mirrored)
-                cues["coarse_spread"] = spread
-                start, spread = self._refine(mirrored, coarse, spread, disagreement=disagreement, looks=looks)
-                start, spread, researched = self._research(mirrored, start, spread, looks)
-                start = mirror_points(start, w)
-            else:
-                coarse = start
-                start, spread = self._refine(pyr, start, spread, disagreement=disagreement, looks=looks)
-                start, spread, researched = self._research(pyr, start, spread, looks)
-            ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
-            if looks and record_stages:
-                stages = self._stage_record(coarse, looks, pyr, landmarks, mirrored is not None)
-            if researched is not None:
-                stages["researched"] = researched[ks]
-            coarse_start = start
-            cues.update(coarse=coarse if mirrored is None else mirror_points(coarse, w), final=start,
-                        fine_spread=spread, ks=ks, peak=_peaks(looks))
+            st = self._coarse_fine(pyr, facing, landmarks, record_stages)
+            start = coarse_start = st.positions
+            facing, mirrored, stages, cues = st.facing, st.mirrored, st.record, st.cues
+            ks = cues["ks"]
             gate = self.glimpse_gate
             if iterations == 0 or (gate is not None and not gate[ks].any()):
                 tr = Trajectory(
-                    positions=start[ks][None], uncertainty_mm=spread[ks] * self.pixel_spacing,
+                    positions=start[ks][None], uncertainty_mm=st.spread[ks] * self.pixel_spacing,
                     landmark_names=tuple(self.landmark_names[k] for k in ks), pixel_spacing=self.pixel_spacing,
                     image_shape=pyr.shape, patch=self.config.patch, facing=facing,
                     glimpses=np.zeros((0, len(ks), self.config.n_levels, self.config.patch, self.config.patch),
@@ -662,6 +653,38 @@ class GlimpseModel:
         pos[:, off] = start[ks][off]
         unc[off] = spread[ks][off] * self.pixel_spacing
         return dataclasses.replace(tr, positions=pos, uncertainty_mm=unc, steps_gated=off)
+
+    def _coarse_fine(self, pyr: Pyramid, facing: str, landmarks: Sequence[int] | None,
+                     record_stages: bool) -> _StageAnswer:
+        """The coarse stage, the fine stage's looks and the second search of implausible points,
+        read in the training images' facing (a left-facing image mirrored first: exactly the
+        mirrored answer), with what the confidence is computed from."""
+        w = pyr.shape[1]
+        start, spread, disagreement = self._coarse(pyr)
+        cues = {"coarse_spread": spread}
+        if facing == "auto":
+            facing = facing_of(start, self.mean_start)
+        looks: list | None = [] if record_stages or self.meta.get("confidence") else None
+        mirrored = None
+        if facing == "left":
+            mirrored = build_pyramid(pyr.levels[0].flip(-1).numpy(), self.config.n_levels, self.config.patch)
+            coarse, spread, disagreement = self._coarse(mirrored)
+            cues["coarse_spread"] = spread
+        else:
+            coarse = start
+        frame = pyr if mirrored is None else mirrored
+        pos, spread = self._refine(frame, coarse, spread, disagreement=disagreement, looks=looks)
+        pos, spread, researched = self._research(frame, pos, spread, looks)
+        if mirrored is not None:
+            pos = mirror_points(pos, w)
+        ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
+        record = self._stage_record(coarse, looks, pyr, landmarks, mirrored is not None) if looks and record_stages \
+            else {}
+        if researched is not None:
+            record["researched"] = researched[ks]
+        cues.update(coarse=coarse if mirrored is None else mirror_points(coarse, w), final=pos,
+                    fine_spread=spread, ks=ks, peak=_peaks(looks))
+        return _StageAnswer(pos, spread, facing, mirrored, record, cues)
 
     def _assess(self, tr: Trajectory, cues: dict | None) -> Trajectory:
         """``tr`` with its plausibility check and calibrated confidence (:mod:`napari_glimpse.confidence`),
