@@ -49,7 +49,9 @@ from ._state import (
     focus_landmark,
     image_path_of,
     log_states,
+    prewarm_labelled_points,
     real_viewer,
+    set_bar,
     set_layer_content,
     state_for,
     status,
@@ -138,6 +140,25 @@ def _table_rows(det: Detection, log: Any) -> list[tuple[int, str, float, float, 
     return rows
 
 
+def _collect_before_detecting() -> None:
+    """Import what loading a model imports, then run a full garbage collection, now.
+
+    Loading a model (imports, unpickling) leaves enough new objects that Python's next full
+    collection of napari's and torch's heap came while the first landmarks layer was added: a
+    0.15-0.3 s pause in the GUI thread during the first detection. Collected while the widget is
+    being made (napari waits for it anyway), the next full collection is far off.
+    """
+    import gc
+    import importlib
+
+    for name in ("pandas", "cv2", "onnxruntime", "napari_glimpse.shape", "napari_glimpse.confidence"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an optional backend: the loader does without it as well
+            pass
+    gc.collect()
+
+
 class _SortItem(QTableWidgetItem):
     """A table cell showing text but sorting by a number."""
 
@@ -162,6 +183,7 @@ class DetectWidget(QWidget):
         self.viewer = real_viewer(napari_viewer)  # napari hands each widget its own proxy
         self.state = state_for(self.viewer)
         self._worker = None
+        self._showing = False  # a finished job's layers are being shown (see _on_result)
         self._t_click = 0.0
         self.folder_images: list[Path] = []
         self.folder_index = -1
@@ -305,7 +327,14 @@ class DetectWidget(QWidget):
         self._refresh_layers()
         self._update_nav()
         self._sync_model_edit()
+        _collect_before_detecting()
         self.preload_model()
+        prewarm_labelled_points(self.viewer)  # the first detection's points then appear without a long stall
+
+    @property
+    def busy(self) -> bool:
+        """A detection runs, or its result is being shown."""
+        return self._worker is not None or self._showing
 
     def preload_model(self) -> threading.Thread:
         """Load the chosen model in the background (no Qt in the thread), so the first click is quick."""
@@ -372,7 +401,7 @@ class DetectWidget(QWidget):
         folder_image = self.folder_images[self.folder_index] if self.folder_images and self.folder_index >= 0 else None
         if folder_image is not None and path is not None and path == folder_image:
             return  # the widget's own layer for the folder's current image
-        if self._worker is None and folder_image is not None and layer is not self._folder_layer():
+        if not self.busy and folder_image is not None and layer is not self._folder_layer():
             self.close_folder()  # an image opened by hand: leave the folder for it
         self.layer_combo.setCurrentText(layer.name)
 
@@ -462,7 +491,7 @@ class DetectWidget(QWidget):
 
     def _update_nav(self) -> None:
         n = len(self.folder_images)
-        busy = self._worker is not None
+        busy = self.busy
         self.prev_btn.setEnabled(n > 0 and self.folder_index > 0 and not busy)
         self.next_btn.setEnabled(n > 0 and self.folder_index < n - 1 and not busy)
         self.run_btn.setEnabled(not busy)
@@ -504,7 +533,7 @@ class DetectWidget(QWidget):
         return self._run(image_path_of(layer), data, layer, True, start)
 
     def _run(self, path: Path | None, data: np.ndarray | None, layer: Any, predict: bool, start: bool):
-        if self._worker is not None:
+        if self.busy:
             status(self.status_label, "busy: wait for the running detection", error=True)
             return None
         self._t_click = time.perf_counter()
@@ -521,7 +550,7 @@ class DetectWidget(QWidget):
         worker.errored.connect(self._on_error)
         worker.finished.connect(lambda: self._on_finished(worker))
         self._worker = worker
-        self.progress.setFormat("detecting…" if predict else "opening…")
+        set_bar(self.progress, fmt="detecting…" if predict else "opening…")
         status(self.status_label, f"detecting on {path.name if path else (layer.name if layer else '')}…"
                if predict else f"opening {path.name if path else ''}…")
         self._update_nav()
@@ -533,12 +562,11 @@ class DetectWidget(QWidget):
         # a progress bar repaints at once (and the canvas with it): a quick detection shows none
         if time.perf_counter() - self._t_click < SHOW_PROGRESS_AFTER_S:
             return
-        self.progress.setValue(i)
-        self.progress.setFormat(STAGES[i])
+        set_bar(self.progress, i, STAGES[i])
 
     def _on_error(self, exc: BaseException) -> None:
         status(self.status_label, error_text(exc), error=True)
-        self.progress.setFormat("failed")
+        set_bar(self.progress, fmt="failed")
 
     def _on_finished(self, worker: Any) -> None:
         if self._worker is worker:
@@ -546,48 +574,92 @@ class DetectWidget(QWidget):
         self._update_nav()
 
     def _on_result(self, res: _JobResult, path: Path | None, layer: Any) -> None:
-        self._worker = None  # done: the buttons work again from here on
-        viewer = self.viewer
-        old = self.state.current
-        image_layer = layer
-        if layer is None:  # a folder image: one image layer, reused
-            name = path.stem if path else "cephalogram"
-            image_layer = old.image_layer if old is not None and old.image_layer in viewer.layers else None
-            if image_layer is not None and old.extra.get("from_folder"):
-                image_layer.data = res.image
-                image_layer.name = name
-                image_layer.metadata = {"path": str(path)}
-                image_layer.reset_contrast_limits()
+        """Show a finished job, one piece per event-loop turn (image, points, the rest), each piece's
+        frame drawn before the next piece.
+
+        On software GL every frame redraws the canvas, and napari's setters, the layer list and the
+        table each cost tens of ms: done in one slot with the frame after it they stalled napari
+        past 100 ms. Between the pieces the event loop draws and answers the user.
+        """
+        self._worker = None
+        self._showing = True  # busy until the last piece: no second job meanwhile
+        job = {"res": res, "path": path, "layer": layer}
+        steps = [self._show_image_layer, self._show_points, self._show_rest]
+        job["steps"] = steps
+
+        def run_next() -> None:
+            try:
+                steps.pop(0)(job)
+            except Exception as exc:  # noqa: BLE001 a layer removed meanwhile, say: report, do not hang
+                steps.clear()
+                self._on_error(exc)
+            if steps:  # a timer, not a posted call: the frame the step asked for is drawn first
+                QTimer.singleShot(1, run_next)
             else:
-                image_layer = viewer.add_image(res.image, name=name, colormap="gray", metadata={"path": str(path)})
-        reuse = old.points_layer if (old is not None and old.image_layer is image_layer
-                                     and old.points_layer in viewer.layers) else None
+                self._showing = False
+                self._update_nav()
+                if "det" in job:
+                    self.detected.emit(job["det"])
+
+        run_next()
+
+    def _show_image_layer(self, job: dict) -> None:
+        """The image layer: the chosen one, or the folder's one (reused for its next image)."""
+        res, path, layer = job["res"], job["path"], job["layer"]
+        old = self.state.current
+        job["old"] = old
+        if layer is not None:
+            job["image_layer"] = layer
+            return
+        viewer = self.viewer
+        name = path.stem if path else "cephalogram"
+        image_layer = old.image_layer if old is not None and old.image_layer in viewer.layers else None
+        if image_layer is not None and old.extra.get("from_folder"):
+            image_layer.data = res.image
+            image_layer.name = name
+            image_layer.metadata = {"path": str(path)}
+            image_layer.reset_contrast_limits()
+        else:
+            image_layer = viewer.add_image(res.image, name=name, colormap="gray", metadata={"path": str(path)})
+        job["image_layer"] = image_layer
+
+    def _points_content(self, job: dict) -> tuple[Trajectory | None, tuple[str, ...], Any, str]:
+        """``(trajectory, names, layer data, warning)``: the new proposal (logged), or the log's points."""
+        res, path, image_layer = job["res"], job["path"], job["image_layer"]
         image_name = path.name if path is not None else image_layer.name
         log = self.state.log
         traj = res.trajectory
-        names: tuple[str, ...] = ()
-        warn = ""
-        layer_data = None
         if (traj is not None and path is not None and log is not None and log.state.has_proposal(path)
                 and (log.state.corrected(path) or log.state.is_accepted(path))
                 and not self.replace_check.isChecked()):
-            traj = None  # never replace an annotator's work silently
+            # never replace an annotator's work silently
+            traj = None
             warn = " (kept the reviewed points: tick 'Replace reviewed points' to use the new detection)"
+        else:
+            warn = ""
         if traj is not None:
-            names = tuple(traj.landmark_names)
             try:  # before the layer changes: the corrections widget compares the layer with the log
                 self.state.record_proposal(path, traj, self.state.model_name())
             except GlimpseError as exc:
                 warn = f" (not logged: {exc})"
             if path is None:
                 warn = " (image has no file: corrections are not logged)"
-            layer_data = landmarks_layer(traj, f"{Path(image_name).stem} landmarks", path)
-        elif path is not None and log is not None and log.state.has_proposal(path):
+            return traj, tuple(traj.landmark_names), landmarks_layer(traj, f"{Path(image_name).stem} landmarks",
+                                                                     path), warn
+        if path is not None and log is not None and log.state.has_proposal(path):
             names = log.state.landmark_names
-            layer_data = landmarks_layer_from(
+            return None, names, landmarks_layer_from(
                 log.state.positions(path), names, log.state.confidence(path),
                 image_shape=res.image.shape, name=f"{path.stem} landmarks", image_path=path,
-                states=log_states(log, path, len(names)))
+                states=log_states(log, path, len(names))), warn
+        return None, (), None, warn
+
+    def _show_points(self, job: dict) -> None:
+        """The landmarks layer: the previous one rewritten (same image), else a new one."""
+        viewer, old, image_layer = self.viewer, job["old"], job["image_layer"]
+        reuse = old.points_layer if (old is not None and old.image_layer is image_layer
+                                     and old.points_layer in viewer.layers) else None
+        traj, names, layer_data, warn = self._points_content(job)
         points_layer = None
         if layer_data is not None:
             data, kw, _ = layer_data
@@ -596,40 +668,61 @@ class DetectWidget(QWidget):
                 set_layer_content(self.state, reuse, content, name=kw["name"], metadata=kw["metadata"], size=kw["size"])
                 points_layer = reuse
             else:
+                # a new layer comes hidden, then its points show, then a frame later its labels: napari
+                # adds a layer, and vispy builds each new visual's shaders, in one go each (tens of ms)
+                kw = {**kw, "text": {**kw["text"], "visible": False}, "scale": image_layer.scale,
+                      "translate": image_layer.translate, "visible": False}
                 points_layer = viewer.add_points(data, **kw)
-                points_layer.scale = image_layer.scale
-                points_layer.translate = image_layer.translate
-            points_layer.mode = "select"
+                job["new_layer"] = points_layer
+                job["steps"][:0] = [self._show_new_points, self._show_labels]
+            if points_layer.mode != "select":
+                points_layer.mode = "select"
         elif reuse is not None:
             viewer.layers.remove(reuse)
-        seconds = time.perf_counter() - self._t_click
-        det = Detection(
-            image_name=image_name, image_path=path, image_layer=image_layer, points_layer=points_layer,
-            trajectory=traj, model_name=self.state.model_name(), landmark_names=names,
-            seconds=seconds, extra={"from_folder": layer is None},
+        path = job["path"]
+        job["det"] = Detection(
+            image_name=path.name if path is not None else image_layer.name, image_path=path,
+            image_layer=image_layer, points_layer=points_layer, trajectory=traj,
+            model_name=self.state.model_name(), landmark_names=names,
+            seconds=time.perf_counter() - self._t_click, extra={"from_folder": job["layer"] is None},
         )
+        job["warn"] = warn
+
+    def _show_new_points(self, job: dict) -> None:
+        """A new landmarks layer's points, a frame after it was added."""
+        layer = job["new_layer"]
+        if layer in self.viewer.layers:
+            layer.visible = True
+
+    def _show_labels(self, job: dict) -> None:
+        """A new landmarks layer's labels, a frame after its points."""
+        layer = job["new_layer"]
+        if layer in self.viewer.layers:
+            layer.text.visible = True
+
+    def _show_rest(self, job: dict) -> None:
+        """The shared state (the other widgets follow it), the table, the status, the selection."""
+        det, res, viewer = job["det"], job["res"], self.viewer
         self.state.set_current(det)
         self._table_timer.stop()
         self._fill_table(det)
-        # the bar's value repaints synchronously: after the points are up, not before
-        QTimer.singleShot(0, lambda: self.progress.setValue(len(STAGES)))
-        if traj is not None:
-            self.last_seconds = seconds
-            self.progress.setFormat("done")
-            status(self.status_label, f"{len(traj.final)} landmarks on {image_name} in {seconds:.2f} s "
-                   f"({self.state.model_name()}; {_spacing_text(traj)}){warn}"
+        if det.trajectory is not None:
+            traj = det.trajectory
+            self.last_seconds = det.seconds
+            set_bar(self.progress, len(STAGES), "done")
+            status(self.status_label, f"{len(traj.final)} landmarks on {det.image_name} in {det.seconds:.2f} s "
+                   f"({self.state.model_name()}; {_spacing_text(traj)}){job['warn']}"
                    + (f". Note: {res.spacing_note}" if res.spacing_note else "")
                    + (f". {gate_note(traj)}" if gate_note(traj) else ""))
         else:
-            self.progress.setFormat("shown")
-            status(self.status_label, f"{image_name}: " + ("landmarks from the corrections log" if points_layer
-                   else "press Detect"))
-        if viewer.layers.selection.active is not points_layer and points_layer is not None:
+            set_bar(self.progress, len(STAGES), "shown")
+            status(self.status_label, f"{det.image_name}: " + ("landmarks from the corrections log"
+                                                                if det.points_layer else "press Detect"))
+        points_layer = det.points_layer
+        if points_layer is not None and viewer.layers.selection.active is not points_layer:
             viewer.layers.selection.active = points_layer
-        if layer is None:
+        if job["layer"] is None:
             viewer.reset_view()
-        self._update_nav()
-        self.detected.emit(det)
 
     # ------------------------------------------------------------------------ table
     def _refill_table_soon(self) -> None:

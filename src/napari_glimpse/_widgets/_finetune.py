@@ -36,9 +36,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._state import real_viewer, state_for, status
+from ._state import real_viewer, set_bar, state_for, status
 
 KILL_AFTER_MS = 3000
+PROGRESS_HZ = 4  # the bar and the status follow the training at most this often
 
 
 
@@ -166,6 +167,11 @@ class FinetuneWidget(QWidget):
         self._painted = 0.0  # when the loss plot was last repainted
         self.last_step = 0
         self.output: Path | None = None
+        self._pending: dict | None = None  # the latest progress line, shown at most PROGRESS_HZ a second
+        self._shown_at = 0.0
+        self._pending_timer = QTimer(self)
+        self._pending_timer.setSingleShot(True)
+        self._pending_timer.timeout.connect(self._show_pending)
         self.form = self._build_form()
 
         self.start_btn = QPushButton("Start fine-tuning")
@@ -329,6 +335,7 @@ class FinetuneWidget(QWidget):
         self.proc = proc
         self._buf = b""
         self._cancelled = False
+        self._pending = None
         self.losses, self.loss_nets = {}, {}
         self.tuned = ""
         self.last_step = 0
@@ -339,8 +346,7 @@ class FinetuneWidget(QWidget):
         self.use_btn.setEnabled(False)
         self.start_btn.setEnabled(False)
         self.cancel_btn.setEnabled(True)
-        self.progress.setValue(0)
-        self.progress.setFormat("starting (loading model and images)…")
+        set_bar(self.progress, 0, "starting (loading model and images)…")
         status(self.status_label, f"fine-tuning {self.base_label.value} on {Path(data).name}…")
         proc.start(sys.executable, args)
         return proc
@@ -355,7 +361,10 @@ class FinetuneWidget(QWidget):
         assert self.proc is not None
         self.proc.terminate()
         proc = self.proc
-        QTimer.singleShot(KILL_AFTER_MS, lambda: proc.kill() if proc.state() != QProcess.NotRunning else None)
+        kill = QTimer(proc)  # goes with the process object (a closed widget deletes it)
+        kill.setSingleShot(True)
+        kill.timeout.connect(lambda: proc.kill() if proc.state() != QProcess.NotRunning else None)
+        kill.start(KILL_AFTER_MS)
 
     def _read_stdout(self) -> None:
         if self.proc is None:
@@ -374,13 +383,32 @@ class FinetuneWidget(QWidget):
                 continue
             if isinstance(info, dict):
                 infos.append(info)
-        # a burst of lines (read all at once) redraws the bar once: a progress bar repaints
-        # synchronously, and twenty repaints in a row stall napari for half a second
+        # the bar, the status and the plot follow at most PROGRESS_HZ times a second (the last line
+        # of a burst): on software GL every window repaint redraws the canvas too
         steps = [i for i in infos if not i.get("done")]
-        for info in steps[:-1]:
+        for info in ([self._pending] if steps and self._pending else []) + steps[:-1]:
             self._record_loss(info)
             self.progressed.emit(info)
-        for info in steps[-1:] + [i for i in infos if i.get("done")]:
+        if steps:
+            self._pending = steps[-1]
+        done = [i for i in infos if i.get("done")]
+        if done:
+            self._show_pending()
+            for info in done:
+                self._on_progress(info)
+        elif steps:
+            wait_s = 1.0 / PROGRESS_HZ - (time.monotonic() - self._shown_at)
+            if wait_s <= 0:
+                self._show_pending()
+            elif not self._pending_timer.isActive():
+                self._pending_timer.start(int(wait_s * 1000) + 1)
+
+    def _show_pending(self) -> None:
+        """Show the latest progress line not shown yet."""
+        self._pending_timer.stop()
+        info, self._pending = self._pending, None
+        if info is not None:
+            self._shown_at = time.monotonic()
             self._on_progress(info)
 
     def _record_loss(self, info: dict) -> None:
@@ -413,13 +441,12 @@ class FinetuneWidget(QWidget):
             if time.monotonic() - self._painted > 0.25:  # a repaint per step would crowd the event loop
                 self._painted = time.monotonic()
                 self.plot.update()
-        self.progress.setValue(int(min(1.0, float(info.get("progress", 0.0))) * 1000))
         what = self._step_text(stage, info)
         bar = what
         if "overall_total" in info:
             bar += f" · {info['overall_step']}/{info['overall_total']}"
         eta = f"ETA {_clock(info['eta_s'])}" if info.get("eta_s") is not None else ""
-        self.progress.setFormat(f"{bar} · {eta}" if eta else bar)
+        set_bar(self.progress, int(min(1.0, float(info.get("progress", 0.0))) * 1000), f"{bar} · {eta}" if eta else bar)
         el = float(info.get("elapsed_s", 0.0))
         loss_text = f", loss {loss:.2f}{' mm' if 'loss_mm' in info else ''}" if loss is not None else ""
         status(self.status_label, f"{what}{loss_text}, {el:.0f} s" + (f", {eta}" if eta else ""))
@@ -451,19 +478,19 @@ class FinetuneWidget(QWidget):
 
     def _on_finished(self, code: int, exit_status) -> None:
         self._read_stdout()
+        self._show_pending()
         self._read_stderr()
         self._reset_buttons()
         secs = time.monotonic() - self._t0
         out = self.output
         if self._cancelled:
-            self.progress.setFormat("cancelled")
+            set_bar(self.progress, fmt="cancelled")
             status(self.status_label, f"cancelled after {self.last_step} step(s), {secs:.0f} s; no model written")
             self.finished.emit(-1, "")
             return
         self.plot.update()
         if code == 0 and out is not None and out.is_file():
-            self.progress.setValue(1000)
-            self.progress.setFormat("done")
+            set_bar(self.progress, 1000, "done")
             what = self.tuned or f"{self.last_step} steps"
             status(self.status_label, f"wrote {out.name}: {what}, in {secs:.0f} s")
             self.use_btn.setEnabled(True)
@@ -471,7 +498,7 @@ class FinetuneWidget(QWidget):
             return
         last = self.log.toPlainText().strip().splitlines()
         msg = next((ln for ln in reversed(last) if "error" in ln.lower()), last[-1] if last else "")
-        self.progress.setFormat("failed")
+        set_bar(self.progress, fmt="failed")
         status(self.status_label, f"fine-tuning failed (exit {code}): {msg}", error=True)
         self.finished.emit(int(code) if code else -1, "")
 

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QObject, Signal
-from qtpy.QtWidgets import QLabel
+from qtpy.QtCore import QObject, QTimer, Signal
+from qtpy.QtWidgets import QLabel, QProgressBar
 
 from ..corrections import CorrectionLog
 from ..errors import GlimpseError
 from ..inference import DEFAULT_MODEL, GlimpseModel, Trajectory
+from ..landmarks import ISBI_ABBREVIATIONS
 
 ENV_THREADS = "NAPARI_GLIMPSE_THREADS"
 
@@ -270,10 +271,103 @@ def _repaint_now(viewer: Any) -> None:
 
 
 def status(label: QLabel, text: str, error: bool = False) -> None:
-    """Show a one-line status; errors in red (and in the tooltip, for long messages)."""
-    label.setText(text)
-    label.setToolTip(text)
-    label.setStyleSheet("color: #ff6b6b;" if error else "")
+    """Show a one-line status; errors in red (and in the tooltip, for long messages).
+
+    The style sheet is only set when it changes: setting one re-polishes the label and lays the
+    dock out again, and each window repaint redraws the canvas on software GL.
+    """
+    if label.text() != text:
+        label.setText(text)
+        label.setToolTip(text)
+    style = "color: #ff6b6b;" if error else ""
+    if label.styleSheet() != style:
+        label.setStyleSheet(style)
+
+
+def set_bar(bar: QProgressBar, value: int | None = None, fmt: str | None = None) -> None:
+    """Set a progress bar's value and text with one deferred repaint.
+
+    ``QProgressBar.setValue`` repaints at once, and on software GL each repaint composes the
+    whole window, canvas included: a slot that moves a bar then stalls napari for that long.
+    """
+    bar.setUpdatesEnabled(False)
+    try:
+        if value is not None and bar.value() != value:
+            bar.setValue(value)
+        if fmt is not None and bar.format() != fmt:
+            bar.setFormat(fmt)
+    finally:
+        bar.setUpdatesEnabled(True)  # schedules one update() with the event loop
+
+
+# the characters of the landmarks layer's labels (the ISBI abbreviations, the review marks "*" and
+# " ok", shared labels "LIT/UIT") and those vispy measures every label with; others load when drawn
+LABEL_CHARACTERS = "".join(sorted(set("".join(ISBI_ABBREVIATIONS)))) + "*/ ok" + "ÅÉÑŐjgpqy"
+
+
+PREWARM_STEP_MS = 20
+_POINTS_WARM: list = []  # set once napari's Points code has been through its first pass
+
+
+def prewarm_labelled_points(viewer: Any, chars: str = LABEL_CHARACTERS) -> None:
+    """Do ahead, one glyph or step every :data:`PREWARM_STEP_MS`, what napari does in the GUI thread the first
+    time a text-labelled Points layer is added and drawn.
+
+    * The labels' glyphs, into napari's shared font atlas: napari makes text with signed distance
+      fields computed on the CPU when a text-labelled layer is first drawn, for the 19 landmark
+      labels 0.3-0.6 s in one frame.
+    * A Points layer's model, vispy visual and layer controls, built once apart from the viewer:
+      Python's first pass through that code (about a third of the first ``add_points``).
+
+    Nothing is added to the viewer or drawn (removing text-labelled layers is what crashes Mesa
+    llvmpipe, see :meth:`GlimpseState._hide_text_before_removal`).
+    """
+    try:
+        qt_viewer = viewer.window._qt_viewer
+        info = qt_viewer.canvas._font_info
+        font = info.font_manager.get_font(info.face, False, False)
+    except Exception:  # noqa: BLE001 a headless viewer, or napari moved its font manager
+        return
+    todo: list = [c for c in dict.fromkeys(chars) if c not in getattr(font, "_glyphs", {})]
+    if not _POINTS_WARM:
+        _POINTS_WARM.append(True)
+        todo += _points_warmers(info)
+
+    def step() -> None:  # a glyph takes 10-20 ms, each step below 10-50 ms
+        job = todo.pop(0)
+        try:
+            job() if callable(job) else font[job]
+        except Exception:  # noqa: BLE001 a glyph the font lacks (vispy does without it), napari moved
+            pass
+        if todo:  # a timer, not a posted call: the event loop answers between steps
+            QTimer.singleShot(PREWARM_STEP_MS, step)
+
+    QTimer.singleShot(PREWARM_STEP_MS, step)
+
+
+def _points_warmers(font_info: Any) -> list:
+    """Steps that build a text-labelled Points layer's model, vispy visual and layer controls once,
+    apart from any viewer (nothing drawn, nothing added): Python's first pass through napari's
+    Points code then happens before a detection, not while its points are being added."""
+    made: dict = {}
+
+    def model() -> None:
+        from napari.layers import Points
+
+        made["layer"] = Points(np.zeros((1, 2)), features={"label": ["S"]},
+                               text={"string": "{label}", "visible": False})
+
+    def visual() -> None:
+        from napari._vispy.utils.visual import create_vispy_layer
+
+        create_vispy_layer(made["layer"], font_info).close()
+
+    def controls() -> None:
+        from napari._qt.layer_controls.qt_layer_controls_container import create_qt_layer_controls
+
+        create_qt_layer_controls(made.pop("layer")).deleteLater()
+
+    return [model, visual, controls]
 
 
 def error_text(exc: BaseException) -> str:
@@ -304,18 +398,39 @@ def set_layer_content(state: GlimpseState, layer: Any, content: dict, **attrs: A
 
     Quiet: the corrections widget does not take this for an edit.
     """
-    with state.quiet():
+    # as many points as before: one refresh (slice, thumbnail) at the end, not one per setter (a
+    # new count needs the new slice at once: the text follows the sliced points)
+    block = getattr(layer, "_block_refresh", None) if len(layer.data) == len(content["data"]) else None
+    with state.quiet(), (block() if block is not None else contextlib.nullcontext()):
         layer.selected_data = set()
         layer.data = content["data"]
         layer.features = content["features"]
         if len(content["data"]):
-            layer.face_color = content["face_color"]
+            _set_if_changed(layer, "face_color", content["face_color"])
             layer.border_color = content["border_color"]
             if "symbol" in content:
-                layer.symbol = content["symbol"]
+                _set_if_changed(layer, "symbol", content["symbol"])
         for k, v in attrs.items():
-            setattr(layer, k, v)
+            _set_if_changed(layer, k, v)
+    with state.quiet():
         layer.refresh()
+
+
+def _set_if_changed(layer: Any, name: str, value: Any) -> None:
+    """``setattr`` unless the layer already holds ``value`` (each Points setter redraws the markers)."""
+    try:
+        cur = getattr(layer, name)
+        if name == "symbol":
+            same = [str(getattr(s, "value", s)) for s in np.atleast_1d(cur)] == [str(v) for v in np.atleast_1d(value)]
+        elif isinstance(value, (np.ndarray, float, int)):
+            a, b = np.asarray(cur, dtype=np.float64), np.asarray(value, dtype=np.float64)
+            same = (a.shape == b.shape or b.ndim == 0) and bool(np.allclose(a, b))
+        else:
+            same = cur == value
+    except Exception:  # noqa: BLE001 values that do not compare: set them
+        same = False
+    if not same:
+        setattr(layer, name, value)
 
 
 def restyle(state: GlimpseState, layer: Any, content: dict) -> None:
