@@ -401,7 +401,7 @@ class DetectWidget(QWidget):
         folder_image = self.folder_images[self.folder_index] if self.folder_images and self.folder_index >= 0 else None
         if folder_image is not None and path is not None and path == folder_image:
             return  # the widget's own layer for the folder's current image
-        if not self.busy and folder_image is not None and layer is not self._folder_layer():
+        if self._worker is None and folder_image is not None and layer is not self._folder_layer():
             self.close_folder()  # an image opened by hand: leave the folder for it
         self.layer_combo.setCurrentText(layer.name)
 
