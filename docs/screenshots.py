@@ -3,7 +3,9 @@
 All: ``xvfb-run -a -s "-screen 0 1920x1200x24" python docs/screenshots.py``; ``--only explorer,finetune``: some
 (names in ``SHOTS``). The image is read through a symlink in a temporary folder, so the corrections log, the
 export and the fine-tuned model go there. ``viewer.screenshot(canvas_only=False)`` grabs the whole window;
-``review_states.png`` puts crops of two grabs (before and after Accept) side by side.
+``review_states.png`` puts crops of two grabs (before and after Accept) side by side. ``glimpse_journey`` (last:
+it detects again, with the glimpse-only model of ``--glimpse-model``) shows that model's journey from the mean start
+to two landmarks, the doctors' labels of the image loaded (glimpse_journey.gif, .png).
 """
 
 from __future__ import annotations
@@ -21,24 +23,30 @@ import numpy as np
 from napari.settings import get_settings
 from PIL import Image, ImageDraw, ImageFont
 from qtpy.QtCore import QPoint, Qt
-from qtpy.QtWidgets import QApplication, QLabel
+from qtpy.QtWidgets import QApplication, QLabel, QPushButton
 
+from napari_glimpse import _layer_data as ld
+from napari_glimpse._widgets._explorer import MEAN
 from napari_glimpse._widgets._state import camera_of, layer_positions
+from napari_glimpse.io import read_landmarks_csv, write_landmarks_csv
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data" / "isbi2015"
-SHOTS = ("review_proposed", "measurements_panel", "explorer_fine", "explorer", "review_states", "finetune")
+SHOTS = ("review_proposed", "measurements_panel", "explorer_fine", "explorer", "review_states", "finetune",
+         "glimpse_journey")
 DETECT, REVIEW, EXPLORER, MEASURE, FINETUNE = ("Detect landmarks", "Review and corrections", "Glimpse explorer",
                                                 "Measurements", "Fine-tune")
 WINDOW, CROP = (1700, 1050), 540
 CHIN = (6, 7, 8, 10, 11, 13)  # Pog, Me, Gn, LIT, UIT, LL (0-based ISBI landmarks; present, B moves)
 DRAGGED, ABSENT = 5, 15  # the review drags B point and marks soft-tissue pogonion absent
+JOURNEY = ("Sella", "Menton")  # the glimpse journeys shown: one landmark up in the skull base, one at the chin
+JOURNEY_STEPS, JOURNEY_TOP, JOURNEY_STILL = 5, 2, 1  # steps; levels 0..2 drawn (the view fits them); still: step 2
 
 
 class Session:
     """One viewer, the five widgets docked, 151.jpg detected; showing docks, grabbing, waiting."""
 
-    def __init__(self, image: Path, out: Path):
+    def __init__(self, image: Path, out: Path, model: str | None = None):
         self.app = QApplication.instance() or QApplication([])
         get_settings().application.gui_notification_level = "none"
         qmw.SHOW_QT_WARNING = False  # a toast about PyQt5 would cover the canvas
@@ -49,8 +57,22 @@ class Session:
         self.docks, self.w = {n: d for n, (d, _) in added.items()}, {n: w for n, (_, w) in added.items()}
         self.show(DETECT)
         self.viewer.open(str(image), plugin="napari-glimpse")
-        self.det = self.wait(self.w[DETECT].detected, self.w[DETECT].detect)  # with the shipped model
+        self.model = None  # the shipped model, unless ``model`` (e.g. only the glimpse journey is shot)
+        if model is not None:
+            self.use_model(model)
+        self.det = self.wait(self.w[DETECT].detected, self.w[DETECT].detect)
         self.layer = self.det.points_layer
+
+    def use_model(self, model: str) -> None:
+        """Choose Detect's model as a user does: the 'Glimpse' button for the packaged ``glimpse``, else
+        the path typed into the checkpoint field."""
+        detect = self.w[DETECT]
+        if model == "glimpse":
+            next(b for b in detect.findChildren(QPushButton) if b.text() == "Glimpse").click()
+        else:
+            detect.model_edit.setText(model)
+            detect.model_edit.editingFinished.emit()
+        self.model = model
 
     def pump(self, seconds: float = 0.5) -> None:
         self.until(lambda end=time.time() + seconds: time.time() >= end)
@@ -214,22 +236,120 @@ def finetune(s: Session, csv: Path, steps: int, minutes: float, tmp: Path) -> No
     print("fine-tune:", ended[0], ft.status_label.text())  # (use_new_model() would load it in a thread)
 
 
+def open_truth(s: Session, image: Path, tmp: Path) -> Path:
+    """The doctors' labels of ``image`` (the mean of the senior's and the junior's, Test1 or Train) as a
+    Kaggle-layout CSV in ``tmp``, opened in the viewer (the explorer's error to the truth), hidden."""
+    for split in ("test1", "train"):
+        both = [read_landmarks_csv(DATA / f"{split}_{who}.csv") for who in ("senior", "junior")]
+        rows = [names.index(image.name) for names, _ in both if image.name in names]
+        if len(rows) == 2:
+            truth = (both[0][1][rows[0]] + both[1][1][rows[1]]) / 2
+            break
+    else:
+        raise SystemExit(f"no labels of {image.name} in {DATA}")
+    csv = tmp / f"{image.stem}_truth.csv"
+    write_landmarks_csv(csv, [image.name], truth[None])
+    (layer,) = s.viewer.open(str(csv), plugin="napari-glimpse")
+    layer.visible = False  # the explorer draws the truth of the landmark explored
+    s.pump()
+    return csv
+
+
+def frame_journey(s: Session, traj, truth: np.ndarray | None, top: int) -> None:
+    """Centre the view on a journey: every estimate, the truth and the level-``top`` windows around them."""
+    pos = traj.positions[:, 0].astype(np.float64)
+    half = traj.patch * 2**top / 2 / np.asarray(traj.model_scale, dtype=np.float64)
+    pts = np.vstack([pos - half, pos + half] + ([truth[None]] if truth is not None else []))
+    lo, hi = pts.min(0), pts.max(0)  # x, y in image pixels
+    img = s.det.image_layer
+    scale, tr = np.asarray(img.scale)[-2:], np.asarray(img.translate)[-2:]
+    h, w = s.qt_viewer.canvas.size
+    cam = camera_of(s.viewer)
+    cam.center = tuple(((lo + hi) / 2)[::-1] * scale + tr)
+    cam.zoom = 0.95 * min(h / ((hi - lo)[1] * scale[0]), w / ((hi - lo)[0] * scale[1]))
+
+
+def journey_frames(s: Session, k: int, steps: int) -> list[np.ndarray]:
+    """Landmark ``k``'s glimpse journey from the mean start, one labelled canvas frame per step."""
+    ex = s.w[EXPLORER]
+    ex.set_landmark(k)
+    s.until(lambda: ex.glimpse_traj() is not None and not ex.busy(), timeout=600)
+    traj = ex.glimpse_traj()
+    if traj.iterations != steps:
+        raise SystemExit(f"the explorer computed {traj.iterations} steps of {steps}")
+    ex.max_level.setValue(top := min(JOURNEY_TOP, ex.max_level.maximum()))
+    truth = ex.truth()
+    frame_journey(s, traj, truth[k] if truth is not None and np.isfinite(truth[k]).all() else None, top)
+    s.pump()
+    frames = ex.frames("canvas")
+    for lines in ex.last_captions:
+        print("  " + " | ".join(lines))
+    return frames
+
+
+def glimpse_journey(s: Session, model: str, tmp: Path, gif: bool = True) -> None:
+    """The glimpse-only model's journey from the mean start to two landmarks (``JOURNEY``), the doctors'
+    labels loaded: glimpse_journey.gif (the steps of one, then of the other) and .png (a step of the last)."""
+    ex, detect = s.w[EXPLORER], s.w[DETECT]
+    if s.model != model:  # the shots before used the shipped model: detect again
+        s.use_model(model)
+        detect.replace_check.setChecked(True)  # the review shot's corrections are not kept
+        s.det = s.wait(detect.detected, detect.detect)
+        s.layer = s.det.points_layer
+    open_truth(s, Path(s.det.image_name), tmp)
+    s.show(EXPLORER)
+    ex.set_view("glimpses")
+    ex.hm_check.setChecked(False)  # the windows, the arrow and the path; no trunk channel over them
+    ex.steps.setValue(JOURNEY_STEPS)
+    ex.origin.setCurrentIndex(ex.origin.findData(MEAN))
+    s.layer.visible = False  # its rings would cover the journey
+    frames = []
+    for name in JOURNEY:
+        got = journey_frames(s, list(s.det.landmark_names).index(name), JOURNEY_STEPS)
+        frames += got + [got[-1]]  # the answer held, then the next landmark
+    ex.set_iteration(JOURNEY_STILL)
+    s.pump()
+    s.grab("glimpse_journey.png")
+    if gif:
+        print("wrote", ld.write_animation(ld.same_size(frames), s.out / "glimpse_journey.gif", fps=1.0, hold_last=2))
+    s.layer.visible = True
+
+
+def glimpse_model_missing(model: str) -> str | None:
+    """Why ``--glimpse-model`` cannot be loaded (its file is missing), or ``None``."""
+    from napari_glimpse.errors import GlimpseError
+    from napari_glimpse.inference import resolve_model
+
+    try:
+        path = resolve_model(model)
+    except GlimpseError as exc:
+        return str(exc)
+    return None if path.is_file() else f"no model file {path}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--image", type=Path, default=DATA / "images" / "151.jpg")
     ap.add_argument("--out", type=Path, default=HERE)
     ap.add_argument("--only", default=",".join(SHOTS), help=f"comma-separated subset of {', '.join(SHOTS)}")
-    ap.add_argument("--no-gif", action="store_true", help="explorer: leave explorer.gif as it is")
+    ap.add_argument("--no-gif", action="store_true", help="explorer, glimpse_journey: leave the GIFs as they are")
     ap.add_argument("--finetune-steps", type=int, default=5)
     ap.add_argument("--finetune-minutes", type=float, default=4.0)
+    ap.add_argument("--glimpse-model", default="glimpse", help="glimpse_journey: the glimpse-only model (a .pt file, "
+                    "or the packaged name 'glimpse', chosen with Detect's 'Glimpse' button)")
     a = ap.parse_args()
     only = {x.strip() for x in a.only.split(",") if x.strip()}
     if only - set(SHOTS):
         ap.error(f"unknown shots {sorted(only - set(SHOTS))}: choose from {', '.join(SHOTS)}")
+    if "glimpse_journey" in only and (missing := glimpse_model_missing(a.glimpse_model)):
+        if a.only != ap.get_default("only"):
+            ap.error(missing)
+        print(f"glimpse_journey left out: {missing}")
+        only.discard("glimpse_journey")
     a.out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="glimpse-shots-"))
     (image := tmp / a.image.name).symlink_to(a.image.resolve())  # the corrections log goes beside it
-    s = Session(image, a.out.resolve())
+    s = Session(image, a.out.resolve(), a.glimpse_model if only == {"glimpse_journey"} else None)
     try:
         for name, shot in (("review_proposed", review_proposed), ("measurements_panel", measurements_panel),
                            ("explorer_fine", lambda s: explorer(s, "stages")),
@@ -240,6 +360,8 @@ def main() -> int:
             csv = review_states(s, "review_states" in only, tmp)
             if "finetune" in only:
                 finetune(s, csv, a.finetune_steps, a.finetune_minutes, tmp)
+        if "glimpse_journey" in only:  # last: it detects again, with the glimpse-only model
+            glimpse_journey(s, a.glimpse_model, tmp, gif=not a.no_gif)
     finally:
         s.viewer.close()
         shutil.rmtree(tmp, ignore_errors=True)  # the log, the export, the fine-tuned model
