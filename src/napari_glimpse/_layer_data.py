@@ -18,15 +18,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from .inference import Trajectory
+from .landmark_set import PALETTE_RGB
 from .landmarks import ISBI_ABBREVIATIONS, ISBI_LANDMARKS
 
-# 19 well-separated hues (tab20 without its grey), RGBA 0..1
-_PALETTE = np.array([
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207), (174, 199, 232),
-    (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148),
-    (247, 182, 210), (219, 219, 141), (158, 218, 229), (255, 255, 255),
-], dtype=np.float64) / 255.0
+_PALETTE = np.array(PALETTE_RGB, dtype=np.float64) / 255.0  # RGB 0..1
 
 LayerData = tuple[Any, dict, str]
 

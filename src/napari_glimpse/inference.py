@@ -19,6 +19,7 @@ from .errors import GlimpseError
 from .fine import FineConfig, FineEnsemble, FineLook, FineNet, kinds_of, refine, window_scale
 from .glimpse import PyramidStack, sample_glimpses
 from .io import read_image, to_grey_uint8
+from .landmark_set import LandmarkSet, model_landmark_set
 from .model import GlimpseModelNet, ModelConfig
 from .pyramid import Pyramid, build_pyramid
 from .runtime import attach_graphs, checkpoint_graphs, graphs_of, members_of, pack
@@ -319,6 +320,13 @@ class GlimpseModel:
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 
+    @property
+    def landmark_set(self) -> LandmarkSet:
+        """The landmarks this model finds, as a set (:mod:`napari_glimpse.landmark_set`):
+        ``meta['landmark_set']``; a model without one (the shipped model): the ISBI 19 for the ISBI
+        names, else an unnamed set of its names. Every model written carries it."""
+        return model_landmark_set(self.meta, self.landmark_names)
+
     # ----------------------------------------------------------------------------- files
     def to_checkpoint(self) -> dict:
         return {
@@ -330,7 +338,7 @@ class GlimpseModel:
             "pixel_spacing": self.pixel_spacing,
             "mean_start": torch.as_tensor(self.mean_start, dtype=torch.float64),
             "std_start": torch.as_tensor(self.std_start, dtype=torch.float64),
-            "meta": self.meta,
+            "meta": {**self.meta, "landmark_set": self.landmark_set.to_dict()},
             "state_dict": _cpu_state(self.net),
             **self._coarse_checkpoint(),
             **self._fine_checkpoint(),

@@ -20,6 +20,7 @@ import numpy as np
 
 from ._files import make_temp
 from .errors import GlimpseError, GlimpseWarning
+from .landmark_set import SET_FILE, LandmarkSet, find_landmark_set, set_for_count
 from .landmarks import ISBI_LANDMARKS, ISBI_PIXEL_SPACING_MM
 
 IMAGE_SUFFIXES = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -204,7 +205,24 @@ def _pair(path: Path, lineno: int, name: str, cols: Sequence[str], cells: Sequen
     return _coordinate(path, lineno, name, cols[0], cells[0]), _coordinate(path, lineno, name, cols[1], cells[1])
 
 
-def read_landmarks_csv(path: str | os.PathLike, unique: bool = False) -> tuple[list[str], np.ndarray]:
+def _column_labels(header: Sequence[str], landmark_names: Sequence[str] | None) -> list[str]:
+    """The header's coordinate columns as errors name them: ``7_y (Lower incisal incision)`` where
+    the landmarks have names, else ``7_y``."""
+    cols = list(header[1:])
+    if landmark_names is None:
+        return cols
+    return [f"{c} ({landmark_names[i // 2]})" for i, c in enumerate(cols)]
+
+
+def _check_count(path: Path, n: int, landmark_names: Sequence[str] | None, set_name: str | None) -> None:
+    if landmark_names is not None and n != len(landmark_names):
+        whose = f"the data's landmark set {set_name!r} ({SET_FILE})" if set_name else "the landmark set"
+        raise GlimpseError(f"{path} has {n} landmarks ({2 * n} coordinate columns), {whose} has "
+                           f"{len(landmark_names)}: the CSV and the set must list the same landmarks")
+
+
+def read_landmarks_csv(path: str | os.PathLike, unique: bool = False,
+                       landmark_set: LandmarkSet | None = None) -> tuple[list[str], np.ndarray]:
     """Read a Kaggle-layout CSV: ``image_path,1_x,1_y,...``. Returns names and ``(N, K, 2)``.
 
     UTF-8 with or without a byte-order mark; ``,`` separators, or ``;`` or tabs throughout.
@@ -214,6 +232,8 @@ def read_landmarks_csv(path: str | os.PathLike, unique: bool = False) -> tuple[l
     as ``(NaN, NaN)``: training, fine-tuning and evaluation leave it out. Only one of the two
     cells empty, or ``nan``/``inf`` written out, is an error; so is a row with every landmark absent.
     ``unique``: an image named on two rows is an error (labels for training or evaluation).
+    ``landmark_set``: the set the data declares; the CSV must have as many landmarks, and errors
+    name the landmark of a column (without a set, a CSV of 19 landmarks is read as the ISBI 19).
     """
     path = Path(path)
     numbered = _read_csv_rows(path)
@@ -222,19 +242,22 @@ def read_landmarks_csv(path: str | os.PathLike, unique: bool = False) -> tuple[l
     header = [c.strip() for c in numbered[0][1]]
     _check_header(path, header)
     n = (len(header) - 1) // 2
+    _check_count(path, n, landmark_set.names if landmark_set else None, landmark_set.name if landmark_set else None)
+    named = landmark_set.names if landmark_set else set_for_count(n).names if n == len(ISBI_LANDMARKS) else None
+    cols = _column_labels(header, named)
     names, coords, seen = [], [], {}
     for lineno, row in numbered[1:]:
         name = row[0].strip()
         if len(row) != len(header):
-            detail = (f"no value for column {header[len(row)]}" if len(row) < len(header)
-                      else f"a value beyond the last column {header[-1]}")
+            detail = (f"no value for column {(['image_path'] + cols)[len(row)]}" if len(row) < len(header)
+                      else f"a value beyond the last column {cols[-1]}")
             raise GlimpseError(f"{path}:{lineno}: expected {len(header)} columns, got {len(row)} "
                                f"(image {name}: {detail})")
         if unique and name in seen:
             raise GlimpseError(f"{path}:{lineno}: image {name} has a second row (the first on line {seen[name]}); "
                                f"keep one row per image")
         seen.setdefault(name, lineno)
-        vals = [_pair(path, lineno, name, header[1 + 2 * k: 3 + 2 * k], row[1 + 2 * k: 3 + 2 * k]) for k in range(n)]
+        vals = [_pair(path, lineno, name, cols[2 * k: 2 + 2 * k], row[1 + 2 * k: 3 + 2 * k]) for k in range(n)]
         if all(math.isnan(x) for x, _ in vals):
             raise GlimpseError(f"{path}:{lineno}: image {name} has every landmark absent (all its cells empty); "
                                f"label at least one landmark or leave the image out")
@@ -397,6 +420,8 @@ class Dataset:
     landmark_names: tuple[str, ...] = ISBI_LANDMARKS
     pixel_spacing: float = ISBI_PIXEL_SPACING_MM
     _images: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    # the set the data declares (its landmarks.json), whose names are landmark_names; None: none declared
+    landmark_set: LandmarkSet | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -429,6 +454,7 @@ class Dataset:
             {k: v[idx] for k, v in self.annotations.items()},
             self.landmark_names,
             self.pixel_spacing,
+            landmark_set=self.landmark_set,
         )
 
     def image(self, i: int) -> np.ndarray:
@@ -443,19 +469,20 @@ class Dataset:
             nonfinite = np.nonzero(~np.isfinite(c).all(-1) & ~absent(c))[0]
             if nonfinite.size:
                 k = int(nonfinite[0])
-                raise GlimpseError(f"{self.image_paths[i].name}: landmark {k + 1} ({who}) at "
+                raise GlimpseError(f"{self.image_paths[i].name}: landmark {k + 1} ({self._named(k)}{who}) at "
                                    f"({c[k, 0]:g}, {c[k, 1]:g}) is not a finite position")
             bad = np.nonzero((c[:, 0] < 0) | (c[:, 1] < 0) | (c[:, 0] > w - 1) | (c[:, 1] > h - 1))[0]
             if bad.size:
                 k = int(bad[0])
                 raise GlimpseError(
-                    f"{self.image_paths[i].name}: landmark {k + 1} ({who}) at "
+                    f"{self.image_paths[i].name}: landmark {k + 1} ({self._named(k)}{who}) at "
                     f"({c[k, 0]:g}, {c[k, 1]:g}) is outside the {w}x{h} image"
                 )
 
-
-def _names_for(n: int) -> tuple[str, ...]:
-    return ISBI_LANDMARKS if n == len(ISBI_LANDMARKS) else tuple(f"L{i + 1}" for i in range(n))
+    def _named(self, k: int) -> str:
+        """``'Sella', `` for a landmark with a name of its own (not ``L1 .. LK``), else nothing."""
+        name = self.landmark_names[k] if k < len(self.landmark_names) else f"L{k + 1}"
+        return "" if name == f"L{k + 1}" else f"{name}, "
 
 
 def _find_image(root: Path, name: str) -> Path:
@@ -477,67 +504,85 @@ def load_dataset(
     * a single Kaggle-layout CSV file given directly;
     * original ISBI: ``DIR/RawImage/<TrainingData|Test1Data|Test2Data>/NNN.bmp`` with
       ``DIR/AnnotationsByMD/400_{senior,junior}/NNN.txt``.
+
+    A ``landmarks.json`` in the folder (beside the CSV file) declares the landmark set
+    (:mod:`napari_glimpse.landmark_set`): the CSVs must have its number of landmarks, and the
+    data's :attr:`Dataset.landmark_names` are its names. Without one, 19 landmarks are the ISBI 19
+    and any other number ``L1 .. LK``.
     """
     root = Path(data)
     spacing = ISBI_PIXEL_SPACING_MM if pixel_spacing is None else float(pixel_spacing)
     if not root.exists():
         raise GlimpseError(f"data not found: {root}")
+    folder = root.parent if root.is_file() else root
+    lset = find_landmark_set(folder)
     if root.is_file():
-        names, coords = read_landmarks_csv(root, unique=True)
-        paths = [_find_image(root.parent, n) for n in names]
-        return Dataset(paths, {"labels": coords}, _names_for(coords.shape[1]), spacing)
+        names, coords = read_landmarks_csv(root, unique=True, landmark_set=lset)
+        paths, ann = [_find_image(folder, n) for n in names], {"labels": coords}
+    elif (found := _load_kaggle(root, split, lset)) is not None:
+        paths, ann = found
+    elif (root / "RawImage").is_dir():
+        paths, ann = _load_isbi(root, split)
+        _check_count(root, len(ISBI_LANDMARKS), lset.names if lset else None, lset.name if lset else None)
+    else:
+        raise GlimpseError(
+            f"{root}: no labels for split {split!r} (looked for {split}_senior.csv, {split}_junior.csv, "
+            f"{split}.csv and the ISBI RawImage/AnnotationsByMD layout)"
+        )
+    k = next(iter(ann.values())).shape[1]
+    names = lset.names if lset is not None else set_for_count(k).names
+    return Dataset(paths, ann, names, spacing, landmark_set=lset)
 
+
+def _load_kaggle(root: Path, split: str, lset: LandmarkSet | None) -> tuple[list[Path], dict] | None:
+    """The Kaggle layout's image paths and labels by annotator, or None without its CSVs."""
     kaggle = {who: root / f"{split}_{who}.csv" for who in ("senior", "junior")}
     kaggle = {k: v for k, v in kaggle.items() if v.exists()}
     if not kaggle and (root / f"{split}.csv").exists():
         kaggle = {"labels": root / f"{split}.csv"}
-    if kaggle:
-        ann: dict[str, np.ndarray] = {}
-        names0: list[str] | None = None
-        for who, p in kaggle.items():
-            names, coords = read_landmarks_csv(p, unique=True)
-            if names0 is None:
-                names0 = names
-            elif names != names0:
-                order = {n: i for i, n in enumerate(names)}
-                missing = [n for n in names0 if n not in order]
-                if missing:
-                    raise GlimpseError(f"{p} lacks rows for {', '.join(missing[:3])}")
-                coords = coords[[order[n] for n in names0]]
-            ann[who] = coords
-        assert names0 is not None
-        shapes = {v.shape[1] for v in ann.values()}
-        if len(shapes) != 1:
-            raise GlimpseError(f"annotators disagree on the number of landmarks: {sorted(shapes)}")
-        paths = [_find_image(root, n) for n in names0]
-        return Dataset(paths, ann, _names_for(shapes.pop()), spacing)
+    if not kaggle:
+        return None
+    ann: dict[str, np.ndarray] = {}
+    names0: list[str] | None = None
+    for who, p in kaggle.items():
+        names, coords = read_landmarks_csv(p, unique=True, landmark_set=lset)
+        if names0 is None:
+            names0 = names
+        elif names != names0:
+            order = {n: i for i, n in enumerate(names)}
+            missing = [n for n in names0 if n not in order]
+            if missing:
+                raise GlimpseError(f"{p} lacks rows for {', '.join(missing[:3])}")
+            coords = coords[[order[n] for n in names0]]
+        ann[who] = coords
+    assert names0 is not None
+    shapes = {v.shape[1] for v in ann.values()}
+    if len(shapes) != 1:
+        raise GlimpseError(f"annotators disagree on the number of landmarks: {sorted(shapes)}")
+    return [_find_image(root, n) for n in names0], ann
 
-    raw = root / "RawImage"
-    if raw.is_dir():
-        folder = ISBI_SPLIT_FOLDERS.get(split.lower(), split)
-        img_dir = raw / folder
-        if not img_dir.is_dir():
-            raise GlimpseError(f"ISBI layout: no folder {img_dir} for split {split!r}")
-        paths = list_images(img_dir)
-        if not paths:
-            raise GlimpseError(f"no images in {img_dir}")
-        ann = {}
-        for who in ("senior", "junior"):
-            d = root / "AnnotationsByMD" / f"400_{who}"
-            if d.is_dir():
-                txts = [d / f"{p.stem}.txt" for p in paths]
-                missing = [t.name for t in txts if not t.exists()]
-                if missing:
-                    raise GlimpseError(f"{d}: missing annotation files {', '.join(missing[:3])}")
-                ann[who] = np.stack([read_isbi_txt(t) for t in txts])
-        if not ann:
-            raise GlimpseError(f"ISBI layout: no AnnotationsByMD/400_senior or 400_junior in {root}")
-        return Dataset(paths, ann, ISBI_LANDMARKS, spacing)
 
-    raise GlimpseError(
-        f"{root}: no labels for split {split!r} (looked for {split}_senior.csv, {split}_junior.csv, "
-        f"{split}.csv and the ISBI RawImage/AnnotationsByMD layout)"
-    )
+def _load_isbi(root: Path, split: str) -> tuple[list[Path], dict]:
+    """The original ISBI layout's image paths and labels by annotator."""
+    folder = ISBI_SPLIT_FOLDERS.get(split.lower(), split)
+    img_dir = root / "RawImage" / folder
+    if not img_dir.is_dir():
+        raise GlimpseError(f"ISBI layout: no folder {img_dir} for split {split!r}")
+    paths = list_images(img_dir)
+    if not paths:
+        raise GlimpseError(f"no images in {img_dir}")
+    ann = {}
+    for who in ("senior", "junior"):
+        d = root / "AnnotationsByMD" / f"400_{who}"
+        if d.is_dir():
+            txts = [d / f"{p.stem}.txt" for p in paths]
+            missing = [t.name for t in txts if not t.exists()]
+            if missing:
+                raise GlimpseError(f"{d}: missing annotation files {', '.join(missing[:3])}")
+            ann[who] = np.stack([read_isbi_txt(t) for t in txts])
+    if not ann:
+        raise GlimpseError(f"ISBI layout: no AnnotationsByMD/400_senior or 400_junior in {root}")
+    return paths, ann
 
 
 def concat_datasets(parts: Sequence[Dataset]) -> Dataset:
@@ -552,4 +597,5 @@ def concat_datasets(parts: Sequence[Dataset]) -> Dataset:
         {"labels": np.concatenate([d.ground_truth("mean") for d in parts])},
         names,
         parts[0].pixel_spacing,
+        landmark_set=parts[0].landmark_set,
     )

@@ -38,6 +38,7 @@ from .fine import FineConfig, FineEnsemble, fine_levels_by_kind, train_fine
 from .glimpse_only import GlimpseOnlyConfig
 from .inference import GlimpseModel, resolve_device
 from .io import Dataset, load_dataset
+from .landmark_set import of_data
 from .model import GlimpseModelNet, ModelConfig
 from .pyramid import build_pyramid, levels_for
 from .spacing import SpacingWarning
@@ -277,7 +278,8 @@ def _new_model(recipe: Recipe, ds: Dataset, shape: tuple[int, int], dev: torch.d
     truth = ds.ground_truth(recipe.ground_truth).astype(np.float64)
     meta = {"train_image_shape": list(shape), "auto_levels": levels_for(shape, mcfg.patch),
             "n_train_images": len(ds), "train_images": [p.name for p in ds.image_paths],
-            "glimpse_net": "trained" if glimpse else "untrained: the recipe has no glimpse stage"}
+            "glimpse_net": "trained" if glimpse else "untrained: the recipe has no glimpse stage",
+            "landmark_set": of_data(ds).to_dict()}
     if not glimpse:  # an untrained glimpse net's steps never reach the answer (napari_glimpse.gate)
         meta["glimpse_gate"] = {"apply": [False] * len(names), "reason": "the recipe trains no glimpse net"}
     return GlimpseModel(GlimpseModelNet(mcfg).to(dev), names, ds.pixel_spacing, *start_statistics(truth, names),

@@ -212,7 +212,8 @@ class ResampledDataset(Dataset):
     def subset(self, idx: Sequence[int]) -> "ResampledDataset":
         idx = list(idx)
         return ResampledDataset([self.image_paths[i] for i in idx], {k: v[idx] for k, v in self.annotations.items()},
-                                self.landmark_names, self.pixel_spacing, factors=self.factors[idx])
+                                self.landmark_names, self.pixel_spacing, factors=self.factors[idx],
+                                landmark_set=self.landmark_set)
 
 
 def _image_hw(path: Path) -> tuple[int, int]:
@@ -247,7 +248,8 @@ def at_spacing(parts: Sequence[Dataset], spacing: float) -> Dataset:
         paths += list(d.image_paths)
         factors += [f] * len(d)
     ann = {k: np.concatenate([s[k] for s in scaled]) for k in scaled[0]}
-    return ResampledDataset(paths, ann, parts[0].landmark_names, spacing, factors=np.asarray(factors))
+    return ResampledDataset(paths, ann, parts[0].landmark_names, spacing, factors=np.asarray(factors),
+                            landmark_set=parts[0].landmark_set)
 
 
 # ------------------------------------------------------------------ remembered per folder
