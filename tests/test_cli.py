@@ -276,7 +276,7 @@ def test_evaluate_landmark_count_mismatch(capsys, tiny_model_path, tmp_path):
     save_png(tmp_path / "a.png", synthetic_image(c[0], rng, 200))
     write_csv(tmp_path / "test1.csv", ["a.png"], c)
     line = run_error(capsys, "evaluate", "--data", tmp_path, "--model", tiny_model_path)
-    assert "model has 3 landmarks, data has 2" in line
+    assert "model 'unnamed' (3 landmarks) does not match the data (2 landmarks; no landmarks.json" in line
 
 
 def test_train_option_errors(capsys, tiny_data, tmp_path):

@@ -139,7 +139,7 @@ def test_predict_measures_next_to_the_predictions(capsys, tmp_path):
 def test_predict_measures_needs_19_landmarks(capsys, tiny_data, tiny_model_path, tmp_path):
     line = run_error(capsys, "predict", tiny_data["test1"]["paths"][0], "--model", tiny_model_path,
                      "--out", tmp_path / "p.csv", "--measures")
-    assert "19-landmark" in line
+    assert "needs a model of the ISBI 19 landmarks" in line
     assert not (tmp_path / "p.csv").exists()
 
 

@@ -259,8 +259,9 @@ def run_predict(a: argparse.Namespace, cpath: Path, mpath: Path | None = None) -
         paths = shard_of(paths, *parse_shard(a.shard))
     model = GlimpseModel.load(a.model, a.device, int8=not a.float)
     k = len(model.landmark_names)
-    if mpath is not None and k != 19:
-        raise GlimpseError(f"--measures needs a 19-landmark ISBI model, this one has {k}")
+    if mpath is not None and not model.landmark_set.is_isbi:
+        raise GlimpseError(f"--measures needs a model of the ISBI 19 landmarks; this one's landmark set is "
+                           f"{model.landmark_set.describe()}")
     lhead = landmark_columns(k)
     chead = ["image_path"] + [f"{i + 1}_confidence" for i in range(k)] + ["facing"]
     kept = resume_rows(out, cpath, lhead, chead) if a.resume else {}

@@ -186,7 +186,8 @@ class LoadedDataset(Dataset):
     def subset(self, idx: Sequence[int]) -> "LoadedDataset":
         idx = list(idx)
         return LoadedDataset([self.image_paths[i] for i in idx], {k: v[idx] for k, v in self.annotations.items()},
-                             self.landmark_names, self.pixel_spacing, arrays=[self.arrays[i] for i in idx])
+                             self.landmark_names, self.pixel_spacing, arrays=[self.arrays[i] for i in idx],
+                             landmark_set=self.landmark_set)
 
 
 def load_images(ds: Dataset, idx: Sequence[int] | None = None,
@@ -204,14 +205,15 @@ def load_images(ds: Dataset, idx: Sequence[int] | None = None,
         if report is not None:
             report()
     return LoadedDataset([ds.image_paths[i] for i in idx], {"labels": ds.ground_truth("mean")[idx]},
-                         ds.landmark_names, ds.pixel_spacing, arrays=arrays)
+                         ds.landmark_names, ds.pixel_spacing, arrays=arrays, landmark_set=ds.landmark_set)
 
 
 def joined(parts: Sequence[LoadedDataset]) -> LoadedDataset:
     """Loaded sets as one (labels as they are)."""
     return LoadedDataset([p for d in parts for p in d.image_paths],
                          {"labels": np.concatenate([d.ground_truth() for d in parts])},
-                         parts[0].landmark_names, parts[0].pixel_spacing, arrays=[a for d in parts for a in d.arrays])
+                         parts[0].landmark_names, parts[0].pixel_spacing, arrays=[a for d in parts for a in d.arrays],
+                         landmark_set=parts[0].landmark_set)
 
 
 # ----------------------------------------------------------------------------- offsets
@@ -343,7 +345,7 @@ def _offsets(model, rev: LoadedDataset, cfg: FinetuneConfig, prog: Progress,
     for i, a in enumerate(rev.arrays):  # a label near the border stays inside its image
         shifted[i] = np.clip(shifted[i], 0.0, [a.shape[1] - 1.0, a.shape[0] - 1.0])
     return off, LoadedDataset(rev.image_paths, {"labels": shifted}, rev.landmark_names, rev.pixel_spacing,
-                              arrays=rev.arrays)
+                              arrays=rev.arrays, landmark_set=rev.landmark_set)
 
 
 def finetune(parent, reviewed: Dataset, out: str | Path, cfg: FinetuneConfig | None = None,
@@ -366,14 +368,14 @@ def finetune(parent, reviewed: Dataset, out: str | Path, cfg: FinetuneConfig | N
     ``meta['finetuned']['world_size']`` records how many processes tuned.
     """
     from . import distributed
+    from .landmark_set import check_match
     from .training import TrainingData
 
     cfg = cfg or FinetuneConfig()
     prog = progress or Progress()
     if len(reviewed) == 0:
         raise GlimpseError("no reviewed images to fine-tune on")
-    if len(reviewed.landmark_names) != len(parent.landmark_names):
-        raise GlimpseError(f"model has {len(parent.landmark_names)} landmarks, data has {len(reviewed.landmark_names)}")
+    check_match(parent.landmark_set, reviewed.landmark_set, len(reviewed.landmark_names), "the reviewed data")
     stages = used_stages(parent)
     parent_record = parent.meta.get("finetuned")
     n_mix = 0 if mix is None else min(len(mix), len(reviewed) if cfg.mix_images is None else cfg.mix_images)

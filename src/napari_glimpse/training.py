@@ -21,6 +21,7 @@ from .fine import FineConfig, FineEnsemble, fine_levels_by_kind, present_pairs, 
 from .glimpse import PyramidStack, frame_to_image, image_to_frame, sample_glimpses
 from .inference import GlimpseModel, autocast, mirror_points, resolve_device
 from .io import Dataset
+from .landmark_set import check_match, of_data
 from .model import GlimpseModelNet, ModelConfig
 from .pyramid import build_pyramid, levels_for
 
@@ -370,18 +371,15 @@ def train(
         auto = levels_for(shape, mcfg.patch)
         m = dict(meta or {})
         m.update({"train_image_shape": list(shape), "auto_levels": auto, "n_train_images": len(dataset),
-                  "train_images": [p.name for p in dataset.image_paths]})
+                  "train_images": [p.name for p in dataset.image_paths],
+                  "landmark_set": of_data(dataset).to_dict()})
         model = GlimpseModel(net.to(dev), dataset.landmark_names, dataset.pixel_spacing,
                              *start_statistics(truth, dataset.landmark_names), tcfg.to_dict(), m)
     else:
         model.train_config = tcfg.to_dict()
         if meta:
             model.meta.update(meta)
-    if (tuple(model.landmark_names) != tuple(dataset.landmark_names)
-            and len(model.landmark_names) != len(dataset.landmark_names)):
-        raise GlimpseError(
-            f"model has {len(model.landmark_names)} landmarks, data has {len(dataset.landmark_names)}"
-        )
+    check_match(model.landmark_set, dataset.landmark_set, len(dataset.landmark_names), "the training data")
 
     net = model.net
     net.train()

@@ -6,13 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import GlimpseError
 from ._args import nonnegative_int, positive_int, spacing_text
 
 
 def add_parser(sub) -> None:
-    e = sub.add_parser("evaluate", help="ISBI metrics (MRE, SDR) on a labelled split; with 19 landmarks also the "
-                                        "measurement classes' agreement with the ground truth's (JSON: classification)")
+    e = sub.add_parser("evaluate", help="ISBI metrics (MRE, SDR) on a labelled split; with the ISBI 19 landmarks "
+                                        "also the measurement classes' agreement with the ground truth's (JSON: "
+                                        "classification)")
     e.add_argument("--data", required=True)
     e.add_argument("--split", default="test1")
     e.add_argument("--model", help="model file, or a packaged model's name: default (the shipped model, the "
@@ -63,13 +63,13 @@ def _classification(preds, ds, ground_truth: str) -> dict:
 def run(a: argparse.Namespace) -> int:
     from ..inference import GlimpseModel
     from ..io import load_dataset, write_landmarks_csv
+    from ..landmark_set import check_match
     from ..metrics import format_table
     from ..training import evaluate_model
 
     ds = load_dataset(a.data, a.split, a.spacing)
     model = GlimpseModel.load(a.model, a.device, int8=not a.float)
-    if len(model.landmark_names) != len(ds.landmark_names):
-        raise GlimpseError(f"model has {len(model.landmark_names)} landmarks, data has {len(ds.landmark_names)}")
+    check_match(model.landmark_set, ds.landmark_set, len(ds.landmark_names), "the data")
     res = evaluate_model(model, ds, a.iterations, a.starts, a.ground_truth, facing=a.facing, mirror=a.mirror)
     preds = res.pop("predictions")
     res.pop("errors_mm")
@@ -78,7 +78,7 @@ def run(a: argparse.Namespace) -> int:
                 "facing": a.facing, "mirrored": a.mirror, "int8_nets": list(model.int8_nets)})
     print(format_table(res))
     print(f"{res['n_images']} images, {res['seconds_per_image']:.2f} s per image")
-    if len(ds.landmark_names) == 19:
+    if model.landmark_set.is_isbi:  # the measurements are made of the ISBI 19
         res["classification"] = _classification(preds, ds, a.ground_truth)
     if a.predictions:
         write_landmarks_csv(a.predictions, [p.name for p in ds.image_paths], preds)

@@ -66,6 +66,7 @@ def add_parser(sub) -> None:
 def _finetune_data(a: argparse.Namespace, parent):
     """The reviewed set and the original set to replay (or None), at the parent's spacing."""
     from ..io import load_dataset
+    from ..landmark_set import check_match
     from ..spacing import at_spacing
 
     # the parent works at its own spacing: --data at another (--spacing) is resampled to it, labels
@@ -73,14 +74,11 @@ def _finetune_data(a: argparse.Namespace, parent):
     ds = load_dataset(a.data, a.split, a.spacing or parent.pixel_spacing)
     if a.spacing:
         ds = at_spacing([ds], parent.pixel_spacing)
+    check_match(parent.landmark_set, ds.landmark_set, len(ds.landmark_names), "the data")
     mix = None
     if a.mix_data:
         mix = load_dataset(a.mix_data, a.mix_split, parent.pixel_spacing)
-        if len(mix.landmark_names) != len(parent.landmark_names):
-            raise GlimpseError(f"model has {len(parent.landmark_names)} landmarks, --mix-data has "
-                               f"{len(mix.landmark_names)}")
-    if len(ds.landmark_names) != len(parent.landmark_names):
-        raise GlimpseError(f"model has {len(parent.landmark_names)} landmarks, data has {len(ds.landmark_names)}")
+        check_match(parent.landmark_set, mix.landmark_set, len(mix.landmark_names), "the replay data")
     return ds, mix
 
 

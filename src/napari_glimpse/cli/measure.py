@@ -21,8 +21,13 @@ def run(a: argparse.Namespace) -> int:
     import numpy as np
 
     from ..io import read_landmarks_csv
+    from ..landmark_set import find_landmark_set
 
-    names, coords = read_landmarks_csv(a.landmarks)
+    lset = find_landmark_set(Path(a.landmarks).parent)  # the set a landmarks.json beside the CSV declares
+    if lset is not None and not lset.is_isbi:
+        raise GlimpseError(f"{a.landmarks}: measurements need the ISBI 19 landmarks; the landmark set of this "
+                           f"folder is {lset.describe()}")
+    names, coords = read_landmarks_csv(a.landmarks, landmark_set=lset)
     if coords.shape[1] != 19:
         raise GlimpseError(f"{a.landmarks}: measurements need the 19 ISBI landmarks, got {coords.shape[1]}")
     if not np.isfinite(coords).all():  # read_landmarks_csv lets only absent landmarks (empty cells) through
