@@ -2,6 +2,11 @@
 
 The model runs in a napari worker thread; only the returned numbers reach the GUI thread,
 which makes the layers. A table lists the landmarks, sortable by confidence.
+
+The form is two magicgui :class:`~magicgui.widgets.Container` s (the model: checkpoint, device,
+iterations; the image: layer, folder, options, pixel spacing); the Detect button, the progress
+bar, the status and the table are plain Qt. The fields' Qt widgets keep their names
+(``device_combo``, ``layer_combo``, ``spacing_spin``...) for scripts that drive Qt.
 """
 
 from __future__ import annotations
@@ -13,23 +18,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, LineEdit, PushButton, SpinBox
 from napari.qt.threading import create_worker
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
-    QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
-    QFormLayout,
     QGroupBox,
-    QHBoxLayout,
     QHeaderView,
     QLabel,
-    QLineEdit,
     QProgressBar,
     QPushButton,
-    QSpinBox,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -188,97 +187,9 @@ class DetectWidget(QWidget):
         self.folder_images: list[Path] = []
         self.folder_index = -1
         self.last_seconds: float | None = None
+        self.model_form = self._build_model_form()
+        self.image_form = self._build_image_form()
 
-        # -- model
-        model_box = QGroupBox("Model")
-        form = QFormLayout(model_box)
-        self.model_edit = QLineEdit()
-        self.model_edit.setPlaceholderText("shipped default model")
-        self.model_edit.setToolTip("Checkpoint file (.pt); empty = the model shipped with napari-glimpse")
-        self.model_edit.editingFinished.connect(self._model_edited)
-        browse = QPushButton("…")
-        browse.setToolTip("Choose a checkpoint file")
-        browse.setFixedWidth(28)
-        browse.clicked.connect(self._browse_model)
-        default = QPushButton("Default")
-        default.setToolTip("Use the model shipped with napari-glimpse")
-        default.clicked.connect(lambda: self.set_model(None))
-        glimpse = QPushButton("Glimpse")
-        glimpse.setToolTip("Use the glimpse-only model shipped with napari-glimpse (the paper's method: from the mean "
-                           "start, glimpse steps alone)")
-        glimpse.clicked.connect(lambda: self.set_model("glimpse"))
-        row = QHBoxLayout()
-        row.addWidget(self.model_edit, 1)
-        row.addWidget(browse)
-        row.addWidget(default)
-        row.addWidget(glimpse)
-        form.addRow("Checkpoint", row)
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(["auto", "cpu", "cuda"])
-        self.device_combo.setToolTip("auto: CUDA when available, else CPU")
-        self.device_combo.currentTextChanged.connect(self._device_changed)
-        self.iter_spin = QSpinBox()
-        self.iter_spin.setRange(0, 20)
-        self.iter_spin.setSpecialValueText("model's")
-        self.iter_spin.setValue(0)
-        self.iter_spin.setToolTip("Glimpse steps per landmark (model's: the number chosen on validation "
-                                  "when the model was trained)")
-        row2 = QHBoxLayout()
-        row2.addWidget(self.device_combo)
-        row2.addWidget(QLabel("Iterations"))
-        row2.addWidget(self.iter_spin)
-        form.addRow("Device", row2)
-
-        # -- image
-        img_box = QGroupBox("Image")
-        iform = QVBoxLayout(img_box)
-        self.layer_combo = QComboBox()
-        self.layer_combo.setToolTip("Image layer to detect on (when no folder is open)")
-        iform.addWidget(self.layer_combo)
-        frow = QHBoxLayout()
-        self.folder_btn = QPushButton("Open folder…")
-        self.folder_btn.setToolTip("Review a folder of cephalograms one by one")
-        self.folder_btn.clicked.connect(self._browse_folder)
-        self.prev_btn = QPushButton("◀")
-        self.prev_btn.setToolTip("Previous image of the folder")
-        self.next_btn = QPushButton("▶")
-        self.next_btn.setToolTip("Next image of the folder")
-        for b in (self.prev_btn, self.next_btn):
-            b.setFixedWidth(32)
-        self.prev_btn.clicked.connect(lambda: self.go(-1))
-        self.next_btn.clicked.connect(lambda: self.go(+1))
-        frow.addWidget(self.folder_btn)
-        frow.addWidget(self.prev_btn)
-        frow.addWidget(self.next_btn)
-        iform.addLayout(frow)
-        self.folder_label = QLabel("no folder open")
-        iform.addWidget(self.folder_label)
-        self.auto_check = QCheckBox("Detect when moving to an image")
-        self.replace_check = QCheckBox("Replace reviewed points")
-        self.replace_check.setToolTip(
-            "Off: an image with corrections or accepted stays as reviewed when Detect runs again")
-        self.auto_check.setChecked(True)
-        self.auto_check.setToolTip("Images already in the corrections log show their logged landmarks instead")
-        iform.addWidget(self.auto_check)
-        iform.addWidget(self.replace_check)
-        srow = QHBoxLayout()
-        self.spacing_spin = QDoubleSpinBox()
-        self.spacing_spin.setRange(0.0, 1.0)
-        self.spacing_spin.setDecimals(4)
-        self.spacing_spin.setSingleStep(0.005)
-        self.spacing_spin.setSuffix(" mm")
-        self.spacing_spin.setSpecialValueText("from the file, else the model's")
-        self.spacing_spin.setKeyboardTracking(False)
-        self.spacing_spin.setToolTip(
-            "Pixel spacing of the images (mm per pixel), remembered for their folder. 0: the file's own "
-            "(DICOM, TIFF), else the model's (0.1 mm), with a note when the image's size looks unlike that")
-        self.spacing_spin.valueChanged.connect(self._spacing_changed)
-        self.layer_combo.currentTextChanged.connect(lambda _name: self.load_spacing())
-        srow.addWidget(QLabel("Pixel spacing"))
-        srow.addWidget(self.spacing_spin, 1)
-        iform.addLayout(srow)
-
-        # -- run
         self.run_btn = QPushButton("Detect landmarks")
         self.run_btn.clicked.connect(lambda: self.detect())
         self.progress = QProgressBar()
@@ -288,30 +199,109 @@ class DetectWidget(QWidget):
         self.progress.setFormat("idle")
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
+        self.table = self._build_table()
 
-        # -- table
-        self.table = QTableWidget(0, 5)
-        self.table.setHorizontalHeaderLabels(["#", "Landmark", "Confidence", "±mm", "State"])
-        self.table.verticalHeader().setVisible(False)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SingleSelection)
-        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
-        hh = self.table.horizontalHeader()
+        lay = QVBoxLayout(self)
+        for title, form in (("Model", self.model_form), ("Image", self.image_form)):
+            box = QGroupBox(title)
+            QVBoxLayout(box).addWidget(form.native)
+            lay.addWidget(box)
+        for w in (self.run_btn, self.progress, self.status_label):
+            lay.addWidget(w)
+        lay.addWidget(self.table, 1)
+        self._connect()
+        self._refresh_layers()
+        self._update_nav()
+        self._sync_model_edit()
+        _collect_before_detecting()
+        self.preload_model()
+        prewarm_labelled_points(self.viewer)  # the first detection's points then appear without a long stall
+
+    # ------------------------------------------------------------------------ the form
+    def _build_model_form(self) -> Container:
+        """The model's fields (magicgui): checkpoint, device, glimpse iterations."""
+        self.model_field = LineEdit(label="Checkpoint",
+                                    tooltip="Checkpoint file (.pt); empty = the model shipped with napari-glimpse")
+        self.model_field.native.setPlaceholderText("shipped default model")
+        self.model_field.native.editingFinished.connect(self._model_edited)
+        browse = PushButton(text="…", tooltip="Choose a checkpoint file")
+        browse.native.setFixedWidth(28)
+        browse.changed.connect(self._browse_model)
+        default = PushButton(text="Default", tooltip="Use the model shipped with napari-glimpse")
+        default.changed.connect(lambda: self.set_model(None))
+        glimpse = PushButton(text="Glimpse", tooltip="Use the glimpse-only model shipped with napari-glimpse (the "
+                                                     "paper's method: from the mean start, glimpse steps alone)")
+        glimpse.changed.connect(lambda: self.set_model("glimpse"))
+        checkpoint = Container(widgets=[self.model_field, browse, default, glimpse], layout="horizontal",
+                               labels=False, label="Checkpoint")
+        checkpoint.margins = (0, 0, 0, 0)
+        self.device = ComboBox(choices=["auto", "cpu", "cuda"], value="auto", label="Device",
+                               tooltip="auto: CUDA when available, else CPU")
+        self.device.changed.connect(self._device_changed)
+        self.iterations = SpinBox(value=0, min=0, max=20, label="Iterations",
+                                  tooltip="Glimpse steps per landmark (model's: the number chosen on validation "
+                                          "when the model was trained)")
+        self.iterations.native.setSpecialValueText("model's")
+        # the Qt widgets under the fields, for scripts and tests that drive Qt
+        self.model_edit, self.device_combo, self.iter_spin = (
+            self.model_field.native, self.device.native, self.iterations.native)
+        return Container(widgets=[checkpoint, self.device, self.iterations], labels=True)
+
+    def _build_image_form(self) -> Container:
+        """The image's fields (magicgui): the layer, the folder and its moves, options, spacing."""
+        self.image = ComboBox(choices=[], label="Layer", tooltip="Image layer to detect on (when no folder is open)")
+        self.image.changed.connect(lambda _name: self.load_spacing())
+        folder = PushButton(text="Open folder…", tooltip="Review a folder of cephalograms one by one")
+        folder.changed.connect(self._browse_folder)
+        prev = PushButton(text="◀", tooltip="Previous image of the folder")
+        prev.changed.connect(lambda: self.go(-1))
+        nxt = PushButton(text="▶", tooltip="Next image of the folder")
+        nxt.changed.connect(lambda: self.go(+1))
+        for b in (prev, nxt):
+            b.native.setFixedWidth(32)
+        moves = Container(widgets=[folder, prev, nxt], layout="horizontal", labels=False, label="Folder")
+        moves.margins = (0, 0, 0, 0)
+        self.folder_info = Label(value="no folder open", label="")
+        self.auto = CheckBox(text="Detect when moving to an image", value=True,
+                             tooltip="Images already in the corrections log show their logged landmarks instead")
+        self.replace = CheckBox(text="Replace reviewed points", value=False,
+                                tooltip="Off: an image with corrections or accepted stays as reviewed when Detect "
+                                        "runs again")
+        self.spacing = FloatSpinBox(value=0.0, min=0.0, max=1.0, step=0.005, label="Pixel spacing",
+                                    tooltip="Pixel spacing of the images (mm per pixel), remembered for their folder. "
+                                            "0: the file's own (DICOM, TIFF), else the model's (0.1 mm), with a note "
+                                            "when the image's size looks unlike that")
+        spin = self.spacing.native
+        spin.setDecimals(4)
+        spin.setSuffix(" mm")
+        spin.setSpecialValueText("from the file, else the model's")
+        spin.setKeyboardTracking(False)
+        self.spacing.changed.connect(self._spacing_changed)
+        # the Qt widgets under the fields, for scripts and tests that drive Qt
+        self.layer_combo, self.folder_btn, self.prev_btn, self.next_btn = (
+            self.image.native, folder.native, prev.native, nxt.native)
+        self.folder_label, self.auto_check, self.replace_check, self.spacing_spin = (
+            self.folder_info.native, self.auto.native, self.replace.native, spin)
+        return Container(widgets=[self.image, moves, self.folder_info, self.auto, self.replace, self.spacing],
+                         labels=True)
+
+    def _build_table(self) -> QTableWidget:
+        table = QTableWidget(0, 5)
+        table.setHorizontalHeaderLabels(["#", "Landmark", "Confidence", "±mm", "State"])
+        table.verticalHeader().setVisible(False)
+        table.setSelectionBehavior(QAbstractItemView.SelectRows)
+        table.setSelectionMode(QAbstractItemView.SingleSelection)
+        table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        hh = table.horizontalHeader()
         hh.setSectionResizeMode(1, QHeaderView.Stretch)
         for c in (0, 2, 3, 4):
             hh.setSectionResizeMode(c, QHeaderView.ResizeToContents)
-        self.table.setSortingEnabled(True)
-        self.table.setToolTip("Click a landmark to select it and centre the view on it; click a header to sort")
-        self.table.itemSelectionChanged.connect(self._row_selected)
+        table.setSortingEnabled(True)
+        table.setToolTip("Click a landmark to select it and centre the view on it; click a header to sort")
+        table.itemSelectionChanged.connect(self._row_selected)
+        return table
 
-        lay = QVBoxLayout(self)
-        lay.addWidget(model_box)
-        lay.addWidget(img_box)
-        lay.addWidget(self.run_btn)
-        lay.addWidget(self.progress)
-        lay.addWidget(self.status_label)
-        lay.addWidget(self.table, 1)
-
+    def _connect(self) -> None:
         self.viewer.layers.events.inserted.connect(self._layer_inserted)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
         self.viewer.layers.selection.events.active.connect(self._active_changed)
@@ -324,12 +314,6 @@ class DetectWidget(QWidget):
         self._table_timer.timeout.connect(self._refill_table)
         self.state.register_action("next_image", lambda: self.go(+1))
         self.state.register_action("previous_image", lambda: self.go(-1))
-        self._refresh_layers()
-        self._update_nav()
-        self._sync_model_edit()
-        _collect_before_detecting()
-        self.preload_model()
-        prewarm_labelled_points(self.viewer)  # the first detection's points then appear without a long stall
 
     @property
     def busy(self) -> bool:
@@ -354,15 +338,15 @@ class DetectWidget(QWidget):
 
     # ------------------------------------------------------------------------ inputs
     def set_model(self, path: str | Path | None) -> None:
-        self.state.set_model(path, self.device_combo.currentText())
+        self.state.set_model(path, self.device.value)
 
     def _sync_model_edit(self) -> None:
         text = str(self.state.model_path) if self.state.model_path else ""
-        if self.model_edit.text() != text:
-            self.model_edit.setText(text)
+        if self.model_field.value != text:
+            self.model_field.value = text
 
     def _model_edited(self) -> None:
-        text = self.model_edit.text().strip()
+        text = self.model_field.value.strip()
         cur = str(self.state.model_path) if self.state.model_path else ""
         if text != cur:
             self.set_model(text or None)
@@ -382,14 +366,17 @@ class DetectWidget(QWidget):
         return [ly for ly in self.viewer.layers if isinstance(ly, Image) and not ly.name.startswith("glimpse")]
 
     def _refresh_layers(self, event=None) -> None:
-        cur = self.layer_combo.currentText()
+        cur = self.image.value
         names = [ly.name for ly in self._image_layers()]
-        self.layer_combo.blockSignals(True)
-        self.layer_combo.clear()
-        self.layer_combo.addItems(names)
-        if cur in names:
-            self.layer_combo.setCurrentText(cur)
-        self.layer_combo.blockSignals(False)
+        with self.image.changed.blocked():
+            self.image.choices = names
+            if cur in names:
+                self.image.value = cur
+
+    def _choose_layer(self, name: str) -> None:
+        """Make image layer ``name`` the one Detect runs on (the spacing field follows)."""
+        if name in self.image.choices and self.image.value != name:
+            self.image.value = name
 
     def _layer_inserted(self, event=None) -> None:
         """A newly opened image becomes the one Detect runs on (a folder's own layer aside)."""
@@ -403,14 +390,14 @@ class DetectWidget(QWidget):
             return  # the widget's own layer for the folder's current image
         if self._worker is None and folder_image is not None and layer is not self._folder_layer():
             self.close_folder()  # an image opened by hand: leave the folder for it
-        self.layer_combo.setCurrentText(layer.name)
+        self._choose_layer(layer.name)
 
     def _active_changed(self, event=None) -> None:
         """Selecting an image layer in the layer list makes it the one Detect runs on."""
         layer = self.viewer.layers.selection.active
         if layer is not None and layer.name in [ly.name for ly in self._image_layers()]:
             if not self.folder_images:
-                self.layer_combo.setCurrentText(layer.name)
+                self._choose_layer(layer.name)
 
     def _folder_layer(self) -> Any:
         cur = self.state.current
@@ -420,7 +407,7 @@ class DetectWidget(QWidget):
         """Stop reviewing the open folder (Detect then runs on the chosen image layer)."""
         self.folder_images = []
         self.folder_index = -1
-        self.folder_label.setText("no folder open")
+        self.folder_info.value = "no folder open"
         self._update_nav()
 
     # ------------------------------------------------------------------------ spacing
@@ -428,7 +415,7 @@ class DetectWidget(QWidget):
         """The folder the spacing field is for: the open folder's, else the chosen layer's file's."""
         if self.folder_images:
             return self.folder_images[0].parent
-        layer = next((ly for ly in self._image_layers() if ly.name == self.layer_combo.currentText()), None)
+        layer = next((ly for ly in self._image_layers() if ly.name == self.image.value), None)
         path = image_path_of(layer) if layer is not None else None
         return path.parent if path is not None else None
 
@@ -436,9 +423,8 @@ class DetectWidget(QWidget):
         """Show the spacing remembered for :meth:`spacing_folder` (0 when none)."""
         folder = self.spacing_folder()
         value = remembered_spacing(folder) if folder is not None else None
-        self.spacing_spin.blockSignals(True)
-        self.spacing_spin.setValue(value or 0.0)
-        self.spacing_spin.blockSignals(False)
+        with self.spacing.changed.blocked():
+            self.spacing.value = value or 0.0
 
     def _spacing_changed(self, value: float) -> None:
         folder = self.spacing_folder()
@@ -450,7 +436,7 @@ class DetectWidget(QWidget):
 
     def set_image_layer(self, name: str) -> None:
         self._refresh_layers()
-        self.layer_combo.setCurrentText(name)
+        self._choose_layer(name)
 
     # ------------------------------------------------------------------------ folder
     def _browse_folder(self) -> None:
@@ -497,8 +483,8 @@ class DetectWidget(QWidget):
         self.run_btn.setEnabled(not busy)
         if n:
             p = self.folder_images[self.folder_index] if self.folder_index >= 0 else None
-            self.folder_label.setText(f"{self.folder_index + 1}/{n}: {p.name if p else ''}  ({p.parent if p else ''})")
-        self.layer_combo.setEnabled(not n)
+            self.folder_info.value = f"{self.folder_index + 1}/{n}: {p.name if p else ''}  ({p.parent if p else ''})"
+        self.image.enabled = not n
 
     def show_image(self, i: int, start: bool = True):
         """Show folder image ``i``: its logged landmarks if it has any, else detect (if set)."""
@@ -506,7 +492,7 @@ class DetectWidget(QWidget):
         path = self.folder_images[i]
         log = self.state.log
         logged = log is not None and log.state.has_proposal(path)
-        predict = self.auto_check.isChecked() and not logged
+        predict = self.auto.value and not logged
         return self._run(path, None, None, predict, start)
 
     # ------------------------------------------------------------------------ detect
@@ -519,7 +505,7 @@ class DetectWidget(QWidget):
         if self.folder_images and self.folder_index >= 0:
             return self._run(self.folder_images[self.folder_index], None, None, True, start)
         layers = self._image_layers()
-        layer = next((ly for ly in layers if ly.name == self.layer_combo.currentText()), None)
+        layer = next((ly for ly in layers if ly.name == self.image.value), None)
         if layer is None:
             layer = next((ly for ly in layers), None)
         if layer is None:
@@ -537,12 +523,12 @@ class DetectWidget(QWidget):
             status(self.status_label, "busy: wait for the running detection", error=True)
             return None
         self._t_click = time.perf_counter()
-        self.state.device = self.device_combo.currentText()
+        self.state.device = self.device.value
         key = self.state.model_key()
         worker = create_worker(
             _detect_job, path if data is None else None, data,
-            self.state.get_model if predict else None, key, self.iter_spin.value() or None,
-            spacing=self.spacing_spin.value() or None, spacing_file=path,
+            self.state.get_model if predict else None, key, self.iterations.value or None,
+            spacing=self.spacing.value or None, spacing_file=path,
             _start_thread=False, _ignore_errors=True,
         )
         worker.yielded.connect(self._on_stage)
@@ -631,7 +617,7 @@ class DetectWidget(QWidget):
         traj = res.trajectory
         if (traj is not None and path is not None and log is not None and log.state.has_proposal(path)
                 and (log.state.corrected(path) or log.state.is_accepted(path))
-                and not self.replace_check.isChecked()):
+                and not self.replace.value):
             # never replace an annotator's work silently
             traj = None
             warn = " (kept the reviewed points: tick 'Replace reviewed points' to use the new detection)"
