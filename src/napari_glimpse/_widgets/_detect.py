@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, LineEdit, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, LineEdit, PushButton
 from napari.qt.threading import create_worker
 from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
@@ -238,13 +238,13 @@ class DetectWidget(QWidget):
         self.device = ComboBox(choices=["auto", "cpu", "cuda"], value="auto", label="Device",
                                tooltip="auto: CUDA when available, else CPU")
         self.device.changed.connect(self._device_changed)
-        self.iterations = SpinBox(value=0, min=0, max=20, label="Iterations",
-                                  tooltip="Glimpse steps per landmark (model's: the number chosen on validation "
-                                          "when the model was trained)")
-        self.iterations.native.setSpecialValueText("model's")
+        # a ComboBox, not a SpinBox: magicgui's SpinBox (superqt's) shows no special text for "model's"
+        self.iterations = ComboBox(choices=[("model's", 0)] + [(str(i), i) for i in range(1, 21)], value=0,
+                                   label="Iterations",
+                                   tooltip="Glimpse steps per landmark (model's: the number chosen on validation "
+                                           "when the model was trained)")
         # the Qt widgets under the fields, for scripts and tests that drive Qt
-        self.model_edit, self.device_combo, self.iter_spin = (
-            self.model_field.native, self.device.native, self.iterations.native)
+        self.model_edit, self.device_combo = self.model_field.native, self.device.native
         return Container(widgets=[checkpoint, self.device, self.iterations], labels=True)
 
     def _build_image_form(self) -> Container:
