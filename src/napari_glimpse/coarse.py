@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import distributed
+from . import distributed, loop
 from ._serde import DictConfig
 from .errors import GlimpseError
 from .model import _conv_bn
@@ -271,6 +270,13 @@ def augment_intensity(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x + own(torch.randn((b, *x.shape[1:]), generator=gen)) * 3.0
 
 
+def heatmap_lr_factor(frac: float) -> float:
+    """The heatmap nets' schedule: a 3 % linear warm-up from a tenth, then a cosine to 1 %."""
+    if frac < 0.03:
+        return 0.1 + 0.9 * frac / 0.03
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (frac - 0.03) / 0.97))
+
+
 def fit_heatmaps(
     net: nn.Module,
     stage: str,
@@ -308,7 +314,6 @@ def fit_heatmaps(
     global batch, with the batch norms' statistics and the gradients over all of them; the clock
     and ``should_stop`` are rank 0's, and only rank 0 shows progress and evaluates.
     """
-    from tqdm.auto import tqdm
 
     if averages is not None:
         for d in list(averages):
@@ -322,65 +327,41 @@ def fit_heatmaps(
     dev = next(net.parameters()).device  # batches are made on the CPU, then moved to the net's device
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
     history: list[dict] = []
-    t0 = time.monotonic()
-    last_eval = t0
-    step, ema = 0, None
-    bar = tqdm(total=1000, desc=stage, unit="‰", disable=not progress,
-               bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+    steps = [0]
+
+    def one_step(frac: float) -> float:
+        x, target, inside, *pos = (t.to(dev, non_blocking=True) for t in batch())
+        logits = net(x)
+        logp = torch.log_softmax(logits.flatten(2), -1)
+        count = distributed.mean_divisor(inside.sum())
+        loss = (-(target.flatten(2) * logp).sum(-1) * inside).sum() / count
+        if coord_weight:
+            loss = loss + coord_weight * (expected_position(logp.exp().view_as(logits)) - pos[0]).norm(dim=-1) \
+                .mul(inside).sum() / count
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        distributed.average_gradients(net.parameters())
+        opt.step()
+        steps[0] += 1
+        for d, avg in (averages or {}).items():
+            update_average(avg, net, d, steps[0])
+        return loss.item()
+
+    def validated(info: dict, bar) -> None:
+        net.eval()
+        info["val_mre_mm"] = evaluate(net)
+        training_mode(net)
+        bar.write(f"{stage} step {info['step']}: val MRE {info['val_mre_mm']:.2f} mm")
+        history.append(info)
+
     try:
-        while True:
-            frac = (time.monotonic() - t0) / time_budget_s
-            if max_steps:
-                frac = max(frac, step / max_steps)
-            frac, stop = distributed.from_main(frac, should_stop is not None and should_stop())
-            if frac >= 1.0 or stop:
-                break
-            lr_now = lr * ((0.1 + 0.9 * frac / 0.03) if frac < 0.03 else
-                           (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (frac - 0.03) / 0.97))))
-            for g in opt.param_groups:
-                g["lr"] = lr_now
-            x, target, inside, *pos = (t.to(dev, non_blocking=True) for t in batch())
-            logits = net(x)
-            logp = torch.log_softmax(logits.flatten(2), -1)
-            count = distributed.mean_divisor(inside.sum())
-            loss = (-(target.flatten(2) * logp).sum(-1) * inside).sum() / count
-            if coord_weight:
-                loss = loss + coord_weight * (expected_position(logp.exp().view_as(logits)) - pos[0]).norm(dim=-1) \
-                    .mul(inside).sum() / count
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.average_gradients(net.parameters())
-            opt.step()
-            step += 1
-            for d, avg in (averages or {}).items():
-                update_average(avg, net, d, step)
-            lv = loss.item()
-            if not math.isfinite(lv):  # never go on to write NaN weights
-                raise GlimpseError(f"{stage} training stopped at step {step}: the loss is {lv} (check the labels "
-                                   f"and images for NaN or infinite values); the model was not written")
-            ema = lv if ema is None else 0.98 * ema + 0.02 * lv
-            done = (time.monotonic() - t0) / time_budget_s
-            if max_steps:
-                done = max(done, step / max_steps)
-            bar.n = min(1000, int(1000 * done))
-            bar.set_postfix_str(f"step {step} loss {ema:.3f} lr {lr_now:.1e}", refresh=False)
-            bar.refresh()
-            info = {"stage": stage, "step": step, "loss": ema, "lr": lr_now, "elapsed_s": time.monotonic() - t0,
-                    "progress": min(1.0, done)}
-            if callback is not None:
-                callback(info)
-            if evaluate is not None and time.monotonic() - last_eval > eval_every_s:
-                net.eval()
-                info["val_mre_mm"] = evaluate(net)
-                training_mode(net)
-                bar.write(f"{stage} step {step}: val MRE {info['val_mre_mm']:.2f} mm")
-                history.append(info)
-                last_eval = time.monotonic()
+        res = loop.run(one_step, opt, lambda frac: lr * heatmap_lr_factor(frac), stage=stage,
+                       time_budget_s=time_budget_s, max_steps=max_steps, progress=progress, callback=callback,
+                       should_stop=should_stop, hooks=[loop.Hook(eval_every_s, validated)] if evaluate else [])
     finally:
-        bar.close()
         distributed.plain_batchnorm(synced)
     net.eval()
-    rec = {"stage": stage, "step": step, "loss": ema, "elapsed_s": time.monotonic() - t0}
+    rec = {"stage": stage, "step": res.step, "loss": res.loss, "elapsed_s": res.elapsed_s}
     if evaluate is not None:
         rec["val_mre_mm"] = evaluate(net)
     history.append(rec)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from . import loop
 from ._serde import DictConfig
 from .errors import GlimpseError
 from .glimpse import PyramidStack, image_to_frame, sample_glimpses
@@ -241,6 +242,7 @@ def validation_line(val: dict, steps: Sequence[int] = (1, 2, 3, 5)) -> str:
 # ------------------------------------------------------------------------------ training
 def _new_model(train_ds: Dataset, mcfg: ModelConfig, cfg: GlimpseOnlyConfig, shape: tuple[int, int],
                dev: torch.device, meta: dict | None) -> GlimpseModel:
+    from .landmark_set import of_data
     from .training import start_statistics
 
     names = train_ds.landmark_names
@@ -249,7 +251,7 @@ def _new_model(train_ds: Dataset, mcfg: ModelConfig, cfg: GlimpseOnlyConfig, sha
     m = dict(meta or {})
     m.update({"train_image_shape": list(shape), "auto_levels": levels_for(shape, mcfg.patch),
               "n_train_images": len(train_ds), "train_images": [p.name for p in train_ds.image_paths],
-              "glimpse_net": "trained", "kind": "glimpse-only"})
+              "glimpse_net": "trained", "kind": "glimpse-only", "landmark_set": of_data(train_ds).to_dict()})
     return GlimpseModel(GlimpseModelNet(mcfg).to(dev), names, train_ds.pixel_spacing,
                         *start_statistics(truth, names), cfg.to_dict(), m)
 
@@ -268,36 +270,32 @@ def _with_net(model: GlimpseModel, net: GlimpseModelNet) -> GlimpseModel:
 
 
 def _loop(model: GlimpseModel, avg: WeightAverage, data: Any, cfg: GlimpseOnlyConfig, budget_s: float,
-          max_steps: int | None, val: Dataset | None, report: Callable[[dict], None]) -> list[dict]:
-    """The training loop (until ``budget_s`` or ``max_steps``); returns its history records."""
+          max_steps: int | None, val: Dataset | None, progress: bool,
+          callback: Callable[[dict], None] | None) -> list[dict]:
+    """The training loop (:func:`napari_glimpse.loop.run`, until ``budget_s`` or ``max_steps``); returns
+    its history records."""
     dev = model.device
     net, stack, t = model.net.train(), data.stack.to(dev), _tensors(data, model, dev)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, loss, history, t0 = 0, None, [], time.monotonic()
-    last_val = t0
-    while True:
-        el = time.monotonic() - t0
-        frac = max(el / budget_s, step / max_steps if max_steps else 0.0)
-        if frac >= 1.0:
-            break
-        lr = learning_rate(cfg, frac)
-        for g in opt.param_groups:
-            g["lr"] = lr
+    history: list[dict] = []
+
+    def one_step(frac: float) -> float:
         px = train_step(net, opt, cfg, frac, stack, t, gen)
-        if not math.isfinite(px):
-            raise GlimpseError(f"glimpse training stopped at step {step + 1}: the loss is {px}")
         avg.update(net)
-        step += 1
-        loss = px * model.pixel_spacing if loss is None else 0.98 * loss + 0.02 * px * model.pixel_spacing
-        info = {"step": step, "progress": frac, "loss_mm": loss, "lr": lr, "elapsed_s": time.monotonic() - t0}
-        if val is not None and time.monotonic() - last_val > cfg.val_every_s:
-            info["val_mre_mm"] = validate(_with_net(model, avg.net), val, 3)["steps"][3]["mre_mm"]
-            history.append(dict(info))
-            last_val = time.monotonic()
-        report(info)
-    history.append({"step": step, "elapsed_s": time.monotonic() - t0, "loss_mm": loss,
-                    "stopped": "steps" if max_steps and step >= max_steps else "minutes"})
+        return px
+
+    def validated(info: dict, bar) -> None:
+        info["val_mre_mm"] = validate(_with_net(model, avg.net), val, 3)["steps"][3]["mre_mm"]
+        history.append(dict(info))
+        bar.write(f"step {info['step']}: validation MRE after 3 steps {info['val_mre_mm']:.2f} mm")
+
+    res = loop.run(one_step, opt, lambda frac: learning_rate(cfg, frac), stage="glimpse", time_budget_s=budget_s,
+                   max_steps=max_steps, progress=progress, callback=callback,
+                   hooks=[loop.Hook(cfg.val_every_s, validated)] if val is not None else [],
+                   loss_key="loss_mm", loss_scale=model.pixel_spacing, loss_unit=" mm")
+    history.append({"step": res.step, "elapsed_s": res.elapsed_s, "loss_mm": res.loss,
+                    "stopped": "steps" if res.stopped == "steps" else "minutes"})
     return history
 
 
@@ -309,8 +307,6 @@ def train_glimpse_only(train_ds: Dataset, val_ds: Dataset | None, model_config: 
     with ``val_ds``, validate after 1 .. ``eval_steps`` steps, keep the weight average or the last
     weights (whichever validates better) and set ``meta['iterations']`` by :func:`choose_steps`
     (without: the weight average and 3 steps). Returns the model (not written)."""
-    from tqdm.auto import tqdm
-
     from .inference import resolve_device
     from .training import TrainingData
 
@@ -319,21 +315,7 @@ def train_glimpse_only(train_ds: Dataset, val_ds: Dataset | None, model_config: 
     shape = tuple(int(v) for v in np.median(data.shapes, axis=0))
     model = _new_model(train_ds, model_config, cfg, shape, dev, meta)
     avg = WeightAverage(model.net, cfg.ema_decay)
-    bar = tqdm(total=1000, desc="glimpse", unit="‰", disable=not progress,
-               bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
-
-    def report(info: dict) -> None:
-        bar.n = min(1000, int(info["progress"] * 1000))
-        bar.set_postfix_str(f"step {info['step']} loss {info['loss_mm']:.2f} mm", refresh=True)
-        if "val_mre_mm" in info:
-            bar.write(f"step {info['step']}: validation MRE after 3 steps {info['val_mre_mm']:.2f} mm")
-        if callback is not None:
-            callback(info)
-
-    try:
-        history = _loop(model, avg, data, cfg, budget_s, max_steps, val_ds, report)
-    finally:
-        bar.close()
+    history = _loop(model, avg, data, cfg, budget_s, max_steps, val_ds, progress, callback)
     del data
     return _finish(model, avg, val_ds, history, eval_steps)
 

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, loop
 from ._serde import DictConfig
 from .checkpoint import atomic_torch_save, read_checkpoint
 from .coarse import CoarseConfig, CoarseEnsemble, members_of, train_coarse, view_levels
@@ -139,13 +139,6 @@ def _save_resume(path: Path, model: GlimpseModel, opt, step: int, elapsed: float
     if pending:
         ck["train_state"]["pending"] = pending
     atomic_torch_save(ck, path)
-
-
-def _check_loss(loss: float, stage: str, step: int, out: Path) -> None:
-    """A NaN or infinite loss stops training with a clear error, before anything is written."""
-    if not math.isfinite(loss):
-        raise GlimpseError(f"{stage} training stopped at step {step}: the loss is {loss} (check the labels and "
-                           f"images for NaN or infinite values); {out} was not written")
 
 
 def train_step(
@@ -304,8 +297,6 @@ def train(
     progress, validates and writes ``out`` and the resume points, and the others wait for it
     before returning. ``meta['world_size']`` records how many processes trained.
     """
-    from tqdm.auto import tqdm
-
     if not distributed.is_main():
         progress, val = False, None
     out = Path(out)
@@ -451,7 +442,6 @@ def train(
     shapes = torch.as_tensor(data.shapes, dtype=torch.float32, device=dev)
     mean = torch.as_tensor(model.mean_start, dtype=torch.float32, device=dev)
     std = torch.as_tensor(model.std_start, dtype=torch.float32, device=dev) * tcfg.start_std_scale
-    unit = mcfg.offset_unit
     if max_steps is not None:
         tcfg = replace(tcfg, max_steps=max_steps)
         model.train_config = tcfg.to_dict()
@@ -459,68 +449,38 @@ def train(
     if max_steps is None and time_budget_s is None:
         raise GlimpseError("give a step limit or a time budget")
 
-    def progress_of(s: int, el: float) -> float:
-        ps = s / max_steps if max_steps else 0.0
-        pt = el / time_budget_s if time_budget_s else 0.0
-        return max(ps, pt)
+    saved = [False]
 
-    t0 = time.monotonic()
-    last_save = t0
-    early_saved = False
-    ema = None
-    bar = tqdm(total=1000, desc="train", unit="‰", disable=not progress,
-               bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
-    stopped = "budget"
+    def save_point(info: dict, bar) -> None:  # a resume point, with validation when there is a set
+        rec = {k: v for k, v in info.items() if k != "stage"}
+        if val is not None:
+            net.eval()
+            rec["val_mre_mm"] = evaluate_model(model, val, progress=False)["overall"]["mre_mm"]
+            net.train()
+            bar.write(f"step {info['step']}: val MRE {rec['val_mre_mm']:.2f} mm")
+        history.append(rec)
+        _save_resume(rpath, model, opt, info["step"], info["elapsed_s"], gen, history)
+        saved[0] = True
+
+    def early_point(info: dict, bar) -> None:  # a first resume point early (no validation, no history record)
+        if not saved[0]:
+            _save_resume(rpath, model, opt, info["step"], info["elapsed_s"], gen, history)
+            saved[0] = True
+
     distributed.broadcast_state(net)
     synced = distributed.synced_batchnorm(net)
     try:
-        while True:
-            elapsed = elapsed0 + time.monotonic() - t0
-            # the clock and a stop request are rank 0's, so every rank takes as many steps
-            frac, stop = distributed.from_main(progress_of(step, elapsed), should_stop is not None and should_stop())
-            if frac >= 1.0:
-                break
-            if stop:
-                stopped = "cancelled"
-                break
-            lr = learning_rate(tcfg, frac)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss_sum = train_step(net, opt, mcfg, tcfg, stack, truth, shapes, mean, std, gen, present)
-            step += 1
-            _check_loss(loss_sum, "glimpse", step, out)
-            # loss in mm of the mean radial error over the batch
-            loss_mm = loss_sum * unit * model.pixel_spacing
-            ema = loss_mm if ema is None else 0.98 * ema + 0.02 * loss_mm
-            newfrac = progress_of(step, elapsed0 + time.monotonic() - t0)
-            bar.n = min(1000, int(newfrac * 1000))
-            bar.set_postfix_str(f"step {step} loss {ema:.2f} mm lr {lr:.1e}", refresh=False)
-            bar.refresh()
-            info = {"step": step, "progress": newfrac, "loss_mm": ema, "lr": lr,
-                    "elapsed_s": elapsed0 + time.monotonic() - t0}
-            if callback is not None:
-                callback(info)
-            if time.monotonic() - last_save > tcfg.save_every_s:
-                rec = dict(info)
-                if val is not None:
-                    net.eval()
-                    rec["val_mre_mm"] = evaluate_model(model, val, progress=False)["overall"]["mre_mm"]
-                    net.train()
-                    bar.write(f"step {step}: val MRE {rec['val_mre_mm']:.2f} mm")
-                history.append(rec)
-                _save_resume(rpath, model, opt, step, info["elapsed_s"], gen, history)
-                last_save = time.monotonic()
-            elif not early_saved and last_save == t0 and time.monotonic() - t0 > FIRST_RESUME_S:
-                # an early first resume point (no validation, no history record: the regular
-                # saves keep their times)
-                _save_resume(rpath, model, opt, step, info["elapsed_s"], gen, history)
-                early_saved = True
+        res = loop.run(lambda frac: train_step(net, opt, mcfg, tcfg, stack, truth, shapes, mean, std, gen, present),
+                       opt, lambda frac: learning_rate(tcfg, frac), stage="glimpse", time_budget_s=time_budget_s,
+                       max_steps=max_steps, progress=progress, callback=callback, should_stop=should_stop,
+                       hooks=[loop.Hook(tcfg.save_every_s, save_point), loop.Hook(FIRST_RESUME_S, early_point)],
+                       loss_key="loss_mm", loss_scale=mcfg.offset_unit * model.pixel_spacing, loss_unit=" mm",
+                       step0=step, elapsed0=elapsed0, writes=str(out))
     finally:
-        bar.close()
         distributed.plain_batchnorm(synced)
-    elapsed = elapsed0 + time.monotonic() - t0
+    step, elapsed, stopped = res.step, res.elapsed_s, "cancelled" if res.stopped == "cancelled" else "budget"
     net.eval()
-    rec = {"step": step, "elapsed_s": elapsed, "loss_mm": ema, "stopped": stopped}
+    rec = {"step": step, "elapsed_s": elapsed, "loss_mm": res.loss, "stopped": stopped}
     if val is not None:
         rec["val_mre_mm"] = evaluate_model(model, val, progress=False)["overall"]["mre_mm"]
     history.append(rec)
