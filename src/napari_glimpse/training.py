@@ -248,6 +248,153 @@ def _tune_each(members: list, callback: Callable[[dict], None] | None, dev: torc
     return tuned, hist, wall
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What every stage of one :func:`train` call shares."""
+
+    progress: bool
+    callback: Callable[[dict], None] | None
+    should_stop: Callable[[], bool] | None
+    dev: torch.device
+    eval_every_s: float
+
+
+def _heatmap_stage(kind: str, model: GlimpseModel, data: "TrainingData", tune: torch.nn.Module | None,
+                   cfg: CoarseConfig | FineConfig | None, budget_s: float | None, steps: int | None,
+                   val: Dataset | None, run: _Run) -> None:
+    """Train the ``coarse`` or ``fine`` stage (``cfg``) and attach it to ``model``, or fine-tune the
+    given stage ``tune`` member by member at a tenth of its learning rate; its history and wall
+    time go into the model's meta (``{kind}_history`` / ``{kind}_finetune_history``, ...)."""
+    if kind == "coarse":
+        views, view_hw, truth_n = data.views
+
+        def fit(c, b, **kw):
+            return train_coarse(views, view_hw, truth_n, c, b, **kw)
+    else:
+        flevels = data.fine_levels
+
+        def fit(c, b, **kw):
+            return train_fine(*flevels[c.level, c.context], c, b, **kw)
+    common = {"progress": run.progress, "should_stop": run.should_stop, "max_steps": steps, "device": run.dev}
+    budget_s = budget_s or 1e12
+    if tune is not None:
+        tuned, hist, wall = _tune_each(members_of(tune), run.callback, run.dev, budget_s,
+                                       lambda m, b, cb: fit(m.cfg, b, callback=cb, init=m, lr_scale=0.1, **common))
+        ensemble = CoarseEnsemble if kind == "coarse" else FineEnsemble
+        setattr(model, kind, ensemble(tuned) if len(tuned) > 1 else tuned[0])
+        model.meta.update({f"{kind}_finetune_steps": steps, f"{kind}_finetune_history": hist,
+                           f"{kind}_finetune_wall_s": wall})
+        return
+
+    def validate(net) -> float:
+        setattr(model, kind, net)
+        return evaluate_model(model, val, iterations=0, progress=False)["overall"]["mre_mm"]
+
+    net, hist = fit(cfg, budget_s, callback=run.callback, evaluate=validate if val is not None else None,
+                    eval_every_s=run.eval_every_s, **common)
+    setattr(model, kind, net)
+    model.meta.update({f"{kind}_train_wall_s": hist[-1]["elapsed_s"], f"{kind}_history": hist})
+
+
+def _begin(dataset: Dataset, rpath: Path, model_config: ModelConfig | None, tcfg: TrainConfig, dev: torch.device,
+           resume: bool, init: GlimpseModel | None, pretrained: str | bool | None
+           ) -> tuple[GlimpseModel | None, torch.nn.Module | None, ModelConfig, TrainConfig, dict | None]:
+    """Where training starts: the resume point (its model, config and training state), ``init``'s
+    model, or a new glimpse net (the model is built once the data's statistics are known: None).
+    Returns ``(model, new net, model config, train config, training state)``."""
+    net = None
+    state = None
+    if resume:
+        if not rpath.exists():
+            raise GlimpseError(f"nothing to resume: {rpath} does not exist")
+        ck = read_checkpoint(rpath)
+        state = ck.get("train_state")
+        if state is None:
+            raise GlimpseError(f"{rpath} holds no training state")
+        if state.get("pending"):
+            raise GlimpseError(f"{rpath} was written before the {state['pending']} stage was trained and cannot be "
+                               f"resumed; start again without --resume")
+        model = GlimpseModel.from_checkpoint(ck, dev, source=str(rpath))
+        tcfg = TrainConfig.from_dict(ck.get("train_config", {}))
+        mcfg = model.config
+    elif init is not None:
+        model = init
+        model.net.to(dev)
+        if model.coarse is not None:
+            model.coarse.to(dev)
+        if model.fine is not None:
+            model.fine.to(dev)
+        mcfg = model.config
+    else:
+        mcfg = model_config or ModelConfig(n_landmarks=len(dataset.landmark_names))
+        if mcfg.n_landmarks != len(dataset.landmark_names):
+            mcfg = replace(mcfg, n_landmarks=len(dataset.landmark_names))
+        torch.manual_seed(tcfg.seed)
+        net = GlimpseModelNet(mcfg)
+        if pretrained:
+            net.load_pretrained_trunk(None if pretrained is True else str(pretrained))
+        model = None  # built once the data's statistics are known
+    return model, net, mcfg, tcfg, state
+
+
+def _glimpse_stage(model: GlimpseModel, data: "TrainingData", tcfg: TrainConfig, opt, gen: torch.Generator,
+                   step: int, elapsed0: float, history: list, rpath: Path, out: Path, val: Dataset | None, run: _Run,
+                   time_budget_s: float | None, max_steps: int | None) -> tuple[int, float, str]:
+    """The glimpse net's training (from ``step`` / ``elapsed0`` on resume) with resume points every
+    ``save_every_s`` (validated when there is a set) and an early first one; ``history`` gets the
+    records. Returns the steps, the seconds and why it stopped (``budget`` or ``cancelled``)."""
+    dev, net, mcfg = run.dev, model.net, model.config
+    stack = data.stack.to(dev)
+    truth = data.truth.to(dev)
+    present = None if bool(data.present.all()) else data.present.to(dev)
+    shapes = torch.as_tensor(data.shapes, dtype=torch.float32, device=dev)
+    mean = torch.as_tensor(model.mean_start, dtype=torch.float32, device=dev)
+    std = torch.as_tensor(model.std_start, dtype=torch.float32, device=dev) * tcfg.start_std_scale
+    if max_steps is not None:
+        tcfg = replace(tcfg, max_steps=max_steps)
+        model.train_config = tcfg.to_dict()
+    max_steps = tcfg.max_steps
+    if max_steps is None and time_budget_s is None:
+        raise GlimpseError("give a step limit or a time budget")
+
+    saved = [False]
+
+    def save_point(info: dict, bar) -> None:  # a resume point, with validation when there is a set
+        rec = {k: v for k, v in info.items() if k != "stage"}
+        if val is not None:
+            net.eval()
+            rec["val_mre_mm"] = evaluate_model(model, val, progress=False)["overall"]["mre_mm"]
+            net.train()
+            bar.write(f"step {info['step']}: val MRE {rec['val_mre_mm']:.2f} mm")
+        history.append(rec)
+        _save_resume(rpath, model, opt, info["step"], info["elapsed_s"], gen, history)
+        saved[0] = True
+
+    def early_point(info: dict, bar) -> None:  # a first resume point early (no validation, no history record)
+        if not saved[0]:
+            _save_resume(rpath, model, opt, info["step"], info["elapsed_s"], gen, history)
+            saved[0] = True
+
+    distributed.broadcast_state(net)
+    synced = distributed.synced_batchnorm(net)
+    try:
+        res = loop.run(lambda frac: train_step(net, opt, mcfg, tcfg, stack, truth, shapes, mean, std, gen, present),
+                       opt, lambda frac: learning_rate(tcfg, frac), stage="glimpse", time_budget_s=time_budget_s,
+                       max_steps=max_steps, progress=run.progress, callback=run.callback, should_stop=run.should_stop,
+                       hooks=[loop.Hook(tcfg.save_every_s, save_point), loop.Hook(FIRST_RESUME_S, early_point)],
+                       loss_key="loss_mm", loss_scale=mcfg.offset_unit * model.pixel_spacing, loss_unit=" mm",
+                       step0=step, elapsed0=elapsed0, writes=str(out))
+    finally:
+        distributed.plain_batchnorm(synced)
+    step, elapsed, stopped = res.step, res.elapsed_s, "cancelled" if res.stopped == "cancelled" else "budget"
+    net.eval()
+    rec = {"step": step, "elapsed_s": elapsed, "loss_mm": res.loss, "stopped": stopped}
+    if val is not None:
+        rec["val_mre_mm"] = evaluate_model(model, val, progress=False)["overall"]["mre_mm"]
+    history.append(rec)
+    return step, elapsed, stopped
+
+
 def train(
     dataset: Dataset,
     out: str | os.PathLike,
@@ -303,37 +450,7 @@ def train(
     dev = resolve_device(device)
     tcfg = train_config or TrainConfig()
     rpath = resume_path(out)
-    state = None
-    if resume:
-        if not rpath.exists():
-            raise GlimpseError(f"nothing to resume: {rpath} does not exist")
-        ck = read_checkpoint(rpath)
-        state = ck.get("train_state")
-        if state is None:
-            raise GlimpseError(f"{rpath} holds no training state")
-        if state.get("pending"):
-            raise GlimpseError(f"{rpath} was written before the {state['pending']} stage was trained and cannot be "
-                               f"resumed; start again without --resume")
-        model = GlimpseModel.from_checkpoint(ck, dev, source=str(rpath))
-        tcfg = TrainConfig.from_dict(ck.get("train_config", {}))
-        mcfg = model.config
-    elif init is not None:
-        model = init
-        model.net.to(dev)
-        if model.coarse is not None:
-            model.coarse.to(dev)
-        if model.fine is not None:
-            model.fine.to(dev)
-        mcfg = model.config
-    else:
-        mcfg = model_config or ModelConfig(n_landmarks=len(dataset.landmark_names))
-        if mcfg.n_landmarks != len(dataset.landmark_names):
-            mcfg = replace(mcfg, n_landmarks=len(dataset.landmark_names))
-        torch.manual_seed(tcfg.seed)
-        net = GlimpseModelNet(mcfg)
-        if pretrained:
-            net.load_pretrained_trunk(None if pretrained is True else str(pretrained))
-        model = None  # built once the data's statistics are known
+    model, net, mcfg, tcfg, state = _begin(dataset, rpath, model_config, tcfg, dev, resume, init, pretrained)
 
     want_coarse = bool(coarse_budget_s or coarse_steps) and state is None
     tune_coarse = want_coarse and init is not None and init.coarse is not None
@@ -377,56 +494,15 @@ def train(
     opt = torch.optim.Adam(net.parameters(), lr=tcfg.lr)
     gen = torch.Generator().manual_seed(tcfg.seed)
     step, elapsed0, history = 0, 0.0, []
+    run = _Run(progress, callback, should_stop, dev, tcfg.save_every_s)
     if want_coarse:
-        views, view_hw, truth_n = data.views
-
-        def coarse_val(cnet) -> float:
-            model.coarse = cnet
-            return evaluate_model(model, val, iterations=0, progress=False)["overall"]["mre_mm"]
-
-        budget_s = coarse_budget_s or 1e12
-        if tune_coarse:  # fine-tune the given coarse stage, member by member
-            tuned, chist, wall = _tune_each(
-                members_of(model.coarse), callback, dev, budget_s,
-                lambda m, b, cb: train_coarse(views, view_hw, truth_n, m.cfg, b, progress=progress, callback=cb,
-                                              should_stop=should_stop, max_steps=coarse_steps, init=m,
-                                              lr_scale=0.1, device=dev))
-            model.coarse = CoarseEnsemble(tuned) if len(tuned) > 1 else tuned[0]
-            model.meta["coarse_finetune_steps"] = coarse_steps
-            model.meta["coarse_finetune_wall_s"] = wall
-        else:
-            cnet, chist = train_coarse(views, view_hw, truth_n, coarse_config, budget_s, progress=progress,
-                                       callback=callback, should_stop=should_stop,
-                                       evaluate=coarse_val if val is not None else None,
-                                       eval_every_s=tcfg.save_every_s, max_steps=coarse_steps, device=dev)
-            model.coarse = cnet
-            model.meta["coarse_train_wall_s"] = chist[-1]["elapsed_s"]
-        model.meta["coarse_finetune_history" if tune_coarse else "coarse_history"] = chist
+        _heatmap_stage("coarse", model, data, init.coarse if tune_coarse else None, coarse_config, coarse_budget_s,
+                       coarse_steps, val, run)
         data.views = None
         _save_resume(rpath, model, opt, 0, 0.0, gen, history, pending="fine" if want_fine else None)
     if want_fine:
-        flevels = data.fine_levels
-
-        def fine_val(fnet) -> float:
-            model.fine = fnet
-            return evaluate_model(model, val, iterations=0, progress=False)["overall"]["mre_mm"]
-
-        if tune_fine:  # fine-tune the given fine stage, member by member
-            tuned, fhist, wall = _tune_each(
-                members_of(init.fine), callback, dev, fine_budget_s or 1e12,
-                lambda m, b, cb: train_fine(*flevels[m.cfg.level, m.cfg.context], m.cfg, b, progress=progress,
-                                            callback=cb, should_stop=should_stop, max_steps=fine_steps, init=m,
-                                            lr_scale=0.1, device=dev))
-            model.fine = FineEnsemble(tuned) if len(tuned) > 1 else tuned[0]
-            model.meta.update(fine_finetune_steps=fine_steps, fine_finetune_history=fhist, fine_finetune_wall_s=wall)
-        else:
-            fnet, fhist = train_fine(*flevels[fine_config.level, fine_config.context], fine_config,
-                                     fine_budget_s or 1e12, progress=progress,
-                                     callback=callback, should_stop=should_stop,
-                                     evaluate=fine_val if val is not None else None,
-                                     eval_every_s=tcfg.save_every_s, max_steps=fine_steps, device=dev)
-            model.fine = fnet
-            model.meta.update(fine_train_wall_s=fhist[-1]["elapsed_s"], fine_history=fhist)
+        _heatmap_stage("fine", model, data, init.fine if tune_fine else None, fine_config, fine_budget_s,
+                       fine_steps, val, run)
         data.fine_levels = None
         _save_resume(rpath, model, opt, 0, 0.0, gen, history)
     if state is not None:
@@ -436,54 +512,8 @@ def train(
         gen.set_state(state["rng"])
         history = list(state.get("history", []))
 
-    stack = data.stack.to(dev)
-    truth = data.truth.to(dev)
-    present = None if bool(data.present.all()) else data.present.to(dev)
-    shapes = torch.as_tensor(data.shapes, dtype=torch.float32, device=dev)
-    mean = torch.as_tensor(model.mean_start, dtype=torch.float32, device=dev)
-    std = torch.as_tensor(model.std_start, dtype=torch.float32, device=dev) * tcfg.start_std_scale
-    if max_steps is not None:
-        tcfg = replace(tcfg, max_steps=max_steps)
-        model.train_config = tcfg.to_dict()
-    max_steps = tcfg.max_steps
-    if max_steps is None and time_budget_s is None:
-        raise GlimpseError("give a step limit or a time budget")
-
-    saved = [False]
-
-    def save_point(info: dict, bar) -> None:  # a resume point, with validation when there is a set
-        rec = {k: v for k, v in info.items() if k != "stage"}
-        if val is not None:
-            net.eval()
-            rec["val_mre_mm"] = evaluate_model(model, val, progress=False)["overall"]["mre_mm"]
-            net.train()
-            bar.write(f"step {info['step']}: val MRE {rec['val_mre_mm']:.2f} mm")
-        history.append(rec)
-        _save_resume(rpath, model, opt, info["step"], info["elapsed_s"], gen, history)
-        saved[0] = True
-
-    def early_point(info: dict, bar) -> None:  # a first resume point early (no validation, no history record)
-        if not saved[0]:
-            _save_resume(rpath, model, opt, info["step"], info["elapsed_s"], gen, history)
-            saved[0] = True
-
-    distributed.broadcast_state(net)
-    synced = distributed.synced_batchnorm(net)
-    try:
-        res = loop.run(lambda frac: train_step(net, opt, mcfg, tcfg, stack, truth, shapes, mean, std, gen, present),
-                       opt, lambda frac: learning_rate(tcfg, frac), stage="glimpse", time_budget_s=time_budget_s,
-                       max_steps=max_steps, progress=progress, callback=callback, should_stop=should_stop,
-                       hooks=[loop.Hook(tcfg.save_every_s, save_point), loop.Hook(FIRST_RESUME_S, early_point)],
-                       loss_key="loss_mm", loss_scale=mcfg.offset_unit * model.pixel_spacing, loss_unit=" mm",
-                       step0=step, elapsed0=elapsed0, writes=str(out))
-    finally:
-        distributed.plain_batchnorm(synced)
-    step, elapsed, stopped = res.step, res.elapsed_s, "cancelled" if res.stopped == "cancelled" else "budget"
-    net.eval()
-    rec = {"step": step, "elapsed_s": elapsed, "loss_mm": res.loss, "stopped": stopped}
-    if val is not None:
-        rec["val_mre_mm"] = evaluate_model(model, val, progress=False)["overall"]["mre_mm"]
-    history.append(rec)
+    step, elapsed, stopped = _glimpse_stage(model, data, tcfg, opt, gen, step, elapsed0, history, rpath, out, val,
+                                            run, time_budget_s, max_steps)
     model.meta.update({"train_steps": step, "train_wall_s": elapsed, "history": history,
                        "train_device": str(dev), "torch": str(torch.__version__), "stopped": stopped,
                        "world_size": distributed.world_size()})
