@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import REAL_DATA
 
 from napari_glimpse.errors import GlimpseError
 from napari_glimpse.glimpse import PyramidStack
@@ -144,3 +145,18 @@ def test_build_a_glimpse_recipe_end_to_end(tiny_data, tmp_path):
     assert tr.iterations == loaded.meta["iterations"] and np.isfinite(tr.final).all()
     mean = loaded.mean_start  # the journey begins at the mean training position (same-size images)
     np.testing.assert_allclose(tr.positions[0], mean, atol=1e-3)
+
+
+@pytest.mark.skipif(not REAL_DATA.exists(), reason="needs the ISBI data")
+def test_the_shipped_glimpse_model_walks_from_the_mean_start_to_the_landmarks():
+    from napari_glimpse.inference import GlimpseModel, resolve_model
+    from napari_glimpse.io import load_dataset
+
+    model = GlimpseModel.load(resolve_model("glimpse"), device="cpu")
+    assert model.coarse is None and model.default_iterations == 5
+    ds = load_dataset(REAL_DATA, "train")
+    i = 140  # 141.jpg: a validation image (the net trained on 001-130)
+    tr = model.predict(ds.image(i), facing="right")
+    err = np.linalg.norm(tr.positions - ds.ground_truth("mean")[i], axis=-1).mean(-1) * 0.1  # per step
+    assert np.allclose(tr.positions[0], model.mean_start)  # the journey starts at the mean position
+    assert err[0] > 4 and err[-1] < 2.5 and err[-1] < err[1] < err[0]
