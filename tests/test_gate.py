@@ -72,3 +72,6 @@ def test_packaged_models_by_name(tmp_path, monkeypatch):
         resolve_model("glimpse")
     (tmp_path / "glimpse.pt").write_bytes(b"")
     assert resolve_model("glimpse") == tmp_path / "glimpse.pt"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "glimpse").mkdir()  # a folder of that name where the command runs does not hide the model
+    assert resolve_model("glimpse") == tmp_path / "glimpse.pt"

@@ -81,13 +81,16 @@ def _load_stage(source: str, stage: str, members: list[dict] | None, ensemble: b
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
     """A model's file: ``None`` the shipped default; a packaged model's name (``default``,
-    ``glimpse``: no suffix, no folder, no such file here) ``models/NAME.pt`` in the package (a
-    one-line error naming the file when it is missing); anything else the path as given."""
+    ``glimpse``: no suffix, no folder part, no such file here; a folder of that name here does not
+    hide it) ``models/NAME.pt`` in the package (a one-line error naming the file when it is
+    missing); anything else the path as given."""
     if model is None:
         return DEFAULT_MODEL
     p = Path(model)
-    if p.suffix or p.exists() or os.sep in str(model) or "/" in str(model):
+    if p.suffix or p.is_file() or os.sep in str(model) or "/" in str(model):
         return p
+    if p.is_dir() and not (MODELS / f"{p.name}.pt").exists():
+        return p  # not a packaged name: the folder, which the loader refuses with its own error
     f = MODELS / f"{p.name}.pt"
     if not f.exists():
         hint = f" (train it: napari-glimpse train --recipe glimpse --data DIR --out {f})" if p.name == "glimpse" else ""
