@@ -293,7 +293,7 @@ def _loop(model: GlimpseModel, avg: WeightAverage, data: Any, cfg: GlimpseOnlyCo
     res = loop.run(one_step, opt, lambda frac: learning_rate(cfg, frac), stage="glimpse", time_budget_s=budget_s,
                    max_steps=max_steps, progress=progress, callback=callback,
                    hooks=[loop.Hook(cfg.val_every_s, validated)] if val is not None else [],
-                   loss_key="loss_mm", loss_scale=model.pixel_spacing, loss_unit=" mm")
+                   loss_key="loss_mm", loss_scale=model.pixel_spacing, loss_unit=" mm", stage_key=False)
     history.append({"step": res.step, "elapsed_s": res.elapsed_s, "loss_mm": res.loss,
                     "stopped": "steps" if res.stopped == "steps" else "minutes"})
     return history

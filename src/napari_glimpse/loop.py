@@ -59,9 +59,10 @@ def run(step: Callable[[float], float], opt, lr_at: Callable[[float], float], *,
         time_budget_s: float | None = None, max_steps: int | None = None, progress: bool = True,
         callback: Callable[[dict], None] | None = None, should_stop: Callable[[], bool] | None = None,
         hooks: Sequence[Hook] = (), loss_key: str = "loss", loss_scale: float = 1.0, loss_unit: str = "",
-        step0: int = 0, elapsed0: float = 0.0, writes: str = "the model") -> LoopResult:
+        step0: int = 0, elapsed0: float = 0.0, writes: str = "the model", stage_key: bool = True) -> LoopResult:
     """Train until the clock says so (see the module's docstring); ``writes`` names what is not
-    written when the loss goes bad."""
+    written when the loss goes bad; ``stage_key=False`` leaves ``stage`` out of the step's dict
+    (the glimpse stages' records and progress lines, as their readers expect)."""
     from tqdm.auto import tqdm
 
     if not time_budget_s and not max_steps:
@@ -99,7 +100,8 @@ def run(step: Callable[[float], float], opt, lr_at: Callable[[float], float], *,
             bar.n = int(1000 * done)
             bar.set_postfix_str(f"step {n} loss {ema:.{digits}f}{loss_unit} lr {lr:.1e}", refresh=False)
             bar.refresh()
-            info = {"stage": stage, "step": n, loss_key: ema, "lr": lr, "elapsed_s": elapsed(), "progress": done}
+            info = {"stage": stage} if stage_key else {}
+            info.update({"step": n, loss_key: ema, "lr": lr, "elapsed_s": elapsed(), "progress": done})
             if callback is not None:
                 callback(info)
             for i, hook in enumerate(hooks):

@@ -360,7 +360,7 @@ def _glimpse_stage(model: GlimpseModel, data: "TrainingData", tcfg: TrainConfig,
     saved = [False]
 
     def save_point(info: dict, bar) -> None:  # a resume point, with validation when there is a set
-        rec = {k: v for k, v in info.items() if k != "stage"}
+        rec = dict(info)
         if val is not None:
             net.eval()
             rec["val_mre_mm"] = evaluate_model(model, val, progress=False)["overall"]["mre_mm"]
@@ -383,7 +383,7 @@ def _glimpse_stage(model: GlimpseModel, data: "TrainingData", tcfg: TrainConfig,
                        max_steps=max_steps, progress=run.progress, callback=run.callback, should_stop=run.should_stop,
                        hooks=[loop.Hook(tcfg.save_every_s, save_point), loop.Hook(FIRST_RESUME_S, early_point)],
                        loss_key="loss_mm", loss_scale=mcfg.offset_unit * model.pixel_spacing, loss_unit=" mm",
-                       step0=step, elapsed0=elapsed0, writes=str(out))
+                       step0=step, elapsed0=elapsed0, writes=str(out), stage_key=False)
     finally:
         distributed.plain_batchnorm(synced)
     step, elapsed, stopped = res.step, res.elapsed_s, "cancelled" if res.stopped == "cancelled" else "budget"

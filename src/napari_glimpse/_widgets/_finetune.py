@@ -231,13 +231,11 @@ class FinetuneWidget(QWidget):
         self.minutes = FloatSpinBox(value=DEFAULT_MINUTES, min=0.5, max=600.0, step=0.5, label="Minutes",
                                     tooltip="time budget of the tuning (the int8 graphs are remade after it, about "
                                             "half a minute); the stages share it")
-        self.steps = SpinBox(value=0, min=0, max=100000, label="Steps",
+        self.steps = SpinBox(value=0, min=0, max=100000, label="Steps (0: defaults)",
                              tooltip="optimizer steps of each net (0: the defaults, coarse 30, fine 100 per net, "
                                      "glimpse 200 where the answer uses it)")
-        self.steps.native.setSpecialValueText("defaults")
-        self.batch = SpinBox(value=0, min=0, max=1024, label="Batch",
+        self.batch = SpinBox(value=0, min=0, max=1024, label="Batch (0: model's)",
                              tooltip="the glimpse net's batch size (0: the model's)")
-        self.batch.native.setSpecialValueText("model's")
         self.lr = LineEdit(value="1e-4", label="Learning rate",
                            tooltip="the glimpse net's (Adam); the coarse and fine nets learn at a tenth of their own")
         self.threads = SpinBox(value=1, min=1, max=64, label="Threads",
