@@ -49,6 +49,10 @@ DEFAULT_MINUTES = 4.0
 STAGE_COLOURS = {"coarse": (255, 170, 60), "fine": (120, 220, 120), "glimpse": (80, 200, 255)}
 
 
+# the training process's CPU priority below napari's: the viewer stays responsive on a few cores
+FINETUNE_NICE = 10
+
+
 def _text(edit: FileEdit) -> str:
     """A path field's text as typed ('' when empty; its value would be the current folder)."""
     return str(edit.line_edit.value).strip()
@@ -274,7 +278,8 @@ class FinetuneWidget(QWidget):
             self.out_edit.value = out
         args = ["-m", "napari_glimpse.cli", "finetune", "--data", data, "--out", out,
                 "--time-budget", f"{self.minutes.value:g}", "--lr", self.lr.value.strip() or "1e-4",
-                "--threads", str(self.threads.value), "--device", self.device.value, "--progress-json"]
+                "--threads", str(self.threads.value), "--device", self.device.value, "--progress-json",
+                "--nice", str(FINETUNE_NICE)]
         if self.steps.value > 0:
             args += ["--max-steps", str(self.steps.value)]
         if self.mix_check.value and _text(self.mix_edit):

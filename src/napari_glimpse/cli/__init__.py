@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import warnings
 from typing import Sequence
@@ -73,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
+        if getattr(a, "nice", 0):  # before torch is imported (threads() imports it)
+            os.nice(a.nice)
         threads(getattr(a, "threads", None))
         if getattr(a, "spacing", None) is not None:
             from ..spacing import check_spacing

@@ -59,6 +59,9 @@ def add_parser(sub) -> None:
     f.add_argument("--progress-json", action="store_true",
                    help="print one JSON line per step on stdout (for the napari widget): the stage, its step, and over "
                         "the whole run overall_step / overall_total, progress (0-1), elapsed_s and eta_s")
+    f.add_argument("--nice", type=nonnegative_int, default=0, metavar="N",
+                   help="lower this process's CPU priority by N (the napari widget passes 10, so that the viewer "
+                        "stays responsive on a machine with few cores)")
     f.add_argument("--resume", action="store_true",
                    help="continue from OUT.resume (written every minute once the coarse and fine stages are tuned)")
 
