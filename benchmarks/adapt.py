@@ -127,10 +127,16 @@ def build_site(tmp: Path, scale: float) -> dict:
         write_landmarks_csv(replay_dir / f"train_{who}.csv", [train.image_paths[i].name for i in REPLAY],
                             train.ground_truth(who)[REPLAY])
     plain = load_images(train, PLAIN)
-    plain_senior = LoadedDataset(plain.image_paths, {"labels": train.ground_truth("senior")[PLAIN]},
-                                 train.landmark_names, train.pixel_spacing, arrays=plain.arrays)
+    plain_senior = relabelled(plain, train.ground_truth("senior")[PLAIN])
     return {"tune": site, "score": score, "plain": plain, "plain_senior": plain_senior,
             "replay": train.subset(REPLAY), "replay_dir": replay_dir}
+
+
+def relabelled(ds, labels: np.ndarray):
+    """The loaded set ``ds`` (the same image arrays) with other labels."""
+    from napari_glimpse.finetune import LoadedDataset
+
+    return LoadedDataset(ds.image_paths, {"labels": labels}, ds.landmark_names, ds.pixel_spacing, arrays=ds.arrays)
 
 
 def score(model, ds, spacing: float) -> dict:
@@ -159,11 +165,21 @@ def evaluate_after(model, site: dict, scale: float) -> dict:
     left out (what the nets still know of the original images)."""
     out = {"site": score(model, site["score"], 0.1 / scale), "plain": score(model, site["plain"], 0.1),
            "plain_senior": score(model, site["plain_senior"], 0.1)}
-    off = model.meta.pop("landmark_offsets_px", None)
-    if off is not None:
-        out["plain_nets"] = score(model, site["plain"], 0.1)
-        model.meta["landmark_offsets_px"] = off
+    nets = score_without_offsets(model, site["plain"], 0.1)
+    if nets is not None:
+        out["plain_nets"] = nets
     return out
+
+
+def score_without_offsets(model, ds, spacing: float) -> dict | None:
+    """:func:`score` with the model's landmark offsets left out (what its nets know); None without offsets."""
+    off = model.meta.pop("landmark_offsets_px", None)
+    if off is None:
+        return None
+    try:
+        return score(model, ds, spacing)
+    finally:
+        model.meta["landmark_offsets_px"] = off
 
 
 def run_variant(name: str, site: dict, k: int, scale: float, tmp: Path) -> dict:
@@ -195,19 +211,17 @@ def test1_scores(model) -> dict:
     """Plain ISBI Test1 (151-300, untransformed): against the mean of the doctors (what the shipped
     model learned), against the senior's labels (the simulated site's convention) and, for an
     adapted model, against the mean without the landmark offsets (what the nets still know)."""
-    from napari_glimpse.finetune import LoadedDataset, load_images
+    from napari_glimpse.finetune import load_images
     from napari_glimpse.io import load_dataset
 
     if "mean" not in _TEST1:
         raw = load_dataset(DATA, "test1")
         _TEST1["mean"] = load_images(raw)
-        _TEST1["senior"] = LoadedDataset(_TEST1["mean"].image_paths, {"labels": raw.ground_truth("senior")},
-                                         raw.landmark_names, raw.pixel_spacing, arrays=_TEST1["mean"].arrays)
+        _TEST1["senior"] = relabelled(_TEST1["mean"], raw.ground_truth("senior"))
     out = {"mean": score(model, _TEST1["mean"], 0.1), "senior": score(model, _TEST1["senior"], 0.1)}
-    off = model.meta.pop("landmark_offsets_px", None)
-    if off is not None:
-        out["mean_nets"] = score(model, _TEST1["mean"], 0.1)
-        model.meta["landmark_offsets_px"] = off
+    nets = score_without_offsets(model, _TEST1["mean"], 0.1)
+    if nets is not None:
+        out["mean_nets"] = nets
     return out
 
 
