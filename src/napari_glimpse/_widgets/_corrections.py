@@ -80,7 +80,13 @@ class CorrectionsWidget(QWidget):
         self._poll = QTimer(self)
         self._poll.setInterval(50)
         self._poll.timeout.connect(self._poll_release)
+        log_box = self._build_log_box()
+        pick, ur = self._build_edit_controls()
+        self._build_review_controls()
+        self._build_layout(log_box, pick, ur)
+        self._connect_state()
 
+    def _build_log_box(self) -> QGroupBox:
         log_box = QGroupBox("Corrections log")
         lv = QVBoxLayout(log_box)
         self.log_label = QLabel("opened with the first detection (in the image folder)")
@@ -90,7 +96,10 @@ class CorrectionsWidget(QWidget):
         choose.clicked.connect(self._browse_log)
         lv.addWidget(self.log_label)
         lv.addWidget(choose)
+        return log_box
 
+    def _build_edit_controls(self) -> tuple[QHBoxLayout, QHBoxLayout]:
+        """The image label, undo/redo and the landmark picker with Mark absent."""
         self.image_label = QLabel("no landmarks layer yet: run Detect")
         self.image_label.setWordWrap(True)
 
@@ -116,7 +125,10 @@ class CorrectionsWidget(QWidget):
         pick.addWidget(QLabel("Landmark"))
         pick.addWidget(self.picker, 1)
         pick.addWidget(self.absent_btn)
+        return pick, ur
 
+    def _build_review_controls(self) -> None:
+        """Next least confident, accept, export, the history and the status line."""
         self.next_btn = QPushButton("Next least confident")
         self.next_btn.setToolTip("Jump to the least confident landmark not yet reviewed")
         self.next_btn.clicked.connect(lambda: self.next_landmark())
@@ -135,6 +147,7 @@ class CorrectionsWidget(QWidget):
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
 
+    def _build_layout(self, log_box: QGroupBox, pick: QHBoxLayout, ur: QHBoxLayout) -> None:
         lay = QVBoxLayout(self)
         lay.addWidget(log_box)
         lay.addWidget(self.image_label)
@@ -152,6 +165,9 @@ class CorrectionsWidget(QWidget):
         keys.setWordWrap(True)
         keys.setToolTip("Keys work with the mouse over the viewer")
         lay.addWidget(keys)
+
+    def _connect_state(self) -> None:
+        """Register the review's shortcuts and follow the shared state's detection and log."""
         for _key, action, _what in SHORTCUTS:
             if action not in ("next_image", "previous_image"):
                 self.state.register_action(action, self.mark_absent if action == "absent" else getattr(self, action))
