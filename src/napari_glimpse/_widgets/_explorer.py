@@ -211,6 +211,18 @@ class ExplorerWidget(QWidget):
         self.apply_btn.clicked.connect(lambda: self.apply_steps())
 
     def _build_layout(self) -> None:
+        form = self._build_form()
+        erow = self._build_view_rows()
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(self.tiles_scroll, 1)
+        lay.addWidget(self.info)
+        lay.addWidget(self.apply_btn)
+        lay.addLayout(erow)
+        lay.addWidget(self.status_label)
+
+    def _build_form(self) -> QFormLayout:
+        """The view, landmark, steps, slider, levels and heatmap controls in one form."""
         srow = QHBoxLayout()
         srow.addWidget(self.slider, 1)
         srow.addWidget(self.iter_label)
@@ -235,7 +247,10 @@ class ExplorerWidget(QWidget):
         self._glimpse_controls = [*labels[:1], self.steps, from_label, self.origin, *labels[1:], self.max_level,
                                   self.hm_level, self.channel,
                                   self.auto_channel, self.n_rows, self.apply_btn]
+        return form
 
+    def _build_view_rows(self) -> QHBoxLayout:
+        """The tiles, the info line, the centre/fps/export row (returned) and the status line."""
         self.tiles = QLabel("run Detect, then pick a landmark")
         self.tiles.setAlignment(Qt.AlignCenter)
         self.tiles.setToolTip(_GLIMPSE_TIPS[1])
@@ -264,14 +279,7 @@ class ExplorerWidget(QWidget):
         erow.addWidget(export)
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
-
-        lay = QVBoxLayout(self)
-        lay.addLayout(form)
-        lay.addWidget(self.tiles_scroll, 1)
-        lay.addWidget(self.info)
-        lay.addWidget(self.apply_btn)
-        lay.addLayout(erow)
-        lay.addWidget(self.status_label)
+        return erow
 
     # ------------------------------------------------------------------------ inputs
     @property
