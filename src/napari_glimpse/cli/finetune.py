@@ -13,6 +13,7 @@ from ._args import is_main, nonnegative_int, positive_float, positive_int, spaci
 
 # finetune's default time budget, minutes (FinetuneConfig.time_budget_s; chosen by benchmarks/adapt.py)
 FINETUNE_MINUTES = 4.0
+EXTEND_MINUTES = 15.0  # --extend's (napari_glimpse.extend.EXTEND_DEFAULTS)
 
 
 def add_parser(sub) -> None:
@@ -34,9 +35,16 @@ def add_parser(sub) -> None:
     f.add_argument("--max-steps", type=positive_int, metavar="N",
                    help="steps for each net of every stage tuned that is not given its own below (default: "
                         "coarse 30, fine 100, glimpse 200: about 4 minutes for the shipped model on one CPU thread)")
-    f.add_argument("--time-budget", type=positive_float, metavar="MIN", default=FINETUNE_MINUTES,
-                   help=f"stop tuning by then (default {FINETUNE_MINUTES:g}; the stages share it in proportion to "
-                        "their expected time; remaking the int8 graphs comes after it, about half a minute)")
+    f.add_argument("--time-budget", type=positive_float, metavar="MIN",
+                   help=f"stop tuning by then (default {FINETUNE_MINUTES:g}, with --extend {EXTEND_MINUTES:g}; the "
+                        "stages share it in proportion to their expected time; remaking the int8 graphs comes after "
+                        "it, about half a minute)")
+    f.add_argument("--extend", action="store_true",
+                   help="the data's landmark set (its landmarks.json) holds the model's landmarks and new ones: give "
+                        "the model a head for each new landmark, then tune it on the data and the --mix-data replay "
+                        "(the model's original training set, the new landmarks absent there) so that the old ones "
+                        "keep their skill; defaults: coarse 400, fine 600 steps per net at 0.3x the training rate, "
+                        "no offsets (docs/landmark-sets.md)")
     f.add_argument("--lr", type=positive_float, default=1e-4, help="the glimpse net's learning rate")
     f.add_argument("--coarse-steps", type=nonnegative_int, metavar="N",
                    help="steps for each net of the model's coarse stage, fine-tuned first at a tenth of its "
@@ -67,9 +75,11 @@ def add_parser(sub) -> None:
 
 
 def _finetune_data(a: argparse.Namespace, parent):
-    """The reviewed set and the original set to replay (or None), at the parent's spacing."""
+    """The reviewed set, the original set to replay (or None), at the parent's spacing, and the
+    model to tune: the parent, or with ``--extend`` the parent widened to the data's landmarks."""
+    from ..extend import relabelled, widen
     from ..io import load_dataset
-    from ..landmark_set import check_match
+    from ..landmark_set import check_match, of_data
     from ..spacing import at_spacing
 
     # the parent works at its own spacing: --data at another (--spacing) is resampled to it, labels
@@ -77,19 +87,22 @@ def _finetune_data(a: argparse.Namespace, parent):
     ds = load_dataset(a.data, a.split, a.spacing or parent.pixel_spacing)
     if a.spacing:
         ds = at_spacing([ds], parent.pixel_spacing)
-    check_match(parent.landmark_set, ds.landmark_set, len(ds.landmark_names), "the data")
-    mix = None
-    if a.mix_data:
-        mix = load_dataset(a.mix_data, a.mix_split, parent.pixel_spacing)
+    mix = load_dataset(a.mix_data, a.mix_split, parent.pixel_spacing) if a.mix_data else None
+    if mix is not None:
         check_match(parent.landmark_set, mix.landmark_set, len(mix.landmark_names), "the replay data")
-    return ds, mix
+    if a.extend:
+        parent = widen(parent, of_data(ds), ds)
+        mix = relabelled(mix, parent.landmark_set) if mix is not None else None
+    check_match(parent.landmark_set, ds.landmark_set, len(ds.landmark_names), "the data")
+    return ds, mix, parent
 
 
 def _finetune_config(a: argparse.Namespace):
     """:class:`~napari_glimpse.finetune.FinetuneConfig` from the options (its defaults where none)."""
+    from ..extend import EXTEND_DEFAULTS
     from ..finetune import FinetuneConfig
 
-    base = FinetuneConfig()
+    base = FinetuneConfig(**EXTEND_DEFAULTS) if a.extend else FinetuneConfig()
 
     def steps(given: int | None, default: int) -> int:
         return given if given is not None else a.max_steps if a.max_steps is not None else default
@@ -97,8 +110,9 @@ def _finetune_config(a: argparse.Namespace):
     return FinetuneConfig(coarse_steps=steps(a.coarse_steps, base.coarse_steps),
                           fine_steps=steps(a.fine_steps, base.fine_steps),
                           glimpse_steps=a.max_steps if a.max_steps is not None else base.glimpse_steps,
-                          fine_layers=a.fine_layers, glimpse_lr=a.lr, offsets=not a.no_offsets,
-                          mix_images=a.mix_images, time_budget_s=a.time_budget * 60, seed=a.seed)
+                          fine_layers=a.fine_layers, glimpse_lr=a.lr, offsets=base.offsets and not a.no_offsets,
+                          lr_scale=base.lr_scale, mix_images=a.mix_images,
+                          time_budget_s=a.time_budget * 60 if a.time_budget else base.time_budget_s, seed=a.seed)
 
 
 def _progress_line(info: dict) -> None:
@@ -121,7 +135,7 @@ def run(a: argparse.Namespace) -> int:
     parent = GlimpseModel.load(a.model, a.device)
     # the stages whose nets ran int8 graphs in the parent get them again after tuning
     had_int8 = sorted(name for name, nets in stages(parent).items() if any(attached(n) is not None for n in nets))
-    ds, mix = _finetune_data(a, parent)
+    ds, mix, parent = _finetune_data(a, parent)
     parent_path = str(resolve_model(a.model))
     meta = {"parent": parent_path, "parent_meta": {k: parent.meta.get(k) for k in ("command", "train_steps")},
             "finetune_data": str(a.data), "command": "napari-glimpse " + " ".join(sys.argv[1:])}
