@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .devices import resolve_device
+
 
 def launched() -> bool:
     """Whether this process is one of several that torchrun started."""
@@ -67,8 +69,6 @@ def init(device: str = "auto") -> str:
     return the device this process trains on: ``cuda:LOCAL_RANK`` on CUDA, else ``device``."""
     if not launched() or dist.is_initialized():
         return device
-    from .inference import resolve_device
-
     dev = resolve_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

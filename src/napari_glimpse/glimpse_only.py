@@ -33,6 +33,7 @@ import torch
 
 from . import loop
 from ._serde import DictConfig
+from .devices import resolve_device
 from .errors import GlimpseError
 from .glimpse import PyramidStack, image_to_frame, sample_glimpses
 from .inference import GlimpseModel
@@ -307,7 +308,6 @@ def train_glimpse_only(train_ds: Dataset, val_ds: Dataset | None, model_config: 
     with ``val_ds``, validate after 1 .. ``eval_steps`` steps, keep the weight average or the last
     weights (whichever validates better) and set ``meta['iterations']`` by :func:`choose_steps`
     (without: the weight average and 3 steps). Returns the model (not written)."""
-    from .inference import resolve_device
     from .training import TrainingData
 
     dev = resolve_device(device)

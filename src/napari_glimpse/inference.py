@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import torch
 from . import runtime
 from .checkpoint import KIND, atomic_torch_save, halve_weights, read_checkpoint
 from .coarse import CoarseConfig, CoarseEnsemble, CoarseNet, facing_of, locate_parts, view_level
+from .devices import autocast, resolve_device
 from .errors import GlimpseError
 from .fine import FineConfig, FineEnsemble, FineLook, FineNet, kinds_of, refine, window_scale
 from .glimpse import PyramidStack, sample_glimpses
@@ -96,25 +96,6 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
         hint = f" (train it: napari-glimpse train --recipe glimpse --data DIR --out {f})" if p.name == "glimpse" else ""
         raise GlimpseError(f"no model {p.name!r} in the package: {f} is missing{hint}")
     return f
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a clear error."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise GlimpseError(f"unknown device {device!r} (auto, cpu or cuda)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GlimpseError("--device cuda asked for, but no CUDA GPU is available")
-    return dev
-
-
-def autocast(device: torch.device, enabled: bool):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def _peaks(looks: list | None) -> np.ndarray | None:

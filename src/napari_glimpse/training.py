@@ -16,10 +16,11 @@ from . import distributed, loop
 from ._serde import DictConfig
 from .checkpoint import atomic_torch_save, read_checkpoint
 from .coarse import CoarseConfig, CoarseEnsemble, members_of, train_coarse, view_levels
+from .devices import autocast, resolve_device
 from .errors import GlimpseError
 from .fine import FineConfig, FineEnsemble, fine_levels_by_kind, present_pairs, train_fine
 from .glimpse import PyramidStack, frame_to_image, image_to_frame, sample_glimpses
-from .inference import GlimpseModel, autocast, mirror_points, resolve_device
+from .inference import GlimpseModel, mirror_points
 from .io import Dataset
 from .landmark_set import check_match, of_data
 from .model import GlimpseModelNet, ModelConfig
