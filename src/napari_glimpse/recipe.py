@@ -48,7 +48,8 @@ RECIPES = Path(__file__).with_name("recipes")
 FORMAT = 1
 KINDS = {"coarse": CoarseConfig, "fine": FineConfig, "glimpse": TrainConfig, "glimpse_only": GlimpseOnlyConfig}
 # train flags that go with --recipe; the others set what the recipe sets
-CLI_FLAGS = ("command", "recipe", "data", "split", "out", "device", "time_budget", "max_steps", "threads", "spacing")
+CLI_FLAGS = ("command", "recipe", "data", "split", "out", "device", "time_budget", "max_steps", "threads", "spacing",
+             "progress_json", "nice")
 
 StageConfig = CoarseConfig | FineConfig | TrainConfig | GlimpseOnlyConfig
 
@@ -510,6 +511,31 @@ def _save(model: GlimpseModel, recipe: Recipe, ds: Dataset, out: str | os.PathLi
 
 
 # ------------------------------------------------------------------------------ command line
+def progress_lines(recipe: Recipe, max_steps: int | None, t0: float) -> Callable[[dict], None]:
+    """``train --recipe ... --progress-json``: one JSON line per step on stdout, as ``finetune
+    --progress-json`` prints them (the napari widgets read both): the stage's kind (``member``: which
+    fine net), its ``step`` of ``steps``, the whole run's ``progress`` (0-1, the stages weighted by
+    their minutes), ``elapsed_s``, ``eta_s`` and the ``loss``."""
+    def line(info: dict) -> None:
+        i = int(info.get("stage_index", 0))
+        stage = recipe.stages[i]
+        p = float(info.get("overall_progress", 0.0))
+        el = time.monotonic() - t0
+        out = {"stage": "glimpse" if stage.kind in ("glimpse", "glimpse_only") else stage.kind,
+               "step": int(info.get("step", 0)), "progress": p, "elapsed_s": el,
+               "eta_s": el * (1 - p) / p if p > 0 else None}
+        if stage.kind == "fine" and sum(s.kind == "fine" for s in recipe.stages) > 1:
+            out["member"] = sum(s.kind == "fine" for s in recipe.stages[:i])
+        steps = _cap(stage.max_steps, max_steps)
+        if steps:
+            out["steps"] = steps
+        for k in ("loss", "loss_mm"):
+            if info.get(k) is not None:
+                out[k] = float(info[k])
+        print(json.dumps({k: v for k, v in out.items() if v is not None}), flush=True)
+    return line
+
+
 def cmd_train_recipe(a: argparse.Namespace, defaults: dict[str, Any]) -> int:
     """``napari-glimpse train --recipe NAME_OR_PATH``; ``defaults``: the train command's flag
     defaults (a flag that differs and is not one of :data:`CLI_FLAGS` is refused)."""
@@ -522,12 +548,20 @@ def cmd_train_recipe(a: argparse.Namespace, defaults: dict[str, Any]) -> int:
     recipe = load_recipe(a.recipe)
     meta = {"command": "napari-glimpse " + " ".join(sys.argv[1:]) if sys.argv else "", "data": str(a.data),
             "split": a.split}
-    model = build(recipe, a.data, a.out, a.time_budget, a.device, distributed.is_main(), a.split, a.spacing,
-                  a.max_steps, meta)
+    json_lines = getattr(a, "progress_json", False) and distributed.is_main()
+    t0 = time.monotonic()
+    model = build(recipe, a.data, a.out, a.time_budget, a.device,
+                  progress_lines(recipe, a.max_steps, t0) if json_lines else distributed.is_main(), a.split,
+                  a.spacing, a.max_steps, meta)
     if not distributed.is_main():
         return 0
     r = model.meta["recipe"]
     steps = ", ".join(f"{s['name']} {s['steps']}" for s in r["stages"])
+    if json_lines:
+        print(json.dumps({"done": True, "out": str(a.out), "steps": sum(s["steps"] for s in r["stages"]),
+                          "summary": f"recipe {recipe.name}: {steps}", "seconds": round(time.monotonic() - t0, 1)}),
+              flush=True)
+        return 0
     print(f"wrote {a.out}: recipe {recipe.name}, {len(r['stages'])} stages in {r['wall_s'] / 60:.1f} min "
           f"(budget {r['budget_min']:.4g} of {r['full_budget_min']:.4g} min; steps: {steps}); "
           f"int8 graphs for {model.int8_nets[0]} of {model.int8_nets[1]} nets")

@@ -7,7 +7,7 @@ import sys
 from dataclasses import replace
 
 from ..errors import GlimpseError
-from ._args import is_main, positive_float, positive_int, spacing_text
+from ._args import is_main, nonnegative_int, positive_float, positive_int, spacing_text
 
 
 def add_parser(sub) -> None:
@@ -50,6 +50,11 @@ def add_parser(sub) -> None:
                         "mean (default), or each annotator's point (equal weights; its answer lands between "
                         "them where they are less than about 4 mm apart); needs --fine-minutes")
     t.add_argument("--levels", type=positive_int, help="pyramid levels seen by each glimpse (default 6)")
+    t.add_argument("--progress-json", action="store_true",
+                   help="print one JSON line per step on stdout (for the napari widget): the stage, its step, "
+                        "progress (0-1; with --recipe over the whole run, with elapsed_s and eta_s) and the loss")
+    t.add_argument("--nice", type=nonnegative_int, default=0, metavar="N",
+                   help="lower this process's CPU priority by N (the napari widget passes 10)")
 
 
 def run(a: argparse.Namespace) -> int:
@@ -99,6 +104,7 @@ def run(a: argparse.Namespace) -> int:
         ds, a.out, mcfg, tcfg, device=a.device,
         time_budget_s=a.time_budget * 60 if a.time_budget else None,
         resume=a.resume, init=init, pretrained=a.pretrained, val=val, meta=meta,
+        progress=not a.progress_json, callback=_json_line if a.progress_json and is_main() else None,
         max_steps=a.max_steps, coarse_budget_s=a.coarse_minutes * 60 if a.coarse_minutes else None,
         fine_budget_s=a.fine_minutes * 60 if a.fine_minutes else None,
         fine_config=None if a.fine_target == "mean" else FineConfig(
@@ -113,6 +119,14 @@ def run(a: argparse.Namespace) -> int:
         msg += f", validation MRE {last['val_mre_mm']:.2f} mm"
     print(msg)
     return 0
+
+
+def _json_line(info: dict) -> None:
+    """A ``--progress-json`` line of a step (without --recipe: the stage's own progress)."""
+    import json
+
+    keys = ("stage", "member", "step", "progress", "elapsed_s", "loss", "loss_mm")
+    print(json.dumps({k: info[k] for k in keys if info.get(k) is not None}), flush=True)
 
 
 def _parser():
