@@ -40,10 +40,18 @@ def confidence_colors(confidence: np.ndarray) -> np.ndarray:
     return np.column_stack([r, g, np.zeros_like(c), np.ones_like(c)])
 
 
+_LABELS: dict[str, str] = dict(zip(ISBI_LANDMARKS, ISBI_ABBREVIATIONS))
+
+
+def register_labels(names: Sequence[str], labels: Sequence[str]) -> None:
+    """Draw these landmarks with these short labels (a landmark set's, see :func:`abbreviations`)."""
+    _LABELS.update((n, lab) for n, lab in zip(names, labels) if lab)
+
+
 def abbreviations(names: Sequence[str]) -> list[str]:
-    """Short labels: the ISBI abbreviations for ISBI names, else the names themselves."""
-    table = dict(zip(ISBI_LANDMARKS, ISBI_ABBREVIATIONS))
-    return [table.get(n, n) for n in names]
+    """Short labels: the ISBI abbreviations for ISBI names, a registered set's labels
+    (:func:`register_labels`), else the names themselves."""
+    return [_LABELS.get(n, n) for n in names]
 
 
 def points_size(image_shape: tuple[int, int]) -> float:
@@ -170,8 +178,8 @@ def landmarks_layer_from(
     kwargs: dict[str, Any] = {
         "name": name,
         "features": c["features"],
-        "face_color": c["face_color"],
-        "border_color": c["border_color"],
+        "face_color": c["face_color"] if len(c["data"]) else "white",  # no point yet (annotating from zero)
+        "border_color": c["border_color"] if len(c["data"]) else "gray",
         "symbol": c["symbol"] if len(c["symbol"]) else "ring",
         "border_width": 0.12,
         "border_width_is_relative": True,

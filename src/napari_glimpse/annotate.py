@@ -77,16 +77,6 @@ def save_folder_set(lset: LandmarkSet, folder: str | os.PathLike) -> Path:
     return path
 
 
-def log_names(log: CorrectionLog | None) -> tuple[str, ...] | None:
-    """The landmark names of ``log`` (None without a log)."""
-    return None if log is None else log.state.landmark_names
-
-
-def log_is_empty(log: CorrectionLog) -> bool:
-    """No record yet: the log can still be opened for another set."""
-    return not log.records
-
-
 def check_log_set(log: CorrectionLog, lset: LandmarkSet) -> None:
     """Refuse annotating ``lset`` into a log that holds records of other landmarks."""
     names = log.state.landmark_names

@@ -126,3 +126,22 @@ def run_gui_script(script: str, args, tmp_path: Path, isbi: Path, timeout: float
     tail = (r.stdout + r.stderr)[-3000:]
     assert r.returncode == 0, f"exit {r.returncode} (negative = killed by signal {-r.returncode})\n{tail}"
     return r, tail
+
+
+def click_at(viewer, layer, yx, qtbot) -> None:
+    """A left click at data position ``yx`` of ``layer`` with real Qt mouse events on napari's canvas
+    (press, release), as a hand does: in add mode it places a point there."""
+    from qtpy.QtCore import QEvent, QPointF, Qt
+    from qtpy.QtGui import QMouseEvent
+    from qtpy.QtWidgets import QApplication
+
+    canvas = viewer.window._qt_viewer.canvas
+    native = canvas._scene_canvas.native
+    tr = canvas.layer_to_visual[layer].node.get_transform(map_from="visual", map_to="canvas")
+    p = tr.map([yx[1], yx[0]])
+    pt = QPointF(p[0] / p[3], p[1] / p[3])
+    for kind, buttons in ((QEvent.MouseButtonPress, Qt.LeftButton), (QEvent.MouseButtonRelease, Qt.NoButton)):
+        ev = QMouseEvent(kind, pt, native.mapToGlobal(pt.toPoint()), Qt.LeftButton, buttons, Qt.NoModifier)
+        QApplication.sendEvent(native, ev)
+        qtbot.wait(30)
+    qtbot.wait(120)  # the review widget logs an edit once the button is up (50 ms poll)

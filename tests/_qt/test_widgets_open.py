@@ -6,7 +6,8 @@ from ._env import require_gui
 
 require_gui()
 
-WIDGETS = ("Detect landmarks", "Glimpse explorer", "Review and corrections", "Fine-tune", "Measurements")
+WIDGETS = ("Detect landmarks", "Glimpse explorer", "Review and corrections", "Fine-tune", "Measurements", "Annotate",
+           "Train a model")
 
 
 def test_manifest_lists_the_four_widgets():

@@ -27,8 +27,10 @@ from qtpy.QtWidgets import (
 )
 
 from .._layer_data import STATE_LEGEND, abbreviations, landmark_content
+from ..annotate import folder_set, is_from_zero, next_to_place
 from ..corrections import DEFAULT_EXPORT_NAME, Correction
 from ..errors import GlimpseError
+from ..landmark_set import ISBI19
 from ._state import (
     SHORTCUTS,
     Detection,
@@ -49,6 +51,8 @@ _EDIT_ACTIONS = ("changed", "added", "removed")
 
 def _describe(rec: Correction) -> str:
     a = rec.action
+    if a == "propose" and rec.model is None and rec.new is not None and not np.isfinite(rec.new).any():
+        return f"#{rec.seq} annotating from zero (no model)"
     if a == "propose":
         return f"#{rec.seq} proposal by {rec.model or '?'}"
     if a in ("accept", "unaccept"):
@@ -102,6 +106,12 @@ class CorrectionsWidget(QWidget):
         """The image label, undo/redo and the landmark picker with Mark absent."""
         self.image_label = QLabel("no landmarks layer yet: run Detect")
         self.image_label.setWordWrap(True)
+        self.zero_btn = QPushButton("Annotate from zero")
+        self.zero_btn.setToolTip("This image has no landmarks: log it without points and place them by clicking "
+                                 "(the landmark set: the Annotate widget's, else the folder's landmarks.json, "
+                                 "else the ISBI 19)")
+        self.zero_btn.clicked.connect(lambda: self.annotate_from_zero())
+        self.zero_btn.setVisible(False)
 
         self.undo_btn = QPushButton("Undo")
         self.undo_btn.setToolTip("Revert the last edit of this image")
@@ -151,6 +161,7 @@ class CorrectionsWidget(QWidget):
         lay = QVBoxLayout(self)
         lay.addWidget(log_box)
         lay.addWidget(self.image_label)
+        lay.addWidget(self.zero_btn)
         lay.addLayout(pick)
         lay.addLayout(ur)
         lay.addWidget(self.next_btn)
@@ -262,13 +273,30 @@ class CorrectionsWidget(QWidget):
         for rec in recs:
             if rec.action == "delete" and rec.k is not None:
                 self.pick(rec.k)  # a deleted landmark is the one a new point most likely places again
+            elif rec.action == "add" and rec.k is not None:  # annotating: on to the next landmark to place
+                nxt = next_to_place(log.state.missing(image), rec.k, K)
+                if nxt is not None:
+                    self.pick(nxt)
+                if is_from_zero(log, image):
+                    self._show_to_place()
         if recs or n_valid != len(layer.data):
             self.render()  # extra points dropped, edited points restyled (cross), labels re-placed
         if recs:
             status(self.status_label, "logged: " + "; ".join(_describe(r) for r in recs))
             self.recorded.emit(recs)
+        if any(r.action == "add" for r in recs):
+            QTimer.singleShot(0, self._after_add)
         self._refresh()
         return recs
+
+    def _after_add(self) -> None:
+        """After napari added a point: it selects it, and a selected point's features become the layer's
+        defaults; in add mode the next click is for the picked landmark, so unselect and set them again."""
+        layer = self.layer
+        if layer is not None and layer.mode == "add" and layer.selected_data:
+            with self.state.quiet():
+                layer.selected_data = set()
+        self._set_defaults()
 
     def _drop_replaced(self, layer: Any) -> None:
         """A point added for a landmark that already has one replaces it (the newest wins)."""
@@ -415,11 +443,49 @@ class CorrectionsWidget(QWidget):
         self.state.export_written.emit(str(out))
         return out
 
+    def _to_place(self, step: int) -> int | None:
+        """Annotating from zero: pick the next (``step`` 1) or previous (-1) landmark still to place."""
+        log, image = self.state.log, self.image
+        if not is_from_zero(log, image):
+            return None
+        k = next_to_place(log.state.missing(image), self.picker.currentIndex(), log.state.n_landmarks, step)
+        if k is not None:
+            self.pick(k)
+        self._show_to_place()
+        return k
+
+    def _show_to_place(self) -> None:
+        log, image = self.state.log, self.image
+        left = len(log.state.missing(image)) if log is not None and image is not None else 0
+        k = self.picker.currentIndex()
+        self.queue_label.setText(f"→ place {self.picker.currentText()}: {left} left to place" if left and k >= 0 else
+                                 "every landmark placed: accept the image (Shift-Enter)" if left == 0 else "")
+
+    def annotate_from_zero(self) -> Detection | None:
+        """The current image has no landmarks: start annotating it from zero (the Annotate widget's set,
+        else the folder's, else the ISBI 19)."""
+        from ._annotate import start_annotation
+
+        det = self.det
+        if det is None or det.image_path is None:
+            status(self.status_label, "open an image from a file first", error=True)
+            return None
+        lset = self.state.landmark_set
+        try:
+            if lset is None and folder_set(det.image_path.parent) is None:
+                lset = ISBI19
+            return start_annotation(self.state, det, lset)
+        except GlimpseError as exc:
+            status(self.status_label, error_text(exc), error=True)
+            return None
+
     def previous_landmark(self) -> int | None:
         """Select and centre the landmark before the current one in review order (least confident first)."""
         log, image = self.state.log, self.image
         if log is None or image is None or not log.state.has_proposal(image):
             return None
+        if self._to_place(-1) is not None:
+            return self.picker.currentIndex()
         order = [k for k in log.state._order(image) if k not in log.state.absent(image)]
         cur = self._last_k if self._last_k in order else None
         k = order[(order.index(cur) - 1) % len(order)] if cur is not None else order[-1]
@@ -444,6 +510,8 @@ class CorrectionsWidget(QWidget):
         log, image = self.state.log, self.image
         if log is None or image is None or not log.state.has_proposal(image):
             return None
+        if self._to_place(+1) is not None:
+            return self.picker.currentIndex()
         st = log.state
         k = st.next_to_review(image, after=self._last_k)
         if k is None and self._last_k is not None:
@@ -478,13 +546,18 @@ class CorrectionsWidget(QWidget):
         self.redo_btn.setEnabled(ok and log.state.can_redo(image))
         self.export_btn.setEnabled(log is not None and bool(log.state.accepted()))
         self.history.clear()
+        self.zero_btn.setVisible(self.det is not None and self.det.image_path is not None and self.layer is None)
         if not ok:
             self.image_label.setText("no landmarks layer yet: run Detect" if self.det is None else
-                                     f"{self.det.image_name}: not in the corrections log")
+                                     f"{self.det.image_name}: no landmarks: Detect, or annotate from zero"
+                                     if self.layer is None else f"{self.det.image_name}: not in the corrections log")
             return
         st = log.state
-        bits = [f"<b>{image.name}</b>", f"model {st.model(image) or '?'}",
-                f"{len(st.corrected(image))} corrected", f"{len(st.review_queue(image))} to review"]
+        if is_from_zero(log, image):
+            bits = [f"<b>{image.name}</b>", "from zero", f"{st.n_landmarks - len(st.missing(image))} placed"]
+        else:
+            bits = [f"<b>{image.name}</b>", f"model {st.model(image) or '?'}", f"{len(st.corrected(image))} corrected",
+                    f"{len(st.review_queue(image))} to review"]
         if st.missing(image):
             bits.append(f"{len(st.missing(image))} missing")
         if st.absent(image):

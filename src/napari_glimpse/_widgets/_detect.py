@@ -492,7 +492,7 @@ class DetectWidget(QWidget):
         path = self.folder_images[i]
         log = self.state.log
         logged = log is not None and log.state.has_proposal(path)
-        predict = self.auto.value and not logged
+        predict = self.auto.value and not logged and self.state.model_fits()  # not on a folder of another set
         return self._run(path, None, None, predict, start)
 
     # ------------------------------------------------------------------------ detect
@@ -626,8 +626,9 @@ class DetectWidget(QWidget):
         if traj is not None:
             try:  # before the layer changes: the corrections widget compares the layer with the log
                 self.state.record_proposal(path, traj, self.state.model_name())
-            except GlimpseError as exc:
-                warn = f" (not logged: {exc})"
+            except GlimpseError as exc:  # e.g. a model of another landmark set: its points are not shown
+                traj, warn = None, f" (not shown: {exc})"
+        if traj is not None:
             if path is None:
                 warn = " (image has no file: corrections are not logged)"
             return traj, tuple(traj.landmark_names), landmarks_layer(traj, f"{Path(image_name).stem} landmarks",
@@ -703,7 +704,8 @@ class DetectWidget(QWidget):
         else:
             set_bar(self.progress, len(STAGES), "shown")
             status(self.status_label, f"{det.image_name}: " + ("landmarks from the corrections log"
-                                                                if det.points_layer else "press Detect"))
+                                                                if det.points_layer else "press Detect")
+                   + job["warn"], error=bool(job["warn"]))
         points_layer = det.points_layer
         if points_layer is not None and viewer.layers.selection.active is not points_layer:
             viewer.layers.selection.active = points_layer

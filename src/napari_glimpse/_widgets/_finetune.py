@@ -302,26 +302,35 @@ class FinetuneWidget(QWidget):
     def running(self) -> bool:
         return self.proc is not None and self.proc.state() != QProcess.NotRunning
 
-    def start(self) -> QProcess | None:
-        """Start the training process; returns it (``None`` if the inputs are wrong)."""
-        if self.running:
-            return None
+    task = "fine-tuning"  # what the process does, in the status lines
+
+    def check_inputs(self) -> str | None:
+        """What is wrong with the form's inputs (one line), or None."""
         data = _text(self.data_edit)
         if not data or not Path(data).is_file():
-            status(self.status_label, "choose the reviewed labels CSV first (Corrections → Export reviewed…)",
-                   error=True)
-            return None
+            return "choose the reviewed labels CSV first (Corrections → Export reviewed…)"
         try:
             lr = float(self.lr.value)
         except ValueError:
             lr = -1.0
         if not 0 < lr <= 1:
-            status(self.status_label, f"learning rate {self.lr.value!r}: expected a number in (0, 1]", error=True)
-            return None
+            return f"learning rate {self.lr.value!r}: expected a number in (0, 1]"
         mix = _text(self.mix_edit)
         if self.mix_check.value and not (mix and Path(mix).is_dir()):
-            status(self.status_label, "choose the original training set's folder (with train_senior.csv / "
-                                      "train_junior.csv), or untick “with the original training set”", error=True)
+            return ("choose the original training set's folder (with train_senior.csv / train_junior.csv), or untick "
+                    "“with the original training set”")
+        return None
+
+    def start_text(self) -> str:
+        return f"fine-tuning {self.base_label.value} on {Path(_text(self.data_edit)).name}…"
+
+    def start(self) -> QProcess | None:
+        """Start the training process; returns it (``None`` if the inputs are wrong)."""
+        if self.running:
+            return None
+        problem = self.check_inputs()
+        if problem:
+            status(self.status_label, problem, error=True)
             return None
         args = self.command()
         self.output = Path(_text(self.out_edit))
@@ -350,7 +359,7 @@ class FinetuneWidget(QWidget):
         self.start_btn.setEnabled(False)
         self.cancel_btn.setEnabled(True)
         set_bar(self.progress, 0, "starting (loading model and images)…")
-        status(self.status_label, f"fine-tuning {self.base_label.value} on {Path(data).name}…")
+        status(self.status_label, self.start_text())
         proc.start(sys.executable, args)
         return proc
 
@@ -433,7 +442,7 @@ class FinetuneWidget(QWidget):
         ``overall_total``, ``eta_s``), the status the current stage and net, the plot each stage's loss."""
         if info.get("done"):
             self.last_step = int(info.get("steps", self.last_step))
-            self.tuned = str(info.get("tuned", ""))
+            self.tuned = str(info.get("tuned", info.get("summary", "")))
             return
         self.last_step = int(info.get("step", 0))
         stage = info.get("stage", "glimpse")  # a glimpse step's line names no stage
@@ -502,7 +511,7 @@ class FinetuneWidget(QWidget):
         last = self.log.toPlainText().strip().splitlines()
         msg = next((ln for ln in reversed(last) if "error" in ln.lower()), last[-1] if last else "")
         set_bar(self.progress, fmt="failed")
-        status(self.status_label, f"fine-tuning failed (exit {code}): {msg}", error=True)
+        status(self.status_label, f"{self.task} failed (exit {code}): {msg}", error=True)
         self.finished.emit(int(code) if code else -1, "")
 
     def use_new_model(self) -> None:

@@ -22,16 +22,19 @@ import numpy as np
 from qtpy.QtCore import QObject, QTimer, Signal
 from qtpy.QtWidgets import QLabel, QProgressBar
 
+from .._layer_data import register_labels
+from ..annotate import folder_set
 from ..corrections import CorrectionLog
 from ..errors import GlimpseError
 from ..inference import DEFAULT_MODEL, GlimpseModel, Trajectory
-from ..landmarks import ISBI_ABBREVIATIONS
+from ..landmark_set import LandmarkSet
+from ..landmarks import ISBI_ABBREVIATIONS, ISBI_LANDMARKS
 
 ENV_THREADS = "NAPARI_GLIMPSE_THREADS"
 
 # keyboard shortcuts of the review (viewer-wide; napari's own keys are left alone)
 SHORTCUTS = (
-    ("N", "next_landmark", "next landmark to review (least confident first)"),
+    ("N", "next_landmark", "next landmark to review (least confident first), or to place (from zero)"),
     ("Shift-N", "previous_landmark", "previous landmark"),
     ("PageDown", "next_image", "next image of the folder"),
     ("PageUp", "previous_image", "previous image of the folder"),
@@ -82,6 +85,7 @@ class GlimpseState(QObject):
     landmark_selected = Signal(int)     # 0-based landmark index
     log_changed = Signal()              # a log was opened, or records were appended
     export_written = Signal(str)        # path of a reviewed-labels CSV
+    landmark_set_changed = Signal(object)  # the LandmarkSet annotated from zero (or None)
 
     def __init__(self, viewer: Any):
         super().__init__()
@@ -95,6 +99,8 @@ class GlimpseState(QObject):
         self.detections: dict[str, Detection] = {}
         self.log: CorrectionLog | None = None
         self.selected_landmark: int | None = None
+        self.landmark_set: LandmarkSet | None = None  # the set annotated from zero (the Annotate widget's)
+        self.model_names: dict[str | None, tuple[str, ...]] = {}  # model path (None: default) -> its landmarks
         self._quiet = 0
         self.actions: dict[str, Any] = {}  # keyboard actions the widgets offer (see bind_shortcuts)
         layers = getattr(viewer, "layers", None)
@@ -188,7 +194,26 @@ class GlimpseState(QObject):
             if self._model is None or self._model_key != key:
                 self._model = GlimpseModel.load(key[0], key[2])
                 self._model_key = key
+                lset = self._model.landmark_set
+                self.model_names[key[0]] = lset.names
+                register_labels(lset.names, lset.labels)
             return self._model
+
+    def model_fits(self) -> bool:
+        """Whether the chosen model finds the open log's landmarks (True when either is unknown): a
+        folder annotated with another set is not detected on when moving to an image."""
+        key = str(self.model_path) if self.model_path else None
+        names = self.model_names.get(key)
+        if names is None and key in (None, "default", "glimpse"):  # the shipped models (not loaded yet)
+            names = ISBI_LANDMARKS
+        return self.log is None or names is None or tuple(names) == self.log.state.landmark_names
+
+    def set_landmark_set(self, lset: LandmarkSet | None) -> None:
+        """The set annotated from zero (its labels are drawn on the canvas)."""
+        self.landmark_set = lset
+        if lset is not None:
+            register_labels(lset.names, lset.labels)
+        self.landmark_set_changed.emit(lset)
 
     # ------------------------------------------------------------------- detections
     def set_current(self, det: Detection | None) -> None:
@@ -204,8 +229,17 @@ class GlimpseState(QObject):
     # ---------------------------------------------------------------------- the log
     def open_log(self, path: str | os.PathLike, image_dir: str | os.PathLike | None = None,
                  landmark_names: tuple[str, ...] | None = None) -> CorrectionLog:
-        """Open (or create on first record) the corrections log at ``path`` (a folder or .jsonl)."""
-        self.log = CorrectionLog(path, landmark_names, image_dir=image_dir)
+        """Open (or create on first record) the corrections log at ``path`` (a folder or .jsonl).
+
+        A log without records takes the landmarks of the image folder's set (its ``landmarks.json``)
+        when it has one, else ``landmark_names``."""
+        log = CorrectionLog(path, landmark_names, image_dir=image_dir)
+        lset = folder_set(log.image_dir) if not log.records else None
+        if lset is not None:
+            register_labels(lset.names, lset.labels)
+            if lset.names != log.state.landmark_names:
+                log = CorrectionLog(path, lset.names, image_dir=image_dir)
+        self.log = log
         self.log_changed.emit()
         return self.log
 
@@ -222,8 +256,17 @@ class GlimpseState(QObject):
         if image_path is None:
             return
         log = self.ensure_log(image_path, tuple(traj.landmark_names))
+        names, theirs = log.state.landmark_names, tuple(traj.landmark_names)
+        if theirs != names:
+            raise GlimpseError(f"{model_name} finds {len(theirs)} landmarks ({_few(theirs)}), not the {len(names)} of "
+                               f"this folder's corrections log ({_few(names)}): choose a model of the folder's "
+                               f"landmark set, or train one (Train a model)")
         log.propose(image_path, traj.final, model_name, traj.confidence)
         self.log_changed.emit()
+
+
+def _few(names: tuple[str, ...]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 _STATES: dict[int, GlimpseState] = {}
