@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -314,7 +314,6 @@ def fit_heatmaps(
     global batch, with the batch norms' statistics and the gradients over all of them; the clock
     and ``should_stop`` are rank 0's, and only rank 0 shows progress and evaluates.
     """
-
     if averages is not None:
         for d in list(averages):
             if not 0.0 < d < 1.0:
@@ -324,48 +323,71 @@ def fit_heatmaps(
     progress, evaluate = (progress, evaluate) if distributed.is_main() else (False, None)
     distributed.broadcast_state(net)
     synced = distributed.synced_batchnorm(net)
-    dev = next(net.parameters()).device  # batches are made on the CPU, then moved to the net's device
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
-    history: list[dict] = []
-    steps = [0]
-
-    def one_step(frac: float) -> float:
-        x, target, inside, *pos = (t.to(dev, non_blocking=True) for t in batch())
-        logits = net(x)
-        logp = torch.log_softmax(logits.flatten(2), -1)
-        count = distributed.mean_divisor(inside.sum())
-        loss = (-(target.flatten(2) * logp).sum(-1) * inside).sum() / count
-        if coord_weight:
-            loss = loss + coord_weight * (expected_position(logp.exp().view_as(logits)) - pos[0]).norm(dim=-1) \
-                .mul(inside).sum() / count
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        distributed.average_gradients(net.parameters())
-        opt.step()
-        steps[0] += 1
-        for d, avg in (averages or {}).items():
-            update_average(avg, net, d, steps[0])
-        return loss.item()
-
-    def validated(info: dict, bar) -> None:
-        net.eval()
-        info["val_mre_mm"] = evaluate(net)
-        training_mode(net)
-        bar.write(f"{stage} step {info['step']}: val MRE {info['val_mre_mm']:.2f} mm")
-        history.append(info)
-
+    fit = _HeatmapFit(net, stage, lr, batch, averages, coord_weight, evaluate)
     try:
-        res = loop.run(one_step, opt, lambda frac: lr * heatmap_lr_factor(frac), stage=stage,
+        res = loop.run(fit.step, fit.opt, lambda frac: lr * heatmap_lr_factor(frac), stage=stage,
                        time_budget_s=time_budget_s, max_steps=max_steps, progress=progress, callback=callback,
-                       should_stop=should_stop, hooks=[loop.Hook(eval_every_s, validated)] if evaluate else [])
+                       should_stop=should_stop, hooks=[loop.Hook(eval_every_s, fit.validated)] if evaluate else [])
     finally:
         distributed.plain_batchnorm(synced)
     net.eval()
-    rec = {"stage": stage, "step": res.step, "loss": res.loss, "elapsed_s": res.elapsed_s}
-    if evaluate is not None:
-        rec["val_mre_mm"] = evaluate(net)
-    history.append(rec)
-    return history
+    return fit.finish(res)
+
+
+def heatmap_loss(logits: torch.Tensor, target: torch.Tensor, inside: torch.Tensor,
+                 coord_weight: float = 0.0, pos: torch.Tensor | None = None) -> torch.Tensor:
+    """The heatmap nets' loss (see :func:`fit_heatmaps`): the cross-entropy of ``target`` with the
+    heatmaps ``logits``, weighted by ``inside``, plus ``coord_weight`` times the mean distance from each
+    heatmap's expected position to ``pos``; averaged over the landmarks inside (every rank's)."""
+    logp = torch.log_softmax(logits.flatten(2), -1)
+    count = distributed.mean_divisor(inside.sum())
+    loss = (-(target.flatten(2) * logp).sum(-1) * inside).sum() / count
+    if coord_weight:
+        loss = loss + coord_weight * (expected_position(logp.exp().view_as(logits)) - pos).norm(dim=-1) \
+            .mul(inside).sum() / count
+    return loss
+
+
+class _HeatmapFit:
+    """What :func:`fit_heatmaps` hands :func:`napari_glimpse.loop.run`: the step (with its optimiser
+    and weight averages) and the validation hook, with the history they record."""
+
+    def __init__(self, net: nn.Module, stage: str, lr: float, batch: Callable[[], tuple],
+                 averages: "dict[float, nn.Module] | None", coord_weight: float,
+                 evaluate: Callable[[nn.Module], float] | None):
+        self.net, self.stage, self.batch = net, stage, batch
+        self.averages, self.coord_weight, self.evaluate = averages or {}, coord_weight, evaluate
+        self.dev = next(net.parameters()).device  # batches are made on the CPU, then moved to the net's device
+        self.opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
+        self.history: list[dict] = []
+        self.steps = 0
+
+    def step(self, frac: float) -> float:
+        x, target, inside, *pos = (t.to(self.dev, non_blocking=True) for t in self.batch())
+        loss = heatmap_loss(self.net(x), target, inside, self.coord_weight, pos[0] if self.coord_weight else None)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        distributed.average_gradients(self.net.parameters())
+        self.opt.step()
+        self.steps += 1
+        for d, avg in self.averages.items():
+            update_average(avg, self.net, d, self.steps)
+        return loss.item()
+
+    def validated(self, info: dict, bar) -> None:
+        self.net.eval()
+        info["val_mre_mm"] = self.evaluate(self.net)
+        training_mode(self.net)
+        bar.write(f"{self.stage} step {info['step']}: val MRE {info['val_mre_mm']:.2f} mm")
+        self.history.append(info)
+
+    def finish(self, res: loop.LoopResult) -> list[dict]:
+        """The history with the last step's record (and the net's validation at the end)."""
+        rec = {"stage": self.stage, "step": res.step, "loss": res.loss, "elapsed_s": res.elapsed_s}
+        if self.evaluate is not None:
+            rec["val_mre_mm"] = self.evaluate(self.net)
+        self.history.append(rec)
+        return self.history
 
 
 # which layers of a U-Net learn when it is trained (see tune_only)
@@ -453,14 +475,32 @@ def train_coarse(
     """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    if init is not None:
-        cfg = init.cfg
-        net = copy.deepcopy(init).to(device).requires_grad_(True)  # e.g. a weight average, kept without gradients
-    else:
-        net = CoarseNet(cfg).to(device)
-    tune_only(net, layers)
-    n = levels.shape[0]
+    net = starting_net(CoarseNet, cfg, init, device, layers)
+    cfg = net.cfg
     ok = torch.isfinite(truth_n).all(-1) if present is None else present.bool()  # (N, K)
+    batch = _coarse_batches(levels, image_hw, truth_n, ok, cfg, gen)
+    history = fit_heatmaps(net, "coarse", cfg.lr * lr_scale, batch, time_budget_s, progress, callback, should_stop,
+                           evaluate, eval_every_s, max_steps)
+    return net, history
+
+
+def starting_net(make: Callable[[Any], nn.Module], cfg: Any, init: nn.Module | None,
+                 device: "str | torch.device", layers: str) -> nn.Module:
+    """The net a heatmap stage trains: ``make(cfg)``, or a copy of ``init`` (whose configuration
+    wins; it may be a weight average, kept without gradients), on ``device``, only ``layers`` learning."""
+    if init is not None:
+        net = copy.deepcopy(init).to(device).requires_grad_(True)
+    else:
+        net = make(cfg).to(device)
+    return tune_only(net, layers)
+
+
+def _coarse_batches(levels: torch.Tensor, image_hw: tuple[int, int], truth_n: torch.Tensor, ok: torch.Tensor,
+                    cfg: CoarseConfig, gen: torch.Generator
+                    ) -> Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The coarse net's batches (see :func:`train_coarse`): random views of random images, their
+    target heatmaps and which landmarks are inside, drawn from ``gen``."""
+    n = levels.shape[0]
     heat_hw = ((cfg.input_hw[0] + 1) // 2, (cfg.input_hw[1] + 1) // 2)  # the stride-2 stem's output
 
     def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -481,9 +521,7 @@ def train_coarse(
         inside = (o.abs() < 0.98).all(-1).float()
         return x, gaussian_targets(from_normalised(o, heat_hw), heat_hw, cfg.sigma), inside
 
-    history = fit_heatmaps(net, "coarse", cfg.lr * lr_scale, batch, time_budget_s, progress, callback, should_stop,
-                           evaluate, eval_every_s, max_steps)
-    return net, history
+    return batch
 
 
 def view_levels(pyramids: list, truth: np.ndarray, cfg: CoarseConfig

@@ -18,7 +18,6 @@ image first (as the coarse stage decides), so no flips are needed here.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -40,8 +39,8 @@ from .coarse import (
     gaussian_targets,
     inference_net,
     members_of,
+    starting_net,
     to_normalised,
-    tune_only,
 )
 from .errors import GlimpseError
 from .pyramid import deepen
@@ -345,12 +344,19 @@ def train_fine(
     """
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    if init is not None:
-        cfg = init.cfg
-        net = copy.deepcopy(init).to(device).requires_grad_(True)  # e.g. a weight average, kept without gradients
-    else:
-        net = FineNet(cfg).to(device)
-    tune_only(net, layers)
+    net = starting_net(FineNet, cfg, init, device, layers)
+    cfg = net.cfg
+    batch = _fine_batches(levels, truth_n, present, cfg, gen)
+    history = fit_heatmaps(net, "fine", cfg.lr * lr_scale, batch, time_budget_s, progress, callback, should_stop,
+                           evaluate, eval_every_s, max_steps, averages, coord_weight=cfg.coord_weight)
+    return net, history
+
+
+def _fine_batches(levels: "list[torch.Tensor]", truth_n: torch.Tensor, present: torch.Tensor | None,
+                  cfg: FineConfig, gen: torch.Generator) -> Callable[[], tuple]:
+    """The fine net's batches (see :func:`train_fine`): windows near random present landmarks of
+    random images, their target heatmaps (with ``cfg.coord_weight``: and taught points) and which
+    landmarks are inside, drawn from ``gen``."""
     each = truth_n if truth_n.dim() == 4 else truth_n[:, None]  # (N, A, K, 2)
     ok = torch.isfinite(each).all(-1) if present is None else present.bool().reshape(each.shape[:3])  # (N, A, K)
     if cfg.target == "mean":
@@ -393,9 +399,7 @@ def train_fine(
         pos = (from_normalised(o, heat_hw) * seen[..., None]).sum(1) / count.clamp_min(1)[..., None]
         return x, target, (count > 0).float(), pos
 
-    history = fit_heatmaps(net, "fine", cfg.lr * lr_scale, batch, time_budget_s, progress, callback, should_stop,
-                           evaluate, eval_every_s, max_steps, averages, coord_weight=cfg.coord_weight)
-    return net, history
+    return batch
 
 
 def erase_rectangles(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
