@@ -7,7 +7,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -168,27 +168,8 @@ def train_step(
     generator state everywhere) and trains on its share (:func:`~napari_glimpse.distributed.share`),
     the gradients averaged over the ranks; the returned error is this rank's share's.
     """
-    dev = truth.device
-    n_i, n_k = truth.shape[:2]
-    unit = mcfg.offset_unit
-    b = tcfg.batch_size
-    img = torch.randint(0, n_i, (b,), generator=gen).to(dev)
-    lm = torch.randint(0, n_k, (b,), generator=gen).to(dev)
-    if present is not None:
-        img, lm = present_pairs(img, lm, present, gen)
-    target = truth[img, lm]
-    size = shapes[img].flip(-1)  # (w, h)
-    start = mean[lm] + torch.randn(b, 2, generator=gen).to(dev) * std[lm]
-    if tcfg.start_mode == "mixture":
-        lo, hi = math.log(tcfg.near_sigma_px[0]), math.log(tcfg.near_sigma_px[1])
-        sig = torch.exp(lo + (hi - lo) * torch.rand(b, 1, generator=gen)).to(dev)
-        near = target + torch.randn(b, 2, generator=gen).to(dev) * sig
-        pick = (torch.rand(b, 1, generator=gen) < tcfg.near_fraction).to(dev)
-        start = torch.where(pick, near, start)
-    c = torch.minimum(start.clamp(min=0), size - 1)
-    ang = ((torch.rand(b, generator=gen) * 2 - 1) * math.radians(tcfg.rotation_deg)).to(dev)
-    scl = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * tcfg.log_scale).to(dev)
-    img, lm, target, size, c, ang, scl = (distributed.share(t) for t in (img, lm, target, size, c, ang, scl))
+    img, lm, target, size, c, ang, scl = _draw_samples(tcfg, truth, shapes, mean, std, gen, present)
+    dev, b, unit = truth.device, tcfg.batch_size, mcfg.offset_unit
     opt.zero_grad(set_to_none=True)
     loss_sum = 0.0
     for _ in range(tcfg.train_iterations):
@@ -207,6 +188,32 @@ def train_step(
     distributed.average_gradients(net.parameters())
     opt.step()
     return loss_sum
+
+
+def _draw_samples(tcfg: TrainConfig, truth: torch.Tensor, shapes: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                  gen: torch.Generator, present: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """:func:`train_step`'s batch, drawn from ``gen`` (this rank's share of it): image and landmark
+    indices, true positions, image sizes (w, h), starts (inside the image), rotations and scales."""
+    dev = truth.device
+    n_i, n_k = truth.shape[:2]
+    b = tcfg.batch_size
+    img = torch.randint(0, n_i, (b,), generator=gen).to(dev)
+    lm = torch.randint(0, n_k, (b,), generator=gen).to(dev)
+    if present is not None:
+        img, lm = present_pairs(img, lm, present, gen)
+    target = truth[img, lm]
+    size = shapes[img].flip(-1)  # (w, h)
+    start = mean[lm] + torch.randn(b, 2, generator=gen).to(dev) * std[lm]
+    if tcfg.start_mode == "mixture":
+        lo, hi = math.log(tcfg.near_sigma_px[0]), math.log(tcfg.near_sigma_px[1])
+        sig = torch.exp(lo + (hi - lo) * torch.rand(b, 1, generator=gen)).to(dev)
+        near = target + torch.randn(b, 2, generator=gen).to(dev) * sig
+        pick = (torch.rand(b, 1, generator=gen) < tcfg.near_fraction).to(dev)
+        start = torch.where(pick, near, start)
+    c = torch.minimum(start.clamp(min=0), size - 1)
+    ang = ((torch.rand(b, generator=gen) * 2 - 1) * math.radians(tcfg.rotation_deg)).to(dev)
+    scl = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * tcfg.log_scale).to(dev)
+    return tuple(distributed.share(t) for t in (img, lm, target, size, c, ang, scl))
 
 
 def start_statistics(truth: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -396,28 +403,72 @@ def _glimpse_stage(model: GlimpseModel, data: "TrainingData", tcfg: TrainConfig,
     return step, elapsed, stopped
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Which heatmap stages one :func:`train` call trains (``want_*``) or fine-tunes in ``init``
+    (``tune_*``), with their configurations (``fine_kinds``: the windows the fine nets read)."""
+
+    want_coarse: bool
+    tune_coarse: bool
+    coarse_config: CoarseConfig | None
+    want_fine: bool
+    tune_fine: bool
+    fine_config: FineConfig | None
+    fine_kinds: list
+
+
+def _plan_stages(dataset: Dataset, tcfg: TrainConfig, init: GlimpseModel | None, state: dict | None, coarse: Any,
+                 coarse_config: CoarseConfig | None, fine: Any, fine_config: FineConfig | None) -> _Plan:
+    """:func:`train`'s heatmap stages: ``coarse`` / ``fine`` are truthy when a budget or steps were
+    given; none on resume (``state``); a stage ``init`` has is fine-tuned rather than trained anew."""
+    want_coarse = bool(coarse) and state is None
+    tune_coarse = want_coarse and init is not None and init.coarse is not None
+    if tune_coarse:
+        coarse_config = members_of(init.coarse)[0].cfg
+    elif want_coarse:
+        coarse_config = coarse_config or CoarseConfig(n_landmarks=len(dataset.landmark_names), seed=tcfg.seed)
+    want_fine = bool(fine) and state is None
+    tune_fine = want_fine and init is not None and init.fine is not None
+    if want_fine and not (want_coarse or (init is not None and init.coarse is not None)):
+        raise GlimpseError("a fine stage needs a coarse stage: give a coarse budget too")
+    fine_kinds: list[FineConfig] = []  # the windows the fine nets to train read
+    if tune_fine:
+        fine_kinds = [m.cfg for m in members_of(init.fine)]
+    elif want_fine:
+        fine_config = fine_config or FineConfig(n_landmarks=len(dataset.landmark_names), seed=tcfg.seed,
+                                                pixel_spacing=dataset.pixel_spacing)
+        fine_kinds = [fine_config]
+    return _Plan(want_coarse, tune_coarse, coarse_config, want_fine, tune_fine, fine_config, fine_kinds)
+
+
+def _the_model(model: GlimpseModel | None, net: GlimpseModelNet, mcfg: ModelConfig, dataset: Dataset,
+               data: "TrainingData", tcfg: TrainConfig, meta: dict | None, dev: torch.device) -> GlimpseModel:
+    """The model :func:`train` trains: ``_begin``'s (resumed, or ``init``'s), its train config and
+    meta brought up to date, or a new one around ``net`` with the data's start statistics."""
+    if model is not None:
+        model.train_config = tcfg.to_dict()
+        if meta:
+            model.meta.update(meta)
+        return model
+    truth = data.truth.numpy().astype(np.float64)
+    shape = tuple(int(v) for v in np.median(data.shapes, axis=0))
+    auto = levels_for(shape, mcfg.patch)
+    m = dict(meta or {})
+    m.update({"train_image_shape": list(shape), "auto_levels": auto, "n_train_images": len(dataset),
+              "train_images": [p.name for p in dataset.image_paths],
+              "landmark_set": of_data(dataset).to_dict()})
+    return GlimpseModel(net.to(dev), dataset.landmark_names, dataset.pixel_spacing,
+                        *start_statistics(truth, dataset.landmark_names), tcfg.to_dict(), m)
+
+
 def train(
-    dataset: Dataset,
-    out: str | os.PathLike,
-    model_config: ModelConfig | None = None,
-    train_config: TrainConfig | None = None,
-    device: str = "auto",
-    time_budget_s: float | None = None,
-    resume: bool = False,
-    init: GlimpseModel | None = None,
-    pretrained: str | bool | None = None,
-    val: Dataset | None = None,
-    progress: bool = True,
-    callback: Callable[[dict], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-    meta: dict | None = None,
-    max_steps: int | None = None,
-    coarse_budget_s: float | None = None,
-    coarse_config: CoarseConfig | None = None,
-    coarse_steps: int | None = None,
-    fine_budget_s: float | None = None,
-    fine_config: FineConfig | None = None,
-    fine_steps: int | None = None,
+    dataset: Dataset, out: str | os.PathLike, model_config: ModelConfig | None = None,
+    train_config: TrainConfig | None = None, device: str = "auto", time_budget_s: float | None = None,
+    resume: bool = False, init: GlimpseModel | None = None, pretrained: str | bool | None = None,
+    val: Dataset | None = None, progress: bool = True, callback: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None, meta: dict | None = None, max_steps: int | None = None,
+    coarse_budget_s: float | None = None, coarse_config: CoarseConfig | None = None, coarse_steps: int | None = None,
+    fine_budget_s: float | None = None, fine_config: FineConfig | None = None, fine_steps: int | None = None,
 ) -> GlimpseModel:
     """Train a glimpse model on ``dataset`` and write it to ``out``.
 
@@ -447,82 +498,63 @@ def train(
     """
     if not distributed.is_main():
         progress, val = False, None
-    out = Path(out)
-    dev = resolve_device(device)
-    tcfg = train_config or TrainConfig()
-    rpath = resume_path(out)
+    out, rpath, dev, tcfg = Path(out), resume_path(out), resolve_device(device), train_config or TrainConfig()
     model, net, mcfg, tcfg, state = _begin(dataset, rpath, model_config, tcfg, dev, resume, init, pretrained)
-
-    want_coarse = bool(coarse_budget_s or coarse_steps) and state is None
-    tune_coarse = want_coarse and init is not None and init.coarse is not None
-    if tune_coarse:
-        coarse_config = members_of(init.coarse)[0].cfg
-    elif want_coarse:
-        coarse_config = coarse_config or CoarseConfig(n_landmarks=len(dataset.landmark_names), seed=tcfg.seed)
-    want_fine = bool(fine_budget_s or fine_steps) and state is None
-    tune_fine = want_fine and init is not None and init.fine is not None
-    if want_fine and not (want_coarse or (init is not None and init.coarse is not None)):
-        raise GlimpseError("a fine stage needs a coarse stage: give a coarse budget too")
-    fine_kinds: list[FineConfig] = []  # the windows the fine nets to train read
-    if tune_fine:
-        fine_kinds = [m.cfg for m in members_of(init.fine)]
-    elif want_fine:
-        fine_config = fine_config or FineConfig(n_landmarks=len(dataset.landmark_names), seed=tcfg.seed,
-                                                pixel_spacing=dataset.pixel_spacing)
-        fine_kinds = [fine_config]
+    plan = _plan_stages(dataset, tcfg, init, state, coarse_budget_s or coarse_steps, coarse_config,
+                        fine_budget_s or fine_steps, fine_config)
     data = TrainingData(dataset, mcfg.n_levels, mcfg.patch, tcfg.ground_truth, progress=progress,
-                        coarse=coarse_config if want_coarse else None, fine=fine_kinds or None)
+                        coarse=plan.coarse_config if plan.want_coarse else None, fine=plan.fine_kinds or None)
     if min(data.shapes.min(axis=0)) < mcfg.patch:
         raise GlimpseError("an image is smaller than one glimpse")
-    if model is None:
-        truth = data.truth.numpy().astype(np.float64)
-        shape = tuple(int(v) for v in np.median(data.shapes, axis=0))
-        auto = levels_for(shape, mcfg.patch)
-        m = dict(meta or {})
-        m.update({"train_image_shape": list(shape), "auto_levels": auto, "n_train_images": len(dataset),
-                  "train_images": [p.name for p in dataset.image_paths],
-                  "landmark_set": of_data(dataset).to_dict()})
-        model = GlimpseModel(net.to(dev), dataset.landmark_names, dataset.pixel_spacing,
-                             *start_statistics(truth, dataset.landmark_names), tcfg.to_dict(), m)
-    else:
-        model.train_config = tcfg.to_dict()
-        if meta:
-            model.meta.update(meta)
+    model = _the_model(model, net, mcfg, dataset, data, tcfg, meta, dev)
     check_match(model.landmark_set, dataset.landmark_set, len(dataset.landmark_names), "the training data")
-
-    net = model.net
-    net.train()
-    opt = torch.optim.Adam(net.parameters(), lr=tcfg.lr)
-    gen = torch.Generator().manual_seed(tcfg.seed)
-    step, elapsed0, history = 0, 0.0, []
+    model.net.train()
+    opt, gen = torch.optim.Adam(model.net.parameters(), lr=tcfg.lr), torch.Generator().manual_seed(tcfg.seed)
     run = _Run(progress, callback, should_stop, dev, tcfg.save_every_s)
-    if want_coarse:
-        _heatmap_stage("coarse", model, data, init.coarse if tune_coarse else None, coarse_config, coarse_budget_s,
-                       coarse_steps, val, run)
-        data.views = None
-        _save_resume(rpath, model, opt, 0, 0.0, gen, history, pending="fine" if want_fine else None)
-    if want_fine:
-        _heatmap_stage("fine", model, data, init.fine if tune_fine else None, fine_config, fine_budget_s,
-                       fine_steps, val, run)
-        data.fine_levels = None
-        _save_resume(rpath, model, opt, 0, 0.0, gen, history)
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        elapsed0 = float(state["elapsed_s"])
-        gen.set_state(state["rng"])
-        history = list(state.get("history", []))
-
+    _heatmap_stages(plan, model, data, init, (coarse_budget_s, coarse_steps), (fine_budget_s, fine_steps), val, run,
+                    lambda pending=None: _save_resume(rpath, model, opt, 0, 0.0, gen, [], pending=pending))
+    step, elapsed0, history = _resumed_glimpse_state(state, opt, gen)
     step, elapsed, stopped = _glimpse_stage(model, data, tcfg, opt, gen, step, elapsed0, history, rpath, out, val,
                                             run, time_budget_s, max_steps)
     model.meta.update({"train_steps": step, "train_wall_s": elapsed, "history": history,
                        "train_device": str(dev), "torch": str(torch.__version__), "stopped": stopped,
                        "world_size": distributed.world_size()})
+    _write(model, out, rpath, opt, gen, step, elapsed, history)
+    return model
+
+
+def _write(model: GlimpseModel, out: Path, rpath: Path, opt, gen: torch.Generator, step: int, elapsed: float,
+           history: list) -> None:
+    """The last resume point, then ``out`` (rank 0), every rank waiting for it."""
     _save_resume(rpath, model, opt, step, elapsed, gen, history)
     if distributed.is_main():
         model.save(out)
     distributed.barrier()
-    return model
+
+
+def _heatmap_stages(plan: _Plan, model: GlimpseModel, data: "TrainingData", init: GlimpseModel | None,
+                    coarse: tuple, fine: tuple, val: Dataset | None, run: _Run, save_point: Callable) -> None:
+    """:func:`train`'s coarse then fine stage as ``plan`` says, each with its ``(budget_s, steps)``
+    and followed by a resume point (``save_point(pending)``; the fine stage pending after the coarse)."""
+    if plan.want_coarse:
+        _heatmap_stage("coarse", model, data, init.coarse if plan.tune_coarse else None, plan.coarse_config,
+                       *coarse, val, run)
+        data.views = None
+        save_point(pending="fine" if plan.want_fine else None)
+    if plan.want_fine:
+        _heatmap_stage("fine", model, data, init.fine if plan.tune_fine else None, plan.fine_config, *fine, val, run)
+        data.fine_levels = None
+        save_point()
+
+
+def _resumed_glimpse_state(state: dict | None, opt, gen: torch.Generator) -> tuple[int, float, list]:
+    """The glimpse stage's step, elapsed time and history from a resume point's ``state`` (its
+    optimiser and generator restored), or a fresh start's."""
+    if state is None:
+        return 0, 0.0, []
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["rng"])
+    return int(state["step"]), float(state["elapsed_s"]), list(state.get("history", []))
 
 
 def predict_dataset(model: GlimpseModel, dataset: Dataset, iterations: int | None = None, starts: int = 1,
