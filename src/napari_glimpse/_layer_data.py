@@ -26,9 +26,12 @@ _PALETTE = np.array(PALETTE_RGB, dtype=np.float64) / 255.0  # RGB 0..1
 LayerData = tuple[Any, dict, str]
 
 
-def landmark_colors(n: int) -> np.ndarray:
-    """``(n, 4)`` RGBA, one distinct colour per landmark (cycling past 19)."""
+def landmark_colors(n: int, names: Sequence[str] | None = None) -> np.ndarray:
+    """``(n, 4)`` RGBA, one distinct colour per landmark (cycling past 19); a registered set's own
+    colour (:func:`register_labels`) for its ``names``."""
     rgb = _PALETTE[np.arange(n) % len(_PALETTE)]
+    if names is not None and _COLOURS:
+        rgb = np.array([_COLOURS.get(nm, tuple(c)) for nm, c in zip(names, rgb)], dtype=np.float64).reshape(n, 3)
     return np.column_stack([rgb, np.ones(n)])
 
 
@@ -41,11 +44,17 @@ def confidence_colors(confidence: np.ndarray) -> np.ndarray:
 
 
 _LABELS: dict[str, str] = dict(zip(ISBI_LANDMARKS, ISBI_ABBREVIATIONS))
+_COLOURS: dict[str, tuple[float, float, float]] = {}  # a registered set's colours, RGB 0..1
 
 
-def register_labels(names: Sequence[str], labels: Sequence[str]) -> None:
-    """Draw these landmarks with these short labels (a landmark set's, see :func:`abbreviations`)."""
+def register_labels(names: Sequence[str], labels: Sequence[str], colours: Sequence[str] = ()) -> None:
+    """Draw these landmarks with these short labels (a landmark set's, see :func:`abbreviations`) and,
+    if given, these colours (``#rrggbb`` or ``#rgb``; :func:`landmark_colors`)."""
     _LABELS.update((n, lab) for n, lab in zip(names, labels) if lab)
+    for n, c in zip(names, colours):
+        h = c.strip().lstrip("#")
+        h = "".join(ch * 2 for ch in h) if len(h) == 3 else h
+        _COLOURS[n] = tuple(int(h[i:i + 2], 16) / 255.0 for i in (0, 2, 4))
 
 
 def abbreviations(names: Sequence[str]) -> list[str]:
@@ -152,7 +161,7 @@ def landmark_content(
     return {
         "data": data,
         "features": feats,
-        "face_color": landmark_colors(k)[present],
+        "face_color": landmark_colors(k, names)[present],
         "border_color": border[present],
         "symbol": np.asarray([STATE_SYMBOL.get(s, "ring") for s in state[present]], dtype=object),
     }

@@ -181,3 +181,64 @@ def test_a_folder_of_another_set_is_not_detected_on_with_the_isbi_model(make_nap
     with pytest.raises(GlimpseError, match="finds 19 landmarks .* not the 4 .* train one"):
         state.record_proposal(tmp_path / "151.jpg", traj, "default")
     assert not log.records
+
+
+def test_an_opened_image_from_zero_and_a_cancelled_training(make_napari_viewer, qtbot, isbi, tmp_path):
+    """An image opened by hand (File ▸ Open) annotated with a set loaded from a file (its own colours on the
+    canvas); Train a model exports the accepted image itself and reports a training that cannot run (a landmark
+    absent everywhere); then Cancel stops one."""
+    from napari_glimpse.landmark_set import Landmark, LandmarkSet, find_landmark_set, save_landmark_set
+
+    lset = LandmarkSet("lab3", (Landmark("Sella", "S", "#00ff00"), Landmark("Nasion", "N", "#ff00ff"),
+                                Landmark("Menton", "Me", "#0000ff")))
+    save_landmark_set(lset, tmp_path / "lab3.json")
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "151.jpg").symlink_to(isbi / "images" / "151.jpg")
+    viewer = make_napari_viewer()
+    viewer.open(str(folder / "151.jpg"), plugin="napari-glimpse")
+    w = {n: viewer.window.add_plugin_dock_widget("napari-glimpse", n)[1]
+         for n in ("Annotate", "Review and corrections", "Train a model")}
+    ann, review, train = w["Annotate"], w["Review and corrections"], w["Train a model"]
+    assert ann.load_set(tmp_path / "lab3.json") == lset and "open a folder" in ann.status_label.text()
+    det = ann.annotate_current()  # the opened image: logged with no point, the set saved beside it
+    assert det is not None and det.image_path == folder / "151.jpg" and len(det.points_layer.data) == 0
+    assert find_landmark_set(folder) == lset and ann.state.log.image_dir == folder
+    qtbot.wait(50)
+    layer, truth = det.points_layer, _truth(isbi, "151.jpg")
+    click_at(viewer, layer, truth[0][::-1], qtbot)
+    assert list(layer.features["landmark"]) == ["Sella"] and review.picker.currentIndex() == 1
+    np.testing.assert_allclose(layer.face_color[0, :3], (0, 1, 0))  # the set's own colour
+    assert review.accept() is None and "missing" in review.status_label.text()
+    click_at(viewer, layer, truth[1][::-1], qtbot)
+    review.mark_absent(2)
+    assert review.accept() is not None
+
+    # Train a model: no CSV chosen, the log's accepted image is exported first; Menton is absent everywhere
+    assert "lab3: 3 landmarks; 1 accepted images" in train.set_label.value
+    with qtbot.waitSignal(train.finished, timeout=120_000) as fin:
+        assert train.start() is not None
+    csv = folder / "napari-glimpse-reviewed.csv"
+    assert str(train.data_edit.value) == str(csv) and csv.read_text().splitlines()[1].endswith(",,")
+    assert fin.args[0] not in (0, -1) and "training failed" in train.status_label.text()
+    assert "landmark 3 (Menton) is absent on every training image" in train.status_label.text()
+    args = train.command()
+    assert args[args.index("--recipe") + 1] == "default" and args[args.index("--time-budget") + 1] == "30"
+    assert "--max-steps" not in args and args[args.index("--nice") + 1] == "10"
+    assert Path(train.out_edit.value).name.startswith("lab3-1img-")
+
+    # Menton placed after all (undo the absent, click), exported again; a training started, then cancelled
+    review.undo()
+    review.pick(2)
+    click_at(viewer, layer, truth[2][::-1], qtbot)
+    assert review.export() == csv and ",," not in csv.read_text()
+    train.out_edit.value = str(tmp_path / "never.pt")
+    seen = []
+    train.progressed.connect(seen.append)
+    assert train.start() is not None
+    qtbot.waitUntil(lambda: bool(seen) or not train.running, timeout=240_000)  # a first step (a niced process)
+    assert seen, train.log.toPlainText()
+    with qtbot.waitSignal(train.finished, timeout=30_000) as fin:
+        train.cancel()
+    assert fin.args == [-1, ""] and "cancelled" in train.status_label.text()
+    assert not (tmp_path / "never.pt").exists() and train.start_btn.isEnabled()

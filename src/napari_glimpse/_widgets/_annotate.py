@@ -49,6 +49,8 @@ def start_annotation(state: GlimpseState, det: Detection, lset: LandmarkSet | No
     path, viewer = det.image_path, state.viewer
     if path is None or viewer is None:
         return None
+    if lset is not None and folder_set(path.parent) is None:
+        save_folder_set(lset, path.parent)  # the set travels with the images (and the export beside them)
     log = state.log
     if log is None or log.image_dir.resolve() != path.parent.resolve():
         log = state.open_log(path.parent, path.parent, lset.names if lset is not None else None)
@@ -252,7 +254,7 @@ class AnnotateWidget(QWidget):
     # ------------------------------------------------------------------------ annotating
     def annotate_current(self) -> Detection | None:
         """Start annotating the current image from zero (it has no landmarks yet)."""
-        det = self.state.current
+        det = self.state.current or self._opened_image()
         if det is None or det.image_path is None:
             status(self.status_label, "open a folder (or an image file) first", error=True)
             return None
@@ -267,6 +269,21 @@ class AnnotateWidget(QWidget):
         if new is not None:
             status(self.status_label, f"{det.image_name}: click to place each landmark ({len(new.landmark_names)})")
         return new
+
+    def _opened_image(self) -> Detection | None:
+        """An image opened from a file (File ▸ Open) that no widget shows yet: the selected one, else the last."""
+        from napari.layers import Image
+
+        from ._state import image_path_of
+
+        layers = [ly for ly in self.viewer.layers if isinstance(ly, Image) and image_path_of(ly) is not None]
+        active = self.viewer.layers.selection.active
+        layer = active if active in layers else (layers[-1] if layers else None)
+        if layer is None:
+            return None
+        path = image_path_of(layer)
+        return Detection(image_name=path.name, image_path=path, image_layer=layer, points_layer=None, trajectory=None,
+                         model_name="none", landmark_names=())
 
     def _on_detection(self, det: Detection | None) -> None:
         """A folder image without landmarks starts from zero (a turn later: the other widgets first see

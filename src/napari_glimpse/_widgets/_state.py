@@ -196,7 +196,7 @@ class GlimpseState(QObject):
                 self._model_key = key
                 lset = self._model.landmark_set
                 self.model_names[key[0]] = lset.names
-                register_labels(lset.names, lset.labels)
+                register_labels(lset.names, lset.labels, lset.colours)
             return self._model
 
     def model_fits(self) -> bool:
@@ -212,7 +212,7 @@ class GlimpseState(QObject):
         """The set annotated from zero (its labels are drawn on the canvas)."""
         self.landmark_set = lset
         if lset is not None:
-            register_labels(lset.names, lset.labels)
+            register_labels(lset.names, lset.labels, lset.colours)
         self.landmark_set_changed.emit(lset)
 
     # ------------------------------------------------------------------- detections
@@ -236,7 +236,7 @@ class GlimpseState(QObject):
         log = CorrectionLog(path, landmark_names, image_dir=image_dir)
         lset = folder_set(log.image_dir) if not log.records else None
         if lset is not None:
-            register_labels(lset.names, lset.labels)
+            register_labels(lset.names, lset.labels, lset.colours)
             if lset.names != log.state.landmark_names:
                 log = CorrectionLog(path, lset.names, image_dir=image_dir)
         self.log = log
