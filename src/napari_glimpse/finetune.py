@@ -367,9 +367,7 @@ def finetune(parent, reviewed: Dataset, out: str | Path, cfg: FinetuneConfig | N
     (:mod:`napari_glimpse.distributed`), rank 0 alone writes ``out`` (the others wait for it), and
     ``meta['finetuned']['world_size']`` records how many processes tuned.
     """
-    from . import distributed
     from .landmark_set import check_match
-    from .training import TrainingData
 
     cfg = cfg or FinetuneConfig()
     prog = progress or Progress()
@@ -380,33 +378,14 @@ def finetune(parent, reviewed: Dataset, out: str | Path, cfg: FinetuneConfig | N
     parent_record = parent.meta.get("finetuned")
     n_mix = 0 if mix is None else min(len(mix), len(reviewed) if cfg.mix_images is None else cfg.mix_images)
     plan = _plan(parent, cfg, stages, len(reviewed), len(reviewed) + n_mix, prog)
-    read, count = plan["read"][0], iter(range(1, 1 + len(reviewed) + n_mix))
-
-    def one_read() -> None:
-        prog.report(read, next(count))
-
-    rev = load_images(reviewed, report=one_read)
-    replay = _replay(mix, n_mix, cfg.seed, one_read)
-    prog.finish(read)
+    rev, replay = _read_all(reviewed, mix, n_mix, cfg.seed, prog, plan["read"][0])
     model = parent
     offsets = None
     if "offsets" in plan:
         offsets, rev = _offsets(model, rev, cfg, prog, plan["offsets"][0])
         model.meta["landmark_offsets_px"] = offsets.round(3).tolist()
     train_ds = joined([rev] + ([replay] if replay is not None else []))
-    record: dict[str, Any] = {}
-    nets_to_tune = [s for s in ("coarse", "fine") if s in plan]
-    if nets_to_tune:
-        from .runtime import members_of
-
-        data = TrainingData(train_ds, model.config.n_levels, model.config.patch, "mean",
-                            coarse=members_of(model.coarse)[0].cfg if "coarse" in plan else None,
-                            fine=[m.cfg for m in members_of(model.fine)] if "fine" in plan else None)
-        for stage in nets_to_tune:
-            if should_stop is not None and should_stop():
-                break
-            record[stage] = _tune_stage(model, stage, data, cfg, prog, plan[stage], should_stop, device, verbose)
-        del data
+    record = _tune_nets(model, train_ds, cfg, prog, plan, should_stop, device, verbose)
     if "glimpse" in plan and not (should_stop is not None and should_stop()):
         record["glimpse"] = _tune_glimpse(model, train_ds, Path(out), cfg, prog, plan["glimpse"][0], should_stop,
                                           device, verbose, batch_size)
@@ -415,11 +394,53 @@ def finetune(parent, reviewed: Dataset, out: str | Path, cfg: FinetuneConfig | N
         model.meta[f"{stage}_finetune_steps"] = getattr(cfg, f"{stage}_steps")
     model.meta["finetuned"] = _record(model, cfg, record, offsets is not None, rev, replay, prog, parent_record,
                                       cancelled=should_stop is not None and should_stop())
+    _write(model, out)
+    return model
+
+
+def _read_all(reviewed: Dataset, mix: Dataset | None, n_mix: int, seed: int, prog: Progress, read: _Phase
+              ) -> tuple[LoadedDataset, LoadedDataset | None]:
+    """The reviewed images and ``n_mix`` replayed ones of ``mix``, read and counted in the ``read`` phase."""
+    count = iter(range(1, 1 + len(reviewed) + n_mix))
+
+    def one_read() -> None:
+        prog.report(read, next(count))
+
+    rev = load_images(reviewed, report=one_read)
+    replay = _replay(mix, n_mix, seed, one_read)
+    prog.finish(read)
+    return rev, replay
+
+
+def _tune_nets(model, train_ds: LoadedDataset, cfg: FinetuneConfig, prog: Progress, plan: dict,
+               should_stop: Callable[[], bool] | None, device: str, verbose: bool) -> dict[str, Any]:
+    """Tune the coarse then the fine nets that ``plan`` has, until ``should_stop()``; their records."""
+    from .runtime import members_of
+    from .training import TrainingData
+
+    record: dict[str, Any] = {}
+    nets_to_tune = [s for s in ("coarse", "fine") if s in plan]
+    if not nets_to_tune:
+        return record
+    data = TrainingData(train_ds, model.config.n_levels, model.config.patch, "mean",
+                        coarse=members_of(model.coarse)[0].cfg if "coarse" in plan else None,
+                        fine=[m.cfg for m in members_of(model.fine)] if "fine" in plan else None)
+    for stage in nets_to_tune:
+        if should_stop is not None and should_stop():
+            break
+        record[stage] = _tune_stage(model, stage, data, cfg, prog, plan[stage], should_stop, device, verbose)
+    del data
+    return record
+
+
+def _write(model, out: str | Path) -> None:
+    """Record how many processes tuned, write ``out`` (rank 0) and wait for it on every rank."""
+    from . import distributed
+
     model.meta["finetuned"]["world_size"] = distributed.world_size()
     if distributed.is_main():
         model.save(out)
     distributed.barrier()
-    return model
 
 
 def _record(model, cfg: FinetuneConfig, record: dict, offsets: bool, rev: LoadedDataset,
