@@ -114,3 +114,15 @@ def test_annotated_from_zero_exported_and_trained(tmp_path, capsys):
     model = GlimpseModel.load(tmp_path / "lab4.pt", "cpu")
     assert model.landmark_set == lset  # the new model finds the set's points
     assert model.predict(str(folder / "001.png"), spacing=0.1).final.shape == (4, 2)
+
+
+def test_a_sets_labels_and_colours_on_the_canvas():
+    from napari_glimpse._layer_data import landmark_content, register_labels
+
+    names = ("Porion point X", "Basion point Y")
+    c = landmark_content(np.array([[10.0, 20.0], [30.0, 40.0]]), names)
+    assert list(c["features"]["abbr"]) == list(names)  # unknown names: the names themselves
+    register_labels(names, ("PoX", "BaY"), ("#00ff00", "#f0f"))
+    c = landmark_content(np.array([[10.0, 20.0], [np.nan, np.nan]]), names)
+    assert list(c["features"]["abbr"]) == ["PoX"] and list(c["features"]["label"]) == ["PoX"]
+    np.testing.assert_allclose(c["face_color"], [[0, 1, 0, 1]])
