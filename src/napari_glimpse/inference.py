@@ -459,21 +459,11 @@ class GlimpseModel:
             image = read_image(image)
         return build_pyramid(to_grey_uint8(image), self.config.n_levels, self.config.patch)
 
-    def predict(
-        self,
-        image: np.ndarray | str | os.PathLike | Pyramid,
-        iterations: int | None = None,
-        landmarks: Sequence[int] | None = None,
-        starts: int = 1,
-        start: np.ndarray | None = None,
-        record_glimpses: bool = False,
-        record_heatmaps: bool = False,
-        bf16: bool | None = None,
-        seed: int = 0,
-        facing: str = "auto",
-        record_stages: bool = False,
-        spacing: float | None = None,
-    ) -> Trajectory:
+    def predict(self, image: np.ndarray | str | os.PathLike | Pyramid, iterations: int | None = None,
+                landmarks: Sequence[int] | None = None, starts: int = 1, start: np.ndarray | None = None,
+                record_glimpses: bool = False, record_heatmaps: bool = False, bf16: bool | None = None,
+                seed: int = 0, facing: str = "auto", record_stages: bool = False,
+                spacing: float | None = None) -> Trajectory:
         """Locate the landmarks in one image.
 
         Parameters
@@ -521,6 +511,11 @@ class GlimpseModel:
         run = {"iterations": iterations, "landmarks": landmarks, "starts": starts, "start": start,
                "record_glimpses": record_glimpses, "record_heatmaps": record_heatmaps, "bf16": bf16, "seed": seed,
                "facing": facing, "record_stages": record_stages}
+        return self._predict_at_spacing(image, spacing, run)
+
+    def _predict_at_spacing(self, image: np.ndarray | str | os.PathLike | Pyramid, spacing: float | None,
+                            run: dict) -> Trajectory:
+        """:meth:`predict` at the image's spacing (given, the file's or the model's; see there)."""
         image, spacing, source, notice = self._spacing_of(image, spacing)
         factor = spacing / self.pixel_spacing
         if abs(factor - 1) > SPACING_TOLERANCE:
@@ -535,7 +530,7 @@ class GlimpseModel:
             import warnings
 
 
-            warnings.warn(notice, SpacingWarning, stacklevel=2)
+            warnings.warn(notice, SpacingWarning, stacklevel=3)  # at predict's caller
         return tr
 
     def _spacing_of(self, image: np.ndarray | str | os.PathLike | Pyramid,
@@ -844,33 +839,16 @@ class GlimpseModel:
             "fine_nets": (len(kinds_of(nets)[(cfg.level, cfg.context)]), len(nets)),
         }
 
-    def _run(
-        self,
-        pyr: Pyramid,
-        iterations: int,
-        landmarks: Sequence[int] | None,
-        starts: int,
-        start: np.ndarray | None,
-        record_glimpses: bool,
-        record_heatmaps: bool,
-        bf16: bool | None,
-        seed: int,
-    ) -> Trajectory:
+    def _run(self, pyr: Pyramid, iterations: int, landmarks: Sequence[int] | None, starts: int,
+             start: np.ndarray | None, record_glimpses: bool, record_heatmaps: bool, bf16: bool | None,
+             seed: int) -> Trajectory:
         """The glimpse iterations on one pyramid, as the image stands."""
         h, w = pyr.shape
         ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
         dev = self.device
         use_bf16 = bool(bf16)
         stack = PyramidStack([pyr]).to(dev)
-        base = self.mean_start[ks] if start is None else np.asarray(start, dtype=np.float64)[ks]
-        # image size differs from training: scale the mean start with it
-        if start is None and "train_image_shape" in self.meta:
-            th, tw = self.meta["train_image_shape"]
-            base = base * np.array([w / tw, h / th])
-        centers = np.repeat(base[None], starts, axis=0)
-        if starts > 1:
-            rng = np.random.default_rng(seed)
-            centers[1:] += rng.normal(size=centers[1:].shape) * 0.5 * self.std_start[ks][None]
+        centers = self._start_centres(ks, starts, start, seed, (h, w))
         n_s, n_k = centers.shape[:2]
         c = torch.as_tensor(centers.reshape(-1, 2), dtype=torch.float32, device=dev)
         lm = torch.as_tensor(np.tile(ks, n_s), dtype=torch.long, device=dev)
@@ -895,7 +873,31 @@ class GlimpseModel:
                 c = torch.maximum(torch.minimum(c + step, hi), lo)
                 positions.append(c.clone())
         pos = torch.stack(positions).cpu().numpy().astype(np.float64).reshape(iterations + 1, n_s, n_k, 2)
+        return self._glimpse_trajectory(pos, ks, (h, w), np.stack(glimpses) if record_glimpses else None,
+                                        np.stack(heatmaps) if record_heatmaps else None)
+
+    def _start_centres(self, ks: np.ndarray, starts: int, start: np.ndarray | None, seed: int,
+                       shape: tuple[int, int]) -> np.ndarray:
+        """``(starts, K, 2)`` the glimpses' starts: ``start`` or the training mean (scaled to the
+        image's size), then ``starts - 1`` more perturbed by half the training spread."""
+        h, w = shape
+        base = self.mean_start[ks] if start is None else np.asarray(start, dtype=np.float64)[ks]
+        # image size differs from training: scale the mean start with it
+        if start is None and "train_image_shape" in self.meta:
+            th, tw = self.meta["train_image_shape"]
+            base = base * np.array([w / tw, h / th])
+        centers = np.repeat(base[None], starts, axis=0)
+        if starts > 1:
+            rng = np.random.default_rng(seed)
+            centers[1:] += rng.normal(size=centers[1:].shape) * 0.5 * self.std_start[ks][None]
+        return centers
+
+    def _glimpse_trajectory(self, pos: np.ndarray, ks: np.ndarray, shape: tuple[int, int],
+                            glimpses: np.ndarray | None, heatmaps: np.ndarray | None) -> Trajectory:
+        """The trajectory of ``pos`` ``(T + 1, starts, K, 2)``: the first start's path ending at the
+        starts' mean, the uncertainty their spread (one start: its last step's length)."""
         final = pos[-1].mean(axis=0)
+        n_s = pos.shape[1]
         if n_s > 1:
             unc = np.sqrt(((pos[-1] - final[None]) ** 2).sum(-1).mean(0)) * self.pixel_spacing
         else:
@@ -907,8 +909,8 @@ class GlimpseModel:
             uncertainty_mm=unc,
             landmark_names=tuple(self.landmark_names[k] for k in ks),
             pixel_spacing=self.pixel_spacing,
-            image_shape=(h, w),
+            image_shape=shape,
             patch=self.config.patch,
-            glimpses=np.stack(glimpses) if record_glimpses else None,
-            heatmaps=np.stack(heatmaps) if record_heatmaps else None,
+            glimpses=glimpses,
+            heatmaps=heatmaps,
         )
