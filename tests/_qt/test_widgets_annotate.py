@@ -60,6 +60,7 @@ def _shot(viewer, ann, qtbot, layer):
     docks = [d for n, d in viewer.window._wrapped_dock_widgets.items() if n.startswith(("Annotate", "Review"))]
     qtbot.wait(100)
     win.resizeDocks(docks, [700, 600], Qt.Vertical)
+    win.resizeDocks(docks[:1], [560], Qt.Horizontal)
     cam = camera_of(viewer)
     cam.center, cam.zoom = tuple(np.mean(layer.data, axis=0) + (-150, 0)), 0.55
     qtbot.wait(400)

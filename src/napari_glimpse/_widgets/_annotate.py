@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 from magicgui.widgets import CheckBox, Container, Label, LineEdit, PushButton, TextEdit
-from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QFileDialog, QLabel, QVBoxLayout, QWidget
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import QFileDialog, QFrame, QLabel, QScrollArea, QVBoxLayout, QWidget
 
 from .._layer_data import landmarks_layer_from
 from ..annotate import check_log_set, folder_set, is_from_zero, save_folder_set, set_from_text, set_to_text
@@ -89,13 +89,24 @@ class AnnotateWidget(QWidget):
         self.status_label.setWordWrap(True)
         help_label = QLabel(HELP)
         help_label.setWordWrap(True)
-        lay = QVBoxLayout(self)
+        inner = QWidget()  # in a scroll area: a short dock scrolls instead of squeezing the rows
+        lay = QVBoxLayout(inner)
         lay.addWidget(self.form.native)
         lay.addWidget(self.editor.native)  # apart from the form: its rows do not grow
         lay.addWidget(self.annotate_form.native)
         lay.addWidget(self.status_label)
         lay.addWidget(help_label)
         lay.addStretch(1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.NoFrame)
+        scroll.setWidget(inner)
+        scroll.setMinimumHeight(min(inner.sizeHint().height(), 400))  # the dock opens with room for the form
+        scroll.setMinimumWidth(max(440, inner.minimumSizeHint().width()))
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
         self.state.detection_changed.connect(self._on_detection)
         self.state.landmark_set_changed.connect(lambda _s: self._show_set())
         self.state.log_changed.connect(self._show_set)
@@ -135,8 +146,10 @@ class AnnotateWidget(QWidget):
         here = PushButton(text="Annotate this image", tooltip="Start annotating the current image from zero")
         here.changed.connect(lambda: self.annotate_current())
         self.open_btn, self.here_btn = open_btn.native, here.native
-        self.annotate_form = Container(widgets=[self.auto, here], labels=False)
-        return Container(widgets=[open_btn, self.folder_info, self.set_info, choose], labels=True)
+        for label in (self.folder_info, self.set_info):  # long paths and sets wrap, not widen the dock
+            label.native.setWordWrap(True)
+        self.annotate_form = Container(widgets=[open_btn, self.folder_info, self.auto, here], labels=True)
+        return Container(widgets=[self.set_info, choose], labels=True)  # the set first, then the folder
 
     def _show_editor(self, on: bool) -> None:
         lset = self.state.landmark_set
