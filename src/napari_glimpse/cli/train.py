@@ -61,35 +61,15 @@ def run(a: argparse.Namespace) -> int:
     if a.recipe:  # the recipe sets the stages; napari_glimpse.recipe refuses the flags that would too
         from ..recipe import cmd_train_recipe
 
-        return cmd_train_recipe(a, vars(_parser().parse_args(["train", "--data", "-", "--out", "-"])))
+        return cmd_train_recipe(a, _defaults())
     from ..fine import FineConfig
     from ..inference import GlimpseModel
     from ..io import load_dataset
-    from ..training import presets, train
+    from ..training import train
 
     ds = load_dataset(a.data, a.split, a.spacing)
-    mcfg, tcfg = presets(a.config, len(ds), len(ds.landmark_names))
-    if a.levels:
-        mcfg = replace(mcfg, n_levels=a.levels)
-    over = {"seed": a.seed}
-    if a.batch_size:
-        over["batch_size"] = a.batch_size
-    if a.lr:
-        over["lr"] = a.lr
-    if a.max_steps:
-        over["max_steps"] = a.max_steps
-    elif a.time_budget:
-        over["max_steps"] = None
-    tcfg = replace(tcfg, **over)
-    val = None
-    if a.val_fraction:
-        if not 0 < a.val_fraction < 1:
-            raise GlimpseError("--val-fraction must be between 0 and 1")
-        import numpy as np
-
-        order = np.random.default_rng(a.seed).permutation(len(ds))
-        n_val = max(1, int(round(a.val_fraction * len(ds))))
-        val, ds = ds.subset(sorted(order[:n_val])), ds.subset(sorted(order[n_val:]))
+    mcfg, tcfg = _configs(a, ds)
+    val, ds = _validation_split(a, ds)
     init = GlimpseModel.load(a.init, a.device) if a.init else None
     if a.pretrained and a.config != "paper":
         raise GlimpseError("--pretrained applies to --config paper (the ResNet-34 trunk)")
@@ -110,15 +90,49 @@ def run(a: argparse.Namespace) -> int:
         fine_config=None if a.fine_target == "mean" else FineConfig(
             n_landmarks=len(ds.landmark_names), seed=tcfg.seed, pixel_spacing=ds.pixel_spacing, target=a.fine_target),
     )
-    if not is_main():  # rank 0 of a torchrun job reports
-        return 0
-    m = model.meta
-    msg = f"wrote {a.out}: {m['train_steps']} steps in {m['train_wall_s'] / 60:.1f} min"
+    if is_main():  # rank 0 of a torchrun job reports
+        _report(a.out, model.meta)
+    return 0
+
+
+def _configs(a: argparse.Namespace, ds):
+    """The model and training configs: ``--config``'s preset with the flags that change it."""
+    from ..training import presets
+
+    mcfg, tcfg = presets(a.config, len(ds), len(ds.landmark_names))
+    if a.levels:
+        mcfg = replace(mcfg, n_levels=a.levels)
+    over = {"seed": a.seed}
+    if a.batch_size:
+        over["batch_size"] = a.batch_size
+    if a.lr:
+        over["lr"] = a.lr
+    if a.max_steps:
+        over["max_steps"] = a.max_steps
+    elif a.time_budget:
+        over["max_steps"] = None
+    return mcfg, replace(tcfg, **over)
+
+
+def _validation_split(a: argparse.Namespace, ds):
+    """``(val, train)``: ``--val-fraction`` of the images drawn for validation (``--seed``), else none."""
+    if not a.val_fraction:
+        return None, ds
+    if not 0 < a.val_fraction < 1:
+        raise GlimpseError("--val-fraction must be between 0 and 1")
+    import numpy as np
+
+    order = np.random.default_rng(a.seed).permutation(len(ds))
+    n_val = max(1, int(round(a.val_fraction * len(ds))))
+    return ds.subset(sorted(order[:n_val])), ds.subset(sorted(order[n_val:]))
+
+
+def _report(out: str, m: dict) -> None:
+    msg = f"wrote {out}: {m['train_steps']} steps in {m['train_wall_s'] / 60:.1f} min"
     last = m["history"][-1] if m.get("history") else {}
     if "val_mre_mm" in last:
         msg += f", validation MRE {last['val_mre_mm']:.2f} mm"
     print(msg)
-    return 0
 
 
 def _json_line(info: dict) -> None:
@@ -129,7 +143,8 @@ def _json_line(info: dict) -> None:
     print(json.dumps({k: info[k] for k in keys if info.get(k) is not None}), flush=True)
 
 
-def _parser():
-    from . import build_parser
-
-    return build_parser()
+def _defaults() -> dict:
+    """The train command's flag values when none is given (the recipe refuses the others)."""
+    p = argparse.ArgumentParser()
+    add_parser(p.add_subparsers(dest="command"))
+    return vars(p.parse_args(["train", "--data", "-", "--out", "-"]))
