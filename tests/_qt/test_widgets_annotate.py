@@ -85,10 +85,16 @@ def test_a_new_set_annotated_trained_and_detected(make_napari_viewer, qtbot, isb
     for n in ("151.jpg", "152.jpg", "153.jpg"):
         (folder / n).symlink_to(isbi / "images" / n)
 
-    # ---- a set of 4 points typed in the GUI; opening the folder saves it there as landmarks.json
-    ann.editor.visible = True
-    ann.set_name.value, ann.set_text.value = "lab4", SET_TEXT
-    assert ann.create_set() is not None and "lab4: 4 landmarks" in ann.set_info.value
+    # ---- a set of 4 points typed in the GUI (New set…, typing, Save set); the folder gets it as landmarks.json
+    qtbot.mouseClick(ann.new_btn, Qt.LeftButton)
+    assert not ann.editor.native.isHidden()
+    qtbot.keyClicks(ann.set_name.native, "lab4")
+    for line in SET_TEXT.splitlines():
+        qtbot.keyClicks(ann.set_text.native, line)
+        qtbot.keyClick(ann.set_text.native, Qt.Key_Return)
+    qtbot.mouseClick(ann.save_btn, Qt.LeftButton)
+    assert state.landmark_set is not None and state.landmark_set.labels == ("S", "N", "Me", "Go")
+    assert "lab4: 4 landmarks" in ann.set_info.value and ann.editor.native.isHidden()
     detect = ann.detect_widget()  # Annotate docks Detect: it shows the folder's images
     detect.device_combo.setCurrentText("cpu")
     with qtbot.waitSignal(detect.detected, timeout=120_000):

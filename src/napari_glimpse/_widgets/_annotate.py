@@ -145,7 +145,9 @@ class AnnotateWidget(QWidget):
                                      "add mode (logged with no point): click to place the picked landmark")
         here = PushButton(text="Annotate this image", tooltip="Start annotating the current image from zero")
         here.changed.connect(lambda: self.annotate_current())
+        # the Qt buttons, for scripts and tests that drive Qt
         self.open_btn, self.here_btn = open_btn.native, here.native
+        self.new_btn, self.save_btn = new.native, save.native
         for label in (self.folder_info, self.set_info):  # long paths and sets wrap, not widen the dock
             label.native.setWordWrap(True)
         self.annotate_form = Container(widgets=[open_btn, self.folder_info, self.auto, here], labels=True)
