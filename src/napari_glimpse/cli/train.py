@@ -19,16 +19,16 @@ def add_parser(sub) -> None:
                    help="train the kind of model a recipe describes: 'default' (the shipped model's: a coarse net and "
                         "four fine nets, int8; 238 min in full, about 4 h on 2 CPU cores) or a recipe file; "
                         "--time-budget then scales every stage's minutes, --max-steps caps every stage's steps")
-    t.add_argument("--config", choices=["compact", "paper"], default="compact",
-                   help="compact (default; trains on a CPU) or paper (ResNet-34 as published)")
+    # hidden: only past experiments use them (no recipe does): --config paper, the published ResNet-34
+    # trunk, and --pretrained, its ImageNet weights (from torchvision or a local state dict)
+    t.add_argument("--config", choices=["compact", "paper"], default="compact", help=argparse.SUPPRESS)
     t.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     t.add_argument("--time-budget", type=positive_float, metavar="MIN",
                    help="stop after this many minutes of training; the schedule fits the budget")
     t.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
     t.add_argument("--resume", action="store_true", help="continue from OUT.resume")
     t.add_argument("--init", metavar="MODEL", help="start from this model's weights (fine-tuning)")
-    t.add_argument("--pretrained", nargs="?", const=True, metavar="PATH",
-                   help="paper trunk: ImageNet weights from torchvision, or a local ResNet-34 state dict")
+    t.add_argument("--pretrained", nargs="?", const=True, metavar="PATH", help=argparse.SUPPRESS)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=positive_int,
                    help="the glimpse net's batch of one step; under torchrun the processes share it (docs/scale.md)")
@@ -45,10 +45,8 @@ def add_parser(sub) -> None:
     t.add_argument("--fine-minutes", type=positive_float, metavar="MIN",
                    help="then train the fine stage for MIN minutes (a closer look around each coarse answer, "
                         "at 0.2 mm per pixel for ISBI images); needs --coarse-minutes")
-    t.add_argument("--fine-target", choices=["mean", "annotators"], default="mean",
-                   help="what the fine net is taught where the data has several annotators: a point at their "
-                        "mean (default), or each annotator's point (equal weights; its answer lands between "
-                        "them where they are less than about 4 mm apart); needs --fine-minutes")
+    # hidden: an experiment that lost (the fine net taught each annotator's point instead of their mean)
+    t.add_argument("--fine-target", choices=["mean", "annotators"], default="mean", help=argparse.SUPPRESS)
     t.add_argument("--levels", type=positive_int, help="pyramid levels seen by each glimpse (default 6)")
     t.add_argument("--progress-json", action="store_true",
                    help="print one JSON line per step on stdout (for the napari widget): the stage, its step, "
