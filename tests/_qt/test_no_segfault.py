@@ -33,13 +33,16 @@ SCRIPT = textwrap.dedent(
     from napari_glimpse._widgets._explorer import ExplorerWidget
     from napari_glimpse._widgets._corrections import CorrectionsWidget
     from napari_glimpse._widgets._finetune import FinetuneWidget
+    from napari_glimpse._widgets._annotate import AnnotateWidget
+    from napari_glimpse._widgets._train import TrainWidget
     import torch
     torch.set_num_threads(1)
     detect = DetectWidget(viewer)
     explorer = ExplorerWidget(viewer)
     corrections = CorrectionsWidget(viewer)
     finetune = FinetuneWidget(viewer)
-    for w in (detect, explorer, corrections, finetune):
+    annotate, train = AnnotateWidget(viewer), TrainWidget(viewer)
+    for w in (detect, explorer, corrections, finetune, annotate, train):
         viewer.window.add_dock_widget(w)
     viewer.open(image, plugin="napari-glimpse")
     detect.set_model(model)

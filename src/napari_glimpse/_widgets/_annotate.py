@@ -65,9 +65,9 @@ def start_annotation(state: GlimpseState, det: Detection, lset: LandmarkSet | No
                                        image_shape=shape, name=f"{path.stem} landmarks", image_path=path,
                                        states=log_states(log, path, len(names)))
     layer = det.points_layer
-    if layer is not None and layer in viewer.layers:
-        viewer.layers.remove(layer)
-    layer = viewer.add_points(data, **kw, scale=det.image_layer.scale, translate=det.image_layer.translate)
+    if layer is None or layer not in viewer.layers:  # else the image's empty layer (no removal: see
+        # GlimpseState._hide_text_before_removal for what removing text-labelled layers risks)
+        layer = viewer.add_points(data, **kw, scale=det.image_layer.scale, translate=det.image_layer.translate)
     layer.mode = "add"
     new = Detection(image_name=det.image_name, image_path=path, image_layer=det.image_layer, points_layer=layer,
                     trajectory=None, model_name="none", landmark_names=names, extra=dict(det.extra))
