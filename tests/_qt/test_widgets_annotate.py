@@ -52,7 +52,8 @@ def _shot(viewer, ann, qtbot, layer):
     from napari_glimpse._widgets._state import camera_of
 
     ann._show_editor(True)
-    hidden = [d for n, d in viewer.window._wrapped_dock_widgets.items() if n.startswith(("Detect", "Train"))]
+    hidden = [d for n, d in viewer.window._wrapped_dock_widgets.items()
+              if n.startswith(("Detect", "Train", "Measurements"))]
     for d in hidden:
         d.hide()
     win = viewer.window._qt_window
@@ -77,7 +78,7 @@ def test_a_new_set_annotated_trained_and_detected(make_napari_viewer, qtbot, isb
 
     viewer = make_napari_viewer()
     w = {n: viewer.window.add_plugin_dock_widget("napari-glimpse", n)[1]
-         for n in ("Annotate", "Review and corrections", "Train a model")}
+         for n in ("Annotate", "Review and corrections", "Train a model", "Measurements")}
     ann, review, train = w["Annotate"], w["Review and corrections"], w["Train a model"]
     state = ann.state
     folder = tmp_path / "clinic"
@@ -106,6 +107,7 @@ def test_a_new_set_annotated_trained_and_detected(make_napari_viewer, qtbot, isb
     log = state.log
     assert len(layer.data) == 0 and layer.mode == "add" and log.state.landmark_names[2] == "Menton"
     assert review.picker.currentIndex() == 0 and review.picker.count() == 4
+    assert w["Measurements"].layer is None and "not the ISBI 19" in w["Measurements"].info.text()
     truth = _truth(isbi, "151.jpg")
     click_at(viewer, layer, truth[0][::-1], qtbot)  # Sella; the picker moves on to Nasion
     assert [r.action for r in log.records][-1] == "add" and log.records[-1].k == 0

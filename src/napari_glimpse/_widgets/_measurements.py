@@ -35,7 +35,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..landmarks import ISBI_PIXEL_SPACING_MM
+from ..landmarks import ISBI_LANDMARKS, ISBI_PIXEL_SPACING_MM
 from ..measurements import MEASUREMENTS, NORMS, TABLE_COLUMNS, classify, classify_batch, measure_batch, table_rows
 from ._state import Detection, error_text, layer_positions, real_viewer, state_for, status
 
@@ -130,7 +130,10 @@ class MeasurementsWidget(QWidget):
     # ------------------------------------------------------------------------ binding
     def _on_detection(self, det: Detection | None) -> None:
         self.det = det
-        self.bind(det.points_layer if det is not None else None)
+        # the measurements read the ISBI 19: the landmarks of another set (annotated from zero, a model of
+        # that set) are not them, even where their numbers are
+        self.other_set = det is not None and bool(det.landmark_names) and tuple(det.landmark_names) != ISBI_LANDMARKS
+        self.bind(det.points_layer if det is not None and not self.other_set else None)
 
     def _on_active(self, event=None) -> None:
         """With no detection, follow the selected Points layer if it holds 19 ISBI landmarks."""
@@ -207,7 +210,10 @@ class MeasurementsWidget(QWidget):
         self.updated.emit()
 
     def _show(self) -> None:
-        if self.layer is None:
+        if self.layer is None and getattr(self, "other_set", False):
+            self.info.setText(f"{self.det.image_name}: its landmarks are not the ISBI 19 the measurements read "
+                              f"({len(self.det.landmark_names)}: {', '.join(self.det.landmark_names[:3])}...)")
+        elif self.layer is None:
             self.info.setText("no landmarks yet: detect, or open a landmarks file")
         else:
             missing = int(np.isnan(self.positions()).any(axis=1).sum())
