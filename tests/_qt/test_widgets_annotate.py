@@ -251,3 +251,26 @@ def test_an_opened_image_from_zero_and_a_cancelled_training(make_napari_viewer, 
         train.cancel()
     assert fin.args == [-1, ""] and "cancelled" in train.status_label.text()
     assert not (tmp_path / "never.pt").exists() and train.start_btn.isEnabled()
+
+
+def test_review_annotates_an_image_without_landmarks_from_zero(make_napari_viewer, qtbot, isbi, tmp_path):
+    """What Review did with a folder image shown without detection: every button off, no way to place a point.
+    Now it offers Annotate from zero (no set chosen, no landmarks.json: the ISBI 19)."""
+    from qtpy.QtCore import Qt
+
+    from napari_glimpse.landmark_set import ISBI19, find_landmark_set
+
+    (tmp_path / "151.jpg").symlink_to(isbi / "images" / "151.jpg")
+    viewer = make_napari_viewer()
+    _d, detect = viewer.window.add_plugin_dock_widget("napari-glimpse", "Detect landmarks")
+    _d, review = viewer.window.add_plugin_dock_widget("napari-glimpse", "Review and corrections")
+    detect.auto_check.setChecked(False)  # shown, not detected
+    with qtbot.waitSignal(detect.detected, timeout=60_000) as blocker:
+        detect.open_folder(tmp_path)
+    assert blocker.args[0].points_layer is None and not review.zero_btn.isHidden()
+    assert "no landmarks" in review.image_label.text() and not review.accept_btn.isEnabled()
+    qtbot.mouseClick(review.zero_btn, Qt.LeftButton)
+    det = review.det
+    assert det.points_layer is not None and len(det.points_layer.data) == 0 and det.points_layer.mode == "add"
+    assert review.picker.count() == 19 and review.zero_btn.isHidden() and find_landmark_set(tmp_path) == ISBI19
+    assert "from zero" in review.image_label.text() and review.absent_btn.isEnabled()

@@ -49,13 +49,13 @@ def start_annotation(state: GlimpseState, det: Detection, lset: LandmarkSet | No
     path, viewer = det.image_path, state.viewer
     if path is None or viewer is None:
         return None
-    if lset is not None and folder_set(path.parent) is None:
-        save_folder_set(lset, path.parent)  # the set travels with the images (and the export beside them)
     log = state.log
     if log is None or log.image_dir.resolve() != path.parent.resolve():
         log = state.open_log(path.parent, path.parent, lset.names if lset is not None else None)
     if lset is not None:
-        check_log_set(log, lset)
+        check_log_set(log, lset)  # no record of other landmarks
+        if folder_set(path.parent) != lset:
+            save_folder_set(lset, path.parent)  # the set travels with the images (and the export beside them)
         if log.state.landmark_names != lset.names:  # an empty log opened for other landmarks
             log = state.open_log(log.path, log.image_dir, lset.names)
     log_from_zero(log, path)
@@ -203,8 +203,12 @@ class AnnotateWidget(QWidget):
                                       f"New set…)", error=True)
             return None
         if own is None:
-            save_folder_set(chosen, folder)  # before the log opens: it takes the folder's landmarks
-        elif own is not None:
+            try:
+                save_folder_set(chosen, folder)  # before the log opens: it takes the folder's landmarks
+            except OSError as exc:
+                status(self.status_label, f"cannot write {SET_FILE} in {folder}: {exc.strerror or exc}", error=True)
+                return None
+        else:
             self.state.set_landmark_set(own)
         detect = self.detect_widget()
         worker = detect.open_folder(folder, start=start)
@@ -280,6 +284,9 @@ class AnnotateWidget(QWidget):
             new = start_annotation(self.state, det, self.state.landmark_set)
         except GlimpseError as exc:
             status(self.status_label, error_text(exc), error=True)
+            return None
+        except OSError as exc:
+            status(self.status_label, f"cannot write in {det.image_path.parent}: {exc.strerror or exc}", error=True)
             return None
         if new is not None:
             status(self.status_label, f"{det.image_name}: click to place each landmark ({len(new.landmark_names)})")

@@ -475,7 +475,7 @@ class CorrectionsWidget(QWidget):
             if lset is None and folder_set(det.image_path.parent) is None:
                 lset = ISBI19
             return start_annotation(self.state, det, lset)
-        except GlimpseError as exc:
+        except (GlimpseError, OSError) as exc:
             status(self.status_label, error_text(exc), error=True)
             return None
 
