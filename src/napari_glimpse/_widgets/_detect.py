@@ -47,7 +47,9 @@ from ._state import (
     error_text,
     focus_landmark,
     image_path_of,
+    load_glyphs,
     log_states,
+    prebuild_steps,
     prewarm_labelled_points,
     real_viewer,
     set_bar,
@@ -570,7 +572,7 @@ class DetectWidget(QWidget):
         self._worker = None
         self._showing = True  # busy until the last piece: no second job meanwhile
         job = {"res": res, "path": path, "layer": layer}
-        steps = [self._show_image_layer, self._show_points, self._show_rest]
+        steps = [self._show_image_layer, self._prepare_points, self._show_points, self._show_rest]
         job["steps"] = steps
 
         def run_next() -> None:
@@ -641,12 +643,18 @@ class DetectWidget(QWidget):
                 states=log_states(log, path, len(names))), warn
         return None, (), None, warn
 
+    def _prepare_points(self, job: dict) -> None:
+        """The landmarks layer's content, and the proposal written to the log (a file write and fsync:
+        a turn of its own, before the layer changes)."""
+        job["content"] = self._points_content(job)
+
     def _show_points(self, job: dict) -> None:
-        """The landmarks layer: the previous one rewritten (same image), else a new one."""
+        """The landmarks layer: the previous one rewritten (same image), else a new one (made here,
+        added to the viewer a turn later)."""
         viewer, old, image_layer = self.viewer, job["old"], job["image_layer"]
         reuse = old.points_layer if (old is not None and old.image_layer is image_layer
                                      and old.points_layer in viewer.layers) else None
-        traj, names, layer_data, warn = self._points_content(job)
+        traj, names, layer_data, warn = job.pop("content")
         points_layer = None
         if layer_data is not None:
             data, kw, _ = layer_data
@@ -655,13 +663,15 @@ class DetectWidget(QWidget):
                 set_layer_content(self.state, reuse, content, name=kw["name"], metadata=kw["metadata"], size=kw["size"])
                 points_layer = reuse
             else:
-                # a new layer comes hidden, then its points show, then a frame later its labels: napari
-                # adds a layer, and vispy builds each new visual's shaders, in one go each (tens of ms)
-                kw = {**kw, "text": {**kw["text"], "visible": False}, "scale": image_layer.scale,
-                      "translate": image_layer.translate, "visible": False}
-                points_layer = viewer.add_points(data, **kw)
+                # a new layer is made; a turn later it is added hidden; then its labels' glyphs load (those
+                # the prewarm has not), its visuals' shaders are built one a turn, and it shows: napari
+                # makes a layer, adds it, and vispy builds each new visual's shaders in one go (tens of ms)
+                from napari.layers import Points
+
+                kw = {**kw, "scale": image_layer.scale, "translate": image_layer.translate, "visible": False}
+                points_layer = Points(data, **kw)
                 job["new_layer"] = points_layer
-                job["steps"][:0] = [self._show_new_points, self._show_labels]
+                job["steps"][:0] = [self._add_new_points, self._load_glyphs, self._prebuild, self._show_new_points]
             if points_layer.mode != "select":
                 points_layer.mode = "select"
         elif reuse is not None:
@@ -675,17 +685,32 @@ class DetectWidget(QWidget):
         )
         job["warn"] = warn
 
+    def _add_new_points(self, job: dict) -> None:
+        """A new landmarks layer, hidden, into the viewer (its vispy visual, controls, row)."""
+        self.viewer.add_layer(job["new_layer"])
+        job["prebuild"] = prebuild_steps(self.viewer, job["new_layer"])
+
+    def _prebuild(self, job: dict) -> None:
+        """One of the new layer's visuals' shaders built (see :func:`~._state.prebuild_steps`)."""
+        todo = job["prebuild"]
+        if todo and job["new_layer"] in self.viewer.layers:
+            todo.pop(0)()
+        if todo:
+            job["steps"].insert(0, self._prebuild)
+
     def _show_new_points(self, job: dict) -> None:
-        """A new landmarks layer's points, a frame after it was added."""
+        """A new landmarks layer, its shaders built: its points and labels show."""
         layer = job["new_layer"]
         if layer in self.viewer.layers:
             layer.visible = True
 
-    def _show_labels(self, job: dict) -> None:
-        """A new landmarks layer's labels, a frame after its points."""
+    def _load_glyphs(self, job: dict) -> None:
+        """The glyphs of a new layer's labels that the font lacks, a few per turn (see
+        :func:`~._state.load_glyphs`): the labels' first frame then draws none of them."""
         layer = job["new_layer"]
-        if layer in self.viewer.layers:
-            layer.text.visible = True
+        text = "".join(str(t) for t in layer.features["label"]) if "label" in layer.features else ""
+        if load_glyphs(self.viewer, text):
+            job["steps"].insert(0, self._load_glyphs)  # more next turn
 
     def _show_rest(self, job: dict) -> None:
         """The shared state (the other widgets follow it), the table, the status, the selection."""

@@ -348,44 +348,119 @@ def set_bar(bar: QProgressBar, value: int | None = None, fmt: str | None = None)
 LABEL_CHARACTERS = "".join(sorted(set("".join(ISBI_ABBREVIATIONS)))) + "*/ ok" + "ÅÉÑŐjgpqy"
 
 
-PREWARM_STEP_MS = 20
+PREWARM_STEP_MS = 10  # the event loop's turn between two prewarm steps
+GLYPHS_PER_TURN_S = 0.02  # glyphs load for at most about this long in one turn
 _POINTS_WARM: list = []  # set once napari's Points code has been through its first pass
+_NO_GLYPH: set = set()  # characters the font failed to load
+
+
+def _label_font(viewer: Any) -> Any:
+    """napari's font of the canvas' text (its glyph atlas is shared by every text-labelled layer), or None."""
+    try:
+        info = viewer.window._qt_viewer.canvas._font_info
+        return info.font_manager.get_font(info.face, False, False)
+    except Exception:  # noqa: BLE001 a headless viewer, or napari moved its font manager
+        return None
+
+
+def load_glyphs(viewer: Any, chars: str, budget_s: float = GLYPHS_PER_TURN_S) -> bool:
+    """Load glyphs of ``chars`` that the canvas' font lacks, for about ``budget_s`` (at least one);
+    True while some remain (call again in a later turn)."""
+    import time
+
+    font = _label_font(viewer)
+    if font is None:
+        return False
+    t0 = time.perf_counter()
+    todo = [c for c in dict.fromkeys(chars) if c not in getattr(font, "_glyphs", {}) and c not in _NO_GLYPH]
+    for i, c in enumerate(todo):
+        if i and time.perf_counter() - t0 > budget_s:
+            return True
+        try:
+            font[c]
+        except Exception:  # noqa: BLE001 a glyph the font lacks: vispy does without it
+            _NO_GLYPH.add(c)
+    return False
 
 
 def prewarm_labelled_points(viewer: Any, chars: str = LABEL_CHARACTERS) -> None:
-    """Do ahead, one glyph or step every :data:`PREWARM_STEP_MS`, what napari does in the GUI thread the first
+    """Do ahead, one step every :data:`PREWARM_STEP_MS`, what napari does in the GUI thread the first
     time a text-labelled Points layer is added and drawn.
 
-    * The labels' glyphs, into napari's shared font atlas: napari makes text with signed distance
-      fields computed on the CPU when a text-labelled layer is first drawn, for the 19 landmark
-      labels 0.3-0.6 s in one frame.
     * A Points layer's model, vispy visual and layer controls, built once apart from the viewer:
       Python's first pass through that code (about a third of the first ``add_points``).
+    * The labels' glyphs, into napari's shared font atlas, :data:`GLYPHS_PER_TURN_S` at a time:
+      napari makes text with signed distance fields computed on the CPU when a text-labelled layer is
+      first drawn, for the 19 landmark labels 0.3-0.6 s in one frame. (A detection that comes first
+      loads the glyphs its labels lack itself, in turns, before they show.)
 
     Nothing is added to the viewer or drawn (removing text-labelled layers is what crashes Mesa
     llvmpipe, see :meth:`GlimpseState._hide_text_before_removal`).
     """
-    try:
-        qt_viewer = viewer.window._qt_viewer
-        info = qt_viewer.canvas._font_info
-        font = info.font_manager.get_font(info.face, False, False)
-    except Exception:  # noqa: BLE001 a headless viewer, or napari moved its font manager
+    font = _label_font(viewer)
+    if font is None:
         return
-    todo: list = [c for c in dict.fromkeys(chars) if c not in getattr(font, "_glyphs", {})]
+    todo: list = []
     if not _POINTS_WARM:
         _POINTS_WARM.append(True)
-        todo += _points_warmers(info)
+        todo += _points_warmers(viewer.window._qt_viewer.canvas._font_info)
+    todo.append(lambda: load_glyphs(viewer, chars))
 
-    def step() -> None:  # a glyph takes 10-20 ms, each step below 10-50 ms
-        job = todo.pop(0)
+    def step() -> None:  # each step 10-50 ms
+        job = todo[0]
         try:
-            job() if callable(job) else font[job]
-        except Exception:  # noqa: BLE001 a glyph the font lacks (vispy does without it), napari moved
-            pass
+            more = job()
+        except Exception:  # noqa: BLE001 napari moved something: the detection does without the prewarm
+            more = False
+        if more is not True:
+            todo.pop(0)
         if todo:  # a timer, not a posted call: the event loop answers between steps
             QTimer.singleShot(PREWARM_STEP_MS, step)
 
     QTimer.singleShot(PREWARM_STEP_MS, step)
+
+
+def prebuild_steps(viewer: Any, layer: Any) -> list:
+    """Steps that build a just-added, hidden layer's vispy programs before its first frame, one visual
+    (markers, highlight, line, text) a step: the GLSL made from vispy's templates and parsed (Python),
+    then compiled and linked by GL. Its first frame then only draws: built there, they stalled napari
+    for 0.1-0.2 s in that frame (vispy builds a program when a visual is first drawn).
+
+    Empty when napari's or vispy's internals are not as expected: the first frame builds them then.
+    """
+    try:
+        canvas = viewer.window._qt_viewer.canvas
+        node = canvas.layer_to_visual[layer].node
+        scene = canvas._scene_canvas
+    except Exception:  # noqa: BLE001 a headless viewer, or napari moved its canvas
+        return []
+    leaves: list = []
+
+    def walk(visual: Any) -> None:
+        subs = getattr(visual, "_subvisuals", None)
+        if subs:
+            for sub in subs:
+                walk(sub)
+        elif hasattr(getattr(visual, "_program", None), "build_if_needed"):
+            leaves.append(visual)
+
+    walk(node)
+
+    def build(visual: Any) -> Any:
+        def step() -> None:
+            try:
+                if visual._prepare_draw(view=visual) is False:  # nothing to draw (an empty highlight)
+                    return
+                program = visual._program
+                program.build_if_needed()
+                scene.set_current()  # compile and link now (vispy would when drawing)
+                scene.context.glir.associate(program.glir)
+                scene.context.flush_commands()
+            except Exception:  # noqa: BLE001 vispy moved something: the first frame builds it
+                pass
+        return step
+
+    return [build(v) for v in leaves]
 
 
 def _points_warmers(font_info: Any) -> list:
