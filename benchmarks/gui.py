@@ -55,9 +55,12 @@ class Watch:
     def __init__(self):
         self.t = QTimer(); self.t.setInterval(10); self.t.timeout.connect(self.tick); self.worst = 0.0
     def tick(self):
-        now = time.perf_counter(); self.worst = max(self.worst, now - self.last); self.last = now
+        now = time.perf_counter()
+        if now - self.last > self.worst:
+            self.worst, self.worst_at = now - self.last, self.last - self.t0
+        self.last = now
     def start(self):
-        self.worst = 0.0; self.last = time.perf_counter(); self.t.start(); return self
+        self.worst = 0.0; self.t0 = self.last = time.perf_counter(); self.worst_at = 0.0; self.t.start(); return self
     def stop(self):
         self.tick(); self.t.stop(); return self.worst
 
@@ -134,8 +137,11 @@ detect.detected.disconnect()
 if finetune_steps:
     review.accept()
     csv = review.export(folder / "reviewed.csv")
+    w = Watch().start()
     _d, ft = viewer.window.add_plugin_dock_widget("napari-glimpse", "Fine-tune")
     ft.set_data(str(csv))
+    pump(1.0)  # the dock opens and the window lays itself out (a user then fills the form and clicks)
+    out["finetune_dock_stall_s"] = w.stop()
     finished = []
     ft.finished.connect(lambda *a: finished.append(a))
     if finetune_steps > 0:
@@ -146,6 +152,7 @@ if finetune_steps:
     wait(finished, timeout=1800)
     out["finetune_s"] = time.perf_counter() - t0
     out["finetune_stall_s"] = w.stop()
+    out["finetune_stall_at_s"] = w.worst_at  # when the worst stall began, seconds after the click
     out["finetune_result"] = [str(a) for a in finished[0]]
 print("RESULT " + json.dumps(out), flush=True)
 viewer.close()
