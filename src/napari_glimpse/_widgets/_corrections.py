@@ -44,6 +44,7 @@ from ._state import (
     set_layer_content,
     state_for,
     status,
+    status_label,
 )
 
 _EDIT_ACTIONS = ("changed", "added", "removed")
@@ -154,8 +155,7 @@ class CorrectionsWidget(QWidget):
 
         self.history = QListWidget()
         self.history.setToolTip("This image's records in the log, newest first")
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
+        self.status_label = status_label()
 
     def _build_layout(self, log_box: QGroupBox, pick: QHBoxLayout, ur: QHBoxLayout) -> None:
         lay = QVBoxLayout(self)

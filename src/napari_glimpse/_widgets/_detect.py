@@ -26,7 +26,6 @@ from qtpy.QtWidgets import (
     QFileDialog,
     QGroupBox,
     QHeaderView,
-    QLabel,
     QProgressBar,
     QPushButton,
     QTableWidget,
@@ -56,6 +55,7 @@ from ._state import (
     set_layer_content,
     state_for,
     status,
+    status_label,
 )
 
 STAGES = ("reading image", "loading model", "building pyramid", "glimpsing")
@@ -199,8 +199,7 @@ class DetectWidget(QWidget):
         self.progress.setValue(0)
         self.progress.setTextVisible(True)
         self.progress.setFormat("idle")
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
+        self.status_label = status_label()
         self.table = self._build_table()
 
         lay = QVBoxLayout(self)

@@ -28,7 +28,6 @@ from qtpy.QtCore import QPointF, QProcess, QProcessEnvironment, QTimer, Signal
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
     QHBoxLayout,
-    QLabel,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
@@ -36,7 +35,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._state import real_viewer, set_bar, state_for, status
+from ._state import real_viewer, set_bar, state_for, status, status_label
 
 KILL_AFTER_MS = 3000
 PROGRESS_HZ = 4  # the bar and the status follow the training at most this often
@@ -190,8 +189,7 @@ class FinetuneWidget(QWidget):
         self.progress.setRange(0, 1000)
         self.progress.setFormat("idle")
         self.progress.setValue(0)
-        self.status_label = QLabel("")
-        self.status_label.setWordWrap(True)
+        self.status_label = status_label()
         self.plot = LossPlot()
         self.use_btn = QPushButton("Use new model for detection")
         self.use_btn.setEnabled(False)

@@ -313,6 +313,19 @@ def _repaint_now(viewer: Any) -> None:
         pass
 
 
+def status_label(lines: int = 2) -> QLabel:
+    """A word-wrapped status line with room for ``lines`` lines from the start.
+
+    A label that grows when its text comes lays the dock out again; with docks stacked taller than
+    the screen that resizes napari's window, and its canvas is redrawn (a stall of tens of ms on
+    software GL, at each detection or when fine-tuning starts).
+    """
+    label = QLabel("")
+    label.setWordWrap(True)
+    label.setMinimumHeight(label.fontMetrics().lineSpacing() * lines + 2)
+    return label
+
+
 def status(label: QLabel, text: str, error: bool = False) -> None:
     """Show a one-line status; errors in red (and in the tooltip, for long messages).
 
