@@ -156,25 +156,24 @@ def closed_path(comp: list[str], graph: dict[str, set[str]]) -> list[str]:
 
 def long_functions() -> dict[str, int]:
     """'module:qualified.name' -> its length in lines, for every function over MAX_LINES."""
-    out = {}
+    out: dict[str, int] = {}
+
+    def walk(node: ast.AST, prefix: str) -> None:  # prefix: "module:Class.function."
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                qual = f"{prefix}{child.name}"
+                first = min([child.lineno, *(d.lineno for d in child.decorator_list)])
+                n = child.end_lineno - first + 1
+                if n > MAX_LINES:
+                    out[qual] = n
+                walk(child, qual + ".")
+            elif isinstance(child, ast.ClassDef):
+                walk(child, f"{prefix}{child.name}.")
+            else:
+                walk(child, prefix)
+
     for name, path in _modules().items():
-        tree = ast.parse(path.read_text())
-
-        def walk(node: ast.AST, prefix: str) -> None:
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    qual = f"{prefix}{child.name}"
-                    first = min([child.lineno, *(d.lineno for d in child.decorator_list)])
-                    n = child.end_lineno - first + 1
-                    if n > MAX_LINES:
-                        out[f"{name}:{qual}"] = n
-                    walk(child, qual + ".")
-                elif isinstance(child, ast.ClassDef):
-                    walk(child, f"{prefix}{child.name}.")
-                else:
-                    walk(child, prefix)
-
-        walk(tree, "")
+        walk(ast.parse(path.read_text()), f"{name}:")
     return out
 
 
