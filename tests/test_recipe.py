@@ -170,3 +170,19 @@ def test_a_recipe_file_with_a_glimpse_stage(kaggle_dataset, tmp_path):
     assert loaded.default_iterations == 1 and loaded.int8_nets == (0, 2)
     assert loaded.train_config["batch_size"] == 4
     assert np.isfinite(loaded.predict(str(d["paths"][0]), spacing=0.1).final).all()
+
+
+def test_packaged_recipe_not_hidden_by_a_folder_of_its_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("glimpse", "default", "nope"):
+        (tmp_path / name).mkdir()
+    # a packaged name wins over a folder of that name where the command runs
+    assert load_recipe("glimpse").name == "glimpse"
+    assert load_recipe("default") == load_recipe(RECIPES / "default.json")
+    # a folder that is not a packaged name is still refused as a recipe file; a file path still works
+    with pytest.raises(GlimpseError, match="recipe file not found: nope"):
+        load_recipe("nope")
+    (tmp_path / "mine.json").write_text((RECIPES / "default.json").read_text())
+    assert load_recipe("mine.json").name == "default"
+    (tmp_path / "mine").write_text((RECIPES / "default.json").read_text())
+    assert load_recipe("mine").name == "default"

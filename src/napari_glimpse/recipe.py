@@ -128,16 +128,19 @@ def packaged() -> list[str]:
 
 
 def recipe_path(name_or_path: str | os.PathLike) -> Path:
-    """A packaged recipe's file, or the path given."""
+    """A packaged recipe's file (a name: no suffix, no folder part, no such file here; a folder of
+    that name here does not hide it), or the path given."""
     p = Path(name_or_path)
-    if p.suffix or p.exists() or os.sep in str(name_or_path):
+    packaged_file = RECIPES / f"{p.name}.json"
+    if (p.suffix or p.is_file() or os.sep in str(name_or_path) or "/" in str(name_or_path)
+            or (p.is_dir() and not packaged_file.is_file())):
         if not p.is_file():
             raise GlimpseError(f"recipe file not found: {p}")
         return p
-    if not (RECIPES / f"{p.name}.json").is_file():
+    if not packaged_file.is_file():
         raise GlimpseError(f"no recipe {str(name_or_path)!r} in the package (it has: {', '.join(packaged())}); "
                            f"or give a recipe file's path")
-    return RECIPES / f"{p.name}.json"
+    return packaged_file
 
 
 def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
