@@ -267,13 +267,23 @@ class FinetuneWidget(QWidget):
         mix = "-mix" if self.mix_check.value else ""
         return str(Path(data).resolve().parent / f"{parent}-ft{n}{mix}-{time.strftime('%Y%m%d-%H%M%S')}.pt")
 
-    def command(self) -> list[str]:
-        """The argument list of the training process (after the Python executable)."""
+    def _data_out_spacing(self) -> tuple[str, str, float | None]:
+        """The labels' CSV, the new model's file (the default output filled in when empty) and the
+        spacing the Detect widget remembers for the labels' images (resampled to the model's; None:
+        none remembered), for :meth:`command`."""
+        from ..spacing import remembered_spacing
+
         data = _text(self.data_edit)
         out = _text(self.out_edit)
         if not out:
             out = self.default_output(data)
             self.out_edit.value = out
+        folder = Path(data).expanduser().resolve().parent
+        return data, out, remembered_spacing(folder) or remembered_spacing(folder / "images")
+
+    def command(self) -> list[str]:
+        """The argument list of the training process (after the Python executable)."""
+        data, out, spacing = self._data_out_spacing()
         args = ["-m", "napari_glimpse.cli", "finetune", "--data", data, "--out", out,
                 "--time-budget", f"{self.minutes.value:g}", "--lr", self.lr.value.strip() or "1e-4",
                 "--threads", str(self.threads.value), "--device", self.device.value, "--progress-json",
@@ -286,11 +296,6 @@ class FinetuneWidget(QWidget):
             args += ["--model", str(self.state.model_path)]
         if self.batch.value > 0:
             args += ["--batch-size", str(self.batch.value)]
-        from ..spacing import remembered_spacing
-
-        # the spacing the Detect widget remembers for the labels' images (resampled to the model's)
-        folder = Path(data).expanduser().resolve().parent
-        spacing = remembered_spacing(folder) or remembered_spacing(folder / "images")
         if spacing:
             args += ["--spacing", f"{spacing:g}"]
         return args

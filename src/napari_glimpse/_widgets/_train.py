@@ -122,15 +122,7 @@ class TrainWidget(FinetuneWidget):
 
     def command(self) -> list[str]:
         """The argument list of the training process (after the Python executable)."""
-        from ..spacing import remembered_spacing
-
-        data = _text(self.data_edit)
-        out = _text(self.out_edit)
-        if not out:
-            out = self.default_output(data)
-            self.out_edit.value = out
-        folder = Path(data).expanduser().resolve().parent
-        spacing = remembered_spacing(folder) or remembered_spacing(folder / "images")
+        data, out, spacing = self._data_out_spacing()
         return train_command(data, out, self.minutes.value, self.steps.value, self.threads.value, self.device.value,
                              spacing)
 
