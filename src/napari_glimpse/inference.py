@@ -6,23 +6,23 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from . import runtime
-from .checkpoint import KIND, atomic_torch_save, halve_weights, read_checkpoint
-from .coarse import CoarseConfig, CoarseEnsemble, CoarseNet, facing_of, locate_parts, view_level
-from .devices import autocast, resolve_device
+from . import checkpoint, runtime
+from .checkpoint import read_checkpoint
+from .coarse import CoarseEnsemble, CoarseNet, facing_of, locate_parts, view_level
+from .devices import autocast, resolve_device  # noqa: F401  resolve_device: re-exported (recipe, benchmarks)
 from .errors import GlimpseError
-from .fine import FineConfig, FineEnsemble, FineLook, FineNet, kinds_of, refine, window_scale
+from .fine import FineEnsemble, FineLook, FineNet, kinds_of, refine, window_scale
 from .glimpse import PyramidStack, sample_glimpses
 from .io import read_image, to_grey_uint8
 from .landmark_set import LandmarkSet, model_landmark_set
 from .model import GlimpseModelNet, ModelConfig
 from .pyramid import Pyramid, build_pyramid
-from .runtime import attach_graphs, checkpoint_graphs, graphs_of, members_of, pack
+from .runtime import members_of
 from .spacing import (
     DICOM_SUFFIXES,
     SpacingWarning,
@@ -41,42 +41,6 @@ SPACING_TOLERANCE = 0.01
 # the longest side (pixels at the model's spacing) a resampled image may have: beyond it, the
 # spacing given is taken for a mistake (the ISBI images are 2400 pixels at 0.1 mm)
 MAX_MODEL_SIDE = 8000
-
-
-def _cpu_state(module: torch.nn.Module) -> dict:
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
-
-
-_BAD_STAGE = (AttributeError, KeyError, TypeError, ValueError, RuntimeError)
-
-
-def _stage_error(source: str, stage: str, exc: BaseException) -> GlimpseError:
-    """One line for a checkpoint stage that does not load (the tensor at fault, if named)."""
-    lines = [ln.strip() for ln in str(exc).strip().splitlines()] or [repr(exc)]
-    return GlimpseError(f"{source}: bad {stage} stage ({lines[1] if len(lines) > 1 else lines[0]})")
-
-
-def _member_states(ensemble: torch.nn.Module) -> list[dict]:
-    """An ensemble's nets as checkpoint entries (config and weights each)."""
-    return [{"config": m.cfg.to_dict(), "state_dict": _cpu_state(m)} for m in ensemble.members]
-
-
-def _load_stage(source: str, stage: str, members: list[dict] | None, ensemble: bool,
-                make: Callable[[dict], torch.nn.Module], ensemble_cls: type,
-                device: str | torch.device | None) -> torch.nn.Module | None:
-    """A coarse or fine stage from its checkpoint entries (``None`` without any): one net, or
-    (``ensemble``) an ``ensemble_cls`` of them; a clear error on anything that does not fit."""
-    if members is None:
-        return None
-    try:
-        nets = []
-        for m in members:
-            nets.append(make(m["config"]))
-            nets[-1].load_state_dict(m["state_dict"])
-        out = ensemble_cls(nets) if ensemble else nets[0]
-    except _BAD_STAGE as exc:
-        raise _stage_error(source, stage, exc) from None
-    return out.eval().to(resolve_device(device))
 
 
 def resolve_model(model: str | os.PathLike | None) -> Path:
@@ -313,104 +277,19 @@ class GlimpseModel:
 
     # ----------------------------------------------------------------------------- files
     def to_checkpoint(self) -> dict:
-        return {
-            "kind": KIND,
-            "format_version": 1,
-            "model_config": self.config.to_dict(),
-            "train_config": self.train_config,
-            "landmark_names": list(self.landmark_names),
-            "pixel_spacing": self.pixel_spacing,
-            "mean_start": torch.as_tensor(self.mean_start, dtype=torch.float64),
-            "std_start": torch.as_tensor(self.std_start, dtype=torch.float64),
-            "meta": {**self.meta, "landmark_set": self.landmark_set.to_dict()},
-            "state_dict": _cpu_state(self.net),
-            **self._coarse_checkpoint(),
-            **self._fine_checkpoint(),
-            **self._int8_checkpoint(),
-        }
-
-    def _int8_checkpoint(self) -> dict:
-
-        graphs = graphs_of(self)
-        # an optional entry: readers that do not know it run the float nets
-        return {} if graphs is None else {"int8_zlib": pack(graphs)}
-
-    def _fine_checkpoint(self) -> dict:
-        if self.fine is None:
-            return {}
-
-        if isinstance(self.fine, FineEnsemble):
-            # readers before version 5 would not see the ensemble
-            return {"format_version": 5, "fine_members": _member_states(self.fine)}
-        # readers before version 4 would ignore the fine stage
-        return {"format_version": 4, "fine": {"config": self.fine.cfg.to_dict(), "state_dict": _cpu_state(self.fine)}}
-
-    def _coarse_checkpoint(self) -> dict:
-        if self.coarse is None:
-            return {}
-
-        if isinstance(self.coarse, CoarseEnsemble):
-            return {
-                "format_version": 3,  # readers before version 3 would not see the ensemble
-                "coarse_members": _member_states(self.coarse),
-            }
-        return {
-            "format_version": 2,  # readers before version 2 would ignore the coarse stage
-            "coarse_config": self.coarse.cfg.to_dict(),
-            "coarse_state_dict": _cpu_state(self.coarse),
-        }
+        """The model as a checkpoint dict (:func:`napari_glimpse.checkpoint.to_checkpoint`)."""
+        return checkpoint.to_checkpoint(self)
 
     def save(self, path: str | os.PathLike, half_weights: bool = False) -> None:
         """Write the model to ``path`` (atomically). ``half_weights``: store the convolution and
         linear weights as float16, about half the file (see :func:`~napari_glimpse.checkpoint.halve_weights`)."""
-        ckpt = self.to_checkpoint()
-        atomic_torch_save(halve_weights(ckpt) if half_weights else ckpt, path)
+        checkpoint.save(self, path, half_weights)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, device: str | torch.device | None = "cpu", source: str = "checkpoint",
                         int8: bool = True) -> "GlimpseModel":
-        try:
-            cfg = ModelConfig.from_dict(ckpt["model_config"])
-            net = GlimpseModelNet(cfg)
-        except (TypeError, ValueError) as exc:
-            raise GlimpseError(f"{source}: bad model configuration: {exc}") from None
-        try:
-            net.load_state_dict(ckpt["state_dict"])
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()
-            detail = first[1].strip() if len(first) > 1 else first[0]
-            raise GlimpseError(f"{source}: weights do not fit the model configuration ({detail})") from None
-        mean_start = np.asarray(ckpt["mean_start"], dtype=np.float64)
-        if mean_start.shape != (cfg.n_landmarks, 2) or len(ckpt["landmark_names"]) != cfg.n_landmarks:
-            raise GlimpseError(f"{source}: start positions or landmark names do not match {cfg.n_landmarks} landmarks")
-
-        members = ckpt.get("coarse_members")
-        if members is None and ckpt.get("coarse_state_dict") is not None:
-            members = [{"config": ckpt.get("coarse_config"), "state_dict": ckpt["coarse_state_dict"]}]
-        coarse = _load_stage(source, "coarse", members, "coarse_members" in ckpt,
-                             lambda c: CoarseNet(CoarseConfig.from_dict(c)), CoarseEnsemble, device)
-        members = ckpt.get("fine_members")
-        if members is None and ckpt.get("fine") is not None:
-            members = [ckpt["fine"]]
-        fine = _load_stage(source, "fine", members, "fine_members" in ckpt,
-                           lambda c: FineNet(FineConfig.from_dict(c)), FineEnsemble, device)
-        # a fine net reads levels level .. level + context - 1; those below the model's pyramid
-        # are made from its last level when read (pyramid.deepen), so any depth loads
-        net.eval().to(resolve_device(device))
-        model = cls(
-            net,
-            ckpt["landmark_names"],
-            ckpt["pixel_spacing"],
-            mean_start,
-            ckpt.get("std_start"),
-            ckpt.get("train_config"),
-            ckpt.get("meta"),
-            coarse,
-            fine,
-        )
-
-        attach_graphs(model, checkpoint_graphs(ckpt, source), int8, source)
-        return model
+        """A model from a checkpoint dict of any version (:func:`napari_glimpse.checkpoint.from_checkpoint`)."""
+        return checkpoint.from_checkpoint(cls, ckpt, device, source, int8)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, device: str | torch.device | None = "auto",

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import checkpoint_graphs, pack  # noqa: F401  re-exported where they used to live
 from .errors import GlimpseError
 from .runtime import (  # noqa: F401  the runtime half, re-exported where it used to live
     INPUT,
@@ -37,11 +38,9 @@ from .runtime import (  # noqa: F401  the runtime half, re-exported where it use
     attach_graphs,
     attached,
     available,
-    checkpoint_graphs,
     graphs_of,
     inference_net,
     members_of,
-    pack,
     set_enabled,
     stages,
     status,

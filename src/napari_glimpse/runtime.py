@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import zlib
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -24,8 +23,8 @@ if TYPE_CHECKING:
     from .inference import GlimpseModel
 
 __all__ = [
-    "INPUT", "available", "weights_key", "Int8Net", "attached", "attach", "stages", "graphs_of", "pack",
-    "checkpoint_graphs", "attach_graphs", "set_enabled", "status", "usable", "members_of", "inference_net",
+    "INPUT", "available", "weights_key", "Int8Net", "attached", "attach", "stages", "graphs_of", "attach_graphs",
+    "set_enabled", "status", "usable", "members_of", "inference_net",
 ]
 
 
@@ -136,30 +135,6 @@ def graphs_of(model: "GlimpseModel") -> dict[str, list[torch.Tensor | None]] | N
                    else None) for n in nets]
            for name, nets in stages(model).items()}
     return out if any(g is not None for gs in out.values() for g in gs) else None
-
-
-def _each_graph(graphs: dict, f: Callable[[bytes], bytes]) -> dict[str, list[torch.Tensor | None]]:
-    """``graphs`` (stage -> uint8 tensors or None) with ``f`` applied to each graph's bytes."""
-    return {name: [None if g is None else torch.frombuffer(bytearray(f(g.numpy().tobytes())), dtype=torch.uint8)
-                   for g in gs] for name, gs in graphs.items()}
-
-
-def pack(graphs: dict[str, list[torch.Tensor | None]]) -> dict[str, list[torch.Tensor | None]]:
-    """:func:`graphs_of`'s graphs compressed for the checkpoint (zlib; about a quarter smaller:
-    the int8 weights are mostly small numbers), stored under ``int8_zlib``."""
-    return _each_graph(graphs, lambda b: zlib.compress(b, 9))
-
-
-def checkpoint_graphs(ckpt: dict, source: str = "checkpoint") -> dict[str, list[torch.Tensor | None]] | None:
-    """The int8 graphs a checkpoint holds, as :func:`graphs_of` gives them: from ``int8_zlib``
-    (compressed: files written since version 0.1.0's four-net default), or ``int8`` (files written before; readers older
-    than ``int8_zlib`` do not know it and run the float nets)."""
-    if ckpt.get("int8_zlib") is None:
-        return ckpt.get("int8")
-    try:
-        return _each_graph(ckpt["int8_zlib"], zlib.decompress)
-    except zlib.error as exc:
-        raise GlimpseError(f"{source}: the checkpoint's int8 graphs are damaged ({exc})") from None
 
 
 def attach_graphs(model: "GlimpseModel", graphs: dict | None, enabled: bool, source: str = "checkpoint") -> None:
