@@ -122,5 +122,34 @@ def test_finetune_extend_errors_name_the_landmark(capsys, tiny_data, tiny_staged
     assert "the new set lacks L2" in error(lacks, "--extend")
     ext = make_extended_data(tiny_data, tmp_path / "ext")
     assert "does not match the data's landmark set 'tiny4' (4 landmarks)" in error(ext)  # without --extend
-    assert "adds no landmark" in error(tiny_data["root"], "--extend")
+    assert "--extend needs a landmarks.json beside the data" in error(tiny_data["root"], "--extend")
+    same = make_extended_data(tiny_data, tmp_path / "same", {"name": "same", "landmarks": ["L3", "L1", "L2"]})
+    assert "adds no landmark" in error(same, "--extend")
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_model_without_a_coarse_stage_is_refused(tiny_data, tiny_model, tmp_path):
+    data = load_dataset(make_extended_data(tiny_data, tmp_path / "ext"), "train")
+    with pytest.raises(GlimpseError, match="--extend needs a model with a coarse stage"):
+        widen(tiny_model, data.landmark_set, data)
+
+
+def test_kept_offsets_come_off_the_labels_the_nets_learn(monkeypatch, tiny_data, tiny_staged_model_path, tmp_path):
+    """A parent's per-landmark offsets, kept (not learned) as --extend does, are added to the nets'
+    answer: the nets must learn the labels minus them, or the offsets count twice."""
+    import napari_glimpse.finetune as ft
+
+    seen = {}
+
+    def capture(model, train_ds, *args, **kw) -> dict:
+        seen["labels"] = train_ds.ground_truth()
+        return {}
+
+    monkeypatch.setattr(ft, "_tune_nets", capture)
+    model = GlimpseModel.load(tiny_staged_model_path, "cpu", int8=False)
+    model.meta["landmark_offsets_px"] = [[4.0, -2.0], [0.0, 0.0], [1.0, 1.0]]
+    ds = load_dataset(tiny_data["root"], "train")
+    cfg = ft.FinetuneConfig(offsets=False, coarse_steps=1, fine_steps=1, time_budget_s=None)
+    ft.finetune(model, ds, tmp_path / "t.pt", cfg)
+    np.testing.assert_allclose(seen["labels"], ds.ground_truth() - [[4.0, -2.0], [0.0, 0.0], [1.0, 1.0]])
+    assert model.meta["landmark_offsets_px"] == [[4.0, -2.0], [0.0, 0.0], [1.0, 1.0]]  # kept as they were

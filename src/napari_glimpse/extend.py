@@ -48,10 +48,14 @@ def landmark_map(old: LandmarkSet, new: LandmarkSet) -> list[int | None]:
 def relabelled(ds: Dataset, new: LandmarkSet) -> Dataset:
     """``ds`` with its labels in the landmarks of ``new`` (matched by name): a landmark ``ds``
     does not have is absent (NaN) in every image. Every landmark of ``ds`` must be in ``new``."""
-    index = landmark_map(of_data(ds), new) if len(of_data(ds)) != len(new) else None
-    if index is None:  # the same landmarks, perhaps in another order
+    if len(of_data(ds)) != len(new):
+        index = landmark_map(of_data(ds), new)
+    else:  # the same landmarks, perhaps in another order
         where = {n.casefold(): i for i, n in enumerate(ds.landmark_names)}
         index = [where.get(n.casefold()) for n in new.names]
+        if None in index:
+            raise GlimpseError(f"the data's landmarks ({', '.join(ds.landmark_names)}) are not those of "
+                               f"{new.describe()}")
     ann = {}
     for who, a in ds.annotations.items():
         out = np.full((a.shape[0], len(new), 2), np.nan)
@@ -69,6 +73,9 @@ def widened_state(old: dict, template: dict, index: Sequence[int | None]) -> dic
     k_old, k_new = sum(i is not None for i in index), len(index)
     out = {}
     for key, t in template.items():
+        if key not in old:
+            raise GlimpseError(f"cannot widen this model: its nets have no {key} (an extension needs the same "
+                               "layers with more landmarks)")
         o = old[key]
         if o.shape == t.shape:
             out[key] = o
@@ -134,6 +141,9 @@ def widen(model, new: LandmarkSet, data: Dataset):
     from .model import GlimpseModelNet
 
     old = model.landmark_set
+    if model.coarse is None or model.config.mode != "shared":
+        raise GlimpseError("--extend needs a model with a coarse stage and one shared glimpse net (such as the "
+                           "default recipe's); this one is a glimpse-only model or has a glimpse net per landmark")
     index = landmark_map(old, new)
     net = _widen_net(model.net, lambda: GlimpseModelNet(replace(model.config, n_landmarks=len(new))), index)
     mean, std = _start(relabelled(data, new) if len(of_data(data)) != len(new) else data, model.pixel_spacing)

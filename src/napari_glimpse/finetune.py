@@ -341,11 +341,30 @@ def _offsets(model, rev: LoadedDataset, cfg: FinetuneConfig, prog: Progress,
     truth = rev.ground_truth()
     old = model.landmark_offsets
     off = (np.zeros((truth.shape[1], 2)) if old is None else old) + learn_offsets(preds, truth, left, cfg.offset_prior)
+    return off, minus_offsets(rev, off, left)
+
+
+def minus_offsets(rev: LoadedDataset, off: np.ndarray, left: np.ndarray) -> LoadedDataset:
+    """``rev`` with the labels the nets are tuned on: its labels minus the per-landmark offsets
+    ``off`` (which the model adds to its nets' answer), in each image's frame (``left``: mirrored)."""
+    truth = rev.ground_truth()
     shifted = truth - reading_frame(np.broadcast_to(off, truth.shape), left)
     for i, a in enumerate(rev.arrays):  # a label near the border stays inside its image
         shifted[i] = np.clip(shifted[i], 0.0, [a.shape[1] - 1.0, a.shape[0] - 1.0])
-    return off, LoadedDataset(rev.image_paths, {"labels": shifted}, rev.landmark_names, rev.pixel_spacing,
-                              arrays=rev.arrays, landmark_set=rev.landmark_set)
+    return LoadedDataset(rev.image_paths, {"labels": shifted}, rev.landmark_names, rev.pixel_spacing,
+                         arrays=rev.arrays, landmark_set=rev.landmark_set)
+
+
+def labels_facing_left(rev: Dataset, mean_start: np.ndarray) -> np.ndarray:
+    """``(N,)`` True where an image's labels are laid out mirrored against the training set's mean
+    (the patient facing left), read from the landmarks each image places."""
+    from .coarse import facing_of
+
+    out = []
+    for t in rev.ground_truth():
+        ok = np.isfinite(t).all(-1)
+        out.append(ok.sum() >= 2 and facing_of(t[ok], mean_start[ok]) == "left")
+    return np.asarray(out, dtype=bool)
 
 
 def finetune(parent, reviewed: Dataset, out: str | Path, cfg: FinetuneConfig | None = None,
@@ -384,6 +403,8 @@ def finetune(parent, reviewed: Dataset, out: str | Path, cfg: FinetuneConfig | N
     if "offsets" in plan:
         offsets, rev = _offsets(model, rev, cfg, prog, plan["offsets"][0])
         model.meta["landmark_offsets_px"] = offsets.round(3).tolist()
+    elif model.landmark_offsets is not None and "glimpse" not in stages:  # kept, not learned: the nets
+        rev = minus_offsets(rev, model.landmark_offsets, labels_facing_left(rev, model.mean_start))  # learn without
     train_ds = joined([rev] + ([replay] if replay is not None else []))
     record = _tune_nets(model, train_ds, cfg, prog, plan, should_stop, device, verbose)
     if "glimpse" in plan and not (should_stop is not None and should_stop()):

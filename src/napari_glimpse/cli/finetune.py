@@ -77,9 +77,11 @@ def add_parser(sub) -> None:
 def _finetune_data(a: argparse.Namespace, parent):
     """The reviewed set, the original set to replay (or None), at the parent's spacing, and the
     model to tune: the parent, or with ``--extend`` the parent widened to the data's landmarks."""
+    from dataclasses import replace
+
     from ..extend import relabelled, widen
     from ..io import load_dataset
-    from ..landmark_set import check_match, of_data
+    from ..landmark_set import check_match
     from ..spacing import at_spacing
 
     # the parent works at its own spacing: --data at another (--spacing) is resampled to it, labels
@@ -91,7 +93,12 @@ def _finetune_data(a: argparse.Namespace, parent):
     if mix is not None:
         check_match(parent.landmark_set, mix.landmark_set, len(mix.landmark_names), "the replay data")
     if a.extend:
-        parent = widen(parent, of_data(ds), ds)
+        if ds.landmark_set is None:
+            raise GlimpseError("--extend needs a landmarks.json beside the data naming its landmarks: the model's "
+                               "and the new ones (docs/landmark-sets.md)")
+        if mix is not None and mix.landmark_set is None:  # matched by count above: the model's landmarks
+            mix = replace(mix, landmark_names=parent.landmark_set.names, landmark_set=parent.landmark_set)
+        parent = widen(parent, ds.landmark_set, ds)
         mix = relabelled(mix, parent.landmark_set) if mix is not None else None
     check_match(parent.landmark_set, ds.landmark_set, len(ds.landmark_names), "the data")
     return ds, mix, parent
@@ -135,6 +142,7 @@ def run(a: argparse.Namespace) -> int:
     parent = GlimpseModel.load(a.model, a.device)
     # the stages whose nets ran int8 graphs in the parent get them again after tuning
     had_int8 = sorted(name for name, nets in stages(parent).items() if any(attached(n) is not None for n in nets))
+    float_ends = bool((parent.meta.get("int8") or {}).get("float_ends", False))  # before --extend widens it
     ds, mix, parent = _finetune_data(a, parent)
     parent_path = str(resolve_model(a.model))
     meta = {"parent": parent_path, "parent_meta": {k: parent.meta.get(k) for k in ("command", "train_steps")},
@@ -153,7 +161,7 @@ def run(a: argparse.Namespace) -> int:
     if not main:
         return 0
     if requantize:
-        _requantize(a, ds, had_int8, bool((parent.meta.get("int8") or {}).get("float_ends", False)),
+        _requantize(a, ds, had_int8, float_ends,
                     report=lambda done: progress.report(int8_phase, done), mix=mix)
     rec = model.meta.get("finetuned", {})
     steps = sum(sum(v) for v in rec["steps"].values()) if "steps" in rec else model.meta.get("train_steps", 0)
