@@ -132,6 +132,22 @@ def test_edit_validation(tmp_path):
         CorrectionLog(tmp_path, ISBI_LANDMARKS)  # opened with the wrong landmark set
 
 
+def test_reopened_with_other_names_of_the_same_count(tmp_path):
+    """A log written for one set is not read under another set's names (same count, other order):
+    Sella's point would be shown and exported as Gonion."""
+    written = ("Sella", "Nasion", "Menton", "Gonion")
+    log = CorrectionLog(tmp_path, written)
+    log.propose("a.png", np.full((4, 2), np.nan), None)
+    log.add("a.png", 0, (10, 20))
+    before = log.path.read_bytes()
+    with pytest.raises(GlimpseError, match=r"Sella, Nasion, Menton, Gonion.*Gonion, Nasion, Menton, Sella") as err:
+        CorrectionLog(tmp_path, ("Gonion", "Nasion", "Menton", "Sella"))
+    assert "\n" not in str(err.value)  # one line
+    assert log.path.read_bytes() == before  # nothing rewritten
+    again = CorrectionLog(tmp_path, written)  # the same names, or the log's own: fine
+    assert again.state.positions("a.png")[0].tolist() == [10, 20]
+    assert CorrectionLog(tmp_path).state.landmark_names == written
+
 def test_set_point_and_sync(tmp_path):
     log = CorrectionLog(tmp_path, NAMES)
     log.propose("x.png", np.array([[1.0, 1], [2, 2], [3, 3]]), "m")

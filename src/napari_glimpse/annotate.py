@@ -80,10 +80,10 @@ def save_folder_set(lset: LandmarkSet, folder: str | os.PathLike) -> Path:
 def check_log_set(log: CorrectionLog, lset: LandmarkSet) -> None:
     """Refuse annotating ``lset`` into a log that holds records of other landmarks."""
     names = log.state.landmark_names
-    if names != lset.names and log.records:
-        raise GlimpseError(f"{log.path} holds records of {len(names)} other landmarks ({', '.join(names[:3])}"
-                           f"{', ...' if len(names) > 3 else ''}); landmark set {lset.describe()} needs a log of its "
-                           f"own: choose another log file (Review and corrections: Log file…)")
+    if names != lset.names and log.records:  # both named in full: the same names in another order differ too
+        raise GlimpseError(f"{log.path} holds records of {len(names)} other landmarks ({', '.join(names)}); "
+                           f"landmark set {lset.describe()} ({', '.join(lset.names)}) needs a log of its own: choose "
+                           f"another log file (Review and corrections: Log file…) or another folder")
 
 
 def start_from_zero(log: CorrectionLog, image: str | os.PathLike) -> Correction | None:

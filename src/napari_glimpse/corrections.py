@@ -583,7 +583,8 @@ class CorrectionLog:
     Raises
     ------
     GlimpseError
-        If the log cannot be read, or its proposals have another number of landmarks.
+        If the log cannot be read, or its proposals have another number of landmarks or other
+        landmark names (a log is read only under the names it was written with).
     """
 
     def __init__(
@@ -657,6 +658,13 @@ class CorrectionLog:
                 raise GlimpseError(
                     f"{self.path}:{self._lineno}: a proposal for {rec.image} has {rec.new.shape[0]} "
                     f"landmarks, this log was opened for {K}; pass the matching landmark_names"
+                )
+            if rec.action == "propose" and rec.names is not None and tuple(rec.names) != self.state.landmark_names:
+                # same count, other names (or order): read under these, a point would be another landmark
+                raise GlimpseError(
+                    f"{self.path}:{self._lineno}: the proposal for {rec.image} was logged for landmarks "
+                    f"({', '.join(rec.names)}), this log was opened for ({', '.join(self.state.landmark_names)}); "
+                    f"open it with its own landmark names (or choose another log for the other set)"
                 )
             if self.state.apply(rec):
                 self.records.append(rec)

@@ -274,3 +274,41 @@ def test_review_annotates_an_image_without_landmarks_from_zero(make_napari_viewe
     assert det.points_layer is not None and len(det.points_layer.data) == 0 and det.points_layer.mode == "add"
     assert review.picker.count() == 19 and review.zero_btn.isHidden() and find_landmark_set(tmp_path) == ISBI19
     assert "from zero" in review.image_label.text() and review.absent_btn.isEnabled()
+
+
+def test_a_folder_annotated_with_another_set_of_as_many_landmarks_is_refused(make_napari_viewer, qtbot, isbi,
+                                                                             tmp_path):
+    """File ▸ Open an image of a folder annotated with set A, load set B (the same 4 in another order), Annotate
+    this image: refused naming both sets; the folder's landmarks.json and log untouched (before: the log was read
+    under B's names, Sella's point shown as Gonion, and landmarks.json replaced by B)."""
+    from qtpy.QtCore import Qt
+
+    from napari_glimpse.annotate import save_folder_set, set_from_text, start_from_zero
+    from napari_glimpse.corrections import CorrectionLog
+    from napari_glimpse.landmark_set import find_landmark_set, save_landmark_set
+
+    folder = tmp_path / "clinic"
+    folder.mkdir()
+    (folder / "151.jpg").symlink_to(isbi / "images" / "151.jpg")
+    a = set_from_text("lab4", SET_TEXT)
+    save_folder_set(a, folder)
+    log = CorrectionLog(folder, a.names)
+    start_from_zero(log, folder / "151.jpg")
+    log.add(folder / "151.jpg", 0, (800.0, 900.0))  # Sella
+    before = (log.path.read_bytes(), (folder / "landmarks.json").read_bytes())
+    b = set_from_text("lab4b", "Gonion, Go\nNasion, N\nMenton, Me\nSella, S")
+    save_landmark_set(b, tmp_path / "lab4b.json")
+
+    viewer = make_napari_viewer()
+    viewer.open(str(folder / "151.jpg"), plugin="napari-glimpse")
+    _d, ann = viewer.window.add_plugin_dock_widget("napari-glimpse", "Annotate")
+    ann.auto.value = False
+    assert ann.load_set(tmp_path / "lab4b.json") == b
+    qtbot.mouseClick(ann.here_btn, Qt.LeftButton)  # Annotate this image
+    text = ann.status_label.text()
+    assert "Sella, Nasion, Menton, Gonion" in text and "'lab4b'" in text and "Gonion, Nasion, Menton, Sella" in text
+    assert (log.path.read_bytes(), (folder / "landmarks.json").read_bytes()) == before
+    assert find_landmark_set(folder) == a
+    opened = ann.state.log  # the folder's log, under its own names
+    assert opened is None or opened.state.landmark_names == a.names
+    assert not [ly for ly in viewer.layers if ly.name.endswith("landmarks")]

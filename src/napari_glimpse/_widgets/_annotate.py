@@ -51,9 +51,10 @@ def start_annotation(state: GlimpseState, det: Detection, lset: LandmarkSet | No
         return None
     log = state.log
     if log is None or log.image_dir.resolve() != path.parent.resolve():
-        log = state.open_log(path.parent, path.parent, lset.names if lset is not None else None)
+        log = state.open_log(path.parent, path.parent)  # under its own names (a log of another set is refused
+        # below, not read under lset's: with as many landmarks, its points would become other landmarks)
     if lset is not None:
-        check_log_set(log, lset)  # no record of other landmarks
+        check_log_set(log, lset)  # no record of other landmarks (before landmarks.json is written)
         if folder_set(path.parent) != lset:
             save_folder_set(lset, path.parent)  # the set travels with the images (and the export beside them)
         if log.state.landmark_names != lset.names:  # an empty log opened for other landmarks
