@@ -15,6 +15,7 @@ from napari_glimpse.annotate import (
     next_to_place,
     parse_landmark_lines,
     save_folder_set,
+    set_beside_labels,
     set_from_text,
     set_to_text,
     start_from_zero,
@@ -126,3 +127,20 @@ def test_a_sets_labels_and_colours_on_the_canvas():
     c = landmark_content(np.array([[10.0, 20.0], [np.nan, np.nan]]), names)
     assert list(c["features"]["abbr"]) == ["PoX"] and list(c["features"]["label"]) == ["PoX"]
     np.testing.assert_allclose(c["face_color"], [[0, 1, 0, 1]])
+
+
+def test_a_set_is_saved_beside_labels_of_as_many_landmarks_only(tmp_path):
+    """Train a model on a CSV whose folder has no landmarks.json while annotating a set of 4: the set is
+    written there only for a CSV of 4 landmarks (a 19-landmark dataset got a 4-landmark landmarks.json)."""
+    from napari_glimpse.io import write_landmarks_csv
+
+    lset = set_from_text("lab4", TEXT)
+    isbi = tmp_path / "isbi2015" / "train_senior.csv"
+    isbi.parent.mkdir()
+    write_landmarks_csv(isbi, ["001.bmp"], np.arange(38, dtype=float).reshape(1, 19, 2))
+    with pytest.raises(GlimpseError, match=r"train_senior.csv has 19 landmarks .* not the 4 of landmark set 'lab4'"):
+        set_beside_labels(isbi, lset)
+    ours = tmp_path / "clinic" / "napari-glimpse-reviewed.csv"
+    ours.parent.mkdir()
+    write_landmarks_csv(ours, ["001.png"], np.arange(8, dtype=float).reshape(1, 4, 2))
+    assert set_beside_labels(ours, lset) is lset

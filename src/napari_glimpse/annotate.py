@@ -24,6 +24,7 @@ import numpy as np
 
 from .corrections import Correction, CorrectionLog
 from .errors import GlimpseError
+from .io import read_landmarks_csv
 from .landmark_set import SET_FILE, Landmark, LandmarkSet, find_landmark_set, palette_colour, save_landmark_set
 
 FROM_ZERO = None
@@ -139,6 +140,19 @@ def train_command(data: str | os.PathLike, out: str | os.PathLike, minutes: floa
 def labels_csv_set(csv: str | os.PathLike) -> LandmarkSet | None:
     """The set beside a labels CSV (its folder's ``landmarks.json``), or None."""
     return find_landmark_set(Path(csv).expanduser().resolve().parent)
+
+
+def set_beside_labels(csv: str | os.PathLike, lset: LandmarkSet) -> LandmarkSet:
+    """``lset``, to be saved beside the labels CSV ``csv`` (whose folder has no ``landmarks.json``),
+    when the CSV has exactly its landmarks; a CSV of another number of landmarks is a one-line
+    :class:`GlimpseError` naming both (``lset`` there would break every later load of that folder)."""
+    _names, coords = read_landmarks_csv(csv)
+    k = coords.shape[1]
+    if k != len(lset):
+        raise GlimpseError(f"{Path(csv).name} has {k} landmarks ({2 * k} coordinate columns), not the {len(lset)} of "
+                           f"landmark set {lset.describe()}, and no {SET_FILE} beside it: choose the CSV of the set's "
+                           f"labels (Review and corrections: Export reviewed…)")
+    return lset
 
 
 def csv_rows(csv: str | os.PathLike) -> int:

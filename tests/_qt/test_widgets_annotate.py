@@ -312,3 +312,24 @@ def test_a_folder_annotated_with_another_set_of_as_many_landmarks_is_refused(mak
     opened = ann.state.log  # the folder's log, under its own names
     assert opened is None or opened.state.landmark_names == a.names
     assert not [ly for ly in viewer.layers if ly.name.endswith("landmarks")]
+
+
+def test_train_refuses_a_csv_of_another_count_without_landmarks_json(make_napari_viewer, tmp_path):
+    """Annotating a set of 4, Train a model on a 19-landmark CSV whose folder has no landmarks.json (e.g.
+    isbi2015/train_senior.csv): an error line, no training, no landmarks.json written there (before: a 4-landmark
+    one, breaking every later load of that dataset)."""
+    from napari_glimpse.annotate import set_from_text
+    from napari_glimpse.io import write_landmarks_csv
+
+    data = tmp_path / "isbi2015"
+    data.mkdir()
+    write_landmarks_csv(data / "train_senior.csv", ["001.bmp"], np.arange(38, dtype=float).reshape(1, 19, 2))
+    viewer = make_napari_viewer()
+    _d, train = viewer.window.add_plugin_dock_widget("napari-glimpse", "Train a model")
+    train.state.set_landmark_set(set_from_text("lab4", SET_TEXT))
+    train.data_edit.value = str(data / "train_senior.csv")
+    train.out_edit.value = str(tmp_path / "never.pt")
+    assert train.start() is None and not train.running
+    text = train.status_label.text()
+    assert "train_senior.csv has 19 landmarks" in text and "'lab4' (4 landmarks)" in text
+    assert not (data / "landmarks.json").exists() and not (tmp_path / "never.pt").exists()

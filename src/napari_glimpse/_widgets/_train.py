@@ -17,7 +17,14 @@ from typing import Any
 from magicgui.widgets import ComboBox, Container, FileEdit, FloatSpinBox, Label, SpinBox
 from qtpy.QtWidgets import QLabel
 
-from ..annotate import DEFAULT_TRAIN_MINUTES, csv_rows, labels_csv_set, save_folder_set, train_command
+from ..annotate import (
+    DEFAULT_TRAIN_MINUTES,
+    csv_rows,
+    labels_csv_set,
+    save_folder_set,
+    set_beside_labels,
+    train_command,
+)
 from ..errors import GlimpseError
 from ._finetune import FinetuneWidget, _text
 from ._state import error_text
@@ -107,7 +114,8 @@ class TrainWidget(FinetuneWidget):
                 return f"{Path(data).name} holds no labelled image"
             folder = Path(data).resolve().parent
             if labels_csv_set(data) is None and self.state.landmark_set is not None:
-                save_folder_set(self.state.landmark_set, folder)  # the set must travel with the labels
+                # the set must travel with the labels: written only beside a CSV of as many landmarks
+                save_folder_set(set_beside_labels(data, self.state.landmark_set), folder)
         except GlimpseError as exc:
             return error_text(exc)
         except OSError as exc:
