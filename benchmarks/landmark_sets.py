@@ -115,7 +115,8 @@ def extension(work: Path, a: argparse.Namespace) -> dict:
     base_data = make_folder(work / "isbi16", BASE16, "isbi16", "the ISBI 19 without Gonion, Articulare and "
                             "soft-tissue pogonion", {"train": ("train", 1, 130), "val": SPLITS["val"],
                                                      "test1": SPLITS["test1"]})
-    ext_data = make_folder(work / "ext19", list(range(1, 20)), None, "",
+    ext_data = make_folder(work / "ext19", list(range(1, 20)), "isbi19", "the ISBI 19 (finetune --extend reads "
+                           "the larger set from this file)",
                            {"train": ("train", 1, a.extend_images), "val": SPLITS["val"], "test1": SPLITS["test1"]})
     base, ext = work / "base16.pt", work / "extended.pt"
     rec: dict = {"left_out_isbi": LEFT_OUT, "base_minutes_budget": a.base_minutes, "base_steps": a.base_steps,
