@@ -30,11 +30,21 @@ EXTEND_DEFAULTS = {"coarse_steps": 400, "fine_steps": 600, "lr_scale": 0.3, "off
                    "time_budget_s": 15 * 60.0}
 
 
+def name_index(old: Sequence[str], new: Sequence[str]) -> list[int | None]:
+    """For each name of ``new``: its index in ``old`` (compared without case), or None."""
+    where = {n.casefold(): i for i, n in enumerate(old)}
+    return [where.get(n.casefold()) for n in new]
+
+
+def by_index(values: Sequence, index: Sequence[int | None], fill) -> list:
+    """``values`` in the order of ``index`` (from :func:`name_index`), ``fill`` where it is None."""
+    return [values[i] if i is not None else fill for i in index]
+
+
 def landmark_map(old: LandmarkSet, new: LandmarkSet) -> list[int | None]:
     """For each landmark of ``new``: its index in ``old``, or None for a new one. Every landmark
     of ``old`` must be in ``new`` (names compared without case), and ``new`` must add at least one."""
-    where = {n.casefold(): i for i, n in enumerate(old.names)}
-    index = [where.get(n.casefold()) for n in new.names]
+    index = name_index(old.names, new.names)
     missing = sorted(set(range(len(old))) - {i for i in index if i is not None})
     if missing:
         names = ", ".join(old.names[i] for i in missing)
@@ -51,8 +61,7 @@ def relabelled(ds: Dataset, new: LandmarkSet) -> Dataset:
     if len(of_data(ds)) != len(new):
         index = landmark_map(of_data(ds), new)
     else:  # the same landmarks, perhaps in another order
-        where = {n.casefold(): i for i, n in enumerate(ds.landmark_names)}
-        index = [where.get(n.casefold()) for n in new.names]
+        index = name_index(ds.landmark_names, new.names)
         if None in index:
             raise GlimpseError(f"the data's landmarks ({', '.join(ds.landmark_names)}) are not those of "
                                f"{new.describe()}")
@@ -122,11 +131,10 @@ def _widen_meta(meta: dict, index: Sequence[int | None], old: LandmarkSet, new: 
     for key in ("confidence", "int8"):
         out.pop(key, None)
     if out.get("landmark_offsets_px") is not None:
-        off = np.asarray(out["landmark_offsets_px"], dtype=np.float64)
-        out["landmark_offsets_px"] = [off[i].tolist() if i is not None else [0.0, 0.0] for i in index]
+        out["landmark_offsets_px"] = by_index(np.asarray(out["landmark_offsets_px"], float).tolist(), index, [0.0, 0.0])
     gate = out.get("glimpse_gate")
     if isinstance(gate, dict) and isinstance(gate.get("apply"), list):
-        out["glimpse_gate"] = {**gate, "apply": [bool(gate["apply"][i]) if i is not None else False for i in index]}
+        out["glimpse_gate"] = {**gate, "apply": by_index([bool(a) for a in gate["apply"]], index, False)}
     out["extended"] = {"from": old.to_dict(), "added": [n for n, i in zip(new.names, index) if i is None],
                        **({"previous": meta["extended"]} if "extended" in meta else {})}
     return out
@@ -146,7 +154,7 @@ def widen(model, new: LandmarkSet, data: Dataset):
                            "default recipe's); this one is a glimpse-only model or has a glimpse net per landmark")
     index = landmark_map(old, new)
     net = _widen_net(model.net, lambda: GlimpseModelNet(replace(model.config, n_landmarks=len(new))), index)
-    mean, std = _start(relabelled(data, new) if len(of_data(data)) != len(new) else data, model.pixel_spacing)
+    mean, std = _start(relabelled(data, new), model.pixel_spacing)
     have = np.isfinite(mean).all(-1)
     for j, i in enumerate(index):
         if i is not None:

@@ -233,6 +233,17 @@ class AnnotateWidget(QWidget):
             return None
         return self.use_set(lset)
 
+    def _reported(self, call, cannot_write: str) -> tuple[bool, Any]:
+        """``(True, call())``, or ``(False, None)`` with its error in the status line: a
+        :class:`GlimpseError` as it is, an ``OSError`` after ``cannot_write``."""
+        try:
+            return True, call()
+        except GlimpseError as exc:
+            status(self.status_label, error_text(exc), error=True)
+        except OSError as exc:
+            status(self.status_label, f"{cannot_write}: {exc.strerror or exc}", error=True)
+        return False, None
+
     def create_set(self) -> LandmarkSet | None:
         """The set typed in the editor, used for the folder."""
         try:
@@ -250,18 +261,19 @@ class AnnotateWidget(QWidget):
         records of other landmarks); the current image starts from zero if it has no landmarks."""
         folder = self.folder()
         log = self.state.log
-        try:
+
+        def save() -> Path | None:
             if log is not None:
                 check_log_set(log, lset)
-            if folder is not None:
-                path = save_folder_set(lset, folder)
-                if log is not None and log.state.landmark_names != lset.names:
-                    self.state.open_log(log.path, log.image_dir, lset.names)
-        except GlimpseError as exc:
-            status(self.status_label, error_text(exc), error=True)
-            return None
-        except OSError as exc:
-            status(self.status_label, f"cannot write {SET_FILE} in {folder}: {exc.strerror or exc}", error=True)
+            if folder is None:
+                return None
+            out = save_folder_set(lset, folder)
+            if log is not None and log.state.landmark_names != lset.names:
+                self.state.open_log(log.path, log.image_dir, lset.names)
+            return out
+
+        done, path = self._reported(save, f"cannot write {SET_FILE} in {folder}")
+        if not done:
             return None
         self.state.set_landmark_set(lset)
         status(self.status_label, f"landmark set {lset.describe()}" + (f", saved as {path}" if folder else
@@ -281,15 +293,9 @@ class AnnotateWidget(QWidget):
         if det.points_layer is not None and det.points_layer in self.viewer.layers and len(det.points_layer.data):
             status(self.status_label, f"{det.image_name} has landmarks already: edit them in Review and corrections")
             return None
-        try:
-            new = start_annotation(self.state, det, self.state.landmark_set)
-        except GlimpseError as exc:
-            status(self.status_label, error_text(exc), error=True)
-            return None
-        except OSError as exc:
-            status(self.status_label, f"cannot write in {det.image_path.parent}: {exc.strerror or exc}", error=True)
-            return None
-        if new is not None:
+        done, new = self._reported(lambda: start_annotation(self.state, det, self.state.landmark_set),
+                                   f"cannot write in {det.image_path.parent}")
+        if done and new is not None:
             status(self.status_label, f"{det.image_name}: click to place each landmark ({len(new.landmark_names)})")
         return new
 
