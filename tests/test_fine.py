@@ -245,9 +245,9 @@ def test_coarse_views_that_disagree_beyond_the_fine_reach_keep_the_point_uncerta
     """The fine stage corrects offsets up to ``jitter_mm[1]``; where the coarse passes (views,
     nets) disagree by more, its own narrow peak cannot vouch for the point: the uncertainty is at
     least the disagreement. Below that, it is the fine stage's alone. Positions do not change."""
-    import napari_glimpse.inference as inference_mod
+    import napari_glimpse.stages as stages_mod
 
-    real = inference_mod.locate_parts
+    real = stages_mod.locate_parts
     reach = fine_model.fine.cfg.jitter_mm[1] / fine_model.pixel_spacing  # full-resolution pixels
     plain = fine_model.predict(image, facing="right")
     dis = np.zeros(K)
@@ -257,7 +257,7 @@ def test_coarse_views_that_disagree_beyond_the_fine_reach_keep_the_point_uncerta
         pos, width, _ = real(*args, **kwargs)
         return pos, width, dis
 
-    monkeypatch.setattr(inference_mod, "locate_parts", disagreeing)
+    monkeypatch.setattr(stages_mod, "locate_parts", disagreeing)
     tr = fine_model.predict(image, facing="right")
     np.testing.assert_allclose(tr.final, plain.final, atol=1e-6)
     assert tr.uncertainty_mm[0] == pytest.approx(10 * reach * fine_model.pixel_spacing)

@@ -123,7 +123,8 @@ def test_train_validate_choose(tiny_data):
 def test_the_packaged_recipe():
     r = load_recipe("glimpse")
     assert r.validation == {"train_ids": [1, 130], "val_ids": [131, 150], "eval_steps": [1, 2, 3, 5]}
-    assert [s.kind for s in r.stages] == ["glimpse_only"] and r.minutes == 75
+    assert [s.kind for s in r.stages] == ["glimpse_only"] * 2 and r.minutes == 170  # <= 3 h on 2 CPU cores
+    assert [s.name for s in r.stages] == ["glimpse", "glimpse-2"]
     assert r.model.n_levels == 6 and r.model.trunk == "compact" and r.quantize.half_weights
     assert isinstance(r.stages[0].config, GlimpseOnlyConfig)
 
@@ -160,3 +161,39 @@ def test_the_shipped_glimpse_model_walks_from_the_mean_start_to_the_landmarks():
     err = np.linalg.norm(tr.positions - ds.ground_truth("mean")[i], axis=-1).mean(-1) * 0.1  # per step
     assert np.allclose(tr.positions[0], model.mean_start)  # the journey starts at the mean position
     assert err[0] > 4 and err[-1] < 2.5 and err[-1] < err[1] < err[0]
+
+
+def test_a_build_goes_on_from_a_model_of_its_first_stages(tiny_data, tmp_path, monkeypatch):
+    """``--init``: a model made by the recipe's first stages trains on with the others only (its net
+    is where they start); a model of another recipe, or one with every stage done, is refused."""
+    import napari_glimpse.glimpse_only as go
+
+    with open(load_recipe("glimpse").source, encoding="utf-8") as f:
+        content = json.load(f)
+    content["model"].update(n_levels=3, width=8, hidden=[64, 32])
+    content["validation"].update(train_ids=[1, 4], val_ids=[5, 6])
+    for st in content["stages"]:
+        st["config"].update(batch_size=8, val_every_s=1e9)
+    whole, first = tmp_path / "r.json", tmp_path / "first.json"
+    whole.write_text(json.dumps(content))
+    first.write_text(json.dumps({**content, "stages": content["stages"][:1]}))
+    build(first, tiny_data["root"], tmp_path / "one.pt", max_steps=2, device="cpu", progress=False)
+    one = GlimpseModel.load(tmp_path / "one.pt", "cpu")
+    starts, real = [], go.train_glimpse_only
+
+    def spy(*args, **kwargs):
+        starts.append({k: v.clone() for k, v in args[-1].net.state_dict().items()})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(go, "train_glimpse_only", spy)
+    both = build(whole, tiny_data["root"], tmp_path / "both.pt", max_steps=2, device="cpu", progress=False, init=one)
+    assert len(starts) == 1  # the second stage only, from the first's net
+    assert all(torch.equal(v, one.net.state_dict()[k]) for k, v in starts[0].items())
+    assert [(r["name"], r["steps"]) for r in both.meta["recipe"]["stages"]] == [("glimpse", 2), ("glimpse-2", 2)]
+    assert both.meta["train_steps"] == 4
+    with pytest.raises(GlimpseError, match="every stage"):
+        build(whole, tiny_data["root"], tmp_path / "x.pt", max_steps=1, device="cpu", progress=False,
+              init=GlimpseModel.load(tmp_path / "both.pt", "cpu"))
+    with pytest.raises(GlimpseError, match="not made by the first stages"):
+        build(whole, tiny_data["root"], tmp_path / "x.pt", max_steps=1, device="cpu", progress=False,
+              init=GlimpseModel(one.net, one.landmark_names, 0.1, one.mean_start))

@@ -28,7 +28,7 @@ from . import distributed, loop
 from ._serde import DictConfig
 from .errors import GlimpseError
 from .model import _conv_bn
-from .runtime import inference_net, members_of  # noqa: F401  members_of: re-exported
+from .runtime import NetRuntime, members_of, runtimes_of  # noqa: F401  members_of: re-exported
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,6 @@ class CoarseNet(nn.Module):
             nn.Sequential(_conv_bn(ch[i + 1] + ch[i], ch[i], 1), _conv_bn(ch[i], ch[i], 1)) for i in range(4)
         )
         self.head = nn.Conv2d(ch[0], cfg.n_landmarks, 1)
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.pop("_inference_copy", None)  # a cache (see inference_net): copies make their own
-        state.pop("_int8", None)  # a graph of these weights: a copy's are other tensors (see int8.attached)
-        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = ((x / 255.0) - 0.5) / 0.25
@@ -205,7 +199,8 @@ def locate(net: "CoarseNet | CoarseEnsemble", level: torch.Tensor, image_hw: tup
 
 
 def locate_parts(net: "CoarseNet | CoarseEnsemble", level: torch.Tensor, image_hw: tuple[int, int],
-                 flip_average: bool = False, decode_window: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 flip_average: bool = False, decode_window: int = 2, runtimes: "list[NetRuntime] | None" = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run the coarse net on one pyramid level ``(h, w)`` uint8 of an image of ``image_hw``.
 
     ``flip_average``: also look at the mirrored view and average the two answers (test-time
@@ -213,9 +208,11 @@ def locate_parts(net: "CoarseNet | CoarseEnsemble", level: torch.Tensor, image_h
     ``decode_window``: the soft-argmax neighbourhood's half-size around each peak (:func:`decode`).
     Returns ``(K, 2)`` full-resolution positions, and ``(K,)`` in full-resolution pixels the
     heatmap peaks' width (mean over passes) and how far the passes (members, views) disagree (RMS
-    distance of their answers from the mean).
+    distance of their answers from the mean). ``runtimes``: how each member runs (a stage's,
+    :mod:`napari_glimpse.runtime`; default: their float copies).
     """
     cfg = net.cfg
+    runtimes = runtimes_of(net) if runtimes is None else runtimes
     dev = next(net.parameters()).device
     n = 2 if flip_average else 1
     x = level.to(dev, torch.float32)[None, None].expand(n, 1, *level.shape)
@@ -223,7 +220,7 @@ def locate_parts(net: "CoarseNet | CoarseEnsemble", level: torch.Tensor, image_h
     theta = view_matrix(image_hw, torch.zeros(n), torch.ones(n), flip, torch.zeros(n, 2)).to(dev)
     with torch.inference_mode():
         views = render_views(x, theta, cfg.input_hw)
-        logits = torch.cat([inference_net(m)(views) for m in members_of(net)]).cpu()  # (M n, K, h, w)
+        logits = torch.cat([rt(views) for rt in runtimes]).cpu()  # (M n, K, h, w)
     heat_hw = tuple(logits.shape[-2:])
     xy, spread = decode(logits, decode_window)
     o = heat_to_view(xy, heat_hw)  # (M n, K, 2) view coordinates; image = A o with A = diag(+-1, 1)

@@ -37,13 +37,13 @@ from .coarse import (
     fit_heatmaps,
     from_normalised,
     gaussian_targets,
-    inference_net,
     members_of,
     starting_net,
     to_normalised,
 )
 from .errors import GlimpseError
 from .pyramid import deepen
+from .runtime import NetRuntime, runtimes_of
 
 TARGETS = ("mean", "annotators")
 
@@ -228,7 +228,8 @@ def window_scale(image_hw: tuple[int, int], level_hw: tuple[int, int], context: 
 
 def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", image_hw: tuple[int, int],
            positions: np.ndarray, steps: int = 1, decode_window: int = 2,
-           record: "list[FineLook] | None" = None) -> tuple[np.ndarray, np.ndarray]:
+           record: "list[FineLook] | None" = None, runtimes: "list[NetRuntime] | None" = None
+           ) -> tuple[np.ndarray, np.ndarray]:
     """Move each landmark's ``(K, 2)`` full-resolution position to the fine heatmap's peak.
 
     ``pyramid_levels``: the image's pyramid levels, ``(h, w)`` uint8 each (each net reads levels
@@ -240,10 +241,12 @@ def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", 
     Returns positions (inside the image) and each answer's spread (full-resolution pixels): the
     heatmap peaks' width and, with an ensemble, how far its nets disagree.
     ``record``: a list to which every look appends a :class:`FineLook` (windows and heatmaps for
-    display; the answer is the same with or without it).
+    display; the answer is the same with or without it). ``runtimes``: how each net runs (a
+    stage's, :mod:`napari_glimpse.runtime`; default: their float copies).
     """
     cfg = net.cfg
     nets = members_of(net)
+    runtimes = runtimes_of(net) if runtimes is None else runtimes
     kinds = kinds_of(nets)
     dev = next(net.parameters()).device
     k = positions.shape[0]
@@ -267,7 +270,7 @@ def refine(net: "FineNet | FineEnsemble", pyramid_levels: "list[torch.Tensor]", 
             with torch.inference_mode():
                 win = cut_windows([x.expand(k, *x.shape[1:]) for x in used[kind]], theta.to(dev), cfg.patch)
                 # (K, M, h, w): window k, heatmap k, of each net of this kind
-                logits = torch.cat([inference_net(nets[i])(win)[ks, ks][:, None].cpu() for i in idx], 1)
+                logits = torch.cat([runtimes[i](win)[ks, ks][:, None].cpu() for i in idx], 1)
             xy, sp = decode(logits, decode_window)
             o = to_normalised(xy, heat_hw)  # (K, M, 2) window normalised
             u = torch.einsum("kij,kmj->kmi", theta[:, :, :2], o) + theta[:, None, :, 2]

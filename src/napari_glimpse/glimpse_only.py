@@ -303,8 +303,10 @@ def _loop(model: GlimpseModel, avg: WeightAverage, data: Any, cfg: GlimpseOnlyCo
 def train_glimpse_only(train_ds: Dataset, val_ds: Dataset | None, model_config: ModelConfig,
                        cfg: GlimpseOnlyConfig, budget_s: float, max_steps: int | None = None, device: str = "auto",
                        progress: bool = True, callback: Callable[[dict], None] | None = None,
-                       meta: dict | None = None, eval_steps: int = 5) -> GlimpseModel:
-    """Train a glimpse-only model on ``train_ds`` for ``budget_s`` seconds (or ``max_steps``);
+                       meta: dict | None = None, eval_steps: int = 5,
+                       init: GlimpseModel | None = None) -> GlimpseModel:
+    """Train a glimpse-only model on ``train_ds`` for ``budget_s`` seconds (or ``max_steps``),
+    from scratch or, with ``init``, from that model's net (same architecture and landmarks);
     with ``val_ds``, validate after 1 .. ``eval_steps`` steps, keep the weight average or the last
     weights (whichever validates better) and set ``meta['iterations']`` by :func:`choose_steps`
     (without: the weight average and 3 steps). Returns the model (not written)."""
@@ -314,6 +316,9 @@ def train_glimpse_only(train_ds: Dataset, val_ds: Dataset | None, model_config: 
     data = TrainingData(train_ds, model_config.n_levels, model_config.patch, cfg.ground_truth, progress=progress)
     shape = tuple(int(v) for v in np.median(data.shapes, axis=0))
     model = _new_model(train_ds, model_config, cfg, shape, dev, meta)
+    if init is not None:
+        model.net.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                   for k, v in init.net.state_dict().items()})
     avg = WeightAverage(model.net, cfg.ema_decay)
     history = _loop(model, avg, data, cfg, budget_s, max_steps, val_ds, progress, callback)
     del data

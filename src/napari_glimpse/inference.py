@@ -13,16 +13,15 @@ import torch
 
 from . import checkpoint, runtime
 from .checkpoint import read_checkpoint
-from .coarse import CoarseEnsemble, CoarseNet, facing_of, locate_parts, view_level
-from .devices import autocast, resolve_device  # noqa: F401  resolve_device: re-exported (recipe, benchmarks)
+from .coarse import CoarseEnsemble, CoarseNet, facing_of
+from .devices import resolve_device  # noqa: F401  resolve_device: re-exported (recipe, benchmarks)
 from .errors import GlimpseError
-from .fine import FineEnsemble, FineLook, FineNet, kinds_of, refine, window_scale
-from .glimpse import PyramidStack, sample_glimpses
+from .fine import FineEnsemble, FineLook, FineNet
 from .io import read_image, to_grey_uint8
 from .landmark_set import LandmarkSet, model_landmark_set
 from .model import GlimpseModelNet, ModelConfig
 from .pyramid import Pyramid, build_pyramid
-from .runtime import members_of
+from .result import Trajectory, mirror_points  # noqa: F401  re-exported where they used to live
 from .spacing import (
     DICOM_SUFFIXES,
     SpacingWarning,
@@ -33,6 +32,7 @@ from .spacing import (
     to_image_pixels,
     to_model_pixels,
 )
+from .stages import CoarseStage, FineStage, GlimpseStage, InferenceSpec
 
 MODELS = Path(__file__).parent / "models"
 DEFAULT_MODEL = MODELS / "default.pt"
@@ -69,135 +69,6 @@ def _peaks(looks: list | None) -> np.ndarray | None:
     return looks[-1].heatmaps.reshape(len(looks[-1].heatmaps), -1).astype(np.float32).max(1)
 
 
-def mirror_points(points: np.ndarray, width: int) -> np.ndarray:
-    """``(..., 2)`` pixel positions (x, y) in an image ``width`` pixels wide, mirrored left-right."""
-    return np.asarray(points, dtype=np.float64) * [-1, 1] + [width - 1, 0]
-
-
-@dataclass(frozen=True)
-class Trajectory:
-    """What the model did on one image.
-
-    ``positions[t, k]`` is landmark ``k``'s estimate (x, y, full-resolution pixels) before
-    iteration ``t``; ``positions[0]`` is the start and ``positions[-1]`` the answer.
-    ``glimpses[t, k, l]`` is the ``P x P`` patch of level ``l`` seen at iteration ``t`` (uint8) and
-    ``heatmaps[t, k, l, c]`` the trunk's softmax map of channel ``c`` (float16); both only on
-    request. ``facing`` is ``right`` when the image was read as it is (the training set's
-    orientation) and ``left`` when it was mirrored first: positions are always in the image's own
-    pixels, and glimpses and heatmaps are flipped back to the image's axes. ``uncertainty_mm`` is
-    the spread of the perturbed starts' answers (or, with one start, the length of the last step);
-    ``confidence = exp(-uncertainty_mm / 2 mm)``.
-
-    The stages before the glimpses, on request (``record_stages``) and only when the fine stage
-    looked (else ``None``): ``coarse_positions`` ``(K, 2)`` the coarse answer; for each of the ``S``
-    fine looks ``fine_positions[s]`` ``(K, 2)`` its answer (look ``s`` is centred on
-    :attr:`stage_positions` ``[s]``), ``fine_windows[s, k]`` ``(C, P, P)`` uint8 the windows landmark
-    ``k``'s look read (pyramid levels ``fine_level``, ``fine_level + 1``, ...: finest first) and
-    ``fine_heatmaps[s, k]`` ``(h, w)`` float16 the softmax of its own heatmap there (with fine nets
-    that read different levels, the windows and maps of the first net's kind; the positions are
-    always the whole stage's answer);
-    ``fine_window_scale[c]`` the full-resolution pixels (x, y) per window pixel of context level
-    ``c`` (window pixel ``j`` at ``centre + (j - (P - 1) / 2) * scale``). Flipped like the glimpses.
-    ``fine_nets`` ``(shown, total)``: how many fine nets' maps ``fine_heatmaps`` averages (those
-    of the first net's kind) and how many nets the fine stage has.
-
-    Spacing (:meth:`GlimpseModel.predict` ``spacing``): ``pixel_spacing`` is the image's (mm per
-    pixel of ``positions``) and ``spacing_source`` where it came from (``given``, ``file`` or
-    ``model``). The model works at its own spacing: an image at another (by more than 1 %) is
-    resampled first and every position mapped back to the image's pixels; ``model_scale`` (x, y)
-    is then the model's pixels per image pixel (else 1, 1): glimpses and heatmaps are in the
-    model's pixels (a level-``l`` glimpse covers ``patch * 2**l / model_scale`` image pixels),
-    ``fine_window_scale`` is in the image's. ``uncertainty_mm`` is in mm whatever the spacing.
-
-    Confidence (a model with ``meta['confidence']``, see :mod:`napari_glimpse.confidence`; the
-    coarse and fine stages' answers only, else ``None``): ``probability`` ``(K,)`` the calibrated
-    probability that each point lies within 2 mm of the truth (then :attr:`confidence`),
-    ``features`` ``(K, F)`` the cues it was computed from, ``shape_z`` / ``shape_mm`` how far (training
-    sds / mm) each point is from where the other landmarks imply it (``implied_positions``, image
-    pixels; :mod:`napari_glimpse.shape`), :attr:`flagged` the implausible ones, :attr:`expected_misses`
-    the image-level score. ``researched`` ``(K,)`` bool: the points the shape check flagged that were
-    searched again from their implied position and moved there (:meth:`GlimpseModel._research`).
-
-    ``steps_gated`` ``(K,)`` bool: glimpse steps were asked for after the coarse and fine stages
-    but not applied to these landmarks, the model's gate (``meta['glimpse_gate']``, see
-    :mod:`napari_glimpse.gate`) keeping them off: their positions are the 0-step answer at every
-    step. ``None`` when no step was asked for or the model has no gate.
-    """
-
-    positions: np.ndarray
-    uncertainty_mm: np.ndarray
-    landmark_names: tuple[str, ...]
-    pixel_spacing: float
-    image_shape: tuple[int, int]
-    patch: int
-    glimpses: np.ndarray | None = None
-    heatmaps: np.ndarray | None = None
-    facing: str = "right"
-    coarse_positions: np.ndarray | None = None
-    fine_positions: np.ndarray | None = None
-    fine_windows: np.ndarray | None = None
-    fine_heatmaps: np.ndarray | None = None
-    fine_window_scale: np.ndarray | None = None
-    fine_level: int | None = None
-    fine_nets: tuple[int, int] | None = None
-    spacing_source: str = "model"
-    model_scale: tuple[float, float] = (1.0, 1.0)
-    probability: np.ndarray | None = None
-    features: np.ndarray | None = None
-    shape_z: np.ndarray | None = None
-    shape_mm: np.ndarray | None = None
-    implied_positions: np.ndarray | None = None
-    researched: np.ndarray | None = None
-    steps_gated: np.ndarray | None = None
-
-    @property
-    def final(self) -> np.ndarray:
-        return self.positions[-1]
-
-    @property
-    def offsets(self) -> np.ndarray:
-        """``(T, K, 2)`` the step taken at each iteration (the offset arrows)."""
-        return np.diff(self.positions, axis=0)
-
-    @property
-    def confidence(self) -> np.ndarray:
-        """``(K,)`` in [0, 1]: :attr:`probability` when the model is calibrated, else
-        ``exp(-uncertainty_mm / 2 mm)``."""
-        return np.exp(-self.uncertainty_mm / 2.0) if self.probability is None else self.probability
-
-    @property
-    def expected_misses(self) -> float | None:
-        """The expected number of landmarks beyond 2 mm of the truth (the sum of ``1 - probability``):
-        which image to review first. ``None`` without a calibrated :attr:`probability`."""
-        return None if self.probability is None else float((1.0 - self.probability).sum())
-
-    @property
-    def flagged(self) -> np.ndarray | None:
-        """``(K,)`` bool: points far from where the other landmarks imply they should be
-        (:mod:`napari_glimpse.shape`; ``None`` without a shape model)."""
-        if self.shape_z is None:
-            return None
-        from .shape import MIN_MM, Z_FLAG
-
-        return (self.shape_z > Z_FLAG) & (self.shape_mm > MIN_MM)
-
-    @property
-    def iterations(self) -> int:
-        return self.positions.shape[0] - 1
-
-    @property
-    def fine_looks(self) -> int:
-        """Recorded fine looks (0 without stage records)."""
-        return 0 if self.fine_positions is None else self.fine_positions.shape[0]
-
-    @property
-    def stage_positions(self) -> np.ndarray | None:
-        """``(S + 1, K, 2)`` the coarse answer, then each fine look's (``None`` without records)."""
-        if self.coarse_positions is None or self.fine_positions is None:
-            return None
-        return np.concatenate([self.coarse_positions[None], self.fine_positions])
-
-
 @dataclass(frozen=True)
 class _StageAnswer:
     """What the coarse and fine stages answered on one image (:meth:`GlimpseModel._coarse_fine`):
@@ -215,7 +86,13 @@ class _StageAnswer:
 
 
 class GlimpseModel:
-    """A trained detector: network, configuration and the metadata it was trained with."""
+    """A trained detector: an ordered list of stages (:attr:`stages`: coarse, fine, glimpse; see
+    :mod:`napari_glimpse.stages`), the landmarks, the glimpses' mean start, and the metadata it
+    was trained with (which also keeps how it reads: :attr:`spec`).
+
+    ``net``, ``coarse`` and ``fine`` are the stages' nets (``coarse`` and ``fine`` ``None`` when
+    the model has no such stage); setting one makes that stage anew (its runtimes, without int8
+    graphs)."""
 
     def __init__(
         self,
@@ -229,10 +106,11 @@ class GlimpseModel:
         coarse: "CoarseNet | CoarseEnsemble | None" = None,
         fine: "FineNet | FineEnsemble | None" = None,
     ):
-        self.net = net
+        self._glimpse_stage = GlimpseStage(net)
+        self._coarse_stage: CoarseStage | None = None
+        self._fine_stage: FineStage | None = None
         self.coarse = coarse
         self.fine = fine
-        self.config: ModelConfig = net.cfg
         self.landmark_names = tuple(landmark_names)
         self.pixel_spacing = float(pixel_spacing)
         self.mean_start = np.asarray(mean_start, dtype=np.float64)
@@ -242,27 +120,79 @@ class GlimpseModel:
         self.train_config = dict(train_config or {})
         self.meta = dict(meta or {})
 
+    # ----------------------------------------------------------------------------- stages
+    @property
+    def net(self) -> GlimpseModelNet:
+        """The glimpse stage's net."""
+        return self._glimpse_stage.net
+
+    @net.setter
+    def net(self, net: GlimpseModelNet) -> None:
+        self._glimpse_stage = GlimpseStage(net)
+
+    @property
+    def config(self) -> ModelConfig:
+        """The glimpse net's configuration (landmarks, pyramid levels, patch)."""
+        return self._glimpse_stage.net.cfg
+
+    @property
+    def coarse(self) -> "CoarseNet | CoarseEnsemble | None":
+        """The coarse stage's net (or ensemble), ``None`` without one."""
+        return None if self._coarse_stage is None else self._coarse_stage.net
+
+    @coarse.setter
+    def coarse(self, net: "CoarseNet | CoarseEnsemble | None") -> None:
+        self._coarse_stage = None if net is None else CoarseStage(net)
+
+    @property
+    def fine(self) -> "FineNet | FineEnsemble | None":
+        """The fine stage's net (or ensemble), ``None`` without one."""
+        return None if self._fine_stage is None else self._fine_stage.net
+
+    @fine.setter
+    def fine(self, net: "FineNet | FineEnsemble | None") -> None:
+        self._fine_stage = None if net is None else FineStage(net)
+
+    @property
+    def spec(self) -> InferenceSpec:
+        """How the model reads an image, by stage (the typed view of its meta's keys)."""
+        return InferenceSpec.of_meta(self.meta)
+
+    @property
+    def stages(self) -> tuple:
+        """The stages in the order they read an image: :class:`~napari_glimpse.stages.CoarseStage`
+        and :class:`~napari_glimpse.stages.FineStage` when the model has them, then the
+        :class:`~napari_glimpse.stages.GlimpseStage`; each with its spec as the meta says now."""
+        spec = self.spec
+        out = []
+        pairs = ((self._coarse_stage, spec.coarse), (self._fine_stage, spec.fine), (self._glimpse_stage, spec.glimpse))
+        for st, sp in pairs:
+            if st is not None:
+                st.spec = sp
+                out.append(st)
+        return tuple(out)
+
     @property
     def default_iterations(self) -> int:
         """Glimpse steps used when none are asked for (``meta['iterations']``, else 3)."""
-        return int(self.meta.get("iterations", 3))
+        return self.spec.glimpse.iterations
 
     @property
     def fine_steps(self) -> int:
         """Fine-stage looks after the coarse answer (``meta['fine_steps']``, else 1; 0 without one)."""
-        return int(self.meta.get("fine_steps", 1)) if self.fine is not None and self.coarse is not None else 0
+        return self.spec.fine.steps if self.fine is not None and self.coarse is not None else 0
 
     @property
     def coarse_decode_window(self) -> int:
         """Half-size of the neighbourhood (heatmap pixels) whose soft-argmax refines each coarse
         heatmap's peak (``meta['coarse_decode_window']``, else 2: a 5 x 5 neighbourhood)."""
-        return int(self.meta.get("coarse_decode_window", 2))
+        return self.spec.coarse.decode_window
 
     @property
     def fine_decode_window(self) -> int:
         """Half-size of the neighbourhood (heatmap pixels) whose soft-argmax refines each fine
         heatmap's peak (``meta['fine_decode_window']``, else 2: a 5 x 5 neighbourhood)."""
-        return int(self.meta.get("fine_decode_window", 2))
+        return self.spec.fine.decode_window
 
     @property
     def device(self) -> torch.device:
@@ -494,7 +424,7 @@ class GlimpseModel:
             tr = dataclasses.replace(tr, **stages)
         if coarse_start is not None and self.glimpse_gate is not None:
             tr = self._gated(tr, coarse_start, cues["fine_spread"], cues["ks"])
-        blend = float(self.meta.get("coarse_blend", 0.0)) if coarse_start is not None else 0.0
+        blend = self.spec.glimpse.blend if coarse_start is not None else 0.0
         if blend > 0:
             # the answer blends the glimpses' last estimate with the coarse stage's (two estimators
             # with partly independent errors; the weight is chosen on validation)
@@ -509,8 +439,8 @@ class GlimpseModel:
         """``(K,)`` bool: the landmarks whose glimpse steps are applied after the coarse and fine
         stages (``meta['glimpse_gate']['apply']``, fitted on validation by
         :func:`napari_glimpse.gate.fit_gate`); ``None``: no gate, every asked-for step is applied."""
-        g = self.meta.get("glimpse_gate")
-        return None if g is None else np.asarray(g["apply"], dtype=bool).reshape(self.config.n_landmarks)
+        g = self.spec.glimpse.gate
+        return None if g is None else np.asarray(g, dtype=bool).reshape(self.config.n_landmarks)
 
     def _gated(self, tr: Trajectory, start: np.ndarray, spread: np.ndarray, ks: np.ndarray) -> Trajectory:
         """``tr`` with the gated-off landmarks kept at the 0-step answer ``start`` (and its spread)."""
@@ -544,7 +474,7 @@ class GlimpseModel:
         if mirrored is not None:
             pos = mirror_points(pos, w)
         ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
-        record = self._stage_record(coarse, looks, pyr, landmarks, mirrored is not None) if looks and record_stages \
+        record = self._fine_stage.record(coarse, looks, pyr, ks, mirrored is not None) if looks and record_stages \
             else {}
         if researched is not None:
             record["researched"] = researched[ks]
@@ -619,11 +549,7 @@ class GlimpseModel:
     def _coarse(self, pyr: Pyramid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The coarse stage's positions, spread and passes' disagreement (full-res pixels)."""
 
-        lv = view_level(pyr.shape, self.coarse.cfg.input_hw, len(pyr))
-        pos, width, disagreement = locate_parts(self.coarse, pyr.levels[lv], pyr.shape,
-                                                flip_average=bool(self.meta.get("coarse_flip_average")),
-                                                decode_window=self.coarse_decode_window)
-        return pos, np.sqrt(width ** 2 + disagreement ** 2), disagreement
+        return self.stages[0].run(pyr)
 
     def _refine(self, pyr: Pyramid, pos: np.ndarray, spread: np.ndarray, fine_steps: int | None = None,
                 disagreement: np.ndarray | None = None, looks: list | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -637,9 +563,10 @@ class GlimpseModel:
         if steps <= 0 or self.fine is None:
             return (self._shifted(pos, pyr.shape) if self.fine is None else pos), spread
 
-        pos, fine_spread = refine(self.fine, pyr.levels, pyr.shape, pos, steps, self.fine_decode_window, looks)
+        fine = self.stages[1]
+        pos, fine_spread = fine.run(pyr, pos, steps, looks)
         if disagreement is not None:
-            reach = min(m.cfg.jitter_mm[1] for m in members_of(self.fine)) / self.pixel_spacing
+            reach = fine.reach_px(self.pixel_spacing)
             fine_spread = np.where(disagreement > reach, np.maximum(fine_spread, disagreement), fine_spread)
         return self._shifted(pos, pyr.shape), fine_spread
 
@@ -655,7 +582,7 @@ class GlimpseModel:
 
         conf = of_model(self)
         if (conf is None or conf.shape is None or self.fine is None or self.fine_steps <= 0
-                or conf.shape.n_landmarks != len(pos) or not self.meta.get("research", True)):
+                or conf.shape.n_landmarks != len(pos) or not self.spec.fine.research):
             return pos, spread, None
         off = 0.0 if self.landmark_offsets is None else self.landmark_offsets  # judged without a site's offsets
         s = self.pixel_spacing
@@ -690,70 +617,14 @@ class GlimpseModel:
             return pos
         return np.clip(pos + off, 0.0, [shape[1] - 1.0, shape[0] - 1.0])
 
-    def _stage_record(self, coarse: np.ndarray, looks: list, pyr: Pyramid, landmarks: Sequence[int] | None,
-                      mirrored: bool) -> dict:
-        """The :class:`Trajectory` fields of the coarse answer and the fine ``looks`` (landmarks
-        ``landmarks``), in the image's own pixels: with ``mirrored`` (the stages read the mirrored
-        image) positions, windows and heatmaps are flipped back, as the glimpses are."""
-
-        ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
-        cfg = self.fine.cfg
-        nets = members_of(self.fine)
-        w = pyr.shape[1]
-        coarse = np.asarray(coarse, dtype=np.float64)[ks]
-        fine = np.stack([lk.positions for lk in looks])[:, ks]
-        windows = np.stack([lk.windows for lk in looks])[:, ks]
-        heat = np.stack([lk.heatmaps for lk in looks])[:, ks]
-        if mirrored:
-            # axis-aligned windows centred on a point: the mirrored window is the window of the mirrored point
-            coarse, fine = mirror_points(coarse, w), mirror_points(fine, w)
-            windows, heat = windows[..., ::-1], heat[..., ::-1]
-        return {
-            "coarse_positions": coarse,
-            "fine_positions": fine,
-            "fine_windows": np.ascontiguousarray(windows),
-            "fine_heatmaps": np.ascontiguousarray(heat),
-            "fine_window_scale": window_scale(pyr.shape, tuple(pyr.levels[cfg.level].shape), cfg.context),
-            "fine_level": int(cfg.level),
-            "fine_nets": (len(kinds_of(nets)[(cfg.level, cfg.context)]), len(nets)),
-        }
-
     def _run(self, pyr: Pyramid, iterations: int, landmarks: Sequence[int] | None, starts: int,
              start: np.ndarray | None, record_glimpses: bool, record_heatmaps: bool, bf16: bool | None,
              seed: int) -> Trajectory:
         """The glimpse iterations on one pyramid, as the image stands."""
-        h, w = pyr.shape
         ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
-        dev = self.device
-        use_bf16 = bool(bf16)
-        stack = PyramidStack([pyr]).to(dev)
-        centers = self._start_centres(ks, starts, start, seed, (h, w))
-        n_s, n_k = centers.shape[:2]
-        c = torch.as_tensor(centers.reshape(-1, 2), dtype=torch.float32, device=dev)
-        lm = torch.as_tensor(np.tile(ks, n_s), dtype=torch.long, device=dev)
-        idx = torch.zeros(len(c), dtype=torch.long, device=dev)
-        lo = torch.zeros(2, device=dev)
-        hi = torch.tensor([w - 1.0, h - 1.0], device=dev)
-        c = torch.maximum(torch.minimum(c, hi), lo)
-        positions = [c.clone()]
-        glimpses, heatmaps = [], []
-        self.net.eval()
-        with torch.inference_mode(), autocast(dev, use_bf16):
-            for _ in range(iterations):
-                patches = sample_glimpses(stack, idx, c, self.config.patch)
-                if record_heatmaps:
-                    out, hm = self.net(patches, lm, heatmaps=True)
-                    heatmaps.append(hm[:n_k].to(torch.float16).cpu().numpy())
-                else:
-                    out = self.net(patches, lm)
-                if record_glimpses:
-                    glimpses.append(patches[:n_k].round().clamp(0, 255).to(torch.uint8).cpu().numpy())
-                step = out.float() * self.config.offset_unit
-                c = torch.maximum(torch.minimum(c + step, hi), lo)
-                positions.append(c.clone())
-        pos = torch.stack(positions).cpu().numpy().astype(np.float64).reshape(iterations + 1, n_s, n_k, 2)
-        return self._glimpse_trajectory(pos, ks, (h, w), np.stack(glimpses) if record_glimpses else None,
-                                        np.stack(heatmaps) if record_heatmaps else None)
+        centers = self._start_centres(ks, starts, start, seed, pyr.shape)
+        steps = self.stages[-1].run(pyr, centers, ks, iterations, record_glimpses, record_heatmaps, bool(bf16))
+        return self._glimpse_trajectory(steps.positions, ks, pyr.shape, steps.glimpses, steps.heatmaps)
 
     def _start_centres(self, ks: np.ndarray, starts: int, start: np.ndarray | None, seed: int,
                        shape: tuple[int, int]) -> np.ndarray:

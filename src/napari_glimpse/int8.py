@@ -9,7 +9,7 @@ which moved the coarse net's logits by up to their whole range with full 8-bit w
 activations to uint8 with ranges calibrated (min-max) on the inputs each net sees when the float
 model runs on a few images. The graphs are saved in the model file beside the
 float weights; a loaded model runs them on the CPU when ONNX Runtime is installed (see
-:func:`napari_glimpse.coarse.inference_net`), and the float nets otherwise: on CUDA, with
+:class:`napari_glimpse.runtime.NetRuntime`), and the float nets otherwise: on CUDA, with
 ``int8=False``, or once the net's weights have changed (fine-tuning), since a graph holds the
 weights it was made from.
 
@@ -19,7 +19,6 @@ napari-glimpse[quantize]``) and imports ``torch.onnx``; running them needs only 
 
 from __future__ import annotations
 
-import copy
 import tempfile
 import warnings
 from pathlib import Path
@@ -34,17 +33,14 @@ from .errors import GlimpseError
 from .runtime import (  # noqa: F401  the runtime half, re-exported where it used to live
     INPUT,
     Int8Net,
-    attach,
     attach_graphs,
-    attached,
     available,
+    fused_copy,
     graphs_of,
-    inference_net,
     members_of,
+    runtimes_by_stage,
     set_enabled,
-    stages,
     status,
-    usable,
     weights_key,
 )
 
@@ -58,13 +54,13 @@ def record_inputs(model: "GlimpseModel", images: Sequence, progress: Callable[[i
                   ) -> dict[int, list[np.ndarray]]:
     """The inputs every coarse and fine net sees when the float model reads ``images`` (its
     coarse and fine answer, left-facing images mirrored first as ``predict`` does)."""
-    nets = [n for ns in stages(model).values() for n in ns]
-    seen: dict[int, list[np.ndarray]] = {id(n): [] for n in nets}
+    rts = [rt for r in runtimes_by_stage(model).values() for rt in r]
+    seen: dict[int, list[np.ndarray]] = {id(rt.net): [] for rt in rts}
     hooks = []
-    for n in nets:
-        fused = inference_net(n, int8=False)
+    for rt in rts:
+        fused = rt.backend(int8=False)
         hooks.append(fused.register_forward_pre_hook(
-            lambda mod, args, key=id(n): seen[key].append(args[0].detach().cpu().float().contiguous().numpy())))
+            lambda mod, args, key=id(rt.net): seen[key].append(args[0].detach().cpu().float().contiguous().numpy())))
     try:
         for i, im in enumerate(images):
             model.predict(im, iterations=0)
@@ -77,7 +73,7 @@ def record_inputs(model: "GlimpseModel", images: Sequence, progress: Callable[[i
 
 
 def _export(net: nn.Module, example: torch.Tensor, path: Path) -> None:
-    fused = copy.deepcopy(inference_net(net, int8=False)).cpu().to(memory_format=torch.contiguous_format)
+    fused = fused_copy(net).cpu().to(memory_format=torch.contiguous_format)
     from torch.onnx import export  # the TorchScript exporter (dynamo=False)
 
     with warnings.catch_warnings():  # torch announces the exporter's retirement on every call
@@ -158,29 +154,29 @@ def quantize(model: "GlimpseModel", images: Sequence, progress: Callable[[str, i
     unknown = set(which) - {"coarse", "fine"}
     if unknown or not which:
         raise GlimpseError(f"stages to quantize: coarse and/or fine, not {sorted(unknown) or 'none'}")
-    by_stage = stages(model)
+    by_stage = runtimes_by_stage(model)
     if missing := [name for name in which if name not in by_stage]:
         raise GlimpseError(f"this model has no {' or '.join(missing)} stage to quantize")
     _require_tools()
-    nets = [n for ns in by_stage.values() for n in ns]
-    chosen = [n for name, ns in by_stage.items() if name in which for n in ns]
-    was = [(q.enabled if (q := attached(n)) is not None else None) for n in nets]
+    rts = [rt for r in by_stage.values() for rt in r]
+    chosen = [rt for name, r in by_stage.items() if name in which for rt in r]
+    was = [(q.enabled if (q := rt.graph()) is not None else None) for rt in rts]
     try:
         set_enabled(model, False)  # calibrate on the float nets' inputs
         seen = record_inputs(model, images, None if progress is None else lambda i: progress("images", i, len(images)))
         graphs = []
-        for i, n in enumerate(chosen):
-            graphs.append(quantize_net(n, seen[id(n)], float_ends))
+        for i, rt in enumerate(chosen):
+            graphs.append(quantize_net(rt.net, seen[id(rt.net)], float_ends))
             if progress is not None:
                 progress("nets", i + 1, len(chosen))
     except BaseException:
-        for n, e in zip(nets, was):  # as it was: graphs that still match, used as before
-            if e is not None and (q := attached(n)) is not None:
+        for rt, e in zip(rts, was):  # as it was: graphs that still match, used as before
+            if e is not None and (q := rt.graph()) is not None:
                 q.enabled = e
         raise
-    for n in nets:  # all chosen nets or none; the others run float
-        n.__dict__.pop("_int8", None)
-    for n, g in zip(chosen, graphs):
-        attach(n, g)
+    for rt in rts:  # all chosen nets or none; the others run float
+        rt.int8 = None
+    for rt, g in zip(chosen, graphs):
+        rt.give_graph(g)
     model.meta["int8"] = {"stages": sorted(which), "float_ends": bool(float_ends), "calibration_images": len(images)}
     return len(chosen)

@@ -49,7 +49,7 @@ FORMAT = 1
 KINDS = {"coarse": CoarseConfig, "fine": FineConfig, "glimpse": TrainConfig, "glimpse_only": GlimpseOnlyConfig}
 # train flags that go with --recipe; the others set what the recipe sets
 CLI_FLAGS = ("command", "recipe", "data", "split", "out", "device", "time_budget", "max_steps", "threads", "spacing",
-             "progress_json", "nice")
+             "progress_json", "nice", "init")
 
 StageConfig = CoarseConfig | FineConfig | TrainConfig | GlimpseOnlyConfig
 
@@ -191,8 +191,9 @@ def _stage(d: Any, i: int) -> RecipeStage:
 
 def parse_recipe(content: dict, source: str = "") -> Recipe:
     """A :class:`Recipe` from a recipe file's content (``ValueError`` on anything wrong)."""
-    if isinstance(content, dict) and [s.get("kind") for s in content.get("stages", []) if isinstance(s, dict)] == [
-            "glimpse_only"]:
+    stages = content.get("stages", []) if isinstance(content, dict) else []
+    kinds = [s.get("kind") for s in stages if isinstance(s, dict)] if isinstance(stages, list) else []
+    if kinds and set(kinds) == {"glimpse_only"}:
         return _parse_glimpse_only(content, source)
     _keys(content, "the recipe", {"format", "name", "ground_truth", "model", "stages", "inference", "quantize"},
           {"description", "notes"})
@@ -215,14 +216,15 @@ def parse_recipe(content: dict, source: str = "") -> Recipe:
 
 
 def _parse_glimpse_only(content: dict, source: str) -> Recipe:
-    """A glimpse-only recipe: one ``glimpse_only`` stage, the held-out images (``validation``:
+    """A glimpse-only recipe: ``glimpse_only`` stages (each goes on from the net the one before it
+    left, with its own schedule and curriculum), the held-out images (``validation``:
     ``train_ids`` and ``val_ids`` as inclusive ``[first, last]`` image numbers, ``eval_steps``),
     ``inference.iterations`` (null: chosen on validation) and ``quantize.half_weights``."""
     _keys(content, "the recipe", {"format", "name", "ground_truth", "model", "stages", "inference", "quantize",
                                   "validation"}, {"description", "notes"})
     if content["format"] != FORMAT:
         raise ValueError(f"recipe format {content['format']!r}; this version reads format {FORMAT}")
-    stage = _stage(content["stages"][0], 0)
+    stages = tuple(_stage(s, i) for i, s in enumerate(content["stages"]))
     val = _keys(content["validation"], "validation", {"train_ids", "val_ids", "eval_steps"}, {"notes"})
     for k in ("train_ids", "val_ids"):
         if not (isinstance(val[k], list) and len(val[k]) == 2 and all(isinstance(v, int) for v in val[k])):
@@ -232,7 +234,7 @@ def _parse_glimpse_only(content: dict, source: str) -> Recipe:
     model = {k: v for k, v in content["model"].items() if k != "notes"}
     it = inf["iterations"]
     return Recipe(str(content["name"]), str(content.get("description", "")), str(content["ground_truth"]),
-                  _config(ModelConfig, model, "model"), (stage,),
+                  _config(ModelConfig, model, "model"), stages,
                   InferenceSettings(-1 if it is None else int(it), 0, False, 0.0, 2, 2, str(inf.get("notes", ""))),
                   QuantizeSettings(False, (), False, 1, bool(q["half_weights"])),
                   tuple(content.get("notes", ())), content, source,
@@ -349,7 +351,7 @@ def _reporter(progress: bool | Callable[[dict], None], recipe: Recipe):
 def build(recipe: Recipe | str | os.PathLike, data: Dataset | str | os.PathLike, out: str | os.PathLike,
           time_budget: float | None = None, device: str = "auto", progress: bool | Callable[[dict], None] = True,
           split: str = "train", spacing: float | None = None, max_steps: int | None = None,
-          meta: dict | None = None) -> GlimpseModel:
+          meta: dict | None = None, init: GlimpseModel | None = None) -> GlimpseModel:
     """Train the model ``recipe`` describes on ``data`` and write it to ``out`` (atomically).
 
     ``recipe``: a :class:`Recipe`, a packaged recipe's name or a recipe file; ``data``: a
@@ -376,10 +378,8 @@ def build(recipe: Recipe | str | os.PathLike, data: Dataset | str | os.PathLike,
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     ds = data if isinstance(data, Dataset) else load_dataset(data, split, spacing)
-    if recipe.validation is not None:
-        if distributed.world_size() > 1:  # its loop (napari_glimpse.glimpse_only) is not data-parallel
-            raise GlimpseError("a glimpse-only recipe trains in one process: run it without torchrun")
-        return glimpse_only_build(recipe, ds, out, time_budget, device, progress, max_steps, meta)
+    if recipe.validation is not None or init is not None:
+        return glimpse_only_build(recipe, ds, out, time_budget, device, progress, max_steps, meta, init)
     dev = resolve_device(device)
     scale = 1.0 if time_budget is None else float(time_budget) / recipe.minutes
     bars, callback_for, say = _reporter(progress, recipe)
@@ -408,36 +408,68 @@ def build(recipe: Recipe | str | os.PathLike, data: Dataset | str | os.PathLike,
 
 def glimpse_only_build(recipe: Recipe, ds: Dataset, out: str | os.PathLike, time_budget: float | None = None,
                        device: str = "auto", progress: bool | Callable[[dict], None] = True,
-                       max_steps: int | None = None, meta: dict | None = None) -> GlimpseModel:
+                       max_steps: int | None = None, meta: dict | None = None,
+                       init: GlimpseModel | None = None) -> GlimpseModel:
     """:func:`build` for a glimpse-only recipe (:mod:`napari_glimpse.glimpse_only`): train on the
-    images numbered ``validation.train_ids``, validate on ``val_ids`` after 1 .. ``max(eval_steps)``
-    steps (the default step count chosen there unless ``inference.iterations`` fixes it), write
-    ``out`` (float16 weights if the recipe says so) and print the validation figures."""
-    from .glimpse_only import split_by_ids, train_glimpse_only, validation_line
+    images numbered ``validation.train_ids``, stage after stage (each from the net the one before
+    left), validate on ``val_ids`` after 1 .. ``max(eval_steps)`` steps (the default step count
+    chosen there unless ``inference.iterations`` fixes it), write ``out`` (float16 weights if the
+    recipe says so) and print the validation figures. ``init``: a model this recipe made up to
+    some stage (its ``meta['recipe']`` lists the stages done); the build goes on from there."""
+    from .glimpse_only import split_by_ids, train_glimpse_only
 
-    stage = recipe.stages[0]
+    if recipe.validation is None:
+        raise GlimpseError(f"--init goes on from an earlier stage of a glimpse-only recipe; recipe {recipe.name!r} "
+                           f"trains all its stages in one run")
+    if distributed.world_size() > 1:  # its loop (napari_glimpse.glimpse_only) is not data-parallel
+        raise GlimpseError("a glimpse-only recipe trains in one process: run it without torchrun")
     scale = 1.0 if time_budget is None else float(time_budget) / recipe.minutes
     train_ds, val_ds = split_by_ids(ds, recipe.validation["train_ids"], recipe.validation["val_ids"])
     bars, callback_for, say = _reporter(progress, recipe)
     mcfg = replace(recipe.model, n_landmarks=len(ds.landmark_names))
-    steps = _cap(stage.max_steps, max_steps)
-    t0 = time.monotonic()
-    model = train_glimpse_only(train_ds, val_ds, mcfg, stage.config, stage.minutes * scale * 60.0, steps, device,
-                               bars, callback_for(0, stage), meta, max(recipe.validation["eval_steps"]))
+    records = _stages_done(recipe, init)
+    model, t0 = init, time.monotonic()
+    for i, stage in enumerate(recipe.stages[len(records):], start=len(records)):
+        steps, budget_s = _cap(stage.max_steps, max_steps), stage.minutes * scale * 60.0
+        model = train_glimpse_only(train_ds, val_ds, mcfg, stage.config, budget_s, steps, device,
+                                   bars, callback_for(i, stage), meta, max(recipe.validation["eval_steps"]), model)
+        records.append(_stage_record(stage, model.meta["history"], steps, budget_s))
+        say(f"{stage.name}: {records[-1]['steps']} steps in {records[-1]['wall_s'] / 60:.1f} min "
+            f"(stopped on {records[-1]['stopped']})")
     if recipe.inference.iterations >= 1:
         model.meta["iterations"] = recipe.inference.iterations
-    hist = model.meta["history"]
-    rec = _stage_record(stage, hist, steps, stage.minutes * scale * 60.0)
     model.meta.update({
         "recipe": {"name": recipe.name, "source": recipe.source, "content": recipe.content,
                    "full_budget_min": recipe.minutes, "budget_min": round(recipe.minutes * scale, 4),
-                   "scale": scale, "max_steps_cap": max_steps, "stages": [rec], "wall_s": time.monotonic() - t0},
-        "train_device": str(model.device), "torch": str(torch.__version__)})
+                   "scale": scale, "max_steps_cap": max_steps, "stages": records, "wall_s": time.monotonic() - t0},
+        "train_steps": sum(r["steps"] for r in records), "train_device": str(model.device),
+        "torch": str(torch.__version__)})
     model.net.cpu().eval()
     if recipe.quantize.half_weights:
         _round_to_half(model)
     model.save(out, half_weights=recipe.quantize.half_weights)
-    say(f"{stage.name}: {rec['steps']} steps in {rec['wall_s'] / 60:.1f} min (stopped on {rec['stopped']})")
+    _say_validation(model, recipe, say)
+    return model
+
+
+def _stages_done(recipe: Recipe, init: GlimpseModel | None) -> list[dict]:
+    """The records of the stages ``init`` went through (none without it); a model made by another
+    recipe, or one with every stage done, is a :class:`GlimpseError`."""
+    if init is None:
+        return []
+    done = init.meta.get("recipe", {})
+    names = [r["name"] for r in done.get("stages", [])]
+    if done.get("name") != recipe.name or names != [s.name for s in recipe.stages[:len(names)]]:
+        raise GlimpseError(f"--init: that model was not made by the first stages of recipe {recipe.name!r} "
+                           f"(it records recipe {done.get('name')!r}, stages {names})")
+    if len(names) >= len(recipe.stages):
+        raise GlimpseError(f"--init: that model has every stage of recipe {recipe.name!r} done already")
+    return [dict(r) for r in done["stages"]]
+
+
+def _say_validation(model: GlimpseModel, recipe: Recipe, say) -> None:
+    from .glimpse_only import validation_line
+
     if "validation" in model.meta:
         v = model.meta["validation"]
         msg = (f"{validation_line(v, recipe.validation['eval_steps'])} on {v['n_images']} held-out images; "
@@ -445,7 +477,6 @@ def glimpse_only_build(recipe: Recipe, ds: Dataset, out: str | os.PathLike, time
                f"{v['read_as_left_facing']} read as left-facing)")
         say(msg)
         model.meta["validation_line"] = msg
-    return model
 
 
 def _stage_record(stage: RecipeStage, hist: list[dict], steps: int | None, budget_s: float) -> dict:
@@ -547,15 +578,16 @@ def cmd_train_recipe(a: argparse.Namespace, defaults: dict[str, Any]) -> int:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
         raise GlimpseError(f"--recipe sets the stages and their configs: {flags} cannot be given with it "
                            f"(with --recipe: --data, --split, --out, --time-budget, --max-steps, --device, "
-                           f"--threads, --spacing)")
+                           f"--threads, --spacing; --init for a glimpse-only recipe)")
     recipe = load_recipe(a.recipe)
+    init = GlimpseModel.load(a.init, a.device) if getattr(a, "init", None) else None
     meta = {"command": "napari-glimpse " + " ".join(sys.argv[1:]) if sys.argv else "", "data": str(a.data),
             "split": a.split}
     json_lines = getattr(a, "progress_json", False) and distributed.is_main()
     t0 = time.monotonic()
     model = build(recipe, a.data, a.out, a.time_budget, a.device,
                   progress_lines(recipe, a.max_steps, t0) if json_lines else distributed.is_main(), a.split,
-                  a.spacing, a.max_steps, meta)
+                  a.spacing, a.max_steps, meta, init)
     if not distributed.is_main():
         return 0
     r = model.meta["recipe"]

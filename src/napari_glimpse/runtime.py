@@ -1,11 +1,14 @@
-"""How a net runs at inference: its int8 graph (ONNX Runtime) when it has a usable one, else a
-fused float copy.
+"""How a net runs at inference: the runtime backends a stage holds for each of its nets.
 
-The runtime backends of the coarse and fine nets. A net's int8 graph (made by
-:func:`napari_glimpse.int8.quantize`) travels in the model file; here it is attached to the net
-(:func:`attach`), checked against the net's current weights (:func:`weights_key`: a graph holds
-the weights it was made from, so fine-tuned weights fall back to the float net) and run
-(:class:`Int8Net`). :func:`inference_net` is what every stage calls to run a net.
+Two backends: :class:`TorchBackend`, a float copy of the net with every convolution + batch-norm
+pair folded into one convolution (made on first use and again whenever the weights change), and
+:class:`Int8Backend`, the net's int8 ONNX graph run by ONNX Runtime (made by
+:func:`napari_glimpse.int8.quantize`, carried in the model file). A :class:`NetRuntime` holds one
+net's backends and picks one per call: the int8 graph when it is usable (enabled, on the CPU,
+ONNX Runtime installed, and made from the net's current weights: :func:`weights_key`; fine-tuned
+weights fall back to the float copy), else the float copy; in training mode the net itself.
+The coarse and fine stages (:mod:`napari_glimpse.stages`) hold a runtime per net; nothing is
+stored on the nets themselves.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ if TYPE_CHECKING:
     from .inference import GlimpseModel
 
 __all__ = [
-    "INPUT", "available", "weights_key", "Int8Net", "attached", "attach", "stages", "graphs_of", "attach_graphs",
-    "set_enabled", "status", "usable", "members_of", "inference_net",
+    "INPUT", "available", "weights_key", "TorchBackend", "Int8Backend", "Int8Net", "NetRuntime", "fused_copy",
+    "members_of", "runtimes_of", "nets_by_stage", "runtimes_by_stage", "graphs_of", "attach_graphs", "set_enabled",
+    "status",
 ]
 
 
@@ -65,10 +69,12 @@ def weights_key(net: nn.Module) -> tuple:
     return tuple(out)
 
 
-class Int8Net:
+class Int8Backend:
     """One net's int8 ONNX graph, called like the net: ``(B, C, H, W)`` float tensor in, logits
     out (CPU, inference only). ``key``: the :func:`weights_key` of the float net it was made from
     or loaded beside; ``enabled``: whether inference uses it."""
+
+    kind = "onnx-int8"
 
     def __init__(self, graph: bytes, key: tuple, enabled: bool = True):
         self.graph = bytes(graph)
@@ -104,99 +110,137 @@ class Int8Net:
         return torch.from_numpy(self.session().run(None, {INPUT: x.numpy()})[0])
 
 
-def attached(net: nn.Module, key: tuple | None = None) -> Int8Net | None:
-    """``net``'s int8 graph if it still matches its weights (``key``: their :func:`weights_key`,
-    if known), else ``None`` (and a graph that no longer does is dropped)."""
-    q = net.__dict__.get("_int8")
-    if q is None:
-        return None
-    if q.key != (weights_key(net) if key is None else key):
-        net.__dict__.pop("_int8", None)
-        return None
-    return q
+Int8Net = Int8Backend  # the name it had
 
 
-def attach(net: nn.Module, graph: bytes, enabled: bool = True) -> None:
-    """Give ``net`` (in its final place and device) an int8 graph made from its current weights."""
-    net.__dict__["_int8"] = Int8Net(graph, weights_key(net), enabled)
+def fused_copy(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` (eval mode) with every convolution + batch-norm pair folded into one
+    convolution (the same answers to float rounding, one pass fewer over each layer's
+    activations) and its weights in channels-last layout like the activations (so no
+    convolution re-lays its input out first)."""
+    fused = copy.deepcopy(net).eval()
+    for mod in fused.modules():
+        if isinstance(mod, nn.Sequential):
+            for a in range(len(mod) - 1):
+                if isinstance(mod[a], nn.Conv2d) and isinstance(mod[a + 1], nn.BatchNorm2d):
+                    mod[a] = torch.nn.utils.fusion.fuse_conv_bn_eval(mod[a], mod[a + 1])
+                    mod[a + 1] = nn.Identity()
+    return fused.to(memory_format=torch.channels_last)
 
 
-def stages(model: "GlimpseModel") -> dict[str, list[nn.Module]]:
+class TorchBackend:
+    """A net's float inference: :func:`fused_copy` of it, made on first use and again whenever
+    its weights change (training steps, loading weights, moving the net)."""
+
+    kind = "torch"
+
+    def __init__(self, net: nn.Module):
+        self.net = net
+        self._copy: tuple[tuple, nn.Module] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_copy": None}  # a copy of the runtime makes its own
+
+    def module(self, key: tuple | None = None) -> nn.Module:
+        key = weights_key(self.net) if key is None else key
+        if self._copy is None or self._copy[0] != key:
+            self._copy = (key, fused_copy(self.net))
+        return self._copy[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module()(x)
+
+
+class NetRuntime:
+    """How one net of a stage runs: its :class:`Int8Backend` (``int8``) when usable, else its
+    :class:`TorchBackend`; the net itself in training mode."""
+
+    def __init__(self, net: nn.Module, int8: Int8Backend | None = None):
+        self.net = net
+        self.torch = TorchBackend(net)
+        self.int8 = int8
+
+    def give_graph(self, graph: bytes, enabled: bool = True) -> None:
+        """An int8 graph made from the net's current weights (in its final place and device)."""
+        self.int8 = Int8Backend(graph, weights_key(self.net), enabled)
+
+    def graph(self, key: tuple | None = None) -> Int8Backend | None:
+        """The int8 backend if it still matches the net's weights (``key``: their :func:`weights_key`,
+        if known), else ``None`` (and a graph that no longer does is dropped)."""
+        if self.int8 is not None and self.int8.key != (weights_key(self.net) if key is None else key):
+            self.int8 = None
+        return self.int8
+
+    def usable(self, key: tuple | None = None) -> Int8Backend | None:
+        """The int8 backend inference runs (in eval mode): matching the weights, enabled, the net
+        on the CPU and ONNX Runtime installed; else ``None``."""
+        q = self.graph(key)
+        if q is None or not q.enabled or next(self.net.parameters()).device.type != "cpu" or not available():
+            return None
+        return q
+
+    def backend(self, int8: bool = True) -> "nn.Module | Callable[[torch.Tensor], torch.Tensor]":
+        """What runs the net now (see the class)."""
+        if self.net.training:
+            return self.net
+        key = weights_key(self.net)
+        if int8 and (q := self.usable(key)) is not None:
+            return q
+        return self.torch.module(key)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backend()(x)
+
+
+def runtimes_of(net: nn.Module) -> list[NetRuntime]:
+    """Fresh runtimes (no int8 graph) for a net's members: how a net runs outside a model's stages."""
+    return [NetRuntime(m) for m in members_of(net)]
+
+
+# ------------------------------------------------------------------------------ a model's nets
+def nets_by_stage(model: "GlimpseModel") -> dict[str, list[nn.Module]]:
     """The model's coarse and fine nets, by stage (the checkpoint's ``int8`` entry's layout)."""
-    return {name: members_of(stage) for name, stage in (("coarse", model.coarse), ("fine", model.fine))
-            if stage is not None}
+    return {name: [rt.net for rt in rts] for name, rts in runtimes_by_stage(model).items()}
+
+
+def runtimes_by_stage(model: "GlimpseModel") -> dict[str, list[NetRuntime]]:
+    """The runtimes of the model's coarse and fine stages' nets, by stage."""
+    return {st.name: st.runtimes for st in model.stages if st.name in ("coarse", "fine")}
 
 
 def graphs_of(model: "GlimpseModel") -> dict[str, list[torch.Tensor | None]] | None:
     """The model's int8 graphs that still match their nets' weights, for the checkpoint: ONNX
     bytes as uint8 tensors (pickled ``bytes`` would grow by half), ``None`` for a net without
     one; ``None`` if no net has one."""
-    out = {name: [(torch.frombuffer(bytearray(q.graph), dtype=torch.uint8) if (q := attached(n)) is not None
-                   else None) for n in nets]
-           for name, nets in stages(model).items()}
+    out = {name: [(torch.frombuffer(bytearray(q.graph), dtype=torch.uint8) if (q := rt.graph()) is not None
+                   else None) for rt in rts]
+           for name, rts in runtimes_by_stage(model).items()}
     return out if any(g is not None for gs in out.values() for g in gs) else None
 
 
 def attach_graphs(model: "GlimpseModel", graphs: dict | None, enabled: bool, source: str = "checkpoint") -> None:
-    """Attach a checkpoint's ``int8`` entry to the model's nets (just loaded: their weights are
+    """Give the model's stages a checkpoint's ``int8`` entry (just loaded: the nets' weights are
     the ones the graphs were made from)."""
     if not graphs:
         return
-    nets = stages(model)
+    rts = runtimes_by_stage(model)
     for name, gs in graphs.items():
-        if name not in nets or len(gs) != len(nets[name]):
+        if name not in rts or len(gs) != len(rts[name]):
             raise GlimpseError(f"{source}: its int8 graphs do not match the {name} stage's nets")
-        for net, g in zip(nets[name], gs):
+        for rt, g in zip(rts[name], gs):
             if g is not None:
-                attach(net, g.numpy().tobytes() if isinstance(g, torch.Tensor) else bytes(g), enabled)
+                rt.give_graph(g.numpy().tobytes() if isinstance(g, torch.Tensor) else bytes(g), enabled)
 
 
 def set_enabled(model: "GlimpseModel", enabled: bool) -> None:
     """Use (or not) the model's int8 graphs (see :func:`status` for how many run)."""
-    for nets in stages(model).values():
-        for net in nets:
-            if (q := attached(net)) is not None:
+    for rts in runtimes_by_stage(model).values():
+        for rt in rts:
+            if (q := rt.graph()) is not None:
                 q.enabled = enabled
 
 
 def status(model: "GlimpseModel") -> tuple[int, int]:
     """(nets whose int8 graph inference uses now, coarse and fine nets)."""
-    nets = [n for ns in stages(model).values() for n in ns]
-    return sum(1 for n in nets if usable(n)), len(nets)
-
-
-def usable(net: nn.Module, key: tuple | None = None) -> Int8Net | None:
-    """The int8 graph inference runs for ``net`` (in eval mode): attached, matching its weights,
-    enabled, the net on the CPU and ONNX Runtime installed; else ``None``."""
-    q = attached(net, key)
-    if q is None or not q.enabled or next(net.parameters()).device.type != "cpu" or not available():
-        return None
-    return q
-
-
-def inference_net(net: nn.Module, int8: bool = True) -> "nn.Module | Callable[[torch.Tensor], torch.Tensor]":
-    """``net`` as used for inference: in eval mode, its int8 graph when it has a usable one
-    (``int8``; see :func:`usable`), else a copy with every convolution + batch-norm
-    pair folded into one convolution (the same answers to float rounding, one pass fewer over
-    each layer's activations) and its weights in channels-last layout like the activations (so
-    no convolution re-lays its input out first). The copy is
-    made on first use and again whenever the weights change (training steps, loading weights,
-    moving the net); in training mode, ``net`` itself."""
-    if net.training:
-        return net
-    key = weights_key(net)
-    if int8 and (q := usable(net, key)) is not None:
-        return q
-    cached = net.__dict__.pop("_inference_copy", None)  # (not copied along)
-    if cached is None or cached[0] != key:
-        fused = copy.deepcopy(net)
-        for mod in fused.modules():
-            if isinstance(mod, nn.Sequential):
-                for a in range(len(mod) - 1):
-                    if isinstance(mod[a], nn.Conv2d) and isinstance(mod[a + 1], nn.BatchNorm2d):
-                        mod[a] = torch.nn.utils.fusion.fuse_conv_bn_eval(mod[a], mod[a + 1])
-                        mod[a + 1] = nn.Identity()
-        fused.to(memory_format=torch.channels_last)
-        cached = (key, fused)
-    net.__dict__["_inference_copy"] = cached  # a plain attribute: not a submodule, not in state_dict
-    return cached[1]
+    rts = [rt for r in runtimes_by_stage(model).values() for rt in r]
+    return sum(1 for rt in rts if rt.usable()), len(rts)
