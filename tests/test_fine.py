@@ -705,3 +705,18 @@ def test_no_stage_records_without_a_fine_look(fine_model, tiny_model, image):
     assert fine_model.predict(image, start=start, iterations=1, record_stages=True).fine_windows is None
     tiny_model.coarse = tiny_model.fine = None
     assert tiny_model.predict(image, iterations=1, record_stages=True).fine_windows is None
+
+
+def test_the_trajectory_records_what_each_stage_answered(fine_model, image):
+    """``stage_answers``: the coarse answer, each fine look's, then each glimpse step's, in order;
+    the last is the answer; without stage records the glimpses' start comes first."""
+    fine_model.meta["fine_steps"] = 2
+    tr = fine_model.predict(image, iterations=2, facing="right", record_stages=True, spacing=0.1)
+    names = [n for n, _ in tr.stage_answers]
+    assert names == ["coarse", "fine", "fine", "glimpse", "glimpse"]
+    np.testing.assert_array_equal(tr.stage_answers[0][1], tr.coarse_positions)
+    np.testing.assert_array_equal(tr.stage_answers[2][1], tr.fine_positions[1])
+    np.testing.assert_array_equal(tr.stage_answers[-1][1], tr.final)
+    plain = fine_model.predict(image, iterations=2, facing="right", spacing=0.1)
+    assert [n for n, _ in plain.stage_answers] == ["start", "glimpse", "glimpse"]
+    np.testing.assert_array_equal(plain.stage_answers[0][1], tr.fine_positions[1])  # the glimpses start there

@@ -129,6 +129,23 @@ class Trajectory:
         return 0 if self.fine_positions is None else self.fine_positions.shape[0]
 
     @property
+    def stage_answers(self) -> list[tuple[str, np.ndarray]]:
+        """What each stage answered, in the order they ran: ``("coarse", (K, 2))`` and one
+        ``("fine", (K, 2))`` per fine look when the stages were recorded (``record_stages``), then
+        ``("glimpse", (K, 2))`` per glimpse step; without stage records ``("start", ...)`` first,
+        where the glimpses started (a glimpse-only model: the mean training position). The last
+        entry's positions are the answer's."""
+        out: list[tuple[str, np.ndarray]] = []
+        if self.coarse_positions is not None:
+            out.append(("coarse", self.coarse_positions))
+        if self.fine_positions is not None:
+            out.extend(("fine", p) for p in self.fine_positions)
+        if not out:
+            out.append(("start", self.positions[0]))
+        out.extend(("glimpse", p) for p in self.positions[1:])
+        return out
+
+    @property
     def stage_positions(self) -> np.ndarray | None:
         """``(S + 1, K, 2)`` the coarse answer, then each fine look's (``None`` without records)."""
         if self.coarse_positions is None or self.fine_positions is None:
