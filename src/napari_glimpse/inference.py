@@ -172,6 +172,14 @@ class GlimpseModel:
                 out.append(st)
         return tuple(out)
 
+    def stage(self, name: str):
+        """The stage called ``name`` (``coarse``, ``fine`` or ``glimpse``), its spec as the meta says
+        now; a :class:`GlimpseError` when the model has none."""
+        for st in self.stages:
+            if st.name == name:
+                return st
+        raise GlimpseError(f"this model has no {name} stage")
+
     @property
     def default_iterations(self) -> int:
         """Glimpse steps used when none are asked for (``meta['iterations']``, else 3)."""
@@ -549,7 +557,7 @@ class GlimpseModel:
     def _coarse(self, pyr: Pyramid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The coarse stage's positions, spread and passes' disagreement (full-res pixels)."""
 
-        return self.stages[0].run(pyr)
+        return self.stage("coarse").run(pyr)
 
     def _refine(self, pyr: Pyramid, pos: np.ndarray, spread: np.ndarray, fine_steps: int | None = None,
                 disagreement: np.ndarray | None = None, looks: list | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -563,7 +571,7 @@ class GlimpseModel:
         if steps <= 0 or self.fine is None:
             return (self._shifted(pos, pyr.shape) if self.fine is None else pos), spread
 
-        fine = self.stages[1]
+        fine = self.stage("fine")
         pos, fine_spread = fine.run(pyr, pos, steps, looks)
         if disagreement is not None:
             reach = fine.reach_px(self.pixel_spacing)
@@ -623,7 +631,7 @@ class GlimpseModel:
         """The glimpse iterations on one pyramid, as the image stands."""
         ks = np.arange(self.config.n_landmarks) if landmarks is None else np.asarray(landmarks, dtype=int)
         centers = self._start_centres(ks, starts, start, seed, pyr.shape)
-        steps = self.stages[-1].run(pyr, centers, ks, iterations, record_glimpses, record_heatmaps, bool(bf16))
+        steps = self.stage("glimpse").run(pyr, centers, ks, iterations, record_glimpses, record_heatmaps, bool(bf16))
         return self._glimpse_trajectory(steps.positions, ks, pyr.shape, steps.glimpses, steps.heatmaps)
 
     def _start_centres(self, ks: np.ndarray, starts: int, start: np.ndarray | None, seed: int,
