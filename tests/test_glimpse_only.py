@@ -191,6 +191,7 @@ def test_a_build_goes_on_from_a_model_of_its_first_stages(tiny_data, tmp_path, m
     assert all(torch.equal(v, one.net.state_dict()[k]) for k, v in starts[0].items())
     assert [(r["name"], r["steps"]) for r in both.meta["recipe"]["stages"]] == [("glimpse", 2), ("glimpse-2", 2)]
     assert both.meta["train_steps"] == 4
+    assert both.meta["train_wall_s"] == pytest.approx(sum(r["wall_s"] for r in both.meta["recipe"]["stages"]))
     with pytest.raises(GlimpseError, match="every stage"):
         build(whole, tiny_data["root"], tmp_path / "x.pt", max_steps=1, device="cpu", progress=False,
               init=GlimpseModel.load(tmp_path / "both.pt", "cpu"))

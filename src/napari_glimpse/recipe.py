@@ -442,7 +442,8 @@ def glimpse_only_build(recipe: Recipe, ds: Dataset, out: str | os.PathLike, time
         "recipe": {"name": recipe.name, "source": recipe.source, "content": recipe.content,
                    "full_budget_min": recipe.minutes, "budget_min": round(recipe.minutes * scale, 4),
                    "scale": scale, "max_steps_cap": max_steps, "stages": records, "wall_s": time.monotonic() - t0},
-        "train_steps": sum(r["steps"] for r in records), "train_device": str(model.device),
+        "train_steps": sum(r["steps"] for r in records), "train_wall_s": sum(r["wall_s"] for r in records),
+        "train_device": str(model.device),
         "torch": str(torch.__version__)})
     model.net.cpu().eval()
     if recipe.quantize.half_weights:
