@@ -21,7 +21,6 @@ from napari_glimpse.coarse import (
     facing_of,
     from_normalised,
     gaussian_targets,
-    inference_net,
     locate,
     render_views,
     to_normalised,
@@ -34,6 +33,7 @@ from napari_glimpse.errors import GlimpseError
 from napari_glimpse.inference import GlimpseModel, Trajectory
 from napari_glimpse.io import load_dataset, read_image
 from napari_glimpse.pyramid import build_pyramid
+from napari_glimpse.runtime import NetRuntime, TorchBackend
 from napari_glimpse.training import TrainConfig, TrainingData, resume_path, train
 
 K = 3
@@ -747,37 +747,72 @@ def test_cli_finetune_tunes_the_coarse_stage_and_reports_it(coarse_model, tiny_d
 
 
 # ------------------------------------------------------------------------ inference copy
-def test_inference_net_folds_batch_norm_and_follows_the_weights():
-    """The inference copy gives the net's answers without its batch-norm layers; it is made once,
-    and again after the weights change; a net in training mode is used as it is."""
+def _dict_keys(net: torch.nn.Module) -> list[set]:
+    """Every module's own attribute names (its ``__dict__``), module by module."""
+    return [set(m.__dict__) for m in net.modules()]
+
+
+def test_the_torch_backend_folds_batch_norm_and_follows_the_weights():
+    """A net's runtime (runtime.NetRuntime, its TorchBackend) runs a copy of it without its
+    batch-norm layers, with the net's answers; the copy is made once, and again after the weights
+    change; a net in training mode is used as it is. Nothing is stored on the net, and a copy of
+    the runtime makes its own copy."""
     import copy
 
     net = _randomise(CoarseNet(TINY_COARSE), seed=11)
+    fresh = _dict_keys(CoarseNet(TINY_COARSE))
+    assert _dict_keys(net) == fresh
+    rt = NetRuntime(net)
     x = torch.rand(2, 1, *TINY_COARSE.input_hw) * 255
-    fast = inference_net(net)
+    fast = rt.backend()
+    assert rt.int8 is None and rt.graph() is None and rt.usable() is None  # no graph: the float copy
+    assert fast is rt.torch.module() and fast is rt.backend(int8=False)
     assert fast is not net and not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # the net keeps its own
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), net(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(rt(x), net(x), atol=1e-4, rtol=1e-4)
     # the copy's convolution weights are laid out channels-last, like the activations; the net's stay as they were
     convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert not all(w.is_contiguous(memory_format=torch.channels_last)
                    for w in (m.weight for m in net.modules()
                              if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1))
-    assert inference_net(net) is fast  # unchanged weights: the same copy
-    assert "_inference_copy" not in str(list(net.state_dict())) and "_inference_copy" not in copy.deepcopy(net).__dict__
+    assert rt.backend() is fast and rt.torch.module() is fast  # unchanged weights: the same copy
+    # nothing on the net: no module gained an attribute, the state dict is the net's own
+    assert _dict_keys(net) == fresh
+    assert list(net.state_dict()) == list(CoarseNet(TINY_COARSE).state_dict())
+    held = [v for m in net.modules() for a in m.__dict__.values()
+            for v in (a if isinstance(a, (tuple, list)) else (a,))]
+    assert not any(isinstance(v, (torch.nn.Module, TorchBackend, NetRuntime)) for v in held)
+    # so another backend of the same net makes its own copy (with the same answers)
+    other = TorchBackend(net).module()
+    assert other is not fast
+    with torch.inference_mode():
+        torch.testing.assert_close(other(x), fast(x), atol=1e-5, rtol=1e-5)
+    # a copy of the runtime does not carry the fused copy: it makes its own, of its own net
+    twin = copy.deepcopy(rt)
+    assert twin.torch._copy is None and twin.net is not net and twin.torch.net is twin.net
+    twin_fast = twin.backend()
+    assert twin_fast is not fast and rt.backend() is fast
+    with torch.inference_mode():
+        torch.testing.assert_close(twin_fast(x), fast(x), atol=1e-5, rtol=1e-5)
     # an optimiser step changes the weights in place: a new copy, with the new answers
     net.train()
-    assert inference_net(net) is net
+    assert rt.backend() is net and rt.backend(int8=False) is net
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     net(x).square().mean().backward()
     opt.step()
     net.eval()
-    again = inference_net(net)
-    assert again is not fast
+    again = rt.backend()
+    assert again is not fast and rt.backend() is again
     with torch.inference_mode():
+        assert not torch.allclose(again(x), fast(x), atol=1e-3)
         torch.testing.assert_close(again(x), net(x), atol=1e-4, rtol=1e-4)
     # loading other weights, too
     net.load_state_dict(_randomise(CoarseNet(TINY_COARSE), seed=12).state_dict())
+    third = rt.backend()
+    assert third is not again
     with torch.inference_mode():
-        torch.testing.assert_close(inference_net(net)(x), net(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(third(x), net(x), atol=1e-4, rtol=1e-4)
+    assert _dict_keys(net) == fresh

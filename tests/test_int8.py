@@ -18,12 +18,13 @@ from conftest import TINY_COARSE_CONFIG, TINY_FINE_CONFIG, randomise_weights, sy
 
 from napari_glimpse import int8
 from napari_glimpse.checkpoint import read_checkpoint
-from napari_glimpse.coarse import CoarseConfig, CoarseNet, inference_net, members_of
+from napari_glimpse.coarse import CoarseConfig, CoarseNet, members_of
 from napari_glimpse.errors import GlimpseError
 from napari_glimpse.fine import FineConfig, FineEnsemble, FineNet
 from napari_glimpse.inference import DEFAULT_MODEL, GlimpseModel
 from napari_glimpse.int8 import Int8Net, checkpoint_graphs, quantize
 from napari_glimpse.io import read_image
+from napari_glimpse.runtime import NetRuntime, runtimes_by_stage
 
 N_NETS = 3  # the tiny models': 1 coarse + 2 fine
 # int8 against float, pixels of the 256 x 256 synthetic images. Observed on 30 disc images: at
@@ -37,6 +38,25 @@ MAX_OUTPUT_ERROR = 0.03
 
 def nets_of(model: GlimpseModel) -> list:
     return members_of(model.coarse) + members_of(model.fine)
+
+
+def runtimes_of_model(model: GlimpseModel) -> list[NetRuntime]:
+    """The coarse and fine stages' runtimes, in the order of :func:`nets_of` (one per net)."""
+    by_stage = runtimes_by_stage(model)
+    rts = [rt for name in ("coarse", "fine") for rt in by_stage.get(name, [])]
+    assert [rt.net for rt in rts] == nets_of(model)
+    return rts
+
+
+def runtime_of(model: GlimpseModel, net) -> NetRuntime:
+    """The runtime of one of the model's nets (its stage's)."""
+    (rt,) = [rt for rt in runtimes_of_model(model) if rt.net is net]
+    return rt
+
+
+def inference_net(model: GlimpseModel, net, int8: bool = True):
+    """What runs ``net`` in the model's inference now (its runtime's backend)."""
+    return runtime_of(model, net).backend(int8)
 
 
 def finals(model: GlimpseModel, images) -> np.ndarray:
@@ -62,9 +82,9 @@ def graphs_run(runs) -> set[int]:
     return {id(q) for q, _, _ in runs}
 
 
-def graphs_of_nets(nets) -> set[int]:
-    """The int8 graphs inference uses for ``nets`` (each must have one)."""
-    graphs = [inference_net(n) for n in nets]
+def graphs_of_nets(model: GlimpseModel, nets) -> set[int]:
+    """The int8 graphs inference uses for the model's ``nets`` (each must have one)."""
+    graphs = [inference_net(model, n) for n in nets]
     assert all(isinstance(g, Int8Net) for g in graphs)
     return {id(g) for g in graphs}
 
@@ -108,7 +128,7 @@ def test_quantize_runs_int8_graphs_that_answer_like_the_float_nets(tiny_staged_m
 
     graph_runs.clear()
     q = finals(model, images)
-    assert graphs_run(graph_runs) == graphs_of_nets(nets_of(model))  # every net ran its int8 graph
+    assert graphs_run(graph_runs) == graphs_of_nets(model, nets_of(model))  # every net ran its int8 graph
     move = np.linalg.norm(q - floats, axis=-1)  # (images, landmarks), the calibration images and others
     assert move.max() <= MAX_MOVE_PX, move
     assert np.median(move) <= TYPICAL_MOVE_PX, move
@@ -126,11 +146,12 @@ def test_int8_outputs_follow_the_float_nets_on_random_weights(tiny_model, tiny_d
     graph_runs.clear()
     for im in test_images:
         model.predict(im)
-    nets = {id(inference_net(n)): n for n in nets_of(model)}
-    assert graphs_run(graph_runs) == set(nets)
+    rts = {id(rt.backend()): rt for rt in runtimes_of_model(model)}
+    assert graphs_run(graph_runs) == set(rts) and len(rts) == N_NETS
     for q, x, out in graph_runs:
         with torch.inference_mode():
-            ref = inference_net(nets[id(q)], int8=False)(x)
+            ref = rts[id(q)].backend(int8=False)(x)
+        assert ref is not out and not isinstance(rts[id(q)].backend(int8=False), Int8Net)
         assert out.shape == ref.shape
         err = float((out - ref).abs().max() / (ref.max() - ref.min()))
         assert err <= MAX_OUTPUT_ERROR, err
@@ -144,10 +165,10 @@ def test_quantizing_only_the_fine_stage_leaves_the_coarse_net_float(tiny_quantiz
     coarse_net, *fine_nets = nets_of(model)
     assert quantize(model, tiny_data["train"]["paths"][:2], which=("fine",)) == N_NETS - 1
     assert model.int8_nets == (N_NETS - 1, N_NETS)
-    assert not isinstance(inference_net(coarse_net), Int8Net)
+    assert not isinstance(inference_net(model, coarse_net), Int8Net)
     graph_runs.clear()
     q = finals(model, test_images)
-    assert graphs_run(graph_runs) == graphs_of_nets(fine_nets)
+    assert graphs_run(graph_runs) == graphs_of_nets(model, fine_nets)
     assert np.linalg.norm(q - float_answers, axis=-1).max() <= MAX_MOVE_PX
     model.save(tmp_path / "fine_only.pt")
     graphs = checkpoint_graphs(read_checkpoint(tmp_path / "fine_only.pt"))
@@ -155,7 +176,7 @@ def test_quantizing_only_the_fine_stage_leaves_the_coarse_net_float(tiny_quantiz
     assert GlimpseModel.load(tmp_path / "fine_only.pt", "cpu").int8_nets == (N_NETS - 1, N_NETS)
     assert model.meta["int8"] == {"stages": ["fine"], "float_ends": False, "calibration_images": 2}
     assert quantize(model, tiny_data["train"]["paths"][:1], which="coarse") == 1  # a stage's name alone
-    assert model.int8_nets == (1, N_NETS) and isinstance(inference_net(coarse_net), Int8Net)
+    assert model.int8_nets == (1, N_NETS) and isinstance(inference_net(model, coarse_net), Int8Net)
     with pytest.raises(GlimpseError, match="coarse and/or fine"):
         quantize(model, tiny_data["train"]["paths"][:1], which=("glimpse",))
     model.fine = None  # a stage the model does not have: an error, and the graphs stay
@@ -202,7 +223,7 @@ def test_use_int8_switches_between_the_float_and_the_int8_answers(tiny_quantized
     model = GlimpseModel.load(tiny_quantized_model_path, "cpu")
     assert model.int8_nets == (N_NETS, N_NETS)
     q = finals(model, test_images)
-    assert graphs_run(graph_runs) == graphs_of_nets(nets_of(model))
+    assert graphs_run(graph_runs) == graphs_of_nets(model, nets_of(model))
 
     assert model.use_int8(False) == (0, N_NETS)
     assert model.int8_nets == (0, N_NETS)
@@ -275,9 +296,9 @@ def test_changed_weights_drop_that_nets_graph(tiny_quantized_model_path, test_im
         next(fine1.parameters()).add_(0.01)
     assert model.int8_nets == (N_NETS - 1, N_NETS)
     assert model.use_int8(True) == (N_NETS - 1, N_NETS)  # not back
-    assert not isinstance(inference_net(fine1), Int8Net)
+    assert not isinstance(inference_net(model, fine1), Int8Net)
     finals(model, test_images)
-    assert graphs_run(graph_runs) == graphs_of_nets([coarse, fine0])
+    assert graphs_run(graph_runs) == graphs_of_nets(model, [coarse, fine0])
 
     model.save(tmp_path / "tuned.pt")
     graphs = checkpoint_graphs(read_checkpoint(tmp_path / "tuned.pt"))
@@ -342,10 +363,14 @@ def test_deep_copies_of_quantized_nets(tiny_quantized_model_path, test_images):
     running its graphs)."""
     model = GlimpseModel.load(tiny_quantized_model_path, "cpu")
     q = finals(model, test_images)  # the sessions exist now
-    for net in nets_of(model):
-        twin = copy.deepcopy(net)
-        assert [torch.equal(a, b) for a, b in zip(twin.parameters(), net.parameters())] == \
-            [True] * len(list(net.parameters()))
+    for rt in runtimes_of_model(model):
+        assert rt.int8._session is not None
+        twin = copy.deepcopy(rt)
+        assert twin.net is not rt.net and twin.torch.net is twin.net
+        assert [torch.equal(a, b) for a, b in zip(twin.net.parameters(), rt.net.parameters())] == \
+            [True] * len(list(rt.net.parameters()))
+        assert twin.int8 is not None and twin.int8._session is None and twin.int8.graph == rt.int8.graph
+        assert rt.int8._session is not None  # the original keeps its own
     twin_model = copy.deepcopy(model)
     move = np.linalg.norm(finals(twin_model, test_images) - q, axis=-1)
     assert move.max() <= MAX_MOVE_PX
@@ -362,7 +387,7 @@ def test_the_default_model_runs_int8_graphs_for_its_five_nets(graph_runs):
     img = synthetic_image(np.array([[150.0, 150.0]]), np.random.default_rng(0), 300)
     tr = model.predict(img, iterations=0)
     assert tr.final.shape == (19, 2)
-    assert graphs_run(graph_runs) == graphs_of_nets(nets)
+    assert graphs_run(graph_runs) == graphs_of_nets(model, nets)
     assert GlimpseModel.load(None, "cpu", int8=False).int8_nets == (0, 5)
     # the graphs sit beside the float weights, and the file stays small
     assert DEFAULT_MODEL.stat().st_size <= 20 * 10**6
@@ -371,7 +396,7 @@ def test_the_default_model_runs_int8_graphs_for_its_five_nets(graph_runs):
 
 def test_a_failed_quantize_leaves_the_graphs_as_they_were(tiny_quantized_model_path, test_images, monkeypatch):
     model = GlimpseModel.load(tiny_quantized_model_path, "cpu")
-    before = [int8.attached(n).graph for n in nets_of(model)]
+    before = [rt.graph().graph for rt in runtimes_of_model(model)]
     answers = finals(model, test_images)
     made = []
 
@@ -387,7 +412,7 @@ def test_a_failed_quantize_leaves_the_graphs_as_they_were(tiny_quantized_model_p
         with pytest.raises(RuntimeError, match="disk full"):
             quantize(model, test_images[:1], which=which)
         # no net got a new graph, and the old ones are used as before (not left disabled)
-        assert [int8.attached(n).graph for n in nets_of(model)] == before
+        assert [rt.graph().graph for rt in runtimes_of_model(model)] == before
         assert model.int8_nets == (3, 3)
         np.testing.assert_array_equal(finals(model, test_images), answers)
 
