@@ -172,6 +172,12 @@ class GlimpseModel:
                 out.append(st)
         return tuple(out)
 
+    @property
+    def runtimes(self) -> dict:
+        """How the coarse and fine stages' nets run (their :class:`~napari_glimpse.runtime.NetRuntime`
+        each), by stage: ``{"coarse": [...], "fine": [...]}`` for the stages the model has."""
+        return {st.name: st.runtimes for st in (self._coarse_stage, self._fine_stage) if st is not None}
+
     def stage(self, name: str):
         """The stage called ``name`` (``coarse``, ``fine`` or ``glimpse``), its spec as the meta says
         now; a :class:`GlimpseError` when the model has none."""
@@ -256,7 +262,7 @@ class GlimpseModel:
 
     def use_int8(self, enabled: bool = True) -> tuple[int, int]:
         """Run the coarse and fine nets' int8 graphs (where usable: see
-        :func:`napari_glimpse.int8.usable`) or, with ``enabled=False``, the float nets. Returns
+        :meth:`napari_glimpse.runtime.NetRuntime.usable`) or, with ``enabled=False``, the float nets. Returns
         (nets that now run int8, coarse and fine nets)."""
         runtime.set_enabled(self, enabled)
         return runtime.status(self)

@@ -205,7 +205,7 @@ def nets_by_stage(model: "GlimpseModel") -> dict[str, list[nn.Module]]:
 
 def runtimes_by_stage(model: "GlimpseModel") -> dict[str, list[NetRuntime]]:
     """The runtimes of the model's coarse and fine stages' nets, by stage."""
-    return {st.name: st.runtimes for st in model.stages if st.name in ("coarse", "fine")}
+    return model.runtimes
 
 
 def graphs_of(model: "GlimpseModel") -> dict[str, list[torch.Tensor | None]] | None:
