@@ -279,9 +279,15 @@ def test_evaluate_landmark_count_mismatch(capsys, tiny_model_path, tmp_path):
     assert "model 'unnamed' (3 landmarks) does not match the data (2 landmarks; no landmarks.json" in line
 
 
+@pytest.mark.parametrize("flag", [["--pretrained"], ["--config", "paper"], ["--fine-target", "annotators"]])
+def test_train_refuses_the_flags_of_removed_experiments(capsys, tiny_data, tmp_path, flag):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", str(tiny_data["root"]), "--out", str(tmp_path / "m.pt"), *flag])
+    assert e.value.code == 2 and f"unrecognized arguments: {' '.join(flag)}" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_train_option_errors(capsys, tiny_data, tmp_path):
-    line = run_error(capsys, "train", "--data", tiny_data["root"], "--out", tmp_path / "m.pt", "--pretrained")
-    assert "--pretrained" in line
     line = run_error(capsys, "train", "--data", tiny_data["root"], "--out", tmp_path / "m.pt",
                      "--val-fraction", 1.5)
     assert "--val-fraction" in line

@@ -35,7 +35,7 @@ STAGES = ("coarse", "fine", "glimpse")  # the order train() trains them in
 
 
 def first_step_gradients(data: Path, out: Path, batch: int = BATCH) -> dict[str, list[torch.Tensor]]:
-    """Train a tiny coarse, fine (with every random augmentation and both loss terms) and glimpse
+    """Train a tiny coarse, fine (with every random augmentation) and glimpse
     net for one step each (:func:`train`) and return each optimizer's gradients as it steps (after
     the all-reduce, under torch.distributed)."""
     from napari_glimpse.io import load_dataset
@@ -53,7 +53,7 @@ def first_step_gradients(data: Path, out: Path, batch: int = BATCH) -> dict[str,
               TrainConfig(batch_size=batch, save_every_s=1e9), device="cpu", progress=False, max_steps=1,
               coarse_steps=1, coarse_config=CoarseConfig(n_landmarks=3, input_hw=(64, 48), width=4, batch_size=batch),
               fine_steps=1, fine_config=FineConfig(n_landmarks=3, patch=32, width=4, batch_size=batch, context=2,
-                                                   jitter_mm=(0.5, 2.0), coord_weight=0.5, erase=0.5))
+                                                   jitter_mm=(0.5, 2.0)))
     finally:
         handle.remove()
     assert len(grads) == len(STAGES)

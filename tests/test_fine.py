@@ -179,6 +179,57 @@ def test_train_fine_targets_sit_on_the_windows_landmarks(monkeypatch):
     assert 0.5 < float(np.mean(off)) < 8.0
 
 
+def test_train_fine_batch_is_the_reference_formula(monkeypatch):
+    """The first batch train_fine makes, against the formula written out here: the same random
+    draws in the same order, windows, weights (1 for a landmark inside its window) and targets (a
+    Gaussian at each landmark inside, zero for the others)."""
+    from napari_glimpse import fine
+
+    hw = (128, 96)
+    cfg = replace(TINY_FINE, n_landmarks=2, context=1, batch_size=16, sigma=1.0, jitter_mm=(0.5, 4.0),
+                  rotation_deg=15.0, log_scale=0.15, pixel_spacing=0.1)
+    truth = to_normalised(torch.tensor([[[43.0, 50.0], [50.0, 60.0]], [[60.0, 67.0], [20.0, 30.0]],
+                                        [[11.0, 123.0], [80.0, 100.0]]]), hw)
+    levels = [torch.rand(3, 1, *hw, generator=torch.Generator().manual_seed(0)) * 255]
+    got = {}
+
+    def one_batch(net, stage, lr, batch, *args, **kwargs):
+        got["batch"] = batch()
+        return []
+
+    monkeypatch.setattr(fine, "fit_heatmaps", one_batch)
+    train_fine(levels, truth, cfg, 1.0, progress=False)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    b, heat_hw, px_mm = cfg.batch_size, (16, 16), cfg.pixel_spacing * 2 ** cfg.level
+    lo, hi = (np.log(v / px_mm) for v in cfg.jitter_mm)
+    i = torch.randint(0, len(truth), (b,), generator=gen)
+    j = torch.randint(0, 2, (b,), generator=gen)
+    sd = torch.exp(lo + (hi - lo) * torch.rand(b, 1, generator=gen))
+    off = torch.randn(b, 2, generator=gen) * sd * 2 / torch.tensor([hw[1], hw[0]])
+    ang = (torch.rand(b, generator=gen) * 2 - 1) * np.radians(cfg.rotation_deg)
+    scl = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * cfg.log_scale)
+    theta = fine.window_matrix(hw, truth[i, j] + off, cfg.patch, ang, scl)
+    x = fine.augment_intensity(fine.WindowCutter(levels, cfg.patch)(i, theta), gen)
+    a, t = theta[:, :, :2], theta[:, :, 2]
+    o = torch.einsum("bij,bkj->bki", torch.linalg.inv(a), truth[i] - t[:, None, :])
+    inside = (o.abs() < 0.95).all(-1).float()
+    target = fine.gaussian_targets(fine.from_normalised(o, heat_hw), heat_hw, cfg.sigma)
+    got_x, got_target, got_inside = got["batch"]
+    assert torch.equal(got_x, x)
+    assert torch.equal(got_inside, inside) and 0 < inside.sum() < 2 * b  # some landmarks outside
+    assert torch.equal(got_target, target * inside[..., None, None])
+
+
+def test_a_fine_config_of_a_file_with_the_removed_options_loads():
+    """Files written before ``target``, ``coord_weight`` and ``erase`` were removed (every shipped
+    net has them at ``"mean"``, 0 and 0) load; what is written has none of them."""
+    old = {**TINY_FINE.to_dict(), "target": "mean", "coord_weight": 0.0, "erase": 0.0}
+    cfg = FineConfig.from_dict(old)
+    assert cfg == TINY_FINE
+    assert set(cfg.to_dict()) == set(old) - {"target", "coord_weight", "erase"}
+    assert FineConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
 # ------------------------------------------------------------------------ 2. refinement
 class _DotFinder(FineNet):
     """A 'fine net' that answers with a sharp heatmap on the brightest pixel of its window, for
@@ -232,7 +283,7 @@ def test_predict_refines_the_coarse_answer(fine_model, image):
     np.testing.assert_allclose(tr.uncertainty_mm, want_spread * fine_model.pixel_spacing, rtol=1e-4)
     np.testing.assert_allclose(fine_model.locate_coarse(image)[1], want_spread, rtol=1e-4)
     assert not np.allclose(want_spread, coarse_spread, rtol=1e-2)
-    fine_model.meta["fine_steps"] = 0  # the choice written by benchmarks/isbi.py
+    fine_model.meta["fine_steps"] = 0  # a model file's choice (a recipe's inference fine_steps)
     tr0 = fine_model.predict(image, facing="right")
     np.testing.assert_allclose(tr0.final, coarse_only, atol=1e-4)
     np.testing.assert_allclose(tr0.uncertainty_mm, coarse_spread * fine_model.pixel_spacing, rtol=1e-4)

@@ -95,8 +95,9 @@ def halve_weights(ckpt: dict) -> dict:
     linear weights, and the glimpse net's (K, 2) output bias) stored as float16: about half the
     file. One-dimensional ones (biases, batch-norm statistics) stay as they are. Reading puts
     them back into the float32 networks (``load_state_dict`` casts), so every reader, old or new,
-    reads the file; the answers move by float16's rounding of the weights (a relative 2**-11),
-    which ``benchmarks/isbi.py --half-weights`` measures. A weight beyond float16's range
+    reads the file; the answers move by float16's rounding of the weights (a relative 2**-11;
+    measured for the shipped file on validation: ``half_weights_check`` in
+    ``benchmarks/results/default_model_assembly.json``). A weight beyond float16's range
     (65504) is an error rather than an infinity."""
 
     def half(sd: dict) -> dict:

@@ -287,17 +287,14 @@ def fit_heatmaps(
     eval_every_s: float = 300.0,
     max_steps: int | None = None,
     averages: "dict[float, nn.Module] | None" = None,
-    coord_weight: float = 0.0,
 ) -> list[dict]:
     """The training loop shared by the coarse and fine stages.
 
     ``batch()`` returns ``(x, target, inside)``: inputs, ``(B, K, h, w)`` target distributions
     and ``(B, K)`` weights (0 for landmarks outside the view); the loss is their cross-entropy
     with the net's heatmaps (under torchrun, ``batch()`` returns this rank's share of the batch).
-    With ``coord_weight`` > 0, ``batch()`` also returns the ``(B, K, 2)`` taught points (heatmap
-    pixels, x y), and the loss adds ``coord_weight`` times the mean distance from each heatmap's
-    expected position (its softmax's mean) to its point. AdamW, warm-up then cosine to 1 % of
-    ``lr``, fitted to the nearer of ``time_budget_s`` and ``max_steps``.
+    AdamW, warm-up then cosine to 1 % of ``lr``, fitted to the nearer of ``time_budget_s`` and
+    ``max_steps``.
     ``callback`` gets a dict per step (``stage``, ``step``, ``loss``, ``lr``, ``elapsed_s``,
     ``progress``); ``evaluate(net) -> mm`` runs every ``eval_every_s`` and at the end. Returns the
     history; the net is left in eval mode.
@@ -320,7 +317,7 @@ def fit_heatmaps(
     progress, evaluate = (progress, evaluate) if distributed.is_main() else (False, None)
     distributed.broadcast_state(net)
     synced = distributed.synced_batchnorm(net)
-    fit = _HeatmapFit(net, stage, lr, batch, averages, coord_weight, evaluate)
+    fit = _HeatmapFit(net, stage, lr, batch, averages, evaluate)
     try:
         res = loop.run(fit.step, fit.opt, lambda frac: lr * heatmap_lr_factor(frac), stage=stage,
                        time_budget_s=time_budget_s, max_steps=max_steps, progress=progress, callback=callback,
@@ -331,18 +328,12 @@ def fit_heatmaps(
     return fit.finish(res)
 
 
-def heatmap_loss(logits: torch.Tensor, target: torch.Tensor, inside: torch.Tensor,
-                 coord_weight: float = 0.0, pos: torch.Tensor | None = None) -> torch.Tensor:
+def heatmap_loss(logits: torch.Tensor, target: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
     """The heatmap nets' loss (see :func:`fit_heatmaps`): the cross-entropy of ``target`` with the
-    heatmaps ``logits``, weighted by ``inside``, plus ``coord_weight`` times the mean distance from each
-    heatmap's expected position to ``pos``; averaged over the landmarks inside (every rank's)."""
+    heatmaps ``logits``, weighted by ``inside``, averaged over the landmarks inside (every rank's)."""
     logp = torch.log_softmax(logits.flatten(2), -1)
     count = distributed.mean_divisor(inside.sum())
-    loss = (-(target.flatten(2) * logp).sum(-1) * inside).sum() / count
-    if coord_weight:
-        loss = loss + coord_weight * (expected_position(logp.exp().view_as(logits)) - pos).norm(dim=-1) \
-            .mul(inside).sum() / count
-    return loss
+    return (-(target.flatten(2) * logp).sum(-1) * inside).sum() / count
 
 
 class _HeatmapFit:
@@ -350,18 +341,17 @@ class _HeatmapFit:
     and weight averages) and the validation hook, with the history they record."""
 
     def __init__(self, net: nn.Module, stage: str, lr: float, batch: Callable[[], tuple],
-                 averages: "dict[float, nn.Module] | None", coord_weight: float,
-                 evaluate: Callable[[nn.Module], float] | None):
+                 averages: "dict[float, nn.Module] | None", evaluate: Callable[[nn.Module], float] | None):
         self.net, self.stage, self.batch = net, stage, batch
-        self.averages, self.coord_weight, self.evaluate = averages or {}, coord_weight, evaluate
+        self.averages, self.evaluate = averages or {}, evaluate
         self.dev = next(net.parameters()).device  # batches are made on the CPU, then moved to the net's device
         self.opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
         self.history: list[dict] = []
         self.steps = 0
 
     def step(self, frac: float) -> float:
-        x, target, inside, *pos = (t.to(self.dev, non_blocking=True) for t in self.batch())
-        loss = heatmap_loss(self.net(x), target, inside, self.coord_weight, pos[0] if self.coord_weight else None)
+        x, target, inside = (t.to(self.dev, non_blocking=True) for t in self.batch())
+        loss = heatmap_loss(self.net(x), target, inside)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         distributed.average_gradients(self.net.parameters())
@@ -414,14 +404,6 @@ def training_mode(net: nn.Module) -> nn.Module:
         if own and not any(p.requires_grad for p in own):
             m.eval()
     return net
-
-
-def expected_position(p: torch.Tensor) -> torch.Tensor:
-    """``(B, K, 2)`` mean position (heatmap pixels, x y) of ``(B, K, h, w)`` distributions."""
-    h, w = p.shape[-2:]
-    px, py = p.sum(-2), p.sum(-1)  # marginals over x (B, K, w) and y (B, K, h)
-    return torch.stack([(px * torch.arange(w, dtype=p.dtype, device=p.device)).sum(-1),
-                        (py * torch.arange(h, dtype=p.dtype, device=p.device)).sum(-1)], -1)
 
 
 def update_average(avg: nn.Module, net: nn.Module, decay: float, step: int) -> None:

@@ -45,8 +45,6 @@ from .errors import GlimpseError
 from .pyramid import deepen
 from .runtime import NetRuntime, runtimes_of
 
-TARGETS = ("mean", "annotators")
-
 
 @dataclass(frozen=True)
 class FineConfig(DictConfig):
@@ -59,16 +57,10 @@ class FineConfig(DictConfig):
     about 1–2 mm, rarely 5–10); ``context``: how many levels the window is cut from (``level``,
     ``level + 1``, ...; each its own input channel, all ``patch`` pixels and centred alike, so each
     coarser one sees twice the area: a small glimpse; levels below the model's pyramid are made
-    from its last one, :func:`napari_glimpse.pyramid.deepen`); ``target``: what each training window's
-    heatmap is taught, ``"mean"`` (one Gaussian at the mean of the annotators' points) or
-    ``"annotators"`` (one Gaussian at each annotator's point, equal weights: where each would
-    click; the answer, a soft-argmax around the peak, then lands between them where they differ by
-    less than the decode window). With one annotator both are the same. ``coord_weight``: weight of
-    a second loss term, the distance (heatmap pixels) from the heatmap's expected position to the
-    taught point, beside the heatmaps' cross-entropy (0: none). ``erase``: the probability that a
-    training window's finest channel has a random rectangle (15–50 % of the side each way) filled
-    with its mean, so the net must also place the point from context (0: never). Neither made a
-    better net on ISBI validation.
+    from its last one, :func:`napari_glimpse.pyramid.deepen`). Each training window's heatmap is
+    taught one Gaussian at the mean of the annotators' points. Files written before ``target``,
+    ``coord_weight`` and ``erase`` were removed still load (:meth:`from_dict` ignores those keys;
+    every shipped net had them ``"mean"``, 0 and 0, what training does now).
     """
 
     n_landmarks: int = 19
@@ -84,17 +76,6 @@ class FineConfig(DictConfig):
     context: int = 3
     pixel_spacing: float = 0.1
     seed: int = 0
-    target: str = "mean"
-    coord_weight: float = 0.0
-    erase: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.target not in TARGETS:
-            raise GlimpseError(f"fine target {self.target!r}: expected one of {', '.join(TARGETS)}")
-        if self.coord_weight < 0:
-            raise GlimpseError(f"fine coord_weight {self.coord_weight}: expected 0 or more")
-        if not 0.0 <= self.erase <= 1.0:
-            raise GlimpseError(f"fine erase {self.erase}: expected a probability between 0 and 1")
 
 
 class FineNet(CoarseNet):
@@ -306,16 +287,6 @@ def present_pairs(i: torch.Tensor, j: torch.Tensor, present: torch.Tensor, gen: 
     return i, j
 
 
-def mean_of_present(x: torch.Tensor, ok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(N, K, 2)`` mean over dim 1 of ``x`` ``(N, A, K, 2)`` where ``ok`` ``(N, A, K)`` (0 where
-    none is: never NaN) and ``(N, K)`` whether any is."""
-    if bool(ok.all()):
-        return x.mean(1), ok.all(1)
-    w = ok[..., None]
-    count = w.sum(1)
-    return torch.where(w, x, 0.0).sum(1) / count.clamp_min(1), count[..., 0] > 0
-
-
 def train_fine(
     levels: "list[torch.Tensor]",
     truth_n: torch.Tensor,
@@ -337,11 +308,9 @@ def train_fine(
     """Train a fine net for ``time_budget_s`` seconds of wall time (or ``max_steps`` steps).
 
     ``levels``: per context level (finest first), ``(N, 1, h, w)`` float, every training image's
-    level (:func:`fine_levels`); ``truth_n``: ``(N, K, 2)`` positions in normalised coordinates, or
-    ``(N, A, K, 2)``: each of ``A`` annotators' (taught as ``cfg.target`` says; windows are centred
-    near their mean either way). ``present``: ``(N, K)`` or ``(N, A, K)`` bool, False where a
-    landmark is absent (default: where ``truth_n`` is NaN); no window is centred on an absent
-    landmark, and none is taught, whatever its ``truth_n``.
+    level (:func:`fine_levels`); ``truth_n``: ``(N, K, 2)`` positions in normalised coordinates.
+    ``present``: ``(N, K)`` bool, False where a landmark is absent (default: where ``truth_n`` is
+    NaN); no window is centred on an absent landmark, and none is taught, whatever its ``truth_n``.
     ``averages``: weight averages to keep (see :func:`napari_glimpse.coarse.fit_heatmaps`).
     The rest (``device`` and ``layers`` too) as :func:`napari_glimpse.coarse.train_coarse`.
     """
@@ -351,21 +320,17 @@ def train_fine(
     cfg = net.cfg
     batch = _fine_batches(levels, truth_n, present, cfg, gen)
     history = fit_heatmaps(net, "fine", cfg.lr * lr_scale, batch, time_budget_s, progress, callback, should_stop,
-                           evaluate, eval_every_s, max_steps, averages, coord_weight=cfg.coord_weight)
+                           evaluate, eval_every_s, max_steps, averages)
     return net, history
 
 
 def _fine_batches(levels: "list[torch.Tensor]", truth_n: torch.Tensor, present: torch.Tensor | None,
                   cfg: FineConfig, gen: torch.Generator) -> Callable[[], tuple]:
     """The fine net's batches (see :func:`train_fine`): windows near random present landmarks of
-    random images, their target heatmaps (with ``cfg.coord_weight``: and taught points) and which
-    landmarks are inside, drawn from ``gen``."""
-    each = truth_n if truth_n.dim() == 4 else truth_n[:, None]  # (N, A, K, 2)
-    ok = torch.isfinite(each).all(-1) if present is None else present.bool().reshape(each.shape[:3])  # (N, A, K)
-    if cfg.target == "mean":
-        each, ok = (v[:, None] for v in mean_of_present(each, ok))
-    centre_n, has = mean_of_present(each, ok)  # the windows' centres, where any annotator placed the landmark
-    n, k = centre_n.shape[:2]
+    random images, their target heatmaps and which landmarks are inside, drawn from ``gen``."""
+    ok = torch.isfinite(truth_n).all(-1) if present is None else present.bool()  # (N, K)
+    truth_n = torch.where(ok[..., None], truth_n, 0.0)  # an absent landmark's NaN is never read
+    n, k = truth_n.shape[:2]
     lhw = tuple(levels[0].shape[-2:])
     heat_hw = ((cfg.patch + 1) // 2, (cfg.patch + 1) // 2)
     px_mm = cfg.pixel_spacing * 2 ** cfg.level  # mm per level pixel
@@ -376,53 +341,24 @@ def _fine_batches(levels: "list[torch.Tensor]", truth_n: torch.Tensor, present: 
         b = cfg.batch_size
         i = torch.randint(0, n, (b,), generator=gen)
         j = torch.randint(0, k, (b,), generator=gen)
-        i, j = present_pairs(i, j, has, gen)
+        i, j = present_pairs(i, j, ok, gen)
         sd = torch.exp(lo + (hi - lo) * torch.rand(b, 1, generator=gen))  # level pixels
         off = torch.randn(b, 2, generator=gen) * sd * 2 / torch.tensor([lhw[1], lhw[0]])
         ang = (torch.rand(b, generator=gen) * 2 - 1) * math.radians(cfg.rotation_deg)
         scl = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * cfg.log_scale)
-        theta = window_matrix(lhw, centre_n[i, j] + off, cfg.patch, ang, scl)
+        theta = window_matrix(lhw, truth_n[i, j] + off, cfg.patch, ang, scl)
         i, theta = distributed.share(i), distributed.share(theta)  # this rank's windows (all in one process)
         x = augment_intensity(cutter(i, theta), gen)
-        if cfg.erase > 0:
-            x = erase_rectangles(x, cfg.erase, gen)
         a, t = theta[:, :, :2], theta[:, :, 2]
-        # each annotator's points in window normalised coordinates: (B, A, K, 2)
-        o = torch.einsum("bij,bakj->baki", torch.linalg.inv(a), each[i] - t[:, None, None, :])
+        # every landmark's point in window normalised coordinates: (B, K, 2)
+        o = torch.einsum("bij,bkj->bki", torch.linalg.inv(a), truth_n[i] - t[:, None, :])
         o = torch.where(ok[i][..., None], o, 2.0)  # an absent landmark: outside every window, not taught
-        seen = (o.abs() < 0.95).all(-1).float()  # (B, A, K)
-        maps = gaussian_targets(from_normalised(o, heat_hw), heat_hw, cfg.sigma)  # (B, A, K, h, w)
-        count = seen.sum(1)
-        # the mean of the Gaussians inside the window (zero where none is: their weight is 0, so
-        # the loss and its gradients are as before for one annotator or the mean point)
-        target = (maps * seen[..., None, None]).sum(1) / count.clamp_min(1)[..., None, None]
-        if cfg.coord_weight == 0:
-            return x, target, (count > 0).float()
-        # the taught point (heatmap pixels): the mean of the annotators' points inside the window
-        pos = (from_normalised(o, heat_hw) * seen[..., None]).sum(1) / count.clamp_min(1)[..., None]
-        return x, target, (count > 0).float(), pos
+        inside = (o.abs() < 0.95).all(-1).float()  # (B, K)
+        # a Gaussian at each landmark inside the window (zero elsewhere: its weight is 0 too)
+        target = gaussian_targets(from_normalised(o, heat_hw), heat_hw, cfg.sigma) * inside[..., None, None]
+        return x, target, inside
 
     return batch
-
-
-def erase_rectangles(x: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
-    """With probability ``p`` per window, fill a random rectangle of its first channel (each side
-    15–50 % of the window's) with that channel's mean; ``x`` is ``(B, C, P, P)``, under torchrun this
-    rank's share of the batch (the draws are the whole batch's, as :func:`augment_intensity`'s)."""
-    _, _, hh, ww = x.shape
-    b, own = x.shape[0] * distributed.world_size(), distributed.share
-    hit = own(torch.rand(b, generator=gen)) < p
-    side = (own(torch.rand(b, 2, generator=gen)) * 0.35 + 0.15) * torch.tensor([hh, ww])
-    corner = own(torch.rand(b, 2, generator=gen)) * (torch.tensor([hh, ww]) - side)
-    ys = torch.arange(hh)[None, :, None]
-    xs = torch.arange(ww)[None, None, :]
-    inside = ((ys >= corner[:, 0, None, None]) & (ys < (corner[:, 0] + side[:, 0])[:, None, None])
-              & (xs >= corner[:, 1, None, None]) & (xs < (corner[:, 1] + side[:, 1])[:, None, None])
-              & hit[:, None, None])
-    x = x.clone()
-    first = x[:, 0]
-    x[:, 0] = torch.where(inside, first.mean((-1, -2), keepdim=True), first)
-    return x
 
 
 def fine_levels_by_kind(pyramids: list, truth: np.ndarray, cfgs: "list[FineConfig]"
@@ -438,8 +374,7 @@ def fine_levels_by_kind(pyramids: list, truth: np.ndarray, cfgs: "list[FineConfi
 def fine_levels(pyramids: list, truth: np.ndarray, cfg: FineConfig) -> tuple["list[torch.Tensor]", torch.Tensor]:
     """Every image's levels ``cfg.level`` .. ``cfg.level + cfg.context - 1``, each as one
     ``(N, 1, h, w)`` float stack, and the normalised positions (images of other sizes are
-    resampled to the first one's level sizes). ``truth`` ``(N, K, 2)``, or ``(N, A, K, 2)`` with
-    each annotator's points; the positions come back in the same shape (for :func:`train_fine`)."""
+    resampled to the first one's level sizes); ``truth`` is ``(N, K, 2)`` (for :func:`train_fine`)."""
     deep = [deepen(p.levels, cfg.level + cfg.context) for p in pyramids]  # as refine() makes them
     stacks = []
     for c in range(cfg.context):

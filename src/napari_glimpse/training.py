@@ -109,13 +109,7 @@ class TrainingData:
         # the fine stage's levels for each kind of fine net (level, context levels): one
         # (N, 1, h, w) float stack per context level, and the normalised truth
         fines = [] if fine is None else [fine] if isinstance(fine, FineConfig) else list(fine)
-        fine_truth = self.truth.numpy()
-        if any(c.target == "annotators" for c in fines):  # each annotator's points: (N, A, K, 2)
-            if ground_truth != "mean":
-                raise GlimpseError(f"a fine net with target 'annotators' learns every annotator's points; "
-                                   f"the ground truth must be 'mean', not {ground_truth!r}")
-            fine_truth = dataset.each_annotator().astype(np.float32)
-        self.fine_levels = fine_levels_by_kind(pyramids, fine_truth, fines) if fines else None
+        self.fine_levels = fine_levels_by_kind(pyramids, self.truth.numpy(), fines) if fines else None
         self.n_images, self.n_landmarks = self.truth.shape[:2]
 
 
@@ -305,7 +299,7 @@ def _heatmap_stage(kind: str, model: GlimpseModel, data: "TrainingData", tune: t
 
 
 def _begin(dataset: Dataset, rpath: Path, model_config: ModelConfig | None, tcfg: TrainConfig, dev: torch.device,
-           resume: bool, init: GlimpseModel | None, pretrained: str | bool | None
+           resume: bool, init: GlimpseModel | None
            ) -> tuple[GlimpseModel | None, torch.nn.Module | None, ModelConfig, TrainConfig, dict | None]:
     """Where training starts: the resume point (its model, config and training state), ``init``'s
     model, or a new glimpse net (the model is built once the data's statistics are known: None).
@@ -339,8 +333,6 @@ def _begin(dataset: Dataset, rpath: Path, model_config: ModelConfig | None, tcfg
             mcfg = replace(mcfg, n_landmarks=len(dataset.landmark_names))
         torch.manual_seed(tcfg.seed)
         net = GlimpseModelNet(mcfg)
-        if pretrained:
-            net.load_pretrained_trunk(None if pretrained is True else str(pretrained))
         model = None  # built once the data's statistics are known
     return model, net, mcfg, tcfg, state
 
@@ -464,7 +456,7 @@ def _the_model(model: GlimpseModel | None, net: GlimpseModelNet, mcfg: ModelConf
 def train(
     dataset: Dataset, out: str | os.PathLike, model_config: ModelConfig | None = None,
     train_config: TrainConfig | None = None, device: str = "auto", time_budget_s: float | None = None,
-    resume: bool = False, init: GlimpseModel | None = None, pretrained: str | bool | None = None,
+    resume: bool = False, init: GlimpseModel | None = None,
     val: Dataset | None = None, progress: bool = True, callback: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None, meta: dict | None = None, max_steps: int | None = None,
     coarse_budget_s: float | None = None, coarse_config: CoarseConfig | None = None, coarse_steps: int | None = None,
@@ -476,9 +468,8 @@ def train(
     (whichever comes first; the learning-rate schedule follows the nearer one), or when
     ``should_stop()`` returns True. Every ``save_every_s`` a resumable state is written to
     ``out + '.resume'``; ``resume=True`` continues from it. ``init`` starts from an existing model
-    (fine-tuning); ``max_steps`` overrides the step limit (also on resume); ``pretrained`` loads
-    ImageNet weights into the paper trunk (True: torchvision, or a path to a local ResNet-34 state
-    dict). ``callback`` receives a dict per step.
+    (fine-tuning); ``max_steps`` overrides the step limit (also on resume). ``callback`` receives
+    a dict per step.
 
     ``coarse_budget_s``: first train a coarse stage (:mod:`napari_glimpse.coarse`, all landmarks
     from a whole-image view) for that many seconds and attach it, so the glimpses start from its
@@ -499,7 +490,7 @@ def train(
     if not distributed.is_main():
         progress, val = False, None
     out, rpath, dev, tcfg = Path(out), resume_path(out), resolve_device(device), train_config or TrainConfig()
-    model, net, mcfg, tcfg, state = _begin(dataset, rpath, model_config, tcfg, dev, resume, init, pretrained)
+    model, net, mcfg, tcfg, state = _begin(dataset, rpath, model_config, tcfg, dev, resume, init)
     plan = _plan_stages(dataset, tcfg, init, state, coarse_budget_s or coarse_steps, coarse_config,
                         fine_budget_s or fine_steps, fine_config)
     data = TrainingData(dataset, mcfg.n_levels, mcfg.patch, tcfg.ground_truth, progress=progress,

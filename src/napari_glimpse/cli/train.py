@@ -19,16 +19,12 @@ def add_parser(sub) -> None:
                    help="train the kind of model a recipe describes: 'default' (the shipped model's: a coarse net and "
                         "four fine nets, int8; 238 min in full, about 4 h on 2 CPU cores) or a recipe file; "
                         "--time-budget then scales every stage's minutes, --max-steps caps every stage's steps")
-    # hidden: only past experiments use them (no recipe does): --config paper, the published ResNet-34
-    # trunk, and --pretrained, its ImageNet weights (from torchvision or a local state dict)
-    t.add_argument("--config", choices=["compact", "paper"], default="compact", help=argparse.SUPPRESS)
     t.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     t.add_argument("--time-budget", type=positive_float, metavar="MIN",
                    help="stop after this many minutes of training; the schedule fits the budget")
     t.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
     t.add_argument("--resume", action="store_true", help="continue from OUT.resume")
     t.add_argument("--init", metavar="MODEL", help="start from this model's weights (fine-tuning)")
-    t.add_argument("--pretrained", nargs="?", const=True, metavar="PATH", help=argparse.SUPPRESS)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=positive_int,
                    help="the glimpse net's batch of one step; under torchrun the processes share it (docs/scale.md)")
@@ -45,8 +41,6 @@ def add_parser(sub) -> None:
     t.add_argument("--fine-minutes", type=positive_float, metavar="MIN",
                    help="then train the fine stage for MIN minutes (a closer look around each coarse answer, "
                         "at 0.2 mm per pixel for ISBI images); needs --coarse-minutes")
-    # hidden: an experiment that lost (the fine net taught each annotator's point instead of their mean)
-    t.add_argument("--fine-target", choices=["mean", "annotators"], default="mean", help=argparse.SUPPRESS)
     t.add_argument("--levels", type=positive_int, help="pyramid levels seen by each glimpse (default 6)")
     t.add_argument("--progress-json", action="store_true",
                    help="print one JSON line per step on stdout (for the napari widget): the stage, its step, "
@@ -60,7 +54,6 @@ def run(a: argparse.Namespace) -> int:
         from ..recipe import cmd_train_recipe
 
         return cmd_train_recipe(a, _defaults())
-    from ..fine import FineConfig
     from ..inference import GlimpseModel
     from ..io import load_dataset
     from ..training import train
@@ -69,24 +62,17 @@ def run(a: argparse.Namespace) -> int:
     mcfg, tcfg = _configs(a, ds)
     val, ds = _validation_split(a, ds)
     init = GlimpseModel.load(a.init, a.device) if a.init else None
-    if a.pretrained and a.config != "paper":
-        raise GlimpseError("--pretrained applies to --config paper (the ResNet-34 trunk)")
     cmd = "napari-glimpse " + " ".join(sys.argv[1:]) if sys.argv else ""
     meta = {"command": cmd, "data": str(a.data), "split": a.split}
     if a.init:
         meta["parent"] = str(a.init)
-    if a.fine_target != "mean" and (not a.fine_minutes or a.resume or (init is not None and init.fine is not None)):
-        raise GlimpseError("--fine-target applies to a new fine stage: give --fine-minutes, without --resume "
-                           "or an --init model that has a fine stage (its own target is kept)")
     model = train(
         ds, a.out, mcfg, tcfg, device=a.device,
         time_budget_s=a.time_budget * 60 if a.time_budget else None,
-        resume=a.resume, init=init, pretrained=a.pretrained, val=val, meta=meta,
+        resume=a.resume, init=init, val=val, meta=meta,
         progress=not a.progress_json, callback=_json_line if a.progress_json and is_main() else None,
         max_steps=a.max_steps, coarse_budget_s=a.coarse_minutes * 60 if a.coarse_minutes else None,
         fine_budget_s=a.fine_minutes * 60 if a.fine_minutes else None,
-        fine_config=None if a.fine_target == "mean" else FineConfig(
-            n_landmarks=len(ds.landmark_names), seed=tcfg.seed, pixel_spacing=ds.pixel_spacing, target=a.fine_target),
     )
     if is_main():  # rank 0 of a torchrun job reports
         _report(a.out, model.meta)
@@ -94,10 +80,10 @@ def run(a: argparse.Namespace) -> int:
 
 
 def _configs(a: argparse.Namespace, ds):
-    """The model and training configs: ``--config``'s preset with the flags that change it."""
+    """The model and training configs: the compact preset with the flags that change it."""
     from ..training import presets
 
-    mcfg, tcfg = presets(a.config, len(ds), len(ds.landmark_names))
+    mcfg, tcfg = presets("compact", len(ds), len(ds.landmark_names))
     if a.levels:
         mcfg = replace(mcfg, n_levels=a.levels)
     over = {"seed": a.seed}
