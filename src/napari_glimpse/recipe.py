@@ -264,15 +264,10 @@ def _training_views(ds: Dataset, recipe: Recipe, cfgs: list[StageConfig], progre
         pyramids.append(build_pyramid(img, recipe.model.n_levels, recipe.model.patch))
     truth = ds.ground_truth(recipe.ground_truth).astype(np.float32)
     fines = [c for c in cfgs if isinstance(c, FineConfig)]
-    fine_truth = truth
-    if any(c.target == "annotators" for c in fines):
-        if recipe.ground_truth != "mean":
-            raise GlimpseError("a fine net with target 'annotators' needs ground_truth 'mean'")
-        fine_truth = ds.each_annotator().astype(np.float32)
     coarse = next(c for c in cfgs if isinstance(c, CoarseConfig))
     shapes = np.array([p.shape for p in pyramids])
     return {"views": view_levels(pyramids, truth, coarse),
-            "fine": fine_levels_by_kind(pyramids, fine_truth, fines) if fines else {},
+            "fine": fine_levels_by_kind(pyramids, truth, fines) if fines else {},
             "shape": tuple(int(v) for v in np.median(shapes, axis=0))}
 
 
