@@ -329,7 +329,7 @@ class GlimpseModel:
             mm figures at its spacing. A :class:`Pyramid` is taken as the image's own.
 
         With a coarse stage and ``meta['coarse_blend'] = b > 0`` the answer is ``b`` x the coarse
-        answer + ``(1 - b)`` x the glimpses' (``b`` chosen on validation by ``benchmarks/isbi.py``).
+        answer + ``(1 - b)`` x the glimpses' (``b`` chosen on validation; the shipped model's is 0).
         """
         run = {"iterations": iterations, "landmarks": landmarks, "starts": starts, "start": start,
                "record_glimpses": record_glimpses, "record_heatmaps": record_heatmaps, "bf16": bf16, "seed": seed,
