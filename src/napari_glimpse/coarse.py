@@ -2,8 +2,9 @@
 
 A small U-Net looks at the whole cephalogram resampled to ``input_hw`` (320 x 256 by default,
 about 0.75 mm per pixel) and predicts one heatmap per landmark at half that resolution. The
-heatmap peaks (refined by a local soft-argmax) are the glimpse network's starts, replacing the
-training-set mean, so the glimpses only have to refine a point a few millimetres away.
+heatmap peaks (refined by a local soft-argmax) are where the next stage starts (the fine
+stage's windows, or glimpse steps), in place of the training-set mean, so it only has to refine
+a point a few millimetres away.
 
 It is trained with left-right flips (landmarks keep their identity), so it finds the landmarks
 whichever way the patient faces; comparing its answer with the training layout tells the facing.

@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
     q.add_argument("--only", choices=["coarse", "fine"],
                    help="quantize this stage's nets only; the other's run float (--only fine: the answers stay "
                         "closer to the float nets', RMS 0.031 against 0.044 mm on ISBI validation, at a cost in speed)")
-    # hidden: an experiment (each net's first and last convolution kept float); the shipped model has none
+    # hidden: each net's first and last convolution kept float (a recipe's quantize float_ends); shipped: none
     q.add_argument("--float-ends", action="store_true", help=argparse.SUPPRESS)
     q.add_argument("--threads", type=positive_int)
 
