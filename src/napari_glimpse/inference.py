@@ -1,4 +1,5 @@
-"""Inference: iterate glimpses from the mean start and return the whole trajectory."""
+"""The detector: :class:`GlimpseModel`, its stages in order (:mod:`napari_glimpse.stages`), and how it reads an
+image (facing, pixel spacing, the second search, a site's offsets, the confidence) into a :class:`Trajectory`."""
 
 from __future__ import annotations
 
