@@ -179,7 +179,7 @@ def model_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
 def resample(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """A 2-D image resized to ``shape`` (h, w): area averaging when shrinking, bilinear when enlarging.
     Pixel centres map as ``(x + 0.5) * new / old - 0.5`` (see :func:`to_model_pixels`)."""
-    import cv2
+    import cv2  # 11-44x faster than scikit-image's resize on an ISBI image (benchmarks/image_ops.py)
 
     h, w = image.shape[:2]
     interp = cv2.INTER_AREA if shape[0] * shape[1] < h * w else cv2.INTER_LINEAR
