@@ -24,7 +24,7 @@ from napari_glimpse.fine import FineConfig, FineEnsemble, FineNet
 from napari_glimpse.inference import DEFAULT_MODEL, GlimpseModel
 from napari_glimpse.int8 import Int8Net, checkpoint_graphs, quantize
 from napari_glimpse.io import read_image
-from napari_glimpse.runtime import NetRuntime, runtimes_by_stage
+from napari_glimpse.runtime import NetRuntime
 
 N_NETS = 3  # the tiny models': 1 coarse + 2 fine
 # int8 against float, pixels of the 256 x 256 synthetic images. Observed on 30 disc images: at
@@ -42,7 +42,7 @@ def nets_of(model: GlimpseModel) -> list:
 
 def runtimes_of_model(model: GlimpseModel) -> list[NetRuntime]:
     """The coarse and fine stages' runtimes, in the order of :func:`nets_of` (one per net)."""
-    by_stage = runtimes_by_stage(model)
+    by_stage = model.runtimes
     rts = [rt for name in ("coarse", "fine") for rt in by_stage.get(name, [])]
     assert [rt.net for rt in rts] == nets_of(model)
     return rts

@@ -19,7 +19,7 @@ from napari_glimpse.coarse import CoarseConfig, CoarseNet
 from napari_glimpse.fine import FineConfig, FineEnsemble, FineNet
 from napari_glimpse.inference import GlimpseModel
 from napari_glimpse.io import read_image
-from napari_glimpse.runtime import Int8Backend, Int8Net, NetRuntime, runtimes_by_stage, weights_key
+from napari_glimpse.runtime import Int8Backend, Int8Net, NetRuntime, weights_key
 from napari_glimpse.stages import (
     CoarseSpec,
     CoarseStage,
@@ -64,7 +64,7 @@ def predict(model: GlimpseModel, image, **kw):
 
 
 def all_runtimes(model: GlimpseModel) -> list[NetRuntime]:
-    return [rt for rts in runtimes_by_stage(model).values() for rt in rts]
+    return [rt for rts in model.runtimes.values() for rt in rts]
 
 
 def dict_keys(net: torch.nn.Module) -> list[set]:
@@ -89,13 +89,13 @@ def test_a_staged_model_is_coarse_fine_glimpse_and_a_glimpse_only_one_glimpse(st
     assert [rt.net for rt in fine.runtimes] == fine.nets
     assert glimpse.net is staged.net and glimpse.nets == [staged.net]
     assert staged.stages[0] is coarse and staged.stages[1] is fine  # the same objects, call after call
-    assert list(runtimes_by_stage(staged)) == ["coarse", "fine"]
-    assert [len(r) for r in runtimes_by_stage(staged).values()] == [1, 2]
+    assert list(staged.runtimes) == ["coarse", "fine"]
+    assert [len(r) for r in staged.runtimes.values()] == [1, 2]
 
     assert tiny_model.coarse is None and tiny_model.fine is None
     assert tuple(type(s) for s in tiny_model.stages) == (GlimpseStage,)
     assert tiny_model.stages[0].net is tiny_model.net
-    assert runtimes_by_stage(tiny_model) == {} and tiny_model.int8_nets == (0, 0)
+    assert tiny_model.runtimes == {} and tiny_model.int8_nets == (0, 0)
 
     # dropping the fine stage leaves coarse, glimpse; a new glimpse net is a new glimpse stage
     staged.fine = None

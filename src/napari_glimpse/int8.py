@@ -38,7 +38,6 @@ from .runtime import (  # noqa: F401  the runtime half, re-exported where it use
     fused_copy,
     graphs_of,
     members_of,
-    runtimes_by_stage,
     set_enabled,
     status,
     weights_key,
@@ -54,7 +53,7 @@ def record_inputs(model: "GlimpseModel", images: Sequence, progress: Callable[[i
                   ) -> dict[int, list[np.ndarray]]:
     """The inputs every coarse and fine net sees when the float model reads ``images`` (its
     coarse and fine answer, left-facing images mirrored first as ``predict`` does)."""
-    rts = [rt for r in runtimes_by_stage(model).values() for rt in r]
+    rts = [rt for r in model.runtimes.values() for rt in r]
     seen: dict[int, list[np.ndarray]] = {id(rt.net): [] for rt in rts}
     hooks = []
     for rt in rts:
@@ -154,7 +153,7 @@ def quantize(model: "GlimpseModel", images: Sequence, progress: Callable[[str, i
     unknown = set(which) - {"coarse", "fine"}
     if unknown or not which:
         raise GlimpseError(f"stages to quantize: coarse and/or fine, not {sorted(unknown) or 'none'}")
-    by_stage = runtimes_by_stage(model)
+    by_stage = model.runtimes
     if missing := [name for name in which if name not in by_stage]:
         raise GlimpseError(f"this model has no {' or '.join(missing)} stage to quantize")
     _require_tools()

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INPUT", "available", "weights_key", "TorchBackend", "Int8Backend", "Int8Net", "NetRuntime", "fused_copy",
-    "members_of", "runtimes_of", "nets_by_stage", "runtimes_by_stage", "graphs_of", "attach_graphs", "set_enabled",
+    "members_of", "runtimes_of", "graphs_of", "attach_graphs", "set_enabled",
     "status",
 ]
 
@@ -198,23 +198,13 @@ def runtimes_of(net: nn.Module) -> list[NetRuntime]:
 
 
 # ------------------------------------------------------------------------------ a model's nets
-def nets_by_stage(model: "GlimpseModel") -> dict[str, list[nn.Module]]:
-    """The model's coarse and fine nets, by stage (the checkpoint's ``int8`` entry's layout)."""
-    return {name: [rt.net for rt in rts] for name, rts in runtimes_by_stage(model).items()}
-
-
-def runtimes_by_stage(model: "GlimpseModel") -> dict[str, list[NetRuntime]]:
-    """The runtimes of the model's coarse and fine stages' nets, by stage."""
-    return model.runtimes
-
-
 def graphs_of(model: "GlimpseModel") -> dict[str, list[torch.Tensor | None]] | None:
     """The model's int8 graphs that still match their nets' weights, for the checkpoint: ONNX
     bytes as uint8 tensors (pickled ``bytes`` would grow by half), ``None`` for a net without
     one; ``None`` if no net has one."""
     out = {name: [(torch.frombuffer(bytearray(q.graph), dtype=torch.uint8) if (q := rt.graph()) is not None
                    else None) for rt in rts]
-           for name, rts in runtimes_by_stage(model).items()}
+           for name, rts in model.runtimes.items()}
     return out if any(g is not None for gs in out.values() for g in gs) else None
 
 
@@ -223,7 +213,7 @@ def attach_graphs(model: "GlimpseModel", graphs: dict | None, enabled: bool, sou
     the ones the graphs were made from)."""
     if not graphs:
         return
-    rts = runtimes_by_stage(model)
+    rts = model.runtimes
     for name, gs in graphs.items():
         if name not in rts or len(gs) != len(rts[name]):
             raise GlimpseError(f"{source}: its int8 graphs do not match the {name} stage's nets")
@@ -234,7 +224,7 @@ def attach_graphs(model: "GlimpseModel", graphs: dict | None, enabled: bool, sou
 
 def set_enabled(model: "GlimpseModel", enabled: bool) -> None:
     """Use (or not) the model's int8 graphs (see :func:`status` for how many run)."""
-    for rts in runtimes_by_stage(model).values():
+    for rts in model.runtimes.values():
         for rt in rts:
             if (q := rt.graph()) is not None:
                 q.enabled = enabled
@@ -242,5 +232,5 @@ def set_enabled(model: "GlimpseModel", enabled: bool) -> None:
 
 def status(model: "GlimpseModel") -> tuple[int, int]:
     """(nets whose int8 graph inference uses now, coarse and fine nets)."""
-    rts = [rt for r in runtimes_by_stage(model).values() for rt in r]
+    rts = [rt for r in model.runtimes.values() for rt in r]
     return sum(1 for rt in rts if rt.usable()), len(rts)

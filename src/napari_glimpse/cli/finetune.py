@@ -135,13 +135,12 @@ def _progress_line(info: dict) -> None:
 def run(a: argparse.Namespace) -> int:
     from ..finetune import Progress, finetune
     from ..inference import GlimpseModel, resolve_model
-    from ..runtime import runtimes_by_stage
 
     main = is_main()  # rank 0 of a torchrun job reports, requantizes and writes
     progress = Progress(_progress_line if a.progress_json and main else None)  # the time budget counts from here
     parent = GlimpseModel.load(a.model, a.device)
     # the stages whose nets ran int8 graphs in the parent get them again after tuning
-    had_int8 = sorted(name for name, rts in runtimes_by_stage(parent).items()
+    had_int8 = sorted(name for name, rts in parent.runtimes.items()
                       if any(rt.graph() is not None for rt in rts))
     float_ends = bool((parent.meta.get("int8") or {}).get("float_ends", False))  # before --extend widens it
     ds, mix, parent = _finetune_data(a, parent)
@@ -152,7 +151,7 @@ def run(a: argparse.Namespace) -> int:
         meta["finetune_mix_data"] = str(a.mix_data)
     requantize = bool(had_int8) and not a.no_quantize
     if requantize:
-        n_nets = sum(len(runtimes_by_stage(parent)[name]) for name in had_int8)
+        n_nets = sum(len(parent.runtimes[name]) for name in had_int8)
         int8_phase = progress.add("int8", n_nets, later=True)
     if a.resume:
         model = _resume_finetune(a, ds, progress)
@@ -216,10 +215,9 @@ def _requantize(a: argparse.Namespace, ds, which: Sequence[str], float_ends: boo
 
     from ..inference import GlimpseModel
     from ..int8 import quantize
-    from ..runtime import runtimes_by_stage
 
     model = GlimpseModel.load(a.out, "cpu")
-    if all(rt.usable() is not None for name in which for rt in runtimes_by_stage(model)[name]):
+    if all(rt.usable() is not None for name in which for rt in model.runtimes[name]):
         return
     def spread(d, n: int) -> list:
         return [d.image(int(i)) for i in np.unique(np.linspace(0, len(d) - 1, min(n, len(d))).round().astype(int))]
