@@ -271,3 +271,26 @@ def test_offsets_move_the_answer_not_its_confidence():
     assert mirrored.facing == "left"
     np.testing.assert_allclose(mirrored.final, mirror_points(after.final, img.shape[1]), atol=1e-3)
     np.testing.assert_allclose(mirrored.confidence, after.confidence, atol=1e-3)
+
+
+def test_artefacts_are_trained_with_and_recorded_in_the_tuned_fine_nets(staged, reviewed, tmp_path, monkeypatch,
+                                                                       capsys, tiny_data, tiny_staged_model_path):
+    """``artefacts`` reaches the fine nets' training windows (they are painted) and each tuned
+    net's config keeps it; None keeps the nets' own (0: nothing painted); the CLI's ``--artefacts``."""
+    from napari_glimpse import fine
+
+    painted = []
+    real = fine.paint_artefacts
+    monkeypatch.setattr(fine, "paint_artefacts", lambda x, t, p, *a: painted.append(p) or real(x, t, p, *a))
+    model = finetune(staged, reviewed, tmp_path / "ft.pt", replace(QUICK, coarse_steps=0))
+    assert painted == [] and all(m.cfg.artefacts == 0.0 for m in model.fine.members)
+    model = finetune(staged, reviewed, tmp_path / "ft.pt", replace(QUICK, coarse_steps=0, artefacts=0.5))
+    assert painted == [0.5] * 4  # two fine nets, two steps each
+    assert [m.cfg.artefacts for m in GlimpseModel.load(tmp_path / "ft.pt", device="cpu").fine.members] == [0.5, 0.5]
+    out = tmp_path / "cli.pt"
+    assert main(["finetune", "--model", str(tiny_staged_model_path), "--data", str(tiny_data["root"]), "--out",
+                 str(out), "--coarse-steps", "0", "--fine-steps", "1", "--artefacts", "0.25", "--no-quantize"]) == 0
+    assert [m.cfg.artefacts for m in GlimpseModel.load(out, device="cpu").fine.members] == [0.25, 0.25]
+    with pytest.raises(SystemExit) as e:  # argparse: one error line, exit 2
+        main(["finetune", "--data", str(tiny_data["root"]), "--out", str(out), "--artefacts", "2"])
+    assert e.value.code == 2 and "must be a probability" in capsys.readouterr().err

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from ._serde import DictConfig
+from .artefacts import paint_artefacts
 from .coarse import (
     CoarseConfig,
     CoarseNet,
@@ -60,7 +61,9 @@ class FineConfig(DictConfig):
     from its last one, :func:`napari_glimpse.pyramid.deepen`). Each training window's heatmap is
     taught one Gaussian at the mean of the annotators' points. Files written before ``target``,
     ``coord_weight`` and ``erase`` were removed still load (:meth:`from_dict` ignores those keys;
-    every shipped net had them ``"mean"``, 0 and 0, what training does now).
+    every shipped net had them ``"mean"``, 0 and 0, what training does now). ``artefacts``: the
+    probability that a training window shows another device's ruler or dark band
+    (:mod:`napari_glimpse.artefacts`; 0 draws nothing).
     """
 
     n_landmarks: int = 19
@@ -75,6 +78,7 @@ class FineConfig(DictConfig):
     jitter_mm: tuple[float, float] = (0.5, 4.0)
     context: int = 3
     pixel_spacing: float = 0.1
+    artefacts: float = 0.0
     seed: int = 0
 
 
@@ -348,10 +352,14 @@ def _fine_batches(levels: "list[torch.Tensor]", truth_n: torch.Tensor, present: 
         scl = torch.exp((torch.rand(b, generator=gen) * 2 - 1) * cfg.log_scale)
         theta = window_matrix(lhw, truth_n[i, j] + off, cfg.patch, ang, scl)
         i, theta = distributed.share(i), distributed.share(theta)  # this rank's windows (all in one process)
-        x = augment_intensity(cutter(i, theta), gen)
         a, t = theta[:, :, :2], theta[:, :, 2]
         # every landmark's point in window normalised coordinates: (B, K, 2)
         o = torch.einsum("bij,bkj->bki", torch.linalg.inv(a), truth_n[i] - t[:, None, :])
+        x = cutter(i, theta)
+        if cfg.artefacts > 0:  # another device's ruler and dark bands (no draws when off)
+            x = paint_artefacts(x, o[torch.arange(len(o)), distributed.share(j)], cfg.artefacts,
+                                px_mm * cfg.patch / 2, gen)
+        x = augment_intensity(x, gen)
         o = torch.where(ok[i][..., None], o, 2.0)  # an absent landmark: outside every window, not taught
         inside = (o.abs() < 0.95).all(-1).float()  # (B, K)
         # a Gaussian at each landmark inside the window (zero elsewhere: its weight is 0 too)

@@ -19,6 +19,13 @@ def positive_int(s: str) -> int:
     return v
 
 
+def probability(s: str) -> float:
+    v = float(s)
+    if not 0 <= v <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError("must be a probability, 0 to 1")
+    return v
+
+
 def spacing_text(s: str) -> str:
     """``--spacing``: checked in :func:`main` (one error line, exit 2; see ``spacing.check_spacing``)."""
     return s

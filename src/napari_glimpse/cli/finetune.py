@@ -9,7 +9,7 @@ import time
 from typing import Callable, Sequence
 
 from ..errors import GlimpseError
-from ._args import is_main, nonnegative_int, positive_float, positive_int, spacing_text
+from ._args import is_main, nonnegative_int, positive_float, positive_int, probability, spacing_text
 
 # finetune's default time budget, minutes (FinetuneConfig.time_budget_s; chosen by benchmarks/adapt.py)
 FINETUNE_MINUTES = 4.0
@@ -57,6 +57,11 @@ def add_parser(sub) -> None:
     f.add_argument("--no-offsets", action="store_true",
                    help="do not learn the per-landmark offsets (a site's systematic difference from the model's "
                         "answers, added to it; learned only where the answer is the coarse and fine stages')")
+    f.add_argument("--artefacts", type=probability, metavar="P",
+                   help="while tuning, each fine net's training windows show another device's artefacts with "
+                        "probability P (a nasion-rod ruler, a dark collimator band): for a site whose images have a "
+                        "ruler in front of the face; the shipped model's fine nets were tuned with 0.5 (default: "
+                        "each net's own setting)")
     f.add_argument("--batch-size", type=positive_int,
                    help="the glimpse net's batch of one step, when it is tuned; under torchrun the processes share it")
     f.add_argument("--seed", type=int, default=0)
@@ -119,7 +124,8 @@ def _finetune_config(a: argparse.Namespace):
                           glimpse_steps=a.max_steps if a.max_steps is not None else base.glimpse_steps,
                           fine_layers=a.fine_layers, glimpse_lr=a.lr, offsets=base.offsets and not a.no_offsets,
                           lr_scale=base.lr_scale, mix_images=a.mix_images,
-                          time_budget_s=a.time_budget * 60 if a.time_budget else base.time_budget_s, seed=a.seed)
+                          time_budget_s=a.time_budget * 60 if a.time_budget else base.time_budget_s,
+                          artefacts=a.artefacts, seed=a.seed)
 
 
 def _progress_line(info: dict) -> None:
