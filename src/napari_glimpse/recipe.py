@@ -1,10 +1,12 @@
 """Recipes: a kind of model as a file, and :func:`build`, which trains one from a data folder.
 
 A recipe (``recipes/NAME.json`` in the package, or any file of the same form) states the model's
-stages in the order they are trained (a coarse net, fine nets, optionally the glimpse net), each
+stages in the order they are trained (a coarse net, fine nets, optionally a ``fine_tune`` stage that
+tunes those further, and the glimpse net), each
 with its config, its minutes and its step count; the weight averaging; the inference settings the
 model is saved with; and whether its nets get int8 graphs. ``default`` is the shipped model's
-kind (``models/default.pt``): a coarse net and four fine nets, 238 minutes of training in full
+kind (``models/default.pt``): a coarse net and four fine nets, then the fine nets tuned on another
+device's artefacts, 252 minutes of training in full
 (the shipped nets' own times, one thread each on 2-core CPU machines)::
 
     napari-glimpse train --recipe default --data DIR --out model.pt [--time-budget MIN]
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 from . import distributed
+from ._serde import DictConfig
 from .coarse import CoarseConfig, train_coarse, view_levels
 from .errors import GlimpseError
 from .fine import FineConfig, FineEnsemble, fine_levels_by_kind, train_fine
@@ -46,18 +49,32 @@ from .training import TrainConfig, start_statistics, train
 
 RECIPES = Path(__file__).with_name("recipes")
 FORMAT = 1
-KINDS = {"coarse": CoarseConfig, "fine": FineConfig, "glimpse": TrainConfig, "glimpse_only": GlimpseOnlyConfig}
+
+
+@dataclass(frozen=True)
+class FineTuneConfig(DictConfig):
+    """A ``fine_tune`` stage: every fine net trained before it learns ``max_steps`` more steps at
+    ``lr_scale`` times its own learning rate, its windows showing another device's artefacts with
+    probability ``artefacts`` (:mod:`napari_glimpse.artefacts`; None: each net's own setting)."""
+
+    lr_scale: float = 0.1
+    artefacts: float | None = None
+
+
+KINDS = {"coarse": CoarseConfig, "fine": FineConfig, "fine_tune": FineTuneConfig, "glimpse": TrainConfig,
+         "glimpse_only": GlimpseOnlyConfig}
 # train flags that go with --recipe; the others set what the recipe sets
 CLI_FLAGS = ("command", "recipe", "data", "split", "out", "device", "time_budget", "max_steps", "threads", "spacing",
              "progress_json", "nice", "init")
 
-StageConfig = CoarseConfig | FineConfig | TrainConfig | GlimpseOnlyConfig
+StageConfig = CoarseConfig | FineConfig | FineTuneConfig | TrainConfig | GlimpseOnlyConfig
 
 
 @dataclass(frozen=True)
 class RecipeStage:
-    """One net to train. ``kind``: ``coarse``, ``fine`` or ``glimpse``; ``config``: its
-    :class:`CoarseConfig`, :class:`FineConfig` or (the glimpse net's) :class:`TrainConfig`;
+    """One net to train. ``kind``: ``coarse``, ``fine``, ``fine_tune`` (the fine nets trained so
+    far, tuned further) or ``glimpse``; ``config``: its :class:`CoarseConfig`, :class:`FineConfig`,
+    :class:`FineTuneConfig` or (the glimpse net's) :class:`TrainConfig`;
     ``minutes``: its wall-time budget and ``max_steps``: its step count (it stops at the nearer;
     None: minutes only); ``average_decay``: a fine net is kept as the moving average of its
     weights with this decay (None: its last weights)."""
@@ -203,6 +220,9 @@ def parse_recipe(content: dict, source: str = "") -> Recipe:
     kinds = [s.kind for s in stages]
     if kinds.count("coarse") != 1 or kinds.count("glimpse") > 1 or kinds[0] != "coarse":
         raise ValueError("a recipe trains one coarse stage first, then fine stages and at most one glimpse stage")
+    tunes = [i for i, k in enumerate(kinds) if k == "fine_tune"]
+    if tunes and ("fine" not in kinds or "fine" in kinds[tunes[0]:]):
+        raise ValueError("a fine_tune stage comes after the fine stages it tunes")
     inf = _keys(content["inference"], "inference", {f.name for f in fields(InferenceSettings)} - {"notes"}, {"notes"})
     q = _keys(content["quantize"], "quantize", {f.name for f in fields(QuantizeSettings)} - {"notes"}, {"notes"})
     quant = QuantizeSettings(**{**q, "stages": tuple(q["stages"])})
@@ -314,6 +334,23 @@ def _run_stage(stage: RecipeStage, cfg: StageConfig, model: GlimpseModel, ds: Da
     return None, _glimpse(model, ds, cfg, budget_s, steps, dev, bars, callback)
 
 
+def _tune_fine(nets: list, cfg: FineTuneConfig, views: dict, budget_s: float, steps: int | None,
+               dev: torch.device, bars: bool, callback) -> tuple[list, list[dict]]:
+    """A ``fine_tune`` stage: each of ``nets`` tuned from where it is (its share of the budget),
+    with ``cfg.artefacts`` recorded in its config; the tuned nets and their histories, one after
+    another (``elapsed_s`` counted from the stage's start)."""
+    tuned, history, before = [], [], 0.0
+    for net in nets:
+        ncfg = net.cfg if cfg.artefacts is None else replace(net.cfg, artefacts=cfg.artefacts)
+        net.cfg = ncfg  # the copy that trains takes its config from the net it starts from
+        new, hist = train_fine(*views["fine"][ncfg.level, ncfg.context], ncfg, budget_s / len(nets), progress=bars,
+                               callback=callback, max_steps=steps, init=net, lr_scale=cfg.lr_scale, device=dev)
+        tuned.append(new)
+        history.extend({**h, "elapsed_s": before + h.get("elapsed_s", 0.0)} for h in hist)
+        before = history[-1]["elapsed_s"] if history else before
+    return tuned, history
+
+
 def _cap(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else min(a, b)
 
@@ -355,7 +392,7 @@ def build(recipe: Recipe | str | os.PathLike, data: Dataset | str | os.PathLike,
     :func:`~napari_glimpse.fine.train_fine`, the glimpse net with
     :func:`~napari_glimpse.training.train` only if the recipe has a glimpse stage), each for its
     minutes or its steps, whichever comes first. ``time_budget`` (minutes) scales every stage's
-    minutes alike: the ``default`` recipe is 238 minutes in full (about 4 hours on 2 CPU cores;
+    minutes alike: the ``default`` recipe is 252 minutes in full (about 4 hours on 2 CPU cores;
     a faster machine reaches the step counts sooner). ``max_steps`` caps every stage's steps
     (tests). The nets are assembled into one :class:`GlimpseModel` with the recipe's inference
     settings, written with float16 weights if it says so, then given int8 graphs if it asks and
@@ -385,7 +422,11 @@ def build(recipe: Recipe | str | os.PathLike, data: Dataset | str | os.PathLike,
     t0 = time.monotonic()
     for i, (stage, cfg) in enumerate(zip(recipe.stages, cfgs)):
         budget_s, steps = stage.minutes * scale * 60.0, _cap(stage.max_steps, max_steps)
-        net, hist = _run_stage(stage, cfg, model, ds, views, budget_s, steps, dev, bars, callback_for(i, stage))
+        if stage.kind == "fine_tune":
+            fine_nets, hist = _tune_fine(fine_nets, cfg, views, budget_s, steps, dev, bars, callback_for(i, stage))
+            model.fine = FineEnsemble(fine_nets) if len(fine_nets) > 1 else fine_nets[0]
+        else:
+            net, hist = _run_stage(stage, cfg, model, ds, views, budget_s, steps, dev, bars, callback_for(i, stage))
         if stage.kind == "coarse":
             model.coarse, views["views"] = net, None
         elif stage.kind == "fine":
