@@ -63,3 +63,55 @@ def paint_artefacts(x: torch.Tensor, target: torch.Tensor, p: float, mm_per_unit
         v = torch.where(dark, out[:, ch] * 0.15 + 5.0, out[:, ch])
         out[:, ch] = torch.where(paint, col(grey).expand_as(v), v)
     return out
+
+
+# ------------------------------------------------------------------------- the coarse net's views
+def _draws(b: int, gen: torch.Generator):
+    """``u(lo, hi)``: ``(b,)`` uniform draws made for the whole batch (every rank alike), this rank's share."""
+    b_all, own = b * distributed.world_size(), distributed.share
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return own(lo + (hi - lo) * torch.rand(b_all, 1, generator=gen))[:, 0]
+
+    return u
+
+
+def crop_views(theta: torch.Tensor, p: float, gen: torch.Generator, most: float = 0.15) -> torch.Tensor:
+    """``theta`` ``(B, 2, 3)`` (view -> image, :func:`~napari_glimpse.coarse.view_matrix`) with, with
+    probability ``p``, the top 0-``most`` of the image cut off and the rest stretched to the view's
+    height, as a whole image whose skull top is cut is read (its aspect changes)."""
+    u = _draws(theta.shape[0], gen)
+    c = torch.where(u(0, 1) < p, u(0.0, most), torch.zeros(()))
+    out = theta.clone()
+    out[:, :, 2] = theta[:, :, 2] + c[:, None] * theta[:, :, 1]
+    out[:, :, 1] = theta[:, :, 1] * (1 - c[:, None])
+    return out
+
+
+def paint_views(x: torch.Tensor, o: torch.Tensor, present: torch.Tensor, flip: torch.Tensor, p: float,
+                gen: torch.Generator) -> torch.Tensor:
+    """``x`` ``(B, 1, H, W)`` whole-image views (0-255) with, each with probability ``p``, a ruler in
+    front of the face (a bright bar 1-9 % of the landmarks' width beyond the most anterior one) and,
+    with ``p / 2``, a dark collimator band at the back of the head, clear of every landmark.
+    ``o`` ``(B, K, 2)``: the landmarks in view normalised coordinates, ``present`` ``(B, K)`` bool,
+    ``flip`` ``(B,)`` bool: the view is mirrored (the face on the left)."""
+    b, _, h, w = x.shape
+    u = _draws(b, gen)
+    ruler, band = u(0, 1) < p, u(0, 1) < p / 2
+    s = torch.where(flip, -1.0, 1.0)[:, None]  # towards the face
+    ox = torch.where(present, o[..., 0] * s, torch.nan)
+    front, back = ox.nan_to_num(-9.0).amax(1), ox.nan_to_num(9.0).amin(1)
+    extent = (front - back).clamp(0.2, 2.0)
+    left = front + extent * u(0.01, 0.09)
+    right = left + torch.maximum(extent * u(0.008, 0.03), torch.tensor(2.0 / w))  # a view pixel at least
+    top, bottom = u(-1.0, -0.2), u(0.1, 1.0)
+    grey = u(180.0, 255.0)
+    edge = -1 + 2 * u(0.0, 0.12)
+    band = band & (back > edge + 0.02)
+    gx = ((torch.arange(w, dtype=torch.float32) + 0.5) / w * 2 - 1)[None, None, :] * s[:, :, None]  # (B, 1, W)
+    gy = ((torch.arange(h, dtype=torch.float32) + 0.5) / h * 2 - 1)[None, :, None]
+    col = lambda v: v[:, None, None]  # noqa: E731
+    bar = (gx >= col(left)) & (gx <= col(right)) & (gy >= col(top)) & (gy <= col(bottom)) & col(ruler)
+    dark = (gx < col(edge)) & col(band)
+    v = torch.where(dark, x[:, 0] * 0.15 + 5.0, x[:, 0])
+    return torch.where(bar, col(grey).expand_as(v), v)[:, None]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from . import distributed, loop
 from ._serde import DictConfig
+from .artefacts import crop_views, paint_views
 from .errors import GlimpseError
 from .model import _conv_bn
 from .runtime import NetRuntime, members_of, runtimes_of  # noqa: F401  members_of: re-exported
@@ -34,7 +35,10 @@ from .runtime import NetRuntime, members_of, runtimes_of  # noqa: F401  members_
 
 @dataclass(frozen=True)
 class CoarseConfig(DictConfig):
-    """Coarse network and its training. ``sigma``: target Gaussian, heatmap pixels."""
+    """Coarse network and its training. ``sigma``: target Gaussian, heatmap pixels. ``artefacts``:
+    the probability that a training view shows another device's field of view (the skull top cut
+    off, the rest stretched to the view), a ruler in front of the face or a collimator band
+    (:mod:`napari_glimpse.artefacts`; 0 draws nothing)."""
 
     n_landmarks: int = 19
     input_hw: tuple[int, int] = (320, 256)
@@ -46,6 +50,7 @@ class CoarseConfig(DictConfig):
     log_scale: float = 0.1
     shift: float = 0.05
     flip: float = 0.5
+    artefacts: float = 0.0
     seed: int = 0
 
 
@@ -492,10 +497,15 @@ def _coarse_batches(levels: torch.Tensor, image_hw: tuple[int, int], truth_n: to
         shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * cfg.shift
         theta = view_matrix(image_hw, ang, scl, flip, shift)
         i, theta = distributed.share(i), distributed.share(theta)  # this rank's views (all in one process)
-        x = augment_intensity(render_views(levels[i], theta, cfg.input_hw), gen)
+        if cfg.artefacts > 0:  # another device's field of view (no draws when off)
+            theta = crop_views(theta, cfg.artefacts, gen)
+        x = render_views(levels[i], theta, cfg.input_hw)
         # landmark positions in the view: o = A^-1 (u - t)
         a, t = theta[:, :, :2], theta[:, :, 2]
         o = torch.einsum("bij,bkj->bki", torch.linalg.inv(a), truth_n[i] - t[:, None, :])
+        if cfg.artefacts > 0:  # and its ruler and collimator band
+            x = paint_views(x, o, ok[i], distributed.share(flip), cfg.artefacts, gen)
+        x = augment_intensity(x, gen)
         # an absent landmark's heatmap is not taught (weight 0, its target made from a point outside)
         o = torch.where(ok[i][..., None], o, 2.0)
         inside = (o.abs() < 0.98).all(-1).float()

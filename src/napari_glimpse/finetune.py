@@ -48,9 +48,9 @@ class FinetuneConfig(DictConfig):
     ``mix_images``: how many images of the original set (``mix``) are replayed beside the reviewed
     ones (None: as many as there are reviewed images; 0: none). ``time_budget_s``: the whole run
     stops by then (the stages share it in proportion to their expected time); None: steps only.
-    ``artefacts``: the fine nets' training windows show another device's ruler or dark band with
-    this probability (:mod:`napari_glimpse.artefacts`; recorded in each tuned net's config);
-    None keeps each net's own (0 for nets made before the option).
+    ``artefacts``: the coarse nets' training views and the fine nets' windows show another device's
+    field of view, ruler or dark band with this probability (:mod:`napari_glimpse.artefacts`;
+    recorded in each tuned net's config); None keeps each net's own (0 for nets made before the option).
     """
 
     coarse_steps: int = 30
@@ -295,7 +295,7 @@ def _tune_stage(model, stage: str, data, cfg: FinetuneConfig, prog: Progress, ph
         kw = dict(progress=verbose, callback=cb, should_stop=should_stop, max_steps=ph.steps, init=m,
                   lr_scale=cfg.lr_scale, device=device, layers=getattr(cfg, f"{stage}_layers"))
         budget = max(1e-3, prog.share(ph, cfg.time_budget_s) or 1e12)
-        if stage == "fine" and cfg.artefacts is not None:  # the tuned copy trains (and keeps) this setting
+        if cfg.artefacts is not None:  # the tuned copy trains (and keeps) this setting
             m.cfg = replace(m.cfg, artefacts=cfg.artefacts)
         if stage == "coarse":
             net, hist = train_coarse(*data.views, m.cfg, budget, **kw)
