@@ -21,11 +21,11 @@ from napari_glimpse.inference import DEFAULT_MODEL, GlimpseModel
 from napari_glimpse.model import ModelConfig
 from napari_glimpse.recipe import (
     RECIPES,
-    FineTuneConfig,
     InferenceSettings,
     QuantizeSettings,
     Recipe,
     RecipeStage,
+    TuneConfig,
     build,
     load_recipe,
     packaged,
@@ -46,11 +46,11 @@ def test_default_recipe_parses_into_typed_objects():
     assert isinstance(r.model, ModelConfig)
     assert isinstance(r.inference, InferenceSettings) and isinstance(r.quantize, QuantizeSettings)
     assert all(isinstance(s, RecipeStage) for s in r.stages)
-    assert [s.kind for s in r.stages] == ["coarse", "fine", "fine", "fine", "fine", "fine_tune"]
+    assert [s.kind for s in r.stages] == ["coarse", "fine", "fine", "fine", "fine", "tune", "tune"]
     assert isinstance(r.stages[0].config, CoarseConfig)
     assert all(isinstance(s.config, FineConfig) for s in r.stages[1:5])
-    assert isinstance(r.stages[5].config, FineTuneConfig)
-    assert r.minutes == pytest.approx(sum(s.minutes for s in r.stages)) == pytest.approx(252.2)
+    assert [s.config.nets for s in r.stages[5:]] == ["fine", "coarse"] and isinstance(r.stages[6].config, TuneConfig)
+    assert r.minutes == pytest.approx(sum(s.minutes for s in r.stages)) == pytest.approx(256.6)
     assert r.content == json.loads((RECIPES / "default.json").read_text())
     assert r.notes and all(s.notes for s in r.stages) and r.inference.notes and r.quantize.notes
     # a file path reads the same recipe
@@ -63,23 +63,24 @@ def test_default_recipe_describes_the_shipped_model(shipped):
     inf = r.inference.to_meta()
     assert inf == {k: meta[k] for k in inf}
     assert r.model.to_dict() == shipped["model_config"]
-    assert r.stages[0].config.to_dict() == shipped["coarse_config"]
     members = shipped["fine_members"]
-    fines, tune = r.stages[1:5], r.stages[5]
-    # the shipped file also carries the keys of fine options since removed, at what training now
-    # does, and the artefacts its fine nets were tuned with (the fine_tune stage)
+    fines, tune, coarse_tune = r.stages[1:5], r.stages[5], r.stages[6]
+    # the nets' configs record the artefacts their tune stages trained them with
+    assert r.stages[0].config.to_dict() | {"artefacts": coarse_tune.config.artefacts} == shipped["coarse_config"]
+    # the shipped file also carries the keys of fine options since removed, at what training now does
     removed = {"target": "mean", "coord_weight": 0.0, "erase": 0.0}
     tuned = {"artefacts": tune.config.artefacts}
-    assert tune.config.artefacts > 0
+    assert tune.config.artefacts > 0 and coarse_tune.config.artefacts > 0
     assert [s.config.to_dict() | removed | tuned for s in fines] == [m["config"] for m in members]
     assert [replace(s.config, **tuned) for s in fines] == [FineConfig.from_dict(m["config"]) for m in members]
     assert [s.average_decay for s in fines] == meta["fine_average_decay"]
     assert r.stages[0].average_decay is None
-    # each net's batch-norm step counter is its number of optimizer steps (a fine net's: its
-    # stage's, then the fine_tune stage's)
+    # each net's batch-norm step counter is its number of optimizer steps: its stage's, then its
+    # tune stage's
     counters = [shipped["coarse_state_dict"]["stem.0.1.num_batches_tracked"]]
     counters += [m["state_dict"]["stem.0.1.num_batches_tracked"] for m in members]
-    assert [r.stages[0].max_steps] + [s.max_steps + tune.max_steps for s in fines] == [int(c) for c in counters]
+    assert ([r.stages[0].max_steps + coarse_tune.max_steps] + [s.max_steps + tune.max_steps for s in fines]
+            == [int(c) for c in counters])
     q = r.quantize
     assert q.int8 and meta["int8"] == {"stages": list(q.stages), "float_ends": q.float_ends,
                                        "calibration_images": q.calibration_images}
@@ -127,7 +128,8 @@ def test_train_recipe_default_end_to_end(tmp_path, capsys):
     assert all(0 < s["steps"] <= 3 for s in rec["stages"])
     assert {k: model.meta[k] for k in r.inference.to_meta()} == r.inference.to_meta()
     assert len(model.fine.members) == 4 and model.fine.members[3].cfg.context == 4
-    assert [m.cfg.artefacts for m in model.fine.members] == [r.stages[5].config.artefacts] * 4  # the fine_tune stage
+    assert [m.cfg.artefacts for m in model.fine.members] == [r.stages[5].config.artefacts] * 4  # the tune stages
+    assert model.coarse.cfg.artefacts == r.stages[6].config.artefacts
     assert read_checkpoint(out)["weights_stored_as"] == "float16"
     if ONNX:
         assert model.int8_nets == (5, 5)
@@ -145,10 +147,10 @@ def test_unknown_recipe_and_bad_recipe_files(tmp_path):
     with pytest.raises(GlimpseError, match="no recipe 'nope' in the package"):
         load_recipe("nope")
     content = json.loads((RECIPES / "default.json").read_text())
-    content["stages"].insert(1, content["stages"].pop())  # a fine_tune stage before the fine nets
+    content["stages"].insert(1, content["stages"].pop(5))  # the fine nets' tune stage before them
     early = tmp_path / "early.json"
     early.write_text(json.dumps(content))
-    with pytest.raises(GlimpseError, match="a fine_tune stage comes after the fine stages it tunes"):
+    with pytest.raises(GlimpseError, match="stage 2: a tune stage tunes the coarse or fine nets, after all of them"):
         load_recipe(early)
     content = json.loads((RECIPES / "default.json").read_text())
     content["stages"][1]["config"]["sigmaa"] = 2.0

@@ -1,8 +1,8 @@
 """Recipes: a kind of model as a file, and :func:`build`, which trains one from a data folder.
 
 A recipe (``recipes/NAME.json`` in the package, or any file of the same form) states the model's
-stages in the order they are trained (a coarse net, fine nets, optionally a ``fine_tune`` stage that
-tunes those further, and the glimpse net), each
+stages in the order they are trained (a coarse net, fine nets, optionally ``tune`` stages that train
+those further, and the glimpse net), each
 with its config, its minutes and its step count; the weight averaging; the inference settings the
 model is saved with; and whether its nets get int8 graphs. ``default`` is the shipped model's
 kind (``models/default.pt``): a coarse net and four fine nets, then the fine nets tuned on another
@@ -35,7 +35,7 @@ import torch
 
 from . import distributed
 from ._serde import DictConfig
-from .coarse import CoarseConfig, train_coarse, view_levels
+from .coarse import CoarseConfig, CoarseEnsemble, members_of, train_coarse, view_levels
 from .errors import GlimpseError
 from .fine import FineConfig, FineEnsemble, fine_levels_by_kind, train_fine
 from .glimpse_only import GlimpseOnlyConfig
@@ -52,29 +52,31 @@ FORMAT = 1
 
 
 @dataclass(frozen=True)
-class FineTuneConfig(DictConfig):
-    """A ``fine_tune`` stage: every fine net trained before it learns ``max_steps`` more steps at
-    ``lr_scale`` times its own learning rate, its windows showing another device's artefacts with
-    probability ``artefacts`` (:mod:`napari_glimpse.artefacts`; None: each net's own setting)."""
+class TuneConfig(DictConfig):
+    """A ``tune`` stage: every net of stage ``nets`` (``coarse`` or ``fine``) trained before it
+    learns ``max_steps`` more steps at ``lr_scale`` times its own learning rate, its training images
+    showing another device's artefacts with probability ``artefacts`` (:mod:`napari_glimpse.artefacts`;
+    None: each net's own setting)."""
 
+    nets: str = "fine"
     lr_scale: float = 0.1
     artefacts: float | None = None
 
 
-KINDS = {"coarse": CoarseConfig, "fine": FineConfig, "fine_tune": FineTuneConfig, "glimpse": TrainConfig,
+KINDS = {"coarse": CoarseConfig, "fine": FineConfig, "tune": TuneConfig, "glimpse": TrainConfig,
          "glimpse_only": GlimpseOnlyConfig}
 # train flags that go with --recipe; the others set what the recipe sets
 CLI_FLAGS = ("command", "recipe", "data", "split", "out", "device", "time_budget", "max_steps", "threads", "spacing",
              "progress_json", "nice", "init")
 
-StageConfig = CoarseConfig | FineConfig | FineTuneConfig | TrainConfig | GlimpseOnlyConfig
+StageConfig = CoarseConfig | FineConfig | TuneConfig | TrainConfig | GlimpseOnlyConfig
 
 
 @dataclass(frozen=True)
 class RecipeStage:
-    """One net to train. ``kind``: ``coarse``, ``fine``, ``fine_tune`` (the fine nets trained so
-    far, tuned further) or ``glimpse``; ``config``: its :class:`CoarseConfig`, :class:`FineConfig`,
-    :class:`FineTuneConfig` or (the glimpse net's) :class:`TrainConfig`;
+    """One net to train. ``kind``: ``coarse``, ``fine``, ``tune`` (the coarse or fine nets trained
+    so far, trained further) or ``glimpse``; ``config``: its :class:`CoarseConfig`, :class:`FineConfig`,
+    :class:`TuneConfig` or (the glimpse net's) :class:`TrainConfig`;
     ``minutes``: its wall-time budget and ``max_steps``: its step count (it stops at the nearer;
     None: minutes only); ``average_decay``: a fine net is kept as the moving average of its
     weights with this decay (None: its last weights)."""
@@ -220,9 +222,10 @@ def parse_recipe(content: dict, source: str = "") -> Recipe:
     kinds = [s.kind for s in stages]
     if kinds.count("coarse") != 1 or kinds.count("glimpse") > 1 or kinds[0] != "coarse":
         raise ValueError("a recipe trains one coarse stage first, then fine stages and at most one glimpse stage")
-    tunes = [i for i, k in enumerate(kinds) if k == "fine_tune"]
-    if tunes and ("fine" not in kinds or "fine" in kinds[tunes[0]:]):
-        raise ValueError("a fine_tune stage comes after the fine stages it tunes")
+    for i, st in enumerate(stages):
+        if st.kind == "tune" and (st.config.nets not in ("coarse", "fine") or st.config.nets not in kinds[:i]
+                                  or st.config.nets in kinds[i:]):
+            raise ValueError(f"stage {i + 1}: a tune stage tunes the coarse or fine nets, after all of them")
     inf = _keys(content["inference"], "inference", {f.name for f in fields(InferenceSettings)} - {"notes"}, {"notes"})
     q = _keys(content["quantize"], "quantize", {f.name for f in fields(QuantizeSettings)} - {"notes"}, {"notes"})
     quant = QuantizeSettings(**{**q, "stages": tuple(q["stages"])})
@@ -334,21 +337,46 @@ def _run_stage(stage: RecipeStage, cfg: StageConfig, model: GlimpseModel, ds: Da
     return None, _glimpse(model, ds, cfg, budget_s, steps, dev, bars, callback)
 
 
-def _tune_fine(nets: list, cfg: FineTuneConfig, views: dict, budget_s: float, steps: int | None,
-               dev: torch.device, bars: bool, callback) -> tuple[list, list[dict]]:
-    """A ``fine_tune`` stage: each of ``nets`` tuned from where it is (its share of the budget),
-    with ``cfg.artefacts`` recorded in its config; the tuned nets and their histories, one after
-    another (``elapsed_s`` counted from the stage's start)."""
+def _tune(nets: list, cfg: TuneConfig, views: dict, budget_s: float, steps: int | None,
+          dev: torch.device, bars: bool, callback) -> tuple[list, list[dict]]:
+    """A ``tune`` stage: each of ``nets`` (the stage ``cfg.nets``'s) tuned from where it is (its
+    share of the budget), with ``cfg.artefacts`` recorded in its config; the tuned nets and their
+    histories, one after another (``elapsed_s`` counted from the stage's start)."""
     tuned, history, before = [], [], 0.0
     for net in nets:
         ncfg = net.cfg if cfg.artefacts is None else replace(net.cfg, artefacts=cfg.artefacts)
         net.cfg = ncfg  # the copy that trains takes its config from the net it starts from
-        new, hist = train_fine(*views["fine"][ncfg.level, ncfg.context], ncfg, budget_s / len(nets), progress=bars,
-                               callback=callback, max_steps=steps, init=net, lr_scale=cfg.lr_scale, device=dev)
+        kw = dict(progress=bars, callback=callback, max_steps=steps, init=net, lr_scale=cfg.lr_scale, device=dev)
+        if cfg.nets == "coarse":
+            new, hist = train_coarse(*views["views"], ncfg, budget_s / len(nets), **kw)
+        else:
+            new, hist = train_fine(*views["fine"][ncfg.level, ncfg.context], ncfg, budget_s / len(nets), **kw)
         tuned.append(new)
         history.extend({**h, "elapsed_s": before + h.get("elapsed_s", 0.0)} for h in hist)
         before = history[-1]["elapsed_s"] if history else before
     return tuned, history
+
+
+def _train_into(model: GlimpseModel, fine_nets: list, recipe: Recipe, stage: RecipeStage, cfg: StageConfig,
+                ds: Dataset, views: dict, budget_s: float, steps: int | None, dev: torch.device, bars: bool,
+                callback) -> list[dict]:
+    """Train one stage of :func:`build` into ``model`` (and the ``fine_nets`` list so far); its history."""
+    if stage.kind == "tune":
+        nets = fine_nets if cfg.nets == "fine" else members_of(model.coarse)
+        nets, hist = _tune(nets, cfg, views, budget_s, steps, dev, bars, callback)
+        ensemble = FineEnsemble if cfg.nets == "fine" else CoarseEnsemble
+        if cfg.nets == "fine":
+            fine_nets[:] = nets
+        setattr(model, cfg.nets, ensemble(nets) if len(nets) > 1 else nets[0])
+        return hist
+    net, hist = _run_stage(stage, cfg, model, ds, views, budget_s, steps, dev, bars, callback)
+    if stage.kind == "coarse":
+        keep = any(s.kind == "tune" and s.config.nets == "coarse" for s in recipe.stages)  # else freed
+        model.coarse, views["views"] = net, (views["views"] if keep else None)
+    elif stage.kind == "fine":
+        fine_nets.append(net)
+        model.fine = FineEnsemble(fine_nets) if len(fine_nets) > 1 else net
+    return hist
 
 
 def _cap(a: int | None, b: int | None) -> int | None:
@@ -422,16 +450,8 @@ def build(recipe: Recipe | str | os.PathLike, data: Dataset | str | os.PathLike,
     t0 = time.monotonic()
     for i, (stage, cfg) in enumerate(zip(recipe.stages, cfgs)):
         budget_s, steps = stage.minutes * scale * 60.0, _cap(stage.max_steps, max_steps)
-        if stage.kind == "fine_tune":
-            fine_nets, hist = _tune_fine(fine_nets, cfg, views, budget_s, steps, dev, bars, callback_for(i, stage))
-            model.fine = FineEnsemble(fine_nets) if len(fine_nets) > 1 else fine_nets[0]
-        else:
-            net, hist = _run_stage(stage, cfg, model, ds, views, budget_s, steps, dev, bars, callback_for(i, stage))
-        if stage.kind == "coarse":
-            model.coarse, views["views"] = net, None
-        elif stage.kind == "fine":
-            fine_nets.append(net)
-            model.fine = FineEnsemble(fine_nets) if len(fine_nets) > 1 else net
+        hist = _train_into(model, fine_nets, recipe, stage, cfg, ds, views, budget_s, steps, dev, bars,
+                           callback_for(i, stage))
         rec = _stage_record(stage, hist, steps, budget_s)
         records.append(rec)
         say(f"{stage.name}: {rec['steps']} steps in {rec['wall_s'] / 60:.1f} min (stopped on {rec['stopped']})")

@@ -58,10 +58,8 @@ def add_parser(sub) -> None:
                    help="do not learn the per-landmark offsets (a site's systematic difference from the model's "
                         "answers, added to it; learned only where the answer is the coarse and fine stages')")
     f.add_argument("--artefacts", type=probability, metavar="P",
-                   help="while tuning, the nets' training images show another device's artefacts with "
-                        "probability P (the skull top cut off, a ruler in front of the face, a dark collimator band): "
-                        "for a site whose images show them; the shipped model was tuned with 0.5 (default: each "
-                        "net's own setting)")
+                   help="the nets' training images show another device's artefacts (skull top cut off, a ruler, "
+                        "a collimator band) with probability P; default: each net's own (the shipped nets' 0.5)")
     f.add_argument("--batch-size", type=positive_int,
                    help="the glimpse net's batch of one step, when it is tuned; under torchrun the processes share it")
     f.add_argument("--seed", type=int, default=0)
