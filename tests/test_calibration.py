@@ -62,6 +62,16 @@ def test_shipped_calibration_was_fitted_on_validation_images_only():
     assert cal.intercept.shape == (19,) and (cal.slopes >= 0).all() and cal.slopes.any()
 
 
+def test_the_shipped_model_reads_its_calibration_from_the_sidecar():
+    """The shipped file carries no calibration of its own (one in its meta would hide the sidecar,
+    refitted for its nets): the loaded model's is the sidecar's."""
+    from napari_glimpse.checkpoint import read_checkpoint
+
+    assert "confidence" not in read_checkpoint(DEFAULT_MODEL)["meta"]
+    loaded = GlimpseModel.load(device="cpu").meta["confidence"]
+    assert loaded == json.loads(SIDECAR.read_text())
+
+
 def test_probability_is_in_0_1_and_monotone_in_the_cues():
     cal = shipped().calibrator
     rng = np.random.default_rng(0)

@@ -5,8 +5,8 @@ stages in the order they are trained (a coarse net, fine nets, optionally ``tune
 those further, and the glimpse net), each
 with its config, its minutes and its step count; the weight averaging; the inference settings the
 model is saved with; and whether its nets get int8 graphs. ``default`` is the shipped model's
-kind (``models/default.pt``): a coarse net and four fine nets, then the fine nets tuned on another
-device's artefacts, 252 minutes of training in full
+kind (``models/default.pt``): a coarse net and four fine nets, then both tuned on another device's
+artefacts, 257 minutes of training in full
 (the shipped nets' own times, one thread each on 2-core CPU machines)::
 
     napari-glimpse train --recipe default --data DIR --out model.pt [--time-budget MIN]
@@ -420,7 +420,7 @@ def build(recipe: Recipe | str | os.PathLike, data: Dataset | str | os.PathLike,
     :func:`~napari_glimpse.fine.train_fine`, the glimpse net with
     :func:`~napari_glimpse.training.train` only if the recipe has a glimpse stage), each for its
     minutes or its steps, whichever comes first. ``time_budget`` (minutes) scales every stage's
-    minutes alike: the ``default`` recipe is 252 minutes in full (about 4 hours on 2 CPU cores;
+    minutes alike: the ``default`` recipe is 257 minutes in full (about 4 hours on 2 CPU cores;
     a faster machine reaches the step counts sooner). ``max_steps`` caps every stage's steps
     (tests). The nets are assembled into one :class:`GlimpseModel` with the recipe's inference
     settings, written with float16 weights if it says so, then given int8 graphs if it asks and

@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
     t.add_argument("--out", required=True, help="model file to write")
     t.add_argument("--recipe", metavar="NAME_OR_PATH",
                    help="train the kind of model a recipe describes: 'default' (the shipped model's: a coarse net and "
-                        "four fine nets, int8; 252 min in full, about 4 h on 2 CPU cores) or a recipe file; "
+                        "four fine nets, int8; 257 min in full, about 4 h on 2 CPU cores) or a recipe file; "
                         "--time-budget then scales every stage's minutes, --max-steps caps every stage's steps")
     t.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     t.add_argument("--time-budget", type=positive_float, metavar="MIN",
