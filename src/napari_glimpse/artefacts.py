@@ -1,10 +1,12 @@
-"""Another device's artefacts, painted on the fine nets' training windows.
+"""Another device's artefacts, painted on the coarse and fine nets' training images.
 
 A cephalostat shows things the training images do not: a nasion-rod ruler (a bright bar with
-ticks a few millimetres in front of the face), collimator edges and a cropped field of view (dark
-bands). On such images the fine nets took the ruler's edge for the soft-tissue profile (the upper
-lip moved 5-8 mm towards it on shifted training images, from a coarse answer 2-4 mm off). Training
-windows get, each with probability ``p``:
+ticks a few millimetres in front of the face), collimator edges and a cropped field of view. On
+such images (``benchmarks/shifted.py``) the fine nets took the ruler's edge for the soft-tissue
+profile (the upper lip moved 5-8 mm towards it, from a coarse answer 2-4 mm off) and the coarse
+net failed grossly on some cropped, stretched views (a Subnasale 28.8 mm off).
+
+The fine nets' windows (:func:`paint_artefacts`) get, each with probability ``p``:
 
 * a **ruler**: a bright vertical bar (grey 180-255, 0.8-4 mm wide) with ticks on its left side,
   anywhere across the window but never over the landmark the window is centred near;
@@ -12,8 +14,10 @@ windows get, each with probability ``p``:
   the edge of the field of view), never over that landmark.
 
 The window's channels are pyramid levels centred alike, channel ``c``'s pixel ``2**c`` times
-channel 0's, so a bar is painted at the same place of the anatomy in each. Draws are made for the
-whole batch alike on every rank under torchrun and each rank keeps its share (as
+channel 0's, so a bar is painted at the same place of the anatomy in each. The coarse net's
+whole-image views get the skull top cut off (:func:`crop_views`), a ruler in front of the face
+and a collimator band behind the head (:func:`paint_views`). Draws are made for the whole batch
+alike on every rank under torchrun and each rank keeps its share (as
 :func:`napari_glimpse.coarse.augment_intensity`).
 """
 
