@@ -104,8 +104,9 @@ def test_annotated_from_zero_exported_and_trained(tmp_path, capsys):
     assert main(args[2:i] + args[i + 2:]) == 0  # the widget's command, in-process (pytest's priority as it is)
     lines = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
     steps, done = lines[:-1], lines[-1]
-    assert [ln["stage"] for ln in steps] == ["coarse"] + ["fine"] * 4
-    assert [ln.get("member") for ln in steps] == [None, 0, 1, 2, 3]
+    # the nets, then the recipe's tune stages: the fine nets', then the coarse net's
+    assert [ln["stage"] for ln in steps] == ["coarse"] + ["fine"] * 4 + ["fine"] * 4 + ["coarse"]
+    assert [ln.get("member") for ln in steps] == [None, 0, 1, 2, 3, 0, 1, 2, 3, None]
     progress = [ln["progress"] for ln in steps]
     assert progress == sorted(progress) and progress[-1] == pytest.approx(1.0)
     assert all("loss" in ln and "eta_s" in ln and ln["steps"] == 1 for ln in steps)

@@ -67,11 +67,9 @@ def test_default_recipe_describes_the_shipped_model(shipped):
     fines, tune, coarse_tune = r.stages[1:5], r.stages[5], r.stages[6]
     # the nets' configs record the artefacts their tune stages trained them with
     assert r.stages[0].config.to_dict() | {"artefacts": coarse_tune.config.artefacts} == shipped["coarse_config"]
-    # the shipped file also carries the keys of fine options since removed, at what training now does
-    removed = {"target": "mean", "coord_weight": 0.0, "erase": 0.0}
     tuned = {"artefacts": tune.config.artefacts}
     assert tune.config.artefacts > 0 and coarse_tune.config.artefacts > 0
-    assert [s.config.to_dict() | removed | tuned for s in fines] == [m["config"] for m in members]
+    assert [s.config.to_dict() | tuned for s in fines] == [m["config"] for m in members]
     assert [replace(s.config, **tuned) for s in fines] == [FineConfig.from_dict(m["config"]) for m in members]
     assert [s.average_decay for s in fines] == meta["fine_average_decay"]
     assert r.stages[0].average_decay is None

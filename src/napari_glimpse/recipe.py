@@ -343,10 +343,11 @@ def _tune(nets: list, cfg: TuneConfig, views: dict, budget_s: float, steps: int 
     share of the budget), with ``cfg.artefacts`` recorded in its config; the tuned nets and their
     histories, one after another (``elapsed_s`` counted from the stage's start)."""
     tuned, history, before = [], [], 0.0
-    for net in nets:
+    for member, net in enumerate(nets):
         ncfg = net.cfg if cfg.artefacts is None else replace(net.cfg, artefacts=cfg.artefacts)
         net.cfg = ncfg  # the copy that trains takes its config from the net it starts from
-        kw = dict(progress=bars, callback=callback, max_steps=steps, init=net, lr_scale=cfg.lr_scale, device=dev)
+        cb = None if callback is None else (lambda info, m=member: callback({**info, "member": m}))
+        kw = dict(progress=bars, callback=cb, max_steps=steps, init=net, lr_scale=cfg.lr_scale, device=dev)
         if cfg.nets == "coarse":
             new, hist = train_coarse(*views["views"], ncfg, budget_s / len(nets), **kw)
         else:
@@ -604,19 +605,23 @@ def _save(model: GlimpseModel, recipe: Recipe, ds: Dataset, out: str | os.PathLi
 # ------------------------------------------------------------------------------ command line
 def progress_lines(recipe: Recipe, max_steps: int | None, t0: float) -> Callable[[dict], None]:
     """``train --recipe ... --progress-json``: one JSON line per step on stdout, as ``finetune
-    --progress-json`` prints them (the napari widgets read both): the stage's kind (``member``: which
-    fine net), its ``step`` of ``steps``, the whole run's ``progress`` (0-1, the stages weighted by
+    --progress-json`` prints them (the napari widgets read both): the stage's kind (a ``tune``
+    stage's: the kind of nets it tunes; ``member``: which fine net), its ``step`` of ``steps``,
+    the whole run's ``progress`` (0-1, the stages weighted by
     their minutes), ``elapsed_s``, ``eta_s`` and the ``loss``."""
     def line(info: dict) -> None:
         i = int(info.get("stage_index", 0))
         stage = recipe.stages[i]
         p = float(info.get("overall_progress", 0.0))
         el = time.monotonic() - t0
-        out = {"stage": "glimpse" if stage.kind in ("glimpse", "glimpse_only") else stage.kind,
+        kind = stage.config.nets if stage.kind == "tune" else stage.kind  # a tune stage: the nets it tunes
+        out = {"stage": "glimpse" if kind in ("glimpse", "glimpse_only") else kind,
                "step": int(info.get("step", 0)), "progress": p, "elapsed_s": el,
                "eta_s": el * (1 - p) / p if p > 0 else None}
         if stage.kind == "fine" and sum(s.kind == "fine" for s in recipe.stages) > 1:
             out["member"] = sum(s.kind == "fine" for s in recipe.stages[:i])
+        elif stage.kind == "tune" and kind == "fine":
+            out["member"] = info.get("member")
         steps = _cap(stage.max_steps, max_steps)
         if steps:
             out["steps"] = steps
