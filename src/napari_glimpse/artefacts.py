@@ -23,53 +23,21 @@ alike on every rank under torchrun and each rank keeps its share (as
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from . import distributed
 
 
-def paint_artefacts(x: torch.Tensor, target: torch.Tensor, p: float, mm_per_unit: float,
-                    gen: torch.Generator) -> torch.Tensor:
-    """``x`` ``(B, C, P, P)`` windows (0-255) with artefacts painted; ``target`` ``(B, 2)`` the
-    landmark each window is centred near, in channel 0's normalised coordinates (-1..1);
-    ``mm_per_unit``: millimetres per normalised unit of channel 0 (half its width in mm)."""
-    if p <= 0:
-        return x
-    b_all, own = x.shape[0] * distributed.world_size(), distributed.share
-    b, c, h, w = x.shape
-
-    def u(lo: float, hi: float, n: int = 1) -> torch.Tensor:
-        return own(lo + (hi - lo) * torch.rand(b_all, n, generator=gen))
-
-    ruler, band = u(0, 1)[:, 0] < p, u(0, 1)[:, 0] < p / 2
-    left, width = u(-1.3, 1.0)[:, 0], u(0.8, 4.0)[:, 0] / mm_per_unit
-    # a bar (or its 1 mm ticks) over the landmark moves to its right (in front of the face),
-    # its ticks 0.5-3 mm clear of it
-    tx, ty = target[:, 0], target[:, 1]
-    over = (tx > left - 1.5 / mm_per_unit) & (tx < left + width + 0.5 / mm_per_unit)
-    left = torch.where(over, tx + u(1.5, 4.0)[:, 0] / mm_per_unit, left)
-    top, bottom = u(-4.0, 0.5)[:, 0], u(-0.5, 4.0)[:, 0]
-    tick, grey = u(2.0, 6.0)[:, 0] / mm_per_unit, u(180.0, 255.0)[:, 0]
-    edge, from_top = u(-2.0, 1.0)[:, 0], u(0, 1)[:, 0] < 0.5
-    band = band & torch.where(from_top, ty > edge + 0.1, tx > edge + 0.1)  # never over the landmark
-    g = (torch.arange(w, dtype=torch.float32) + 0.5) / w * 2 - 1  # channel 0's normalised pixel centres
-    out = x.clone()
-    for ch in range(c):
-        gx = (g * 2.0**ch)[None, None, :]  # (1, 1, W) in channel 0's units
-        gy = (g * 2.0**ch)[None, :, None]
-        col = lambda v: v[:, None, None]  # noqa: E731
-        in_y = (gy >= col(top)) & (gy <= col(bottom))
-        bar = (gx >= col(left)) & (gx <= col(left + width)) & in_y
-        ticks = ((gx >= col(left - 1.0 / mm_per_unit)) & (gx < col(left)) & in_y
-                 & (torch.remainder(gy - col(top), col(tick)) < 0.3 / mm_per_unit))
-        paint = (bar | ticks) & col(ruler)
-        dark = torch.where(col(from_top), gy < col(edge), gx < col(edge)) & col(band)
-        v = torch.where(dark, out[:, ch] * 0.15 + 5.0, out[:, ch])
-        out[:, ch] = torch.where(paint, col(grey).expand_as(v), v)
-    return out
+def with_artefacts(net: torch.nn.Module, p: float | None):
+    """Set ``artefacts`` ``p`` in ``net``'s config (None: leave it) and return that config: a net
+    tuned from ``net`` takes its config, so it trains with ``p`` and records it."""
+    if p is not None:
+        net.cfg = replace(net.cfg, artefacts=p)
+    return net.cfg
 
 
-# ------------------------------------------------------------------------- the coarse net's views
 def _draws(b: int, gen: torch.Generator):
     """``u(lo, hi)``: ``(b,)`` uniform draws made for the whole batch (every rank alike), this rank's share."""
     b_all, own = b * distributed.world_size(), distributed.share
@@ -79,6 +47,49 @@ def _draws(b: int, gen: torch.Generator):
 
     return u
 
+
+def _col(v: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` -> ``(B, 1, 1)``, to broadcast a per-sample value over an image's rows and columns."""
+    return v[:, None, None]
+
+
+def paint_artefacts(x: torch.Tensor, target: torch.Tensor, p: float, mm_per_unit: float,
+                    gen: torch.Generator) -> torch.Tensor:
+    """``x`` ``(B, C, P, P)`` windows (0-255) with artefacts painted; ``target`` ``(B, 2)`` the
+    landmark each window is centred near, in channel 0's normalised coordinates (-1..1);
+    ``mm_per_unit``: millimetres per normalised unit of channel 0 (half its width in mm)."""
+    if p <= 0:
+        return x
+    b, c, h, w = x.shape
+    u = _draws(b, gen)
+    ruler, band = u(0, 1) < p, u(0, 1) < p / 2
+    left, width = u(-1.3, 1.0), u(0.8, 4.0) / mm_per_unit
+    # a bar (or its 1 mm ticks) over the landmark moves to its right (in front of the face),
+    # its ticks 0.5-3 mm clear of it
+    tx, ty = target[:, 0], target[:, 1]
+    over = (tx > left - 1.5 / mm_per_unit) & (tx < left + width + 0.5 / mm_per_unit)
+    left = torch.where(over, tx + u(1.5, 4.0) / mm_per_unit, left)
+    top, bottom = u(-4.0, 0.5), u(-0.5, 4.0)
+    tick, grey = u(2.0, 6.0) / mm_per_unit, u(180.0, 255.0)
+    edge, from_top = u(-2.0, 1.0), u(0, 1) < 0.5
+    band = band & torch.where(from_top, ty > edge + 0.1, tx > edge + 0.1)  # never over the landmark
+    g = (torch.arange(w, dtype=torch.float32) + 0.5) / w * 2 - 1  # channel 0's normalised pixel centres
+    out = x.clone()
+    for ch in range(c):
+        gx = (g * 2.0**ch)[None, None, :]  # (1, 1, W) in channel 0's units
+        gy = (g * 2.0**ch)[None, :, None]
+        in_y = (gy >= _col(top)) & (gy <= _col(bottom))
+        bar = (gx >= _col(left)) & (gx <= _col(left + width)) & in_y
+        ticks = ((gx >= _col(left - 1.0 / mm_per_unit)) & (gx < _col(left)) & in_y
+                 & (torch.remainder(gy - _col(top), _col(tick)) < 0.3 / mm_per_unit))
+        paint = (bar | ticks) & _col(ruler)
+        dark = torch.where(_col(from_top), gy < _col(edge), gx < _col(edge)) & _col(band)
+        v = torch.where(dark, out[:, ch] * 0.15 + 5.0, out[:, ch])
+        out[:, ch] = torch.where(paint, _col(grey).expand_as(v), v)
+    return out
+
+
+# ------------------------------------------------------------------------- the coarse net's views
 
 def crop_views(theta: torch.Tensor, p: float, gen: torch.Generator, most: float = 0.15) -> torch.Tensor:
     """``theta`` ``(B, 2, 3)`` (view -> image, :func:`~napari_glimpse.coarse.view_matrix`) with, with
@@ -114,8 +125,7 @@ def paint_views(x: torch.Tensor, o: torch.Tensor, present: torch.Tensor, flip: t
     band = band & (back > edge + 0.02)
     gx = ((torch.arange(w, dtype=torch.float32) + 0.5) / w * 2 - 1)[None, None, :] * s[:, :, None]  # (B, 1, W)
     gy = ((torch.arange(h, dtype=torch.float32) + 0.5) / h * 2 - 1)[None, :, None]
-    col = lambda v: v[:, None, None]  # noqa: E731
-    bar = (gx >= col(left)) & (gx <= col(right)) & (gy >= col(top)) & (gy <= col(bottom)) & col(ruler)
-    dark = (gx < col(edge)) & col(band)
+    bar = (gx >= _col(left)) & (gx <= _col(right)) & (gy >= _col(top)) & (gy <= _col(bottom)) & _col(ruler)
+    dark = (gx < _col(edge)) & _col(band)
     v = torch.where(dark, x[:, 0] * 0.15 + 5.0, x[:, 0])
-    return torch.where(bar, col(grey).expand_as(v), v)[:, None]
+    return torch.where(bar, _col(grey).expand_as(v), v)[:, None]

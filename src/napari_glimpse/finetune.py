@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -279,6 +279,7 @@ def _tune_stage(model, stage: str, data, cfg: FinetuneConfig, prog: Progress, ph
                 should_stop: Callable[[], bool] | None, device, verbose: bool) -> list[dict]:
     """Tune each net of the model's coarse or fine stage for its phase's steps (or its share of
     the time budget); the model gets the tuned nets. Returns each net's last history record."""
+    from .artefacts import with_artefacts
     from .coarse import CoarseEnsemble, members_of, train_coarse
     from .fine import FineEnsemble, train_fine
 
@@ -295,8 +296,7 @@ def _tune_stage(model, stage: str, data, cfg: FinetuneConfig, prog: Progress, ph
         kw = dict(progress=verbose, callback=cb, should_stop=should_stop, max_steps=ph.steps, init=m,
                   lr_scale=cfg.lr_scale, device=device, layers=getattr(cfg, f"{stage}_layers"))
         budget = max(1e-3, prog.share(ph, cfg.time_budget_s) or 1e12)
-        if cfg.artefacts is not None:  # the tuned copy trains (and keeps) this setting
-            m.cfg = replace(m.cfg, artefacts=cfg.artefacts)
+        with_artefacts(m, cfg.artefacts)  # the tuned copy trains (and keeps) this setting
         if stage == "coarse":
             net, hist = train_coarse(*data.views, m.cfg, budget, **kw)
         else:

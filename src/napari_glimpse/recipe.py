@@ -35,6 +35,7 @@ import torch
 
 from . import distributed
 from ._serde import DictConfig
+from .artefacts import with_artefacts
 from .coarse import CoarseConfig, CoarseEnsemble, members_of, train_coarse, view_levels
 from .errors import GlimpseError
 from .fine import FineConfig, FineEnsemble, fine_levels_by_kind, train_fine
@@ -344,8 +345,7 @@ def _tune(nets: list, cfg: TuneConfig, views: dict, budget_s: float, steps: int 
     histories, one after another (``elapsed_s`` counted from the stage's start)."""
     tuned, history, before = [], [], 0.0
     for member, net in enumerate(nets):
-        ncfg = net.cfg if cfg.artefacts is None else replace(net.cfg, artefacts=cfg.artefacts)
-        net.cfg = ncfg  # the copy that trains takes its config from the net it starts from
+        ncfg = with_artefacts(net, cfg.artefacts)
         cb = None if callback is None else (lambda info, m=member: callback({**info, "member": m}))
         kw = dict(progress=bars, callback=cb, max_steps=steps, init=net, lr_scale=cfg.lr_scale, device=dev)
         if cfg.nets == "coarse":
@@ -362,13 +362,13 @@ def _train_into(model: GlimpseModel, fine_nets: list, recipe: Recipe, stage: Rec
                 ds: Dataset, views: dict, budget_s: float, steps: int | None, dev: torch.device, bars: bool,
                 callback) -> list[dict]:
     """Train one stage of :func:`build` into ``model`` (and the ``fine_nets`` list so far); its history."""
+    if stage.kind == "tune" and cfg.nets == "fine":
+        fine_nets[:], hist = _tune(fine_nets, cfg, views, budget_s, steps, dev, bars, callback)
+        model.fine = FineEnsemble(fine_nets) if len(fine_nets) > 1 else fine_nets[0]
+        return hist
     if stage.kind == "tune":
-        nets = fine_nets if cfg.nets == "fine" else members_of(model.coarse)
-        nets, hist = _tune(nets, cfg, views, budget_s, steps, dev, bars, callback)
-        ensemble = FineEnsemble if cfg.nets == "fine" else CoarseEnsemble
-        if cfg.nets == "fine":
-            fine_nets[:] = nets
-        setattr(model, cfg.nets, ensemble(nets) if len(nets) > 1 else nets[0])
+        nets, hist = _tune(members_of(model.coarse), cfg, views, budget_s, steps, dev, bars, callback)
+        model.coarse = CoarseEnsemble(nets) if len(nets) > 1 else nets[0]
         return hist
     net, hist = _run_stage(stage, cfg, model, ds, views, budget_s, steps, dev, bars, callback)
     if stage.kind == "coarse":
