@@ -28,6 +28,7 @@ Usage::
     python benchmarks/adapt.py --variants offsets default --k 20        # in-process variants
     python benchmarks/adapt.py --cli --k 5 10 20                          # the CLI's defaults
     python benchmarks/adapt.py --reference --k 20                         # the old full-length run
+    python benchmarks/adapt.py --offset-scales                            # site gain vs drift, offsets x s
 """
 
 from __future__ import annotations
@@ -291,6 +292,48 @@ def run_reference(site: dict, k: int, scale: float, tmp: Path) -> dict:
     return res
 
 
+def offset_scale_sweep(site: dict, k: int, scale: float, tmp: Path, results: dict) -> dict:
+    """What the site gains against what the plain images drift when the learned landmark offsets
+    are scaled by s = 0, 0.1, ... 1 (the defaults' fine-tune, in-process, steps only; the answers
+    are the nets' plus s times the offsets, so two predictions per set give every s). The share
+    of gain is of the reference run's (``reference k=20``); the drift is the plain Train 071-100
+    MRE against the mean of the doctors, after minus before. Test1 is not read."""
+    import warnings
+
+    from napari_glimpse.finetune import FinetuneConfig, finetune
+    from napari_glimpse.inference import GlimpseModel
+    from napari_glimpse.training import predict_dataset
+
+    model = finetune(GlimpseModel.load(None, "cpu"), site["tune"][k][1], tmp / f"sweep_k{k}.pt",
+                     FinetuneConfig(time_budget_s=None), meta={"parent": "default.pt"})
+
+    def answers(ds) -> np.ndarray:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return predict_dataset(model, ds, progress=False)[0]
+
+    sets = {"site": (site["score"], 0.1 / scale), "plain": (site["plain"], 0.1)}
+    with_off = {name: answers(ds) for name, (ds, _) in sets.items()}
+    off = model.meta.pop("landmark_offsets_px")
+    nets = {name: answers(ds) for name, (ds, _) in sets.items()}
+    model.meta["landmark_offsets_px"] = off
+    before = results["before"]
+    ref = results.get("runs", {}).get(f"reference k={k}")
+    ref_gain = before["site"]["mre_mm"] - ref["site"]["mre_mm"] if ref else None
+    rows = []
+    for s in np.round(np.arange(0.0, 1.001, 0.1), 1):
+        mre = {}
+        for name, (ds, spacing) in sets.items():
+            p = nets[name] + s * (with_off[name] - nets[name])
+            mre[name] = float((np.linalg.norm(p - ds.ground_truth(), axis=-1) * spacing).mean())
+        gain = before["site"]["mre_mm"] - mre["site"]
+        rows.append({"offset_scale": float(s), "site_mre_mm": round(mre["site"], 4),
+                     "share_of_reference_gain": round(gain / ref_gain, 3) if ref_gain else None,
+                     "plain_mre_mm": round(mre["plain"], 4),
+                     "plain_drift_mm": round(mre["plain"] - before["plain"]["mre_mm"], 4)})
+    return {"k": k, "how": offset_scale_sweep.__doc__.split("(")[0].strip(), "rows": rows}
+
+
 def _run_of(name: str, site: dict, k: int, scale: float, tmp: Path):
     """The run ``name`` (a variant, ``cli``, ``cli_mix`` or ``reference``) on k reviewed images, to call."""
     if name in ("cli", "cli_mix"):
@@ -351,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", nargs="*", default=[], metavar="NAME@K",
                    help="runs one by one, e.g. offsets@5 cli@20 cli_mix@20 reference@20 (NAME: a variant, cli, "
                         "cli_mix or reference)")
+    p.add_argument("--offset-scales", action="store_true",
+                   help="the site gain against the plain drift with the offsets scaled by 0 ... 1 (k=20)")
     p.add_argument("--scale", type=float, default=0.9)
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--test1", action="store_true",
@@ -392,6 +437,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} k={k}: {res['minutes']:.2f} min, site MRE {results['before']['site']['mre_mm']:.3f} -> "
                   f"{res['site']['mre_mm']:.3f} mm, plain {results['before']['plain']['mre_mm']:.3f} -> "
                   f"{res['plain']['mre_mm']:.3f} mm, load {res['load_before']['loadavg'][0]}", flush=True)
+            _save(results, a.out)
+        if a.offset_scales:
+            results["offset_scale_sweep"] = sweep = offset_scale_sweep(site, 20, a.scale, tmp, results)
+            for r in sweep["rows"]:
+                print(f"offsets x {r['offset_scale']:.1f}: site {r['site_mre_mm']:.3f} mm "
+                      f"({r['share_of_reference_gain']} of the reference's gain), plain drift "
+                      f"{r['plain_drift_mm']:+.3f} mm", flush=True)
             _save(results, a.out)
     return 0
 
