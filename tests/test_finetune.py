@@ -78,6 +78,26 @@ def test_no_steps_keeps_the_nets_and_learns_the_offsets_alone(staged, reviewed, 
     assert model.landmark_offsets is not None
 
 
+def test_a_float16_parent_gives_a_float16_file_that_answers_as_the_tuned_model(staged, reviewed, tiny_data,
+                                                                               tmp_path):
+    from napari_glimpse.checkpoint import read_checkpoint
+
+    half = tmp_path / "half.pt"  # stored as the shipped model is
+    staged.save(half, half_weights=True)
+    parent = GlimpseModel.load(half, device="cpu")
+    assert parent.half_weights and not staged.half_weights
+    for src, name in ((parent, "from_half.pt"), (staged, "from_float.pt")):
+        model = finetune(src, reviewed, tmp_path / name, QUICK)
+        stored = read_checkpoint(tmp_path / name).get("weights_stored_as")
+        assert stored == ("float16" if src is parent else None)
+    # float16 storage: about half the file; the tuned model in memory answers as the file does
+    assert (tmp_path / "from_half.pt").stat().st_size < 0.75 * (tmp_path / "from_float.pt").stat().st_size
+    tuned = finetune(GlimpseModel.load(half, device="cpu"), reviewed, tmp_path / "again.pt", QUICK)
+    image = tiny_data["test1"]["paths"][0]
+    np.testing.assert_array_equal(tuned.predict(image).final,
+                                  GlimpseModel.load(tmp_path / "again.pt", device="cpu").predict(image).final)
+
+
 # ---------------------------------------------------------------------------------- offsets
 def test_offsets_are_the_shrunk_mean_residual_and_shift_the_answer(staged, reviewed, tiny_data, tmp_path):
     parent = staged

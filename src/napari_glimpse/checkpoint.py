@@ -247,6 +247,16 @@ def to_checkpoint(model: "GlimpseModel") -> dict:
     }
 
 
+def round_to_half(model: "GlimpseModel") -> None:
+    """Round the weights that a float16 file stores as float16 (see :func:`halve_weights`) in
+    place, so that the model in memory (and int8 graphs made from it) answers as the file will."""
+    with torch.no_grad():
+        for net in (model.net, model.coarse, model.fine):
+            for t in ([] if net is None else net.state_dict().values()):
+                if t.is_floating_point() and t.dim() >= 2:
+                    t.copy_(t.to(torch.float16).to(t.dtype))
+
+
 def save(model: "GlimpseModel", path: str | os.PathLike, half_weights: bool = False) -> None:
     """Write ``model`` to ``path`` (atomically). ``half_weights``: store the convolution and
     linear weights as float16, about half the file (see :func:`halve_weights`)."""
@@ -338,4 +348,5 @@ def from_checkpoint(cls: "type[GlimpseModel]", ckpt: dict, device: str | torch.d
         fine,
     )
     attach_graphs(model, checkpoint_graphs(ckpt, source), int8, source)
+    model.half_weights = ckpt.get("weights_stored_as") == "float16"  # saving it again keeps that
     return model

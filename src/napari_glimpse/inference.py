@@ -120,6 +120,7 @@ class GlimpseModel:
         )
         self.train_config = dict(train_config or {})
         self.meta = dict(meta or {})
+        self.half_weights = False  # the file it was loaded from stored float16 weights (save keeps that)
 
     # ----------------------------------------------------------------------------- stages
     @property
@@ -225,10 +226,13 @@ class GlimpseModel:
         """The model as a checkpoint dict (:func:`napari_glimpse.checkpoint.to_checkpoint`)."""
         return checkpoint.to_checkpoint(self)
 
-    def save(self, path: str | os.PathLike, half_weights: bool = False) -> None:
+    def save(self, path: str | os.PathLike, half_weights: bool | None = None) -> None:
         """Write the model to ``path`` (atomically). ``half_weights``: store the convolution and
-        linear weights as float16, about half the file (see :func:`~napari_glimpse.checkpoint.halve_weights`)."""
-        checkpoint.save(self, path, half_weights)
+        linear weights as float16, about half the file (see :func:`~napari_glimpse.checkpoint.halve_weights`);
+        ``None``: as the file it was loaded from stored them (:attr:`half_weights`), so that a model
+        tuned from the shipped one is as small as it (the weights in memory are left as they are:
+        :func:`~napari_glimpse.checkpoint.round_to_half` rounds them as the file will)."""
+        checkpoint.save(self, path, self.half_weights if half_weights is None else bool(half_weights))
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, device: str | torch.device | None = "cpu", source: str = "checkpoint",

@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import distributed
+from . import checkpoint, distributed
 from ._serde import DictConfig
 from .artefacts import with_artefacts
 from .coarse import CoarseConfig, CoarseEnsemble, members_of, train_coarse, view_levels
@@ -504,7 +504,7 @@ def glimpse_only_build(recipe: Recipe, ds: Dataset, out: str | os.PathLike, time
         "torch": str(torch.__version__)})
     model.net.cpu().eval()
     if recipe.quantize.half_weights:
-        _round_to_half(model)
+        checkpoint.round_to_half(model)
     model.save(out, half_weights=recipe.quantize.half_weights)
     _say_validation(model, recipe, say)
     return model
@@ -561,17 +561,6 @@ def _finish_meta(model: GlimpseModel, recipe: Recipe, records: list[dict], scale
         "train_device": str(dev), "torch": str(torch.__version__), "world_size": distributed.world_size()})
 
 
-def _round_to_half(model: GlimpseModel) -> None:
-    """Round the weights that a float16 file stores as float16 (see
-    :func:`~napari_glimpse.checkpoint.halve_weights`) in place, so that int8 graphs are made from
-    the weights the file will hold."""
-    with torch.no_grad():
-        for net in (model.net, model.coarse, model.fine):
-            for t in ([] if net is None else net.state_dict().values()):
-                if t.is_floating_point() and t.dim() >= 2:
-                    t.copy_(t.to(torch.float16).to(t.dtype))
-
-
 def _save(model: GlimpseModel, recipe: Recipe, ds: Dataset, out: str | os.PathLike, say) -> None:
     """Write the float model, then (if asked and possible) make int8 graphs and write it again."""
     from .int8 import quantize
@@ -581,7 +570,7 @@ def _save(model: GlimpseModel, recipe: Recipe, ds: Dataset, out: str | os.PathLi
             net.cpu().eval()
     q = recipe.quantize
     if q.half_weights:
-        _round_to_half(model)
+        checkpoint.round_to_half(model)
     model.save(out, half_weights=q.half_weights)
     if not q.int8:
         return
