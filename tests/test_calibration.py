@@ -72,6 +72,19 @@ def test_the_shipped_model_reads_its_calibration_from_the_sidecar():
     assert loaded == json.loads(SIDECAR.read_text())
 
 
+def test_a_sidecar_beside_a_file_wins_over_the_calibration_it_carries(tiny_staged_model_path, tmp_path):
+    """A model saved after loading (a fine-tuned one) carries its parent's calibration in its
+    meta; a calibration refitted for it and written beside the file is the one it then uses."""
+    model = GlimpseModel.load(tiny_staged_model_path, device="cpu")
+    model.meta["confidence"] = {"shape": None, "calibrator": None, "which": "carried"}
+    out = tmp_path / "tuned.pt"
+    model.save(out)
+    assert GlimpseModel.load(out, device="cpu").meta["confidence"]["which"] == "carried"
+    refit = {"shape": None, "calibrator": None, "which": "refit"}
+    (tmp_path / "tuned.confidence.json").write_text(json.dumps(refit))
+    assert GlimpseModel.load(out, device="cpu").meta["confidence"] == refit
+
+
 def test_probability_is_in_0_1_and_monotone_in_the_cues():
     cal = shipped().calibrator
     rng = np.random.default_rng(0)

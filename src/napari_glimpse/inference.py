@@ -249,20 +249,20 @@ class GlimpseModel:
         faster; answers 0.03-0.05 mm from the float nets' on average on ISBI, rarely more where a
         heatmap has two near-equal peaks); ``False``
         runs the float nets (see :meth:`use_int8`). A ``<stem>.confidence.json`` beside the file
-        (the shipped model's ``default.confidence.json``) goes into ``meta['confidence']`` unless
-        the file carries one (:mod:`napari_glimpse.confidence`)."""
+        (the shipped model's ``default.confidence.json``) goes into ``meta['confidence']``, in
+        place of any the file carries (a calibration refitted for the file's nets; a model saved
+        after loading, e.g. a fine-tuned one, carries its parent's; :mod:`napari_glimpse.confidence`)."""
         if path is None:
             path = DEFAULT_MODEL
             if not path.exists():
                 raise GlimpseError(f"the default model is missing from the package ({path}); pass --model")
         path = resolve_model(path)
         model = cls.from_checkpoint(read_checkpoint(path), device, source=str(path), int8=int8)
-        if "confidence" not in model.meta:  # a calibration beside the file (<stem>.confidence.json)
-            from .confidence import read_sidecar
+        from .confidence import read_sidecar
 
-            side = read_sidecar(path)
-            if side is not None:
-                model.meta["confidence"] = side
+        side = read_sidecar(path)  # a calibration beside the file (<stem>.confidence.json): a refit wins
+        if side is not None:
+            model.meta["confidence"] = side
         return model
 
     def use_int8(self, enabled: bool = True) -> tuple[int, int]:
