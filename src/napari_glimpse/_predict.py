@@ -47,19 +47,20 @@ def _file_id(p: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def check_outputs(outputs: Sequence[tuple[str, Path]], inputs: Sequence[Path]) -> None:
-    """Refuse outputs (``(option, path)``) that are an input image (the same path or the same
-    file), have an image's or model's suffix, are the same file as each other, or cannot be
-    written (the folder is made if missing). Done before any prediction work."""
+def check_outputs(outputs: Sequence[tuple[str, Path]], inputs: Sequence[Path], what: str = "input images",
+                  ) -> None:
+    """Refuse outputs (``(option, path)``) that are an input (the same path or the same file;
+    ``what`` names the inputs in the message), have an image's or model's suffix, are the same file
+    as each other, or cannot be written (the folder is made if missing). Done before any work."""
     resolved = {p.resolve() for p in inputs}
     ids = {i for p in inputs if (i := _file_id(p)) is not None}
     seen: dict[Path, str] = {}
     for opt, p in outputs:
         if p.suffix.lower() in _NOT_OUTPUTS:
-            raise GlimpseError(f"{opt} {p}: predictions are CSV text; refusing to write them to a {p.suffix} file")
+            raise GlimpseError(f"{opt} {p}: outputs are CSV text; refusing to write them to a {p.suffix} file")
         r = p.resolve()
         if r in resolved or (_file_id(p) is not None and _file_id(p) in ids):
-            raise GlimpseError(f"{opt} {p} is one of the input images; choose another file name")
+            raise GlimpseError(f"{opt} {p} is one of the {what}; choose another file name")
         other = next((o for q, o in seen.items() if q == r or (_file_id(q) is not None and _file_id(q) == _file_id(p))),
                      None)
         if other is not None:
@@ -70,6 +71,33 @@ def check_outputs(outputs: Sequence[tuple[str, Path]], inputs: Sequence[Path]) -
             check_writable(p)
         except OSError as exc:
             raise GlimpseError(f"{opt} {p}: cannot write there ({exc.strerror or exc})") from None
+
+
+def row_keys(paths: Sequence[Path]) -> dict[Path, str]:
+    """Each image's ``image_path`` cell: its file name, or, for images that share a name (one
+    ``ceph.jpg`` per patient folder), its path from the folder the clashing images share
+    (``p1/ceph.jpg``, ``p2/ceph.jpg``), so that no row stands for two images."""
+    by_name: dict[str, list[Path]] = {}
+    for q in paths:
+        by_name.setdefault(q.name, []).append(q)
+    keys = {}
+    for name, same in by_name.items():
+        distinct = list(dict.fromkeys(q.resolve() for q in same))
+        if len(distinct) < 2:
+            keys.update((q, name) for q in same)
+            continue
+        root = Path(os.path.commonpath([str(r.parent) for r in distinct]))
+        keys.update((q, q.resolve().relative_to(root).as_posix()) for q in same)
+    return keys
+
+
+def _check_resume_keys(kept: dict, keys: dict[Path, str], out: Path) -> None:
+    """``--resume``: refuse when OUT holds a row under the bare name of images that now need a
+    longer one (it was written for one of them; which, the name cannot tell)."""
+    for name in {q.name for q, k in keys.items() if k != q.name} & set(kept):
+        same = sorted(k for q, k in keys.items() if q.name == name)
+        raise GlimpseError(f"--resume: {out} holds a row for {name}, but the images given include "
+                           f"{len(same)} named so ({', '.join(same)}): it cannot tell which; write to another file")
 
 
 def _finite_numbers(cells: Sequence[str]) -> bool:
@@ -218,9 +246,9 @@ def _torch_threads(workers: int, threads: int | None) -> Iterator[None]:
 
 
 def _loop(model, todo: list[Path], a: argparse.Namespace, outputs: _Outputs, single: bool,
-          workers: int = 1) -> list[Path]:
-    """Predict ``todo`` (``workers`` threads), writing each row as it comes in the images' order;
-    returns the images skipped."""
+          workers: int = 1, keys: dict[Path, str] | None = None) -> list[Path]:
+    """Predict ``todo`` (``workers`` threads), writing each row as it comes in the images' order
+    under its key (:func:`row_keys`; default: the file name); returns the images skipped."""
     from tqdm.auto import tqdm
 
     bad: list[Path] = []
@@ -238,7 +266,7 @@ def _loop(model, todo: list[Path], a: argparse.Namespace, outputs: _Outputs, sin
                     tqdm.write(printable(f"napari-glimpse: skipped: {exc}"), file=sys.stderr)
                     bar.set_postfix_str(f"{len(bad)} skipped")
                     continue
-                outputs.write(p.name, tr)
+                outputs.write(keys[p] if keys else p.name, tr)
     finally:
         bar.close()
         outputs.close()
@@ -253,6 +281,7 @@ def run_predict(a: argparse.Namespace, cpath: Path, mpath: Path | None = None) -
     paths = expand_image_args(a.images)
     out = Path(a.out)
     check_outputs([("--out", out), ("--confidence-out", cpath)] + ([("--measures", mpath)] if mpath else []), paths)
+    keys = row_keys(paths)  # of every image given, so that the shards of one run agree
     if getattr(a, "shard", None):
         from ._shards import parse_shard, shard_of
 
@@ -265,7 +294,8 @@ def run_predict(a: argparse.Namespace, cpath: Path, mpath: Path | None = None) -
     lhead = landmark_columns(k)
     chead = ["image_path"] + [f"{i + 1}_confidence" for i in range(k)] + ["facing"]
     kept = resume_rows(out, cpath, lhead, chead) if a.resume else {}
-    todo = [p for p in paths if p.name not in kept]
+    _check_resume_keys(kept, keys, out)
+    todo = [p for p in paths if keys[p] not in kept]
     if not paths:  # a shard of more shards than images: its outputs hold the header alone (for merge)
         empty = _Outputs(out, cpath, lhead, chead, {})
         empty.open()
@@ -274,13 +304,13 @@ def run_predict(a: argparse.Namespace, cpath: Path, mpath: Path | None = None) -
         return 0
     if not todo:
         print(printable(f"{out} already holds all {len(paths)} image(s); nothing to do"))
-        _measures(out, mpath, model.pixel_spacing)
+        _measures(out, mpath, _spacings(paths, keys, a, model))
         return 0
     t = time.perf_counter()
     workers = min(getattr(a, "workers", None) or default_workers(), len(todo))  # one image: torch's threads
     with _torch_threads(workers, getattr(a, "threads", None)):
         bad = _loop(model, todo, a, _Outputs(out, cpath, lhead, chead, kept), single=len(paths) == 1,
-                    workers=workers)
+                    workers=workers, keys=keys)
     done = len(todo) - len(bad)
     if done == 0:
         raise GlimpseError(f"none of the {len(todo)} image(s) could be read or predicted (listed above); "
@@ -288,7 +318,7 @@ def run_predict(a: argparse.Namespace, cpath: Path, mpath: Path | None = None) -
     dt = (time.perf_counter() - t) / done
     extra = (f", {len(kept)} kept from before" if kept else "") + (f", {len(bad)} skipped" if bad else "")
     print(printable(f"wrote {out} and {cpath}: {done} image(s){extra}, {dt:.2f} s per image"))
-    _measures(out, mpath, model.pixel_spacing)
+    _measures(out, mpath, _spacings(paths, keys, a, model))
     if bad and not a.skip_bad:
         print(printable(f"napari-glimpse: error: {len(bad)} of {len(todo)} image(s) skipped (listed above); the "
                         f"other {done} are in {out} (--skip-bad: exit 0 all the same)"), file=sys.stderr)
@@ -296,16 +326,36 @@ def run_predict(a: argparse.Namespace, cpath: Path, mpath: Path | None = None) -
     return 0
 
 
-def _measures(out: Path, mpath: Path | None, spacing: float) -> None:
+def _spacings(paths: Sequence[Path], keys: dict[Path, str], a: argparse.Namespace, model) -> dict[str, float]:
+    """Row key -> the spacing its image was read at, as :meth:`GlimpseModel.predict` chose it:
+    ``--spacing``, else the file's (DICOM, TIFF), else the model's."""
+    from .spacing import read_spacing
+
+    given = getattr(a, "spacing", None)
+    out = {}
+    for p in paths:
+        try:
+            recorded = None if given is not None else read_spacing(p)
+        except GlimpseError:  # an unreadable file has no row
+            recorded = None
+        out[keys[p]] = given if given is not None else (recorded if recorded is not None else model.pixel_spacing)
+    return out
+
+
+def _measures(out: Path, mpath: Path | None, spacings: dict[str, float]) -> None:
+    """``--measures``: the measurements of every row of ``out``, MW at each image's spacing
+    (``spacings`` by row; a row of an image not given this time: the model's 0.1 mm)."""
     if mpath is not None:
         from .io import read_landmarks_csv
+        from .landmarks import ISBI_PIXEL_SPACING_MM
 
         names, coords = read_landmarks_csv(out)
-        write_measures(mpath, names, coords, spacing)
+        write_measures(mpath, names, coords, np.array([spacings.get(n, ISBI_PIXEL_SPACING_MM) for n in names]))
 
 
-def write_measures(path: Path, names, coords, spacing: float) -> None:
-    """Write the 8 measurements and classes of ``(N, 19, 2)`` landmarks (``measure``, ``predict --measures``)."""
+def write_measures(path: Path, names, coords, spacing) -> None:
+    """Write the 8 measurements and classes of ``(N, 19, 2)`` landmarks (``measure``, ``predict
+    --measures``); ``spacing``: mm per pixel, one for all or ``(N,)``, one per image (MW only)."""
     from .io import write_table_csv
     from .measurements import TABLE_COLUMNS, table_rows
 

@@ -24,6 +24,7 @@ from .landmark_set import SET_FILE, LandmarkSet, find_landmark_set, set_for_coun
 from .landmarks import ISBI_LANDMARKS, ISBI_PIXEL_SPACING_MM
 
 IMAGE_SUFFIXES = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff")
+DICOM_SUFFIXES = (".dcm", ".dicom")  # read with pydicom (napari_glimpse.spacing.read_dicom)
 
 ISBI_SPLIT_FOLDERS = {"train": "TrainingData", "test1": "Test1Data", "test2": "Test2Data"}
 
@@ -376,21 +377,23 @@ def read_isbi_txt(path: str | os.PathLike, n_landmarks: int = 19) -> np.ndarray:
     return np.asarray(pts, dtype=np.float64)
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name."""
+def list_images(folder: str | os.PathLike, dicom: bool = False) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name; ``dicom``: DICOM files too."""
     folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    suffixes = IMAGE_SUFFIXES + (DICOM_SUFFIXES if dicom else ())
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and p.is_file())
 
 
 def expand_image_args(args: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders given on a command line into image paths."""
+    """Expand files and folders given on a command line into image paths (a folder's images and
+    DICOM files, sorted by name)."""
     out: list[Path] = []
     for a in args:
         p = Path(a)
         if p.is_dir():
-            imgs = list_images(p)
+            imgs = list_images(p, dicom=True)
             if not imgs:
-                raise GlimpseError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {p}")
+                raise GlimpseError(f"no images ({', '.join(IMAGE_SUFFIXES)}, .dcm) in folder {p}")
             out += imgs
         elif p.exists():
             out.append(p)

@@ -148,7 +148,8 @@ def measure_batch(landmarks, spacing: float = 0.1, *, facing: str = "auto",
                   integer_pixels: bool = False) -> np.ndarray:
     """``(N, 8)`` values in :data:`MEASUREMENTS` order from ``(N, 19, 2)`` (or ``(19, 2)``) pixels.
 
-    ``spacing`` is in mm per pixel (MW only; the rest are angles and a ratio). ``facing`` is
+    ``spacing`` is in mm per pixel, one for all or ``(N,)``, one per image (MW only; the rest are
+    angles and a ratio). ``facing`` is
     ``auto`` (read off the landmarks), ``right`` (+x) or ``left``. ``integer_pixels`` truncates
     the coordinates first, as the challenge's code does.
     """
@@ -165,7 +166,7 @@ def measure_batch(landmarks, spacing: float = 0.1, *, facing: str = "auto",
     with np.errstate(invalid="ignore", divide="ignore"):
         fhi = np.linalg.norm(p[S] - p[GO], axis=-1) / np.linalg.norm(p[N] - p[ME], axis=-1)
     fma = _angle(p[N] - p[S], p[GN] - p[GO])
-    mw = np.linalg.norm(p[UIT] - p[LIT], axis=-1) * float(spacing)
+    mw = np.linalg.norm(p[UIT] - p[LIT], axis=-1) * np.asarray(spacing, dtype=np.float64)
     mw = np.where(p[UIT][:, 0] < p[LIT][:, 0], -mw, mw)
     return np.stack([sna - snb, snb, sna, odi, apdi, fhi, fma, mw], axis=1)
 

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import GlimpseError, GlimpseWarning
-from .io import Dataset, concat_datasets, read_image, to_grey_uint8
+from .io import DICOM_SUFFIXES, Dataset, concat_datasets, read_image, to_grey_uint8
 
 MIN_SPACING_MM = 0.01
 MAX_SPACING_MM = 1.0
@@ -36,7 +36,6 @@ SPACING_TOLERANCE = 0.01
 # and the range of longer sides that raise no notice
 TRAIN_SIDE_MM = (180.0, 300.0)
 _DEFAULT_DPI = (72.0, 96.0)
-DICOM_SUFFIXES = (".dcm", ".dicom")
 TIFF_SUFFIXES = (".tif", ".tiff")
 
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 from ..errors import GlimpseError
 from . import evaluate, finetune, measure, merge, predict, quantize, train
-from ._args import threads
+from ._args import check_model_out, threads
 from .evaluate import _classification  # noqa: F401  (tests and benchmarks read it here)
 from .finetune import FINETUNE_MINUTES  # noqa: F401
 
@@ -20,8 +20,15 @@ COMMANDS = {"train": train, "finetune": finetune, "predict": predict, "merge": m
             "evaluate": evaluate, "quantize": quantize}
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one error line naming the command's --help (exit 2), not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="napari-glimpse",
         description="Cephalometric landmarks with a foveated pyramid glimpse CNN.",
     )
@@ -81,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ..spacing import check_spacing
 
             a.spacing = check_spacing(a.spacing, "--spacing")
+        if a.command in ("train", "finetune", "quantize"):
+            check_model_out(a.out)
         with _warning_lines(), _processes(a):
             return COMMANDS[a.command].run(a)
     except GlimpseError as exc:

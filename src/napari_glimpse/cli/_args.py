@@ -50,3 +50,17 @@ def is_main() -> bool:
     from ..distributed import is_main as main_rank
 
     return main_rank()
+
+
+def check_model_out(path) -> None:
+    """A model's ``--out`` (train, finetune, quantize) named like an image, a table or a text file
+    is refused (one error line) before any work: it would hold a model under a misleading name, or
+    write over that file."""
+    from pathlib import Path
+
+    from ..errors import GlimpseError
+    from ..io import DICOM_SUFFIXES, IMAGE_SUFFIXES
+
+    suffix = Path(path).suffix.lower()
+    if suffix in IMAGE_SUFFIXES + DICOM_SUFFIXES + (".csv", ".json", ".txt", ".md"):
+        raise GlimpseError(f"--out {path}: a model file (e.g. model.pt), not a {suffix} file")

@@ -20,8 +20,11 @@ def add_parser(sub) -> None:
 def run(a: argparse.Namespace) -> int:
     import numpy as np
 
+    from .._predict import check_outputs
     from ..io import read_landmarks_csv
     from ..landmark_set import find_landmark_set
+
+    check_outputs([("--out", Path(a.out))], [Path(a.landmarks)], "inputs")  # not over its input, an image, a model
 
     lset = find_landmark_set(Path(a.landmarks).parent)  # the set a landmarks.json beside the CSV declares
     if lset is not None and not lset.is_isbi:
