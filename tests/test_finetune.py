@@ -87,7 +87,7 @@ def test_a_float16_parent_gives_a_float16_file_that_answers_as_the_tuned_model(s
     parent = GlimpseModel.load(half, device="cpu")
     assert parent.half_weights and not staged.half_weights
     for src, name in ((parent, "from_half.pt"), (staged, "from_float.pt")):
-        model = finetune(src, reviewed, tmp_path / name, QUICK)
+        finetune(src, reviewed, tmp_path / name, QUICK)
         stored = read_checkpoint(tmp_path / name).get("weights_stored_as")
         assert stored == ("float16" if src is parent else None)
     # float16 storage: about half the file; the tuned model in memory answers as the file does

@@ -57,6 +57,21 @@ def test_synthetic_shapes_flag_only_the_moved_point():
     assert np.nonzero(model.check(moved).flagged)[0].tolist() == [3, 6]
 
 
+def test_a_round_checks_every_landmark_as_one_at_a_time_does():
+    """The batched round (every landmark left out at once) gives each landmark's own prediction
+    from the others (:meth:`ShapeModel._predict_one`), mirrored and rotated shapes included."""
+    shapes = _synthetic()
+    model = fit_shape_model(shapes[:60], ("a",))
+    rng = np.random.default_rng(3)
+    flip = np.array([[-1.0, 0.0], [0.0, 1.0]])
+    for s in list(shapes[60:]) + [shapes[61] @ flip, shapes[62] + rng.normal(0, 15, (8, 2))]:
+        implied, dist, z = model._round(s)
+        for k in range(8):
+            imp, r = model._predict_one(s, k)
+            assert np.allclose(implied[k], imp, atol=1e-9) and dist[k] == pytest.approx(np.linalg.norm(s[k] - imp))
+            assert z[k] == pytest.approx(np.sqrt(r @ np.linalg.solve(model.cov[k], r)), rel=1e-9)
+
+
 def test_round_trip_through_a_dict():
     model = fit_shape_model(_synthetic(), ("x.jpg",))
     back = ShapeModel.from_dict(json.loads(json.dumps(model.to_dict())))

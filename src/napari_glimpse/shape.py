@@ -100,10 +100,29 @@ class ShapeModel:
         return _invert(t, guess[None])[0], _apply(t, points[k][None])[0] - guess
 
     def _round(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        implied, z = np.empty_like(points), np.empty(len(points))
-        for k in range(self.n_landmarks):
-            implied[k], r = self._predict_one(points, k)
-            z[k] = np.sqrt(max(float(r @ np.linalg.solve(self.cov[k], r)), 0.0))
+        """Every landmark's :meth:`_predict_one` at once (one batched similarity per left-out
+        landmark): implied positions, distances to them, and the residuals in training sds."""
+        n = self.n_landmarks
+        others = np.array([np.delete(np.arange(n), k) for k in range(n)])  # (K, K - 1)
+        src, dst = points[others], self.mean[others]  # (K, K - 1, 2)
+        ms, md = src.mean(1, keepdims=True), dst.mean(1, keepdims=True)
+        a, b = src - ms, dst - md
+        u, sv, vt = np.linalg.svd(np.einsum("kni,knj->kij", b, a))
+        d = np.sign(np.linalg.det(u @ vt))
+        d = np.where(d == 0, 1.0, d)
+        flip = np.stack([np.ones(n), d], -1)  # (K, 2)
+        rot = u @ (flip[:, :, None] * vt)
+        scale = (sv * flip).sum(1) / np.maximum((a**2).sum((1, 2)), 1e-12)  # (K,)
+        shift = md[:, 0] - scale[:, None] * np.einsum("kij,kj->ki", rot, ms[:, 0])
+
+        def apply(x: np.ndarray) -> np.ndarray:  # (K, M, 2) through each landmark's similarity
+            return scale[:, None, None] * np.einsum("kmj,kij->kmi", x, rot) + shift[:, None]
+
+        aligned = apply(src).reshape(n, -1)
+        guess = np.einsum("kij,kj->ki", self.coef, np.concatenate([aligned, np.ones((n, 1))], 1))  # (K, 2)
+        implied = np.einsum("ki,kij->kj", guess - shift, rot) / scale[:, None]
+        r = apply(points[:, None])[:, 0] - guess
+        z = np.sqrt(np.maximum(np.einsum("ki,ki->k", r, np.linalg.solve(self.cov, r[..., None])[..., 0]), 0.0))
         return implied, np.linalg.norm(points - implied, axis=1), z
 
     def check(self, points_mm: np.ndarray, z_flag: float = Z_FLAG, min_mm: float = MIN_MM,
