@@ -11,6 +11,7 @@ import pytest
 from conftest import REAL_DATA
 
 from napari_glimpse.confidence import FEATURES, Calibrator, Confidence, fit_calibrator, validation_only
+from napari_glimpse.errors import GlimpseWarning
 from napari_glimpse.inference import DEFAULT_MODEL, GlimpseModel
 
 SIDECAR = DEFAULT_MODEL.with_name("default.confidence.json")
@@ -83,6 +84,9 @@ def test_a_sidecar_beside_a_file_wins_over_the_calibration_it_carries(tiny_stage
     refit = {"shape": None, "calibrator": None, "which": "refit"}
     (tmp_path / "tuned.confidence.json").write_text(json.dumps(refit))
     assert GlimpseModel.load(out, device="cpu").meta["confidence"] == refit
+    # writing another model over the file: the sidecar beside it was fitted for the old one
+    with pytest.warns(GlimpseWarning, match="tuned.confidence.json .* takes the place of this model's own"):
+        model.save(out)
 
 
 def test_probability_is_in_0_1_and_monotone_in_the_cues():

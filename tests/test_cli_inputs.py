@@ -52,6 +52,23 @@ def test_images_of_the_same_name_in_two_folders_get_a_row_each(capsys, tiny_mode
     assert "holds a row for ceph.png" in line and "p1/ceph.png, p2/ceph.png" in line
 
 
+def test_same_names_in_nested_folders_and_through_links(capsys, tiny_model_path, tmp_path):
+    top = _image(tmp_path / "d" / "ceph.png", 0)
+    _image(tmp_path / "d" / "sub" / "ceph.png", 1)
+    out = tmp_path / "n.csv"
+    for extra in ([], ["--resume"]):  # the same command resumed finds its rows
+        rc, text, err = run(capsys, "predict", top.parent, top.parent / "sub", "--model", tiny_model_path,
+                            "--out", out, *extra)
+        assert rc == 0, err
+    assert "already holds all 2 image(s)" in text
+    assert read_landmarks_csv(out)[0] == ["d/ceph.png", "d/sub/ceph.png"]
+    # a link is named as given, not by where it points
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "ceph.png").symlink_to(tmp_path / "d" / "sub" / "ceph.png")
+    rc, _, _ = run(capsys, "predict", top, tmp_path / "links", "--model", tiny_model_path, "--out", tmp_path / "l.csv")
+    assert rc == 0 and read_landmarks_csv(tmp_path / "l.csv")[0] == ["d/ceph.png", "links/ceph.png"]
+
+
 @pytest.mark.skipif(not DEFAULT_MODEL.exists(), reason=f"no default model at {DEFAULT_MODEL}")
 def test_predict_measures_take_mw_at_each_image_s_spacing(capsys, tmp_path):
     img = _image(tmp_path / "c.png", 3, 320)
@@ -64,6 +81,18 @@ def test_predict_measures_take_mw_at_each_image_s_spacing(capsys, tmp_path):
         header, rows = read_table(tmp_path / f"p{spacing}_measures.csv")
         mw = float(rows[0][header.index("MW")])
         assert mw == pytest.approx(float(measure_batch(coords, spacing or 0.1)[0, -1]), abs=0.006)
+    # a spacing the file records (TIFF resolution, 0.13 mm), also for a row kept by --resume
+    from PIL import Image
+
+    tif = tmp_path / "c.tif"
+    Image.open(img).save(tif, tiffinfo={282: 76.923, 283: 76.923, 296: 3})
+    for extra in ([], ["--resume"]):
+        rc, _, _ = run(capsys, "predict", tif, "--out", tmp_path / "t.csv", "--iterations", 0, "--measures", *extra)
+        assert rc == 0
+        _, coords = read_landmarks_csv(tmp_path / "t.csv")
+        header, rows = read_table(tmp_path / "t_measures.csv")
+        assert float(rows[0][header.index("MW")]) == pytest.approx(float(measure_batch(coords, 0.13)[0, -1]),
+                                                                   abs=0.006)
 
 
 def test_measure_never_writes_over_its_input(capsys, tmp_path):

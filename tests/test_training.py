@@ -176,6 +176,20 @@ def test_fine_tune_from_a_model(small_ds, tiny_model, tmp_path):
     assert not all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_tuning_a_float16_model_writes_float16_also_after_a_resume(small_ds, tiny_model, tmp_path):
+    from napari_glimpse.checkpoint import read_checkpoint
+
+    tiny_model.save(tmp_path / "half.pt", half_weights=True)
+    parent = GlimpseModel.load(tmp_path / "half.pt", device="cpu")
+    model = train(small_ds, tmp_path / "ft.pt", train_config=FAST, device="cpu", init=parent, progress=False)
+    assert read_checkpoint(tmp_path / "ft.pt").get("weights_stored_as") == "float16"
+    w = next(iter(model.net.parameters()))
+    assert torch.equal(w, w.half().float())  # rounded in memory as the file holds it
+    # a resume point carries the final file's storage: resumed, the run still writes float16
+    resumed = train(small_ds, tmp_path / "ft.pt", device="cpu", resume=True, max_steps=8, progress=False)
+    assert resumed.half_weights and read_checkpoint(tmp_path / "ft.pt").get("weights_stored_as") == "float16"
+
+
 # ------------------------------------------------------------------------------ bad data
 def test_labels_outside_the_image(tmp_path):
     d = make_kaggle_dataset(tmp_path, n=2, junior_shift=None)

@@ -33,10 +33,10 @@ import numpy as np
 
 from ._files import check_writable
 from .errors import GlimpseError, printable
-from .io import IMAGE_SUFFIXES, CsvAppender, expand_image_args, landmark_columns, read_rows_to_resume
+from .io import DICOM_SUFFIXES, IMAGE_SUFFIXES, CsvAppender, expand_image_args, landmark_columns, read_rows_to_resume
 
 # output names that would destroy an image or a model if written over
-_NOT_OUTPUTS = IMAGE_SUFFIXES + (".pt", ".resume")
+_NOT_OUTPUTS = IMAGE_SUFFIXES + DICOM_SUFFIXES + (".pt", ".resume")
 
 
 def _file_id(p: Path) -> tuple[int, int] | None:
@@ -74,27 +74,34 @@ def check_outputs(outputs: Sequence[tuple[str, Path]], inputs: Sequence[Path], w
 
 
 def row_keys(paths: Sequence[Path]) -> dict[Path, str]:
-    """Each image's ``image_path`` cell: its file name, or, for images that share a name (one
-    ``ceph.jpg`` per patient folder), its path from the folder the clashing images share
-    (``p1/ceph.jpg``, ``p2/ceph.jpg``), so that no row stands for two images."""
+    """Each image's ``image_path`` cell: its file name, or, for different files that share a name
+    (one ``ceph.jpg`` per patient folder), its path from above the folders they are in
+    (``p1/ceph.jpg``, ``p2/ceph.jpg``; ``d/ceph.jpg``, ``d/sub/ceph.jpg``), as given (symlinks are
+    not followed), so that no row stands for two images."""
     by_name: dict[str, list[Path]] = {}
     for q in paths:
         by_name.setdefault(q.name, []).append(q)
     keys = {}
     for name, same in by_name.items():
-        distinct = list(dict.fromkeys(q.resolve() for q in same))
-        if len(distinct) < 2:
+        if len({q.resolve() for q in same}) < 2:  # one file (given twice, or through a link)
             keys.update((q, name) for q in same)
             continue
-        root = Path(os.path.commonpath([str(r.parent) for r in distinct]))
-        keys.update((q, q.resolve().relative_to(root).as_posix()) for q in same)
+        given = [Path(os.path.abspath(q)) for q in same]
+        try:
+            root = Path(os.path.commonpath([str(g.parent) for g in given]))
+        except ValueError:  # no common folder (two drives)
+            keys.update((q, g.as_posix()) for q, g in zip(same, given))
+            continue
+        if any(g.parent == root for g in given):
+            root = root.parent  # the folder's own name too: no key of the group is bare
+        keys.update((q, g.relative_to(root).as_posix()) for q, g in zip(same, given))
     return keys
 
 
 def _check_resume_keys(kept: dict, keys: dict[Path, str], out: Path) -> None:
     """``--resume``: refuse when OUT holds a row under the bare name of images that now need a
     longer one (it was written for one of them; which, the name cannot tell)."""
-    for name in {q.name for q, k in keys.items() if k != q.name} & set(kept):
+    for name in ({q.name for q, k in keys.items() if k != q.name} & set(kept)) - set(keys.values()):
         same = sorted(k for q, k in keys.items() if q.name == name)
         raise GlimpseError(f"--resume: {out} holds a row for {name}, but the images given include "
                            f"{len(same)} named so ({', '.join(same)}): it cannot tell which; write to another file")
@@ -246,9 +253,11 @@ def _torch_threads(workers: int, threads: int | None) -> Iterator[None]:
 
 
 def _loop(model, todo: list[Path], a: argparse.Namespace, outputs: _Outputs, single: bool,
-          workers: int = 1, keys: dict[Path, str] | None = None) -> list[Path]:
+          workers: int = 1, keys: dict[Path, str] | None = None, spacings: dict[str, float] | None = None
+          ) -> list[Path]:
     """Predict ``todo`` (``workers`` threads), writing each row as it comes in the images' order
-    under its key (:func:`row_keys`; default: the file name); returns the images skipped."""
+    under its key (:func:`row_keys`; default: the file name) and noting in ``spacings`` the
+    spacing each image was read at; returns the images skipped."""
     from tqdm.auto import tqdm
 
     bad: list[Path] = []
@@ -266,7 +275,10 @@ def _loop(model, todo: list[Path], a: argparse.Namespace, outputs: _Outputs, sin
                     tqdm.write(printable(f"napari-glimpse: skipped: {exc}"), file=sys.stderr)
                     bar.set_postfix_str(f"{len(bad)} skipped")
                     continue
-                outputs.write(keys[p] if keys else p.name, tr)
+                key = keys[p] if keys else p.name
+                outputs.write(key, tr)
+                if spacings is not None:
+                    spacings[key] = tr.pixel_spacing
     finally:
         bar.close()
         outputs.close()
@@ -304,13 +316,14 @@ def run_predict(a: argparse.Namespace, cpath: Path, mpath: Path | None = None) -
         return 0
     if not todo:
         print(printable(f"{out} already holds all {len(paths)} image(s); nothing to do"))
-        _measures(out, mpath, _spacings(paths, keys, a, model))
+        _measures(out, mpath, paths, keys, a, model, {})
         return 0
     t = time.perf_counter()
     workers = min(getattr(a, "workers", None) or default_workers(), len(todo))  # one image: torch's threads
     with _torch_threads(workers, getattr(a, "threads", None)):
+        read_at: dict[str, float] = {}
         bad = _loop(model, todo, a, _Outputs(out, cpath, lhead, chead, kept), single=len(paths) == 1,
-                    workers=workers, keys=keys)
+                    workers=workers, keys=keys, spacings=read_at)
     done = len(todo) - len(bad)
     if done == 0:
         raise GlimpseError(f"none of the {len(todo)} image(s) could be read or predicted (listed above); "
@@ -318,7 +331,7 @@ def run_predict(a: argparse.Namespace, cpath: Path, mpath: Path | None = None) -
     dt = (time.perf_counter() - t) / done
     extra = (f", {len(kept)} kept from before" if kept else "") + (f", {len(bad)} skipped" if bad else "")
     print(printable(f"wrote {out} and {cpath}: {done} image(s){extra}, {dt:.2f} s per image"))
-    _measures(out, mpath, _spacings(paths, keys, a, model))
+    _measures(out, mpath, paths, keys, a, model, read_at)
     if bad and not a.skip_bad:
         print(printable(f"napari-glimpse: error: {len(bad)} of {len(todo)} image(s) skipped (listed above); the "
                         f"other {done} are in {out} (--skip-bad: exit 0 all the same)"), file=sys.stderr)
@@ -326,31 +339,30 @@ def run_predict(a: argparse.Namespace, cpath: Path, mpath: Path | None = None) -
     return 0
 
 
-def _spacings(paths: Sequence[Path], keys: dict[Path, str], a: argparse.Namespace, model) -> dict[str, float]:
-    """Row key -> the spacing its image was read at, as :meth:`GlimpseModel.predict` chose it:
-    ``--spacing``, else the file's (DICOM, TIFF), else the model's."""
+def _measures(out: Path, mpath: Path | None, paths: Sequence[Path], keys: dict[Path, str],
+              a: argparse.Namespace, model, read_at: dict[str, float]) -> None:
+    """``--measures``: the measurements of every row of ``out``, MW at the spacing each image was
+    read at (``read_at``, this run's rows); a row kept from before: ``--spacing``, else the one
+    its file records, else the model's (as :meth:`GlimpseModel.predict` chooses)."""
+    if mpath is None:
+        return
+    from .io import read_landmarks_csv
     from .spacing import read_spacing
 
     given = getattr(a, "spacing", None)
-    out = {}
-    for p in paths:
-        try:
-            recorded = None if given is not None else read_spacing(p)
-        except GlimpseError:  # an unreadable file has no row
-            recorded = None
-        out[keys[p]] = given if given is not None else (recorded if recorded is not None else model.pixel_spacing)
-    return out
-
-
-def _measures(out: Path, mpath: Path | None, spacings: dict[str, float]) -> None:
-    """``--measures``: the measurements of every row of ``out``, MW at each image's spacing
-    (``spacings`` by row; a row of an image not given this time: the model's 0.1 mm)."""
-    if mpath is not None:
-        from .io import read_landmarks_csv
-        from .landmarks import ISBI_PIXEL_SPACING_MM
-
-        names, coords = read_landmarks_csv(out)
-        write_measures(mpath, names, coords, np.array([spacings.get(n, ISBI_PIXEL_SPACING_MM) for n in names]))
+    spacing = dict(read_at)
+    with warnings.catch_warnings():  # the file was read (and any notice shown) when predicted
+        warnings.simplefilter("ignore")
+        for p in paths:
+            if keys[p] in spacing:
+                continue
+            try:
+                recorded = None if given is not None else read_spacing(p)
+            except GlimpseError:
+                recorded = None
+            spacing[keys[p]] = given if given is not None else recorded if recorded is not None else model.pixel_spacing
+    names, coords = read_landmarks_csv(out)
+    write_measures(mpath, names, coords, np.array([spacing.get(n, given or model.pixel_spacing) for n in names]))
 
 
 def write_measures(path: Path, names, coords, spacing) -> None:

@@ -348,5 +348,7 @@ def from_checkpoint(cls: "type[GlimpseModel]", ckpt: dict, device: str | torch.d
         fine,
     )
     attach_graphs(model, checkpoint_graphs(ckpt, source), int8, source)
-    model.half_weights = ckpt.get("weights_stored_as") == "float16"  # saving it again keeps that
+    # saving it again keeps the storage (a resume point records the final file's)
+    model.half_weights = ckpt.get("weights_stored_as") == "float16" or bool(
+        (ckpt.get("train_state") or {}).get("half_weights"))
     return model

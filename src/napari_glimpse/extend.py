@@ -162,6 +162,8 @@ def widen(model, new: LandmarkSet, data: Dataset):
         elif not have[j]:
             raise GlimpseError(f"the data labels no image with {new.names[j]!r}: an extension learns new "
                                "landmarks from images where they are placed")
-    return GlimpseModel(net, new.names, model.pixel_spacing, mean, std, model.train_config,
-                        _widen_meta(model.meta, index, old, new), _widen_stage(model.coarse, index),
-                        _widen_stage(model.fine, index))
+    out = GlimpseModel(net, new.names, model.pixel_spacing, mean, std, model.train_config,
+                       _widen_meta(model.meta, index, old, new), _widen_stage(model.coarse, index),
+                       _widen_stage(model.fine, index))
+    out.half_weights = model.half_weights  # written as its parent's file stores weights
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +17,7 @@ from . import checkpoint, runtime
 from .checkpoint import read_checkpoint
 from .coarse import CoarseEnsemble, CoarseNet, facing_of
 from .devices import resolve_device  # noqa: F401  resolve_device: re-exported (recipe, benchmarks)
-from .errors import GlimpseError
+from .errors import GlimpseError, GlimpseWarning
 from .fine import FineEnsemble, FineLook, FineNet
 from .io import read_image, to_grey_uint8
 from .landmark_set import LandmarkSet, model_landmark_set
@@ -233,6 +234,13 @@ class GlimpseModel:
         tuned from the shipped one is as small as it (the weights in memory are left as they are:
         :func:`~napari_glimpse.checkpoint.round_to_half` rounds them as the file will)."""
         checkpoint.save(self, path, self.half_weights if half_weights is None else bool(half_weights))
+        from .confidence import SIDECAR_SUFFIX
+
+        side = Path(path).with_name(Path(path).stem + SIDECAR_SUFFIX)
+        if side.is_file():  # it was fitted for what was there before, and it wins when the file is loaded
+            warnings.warn(f"{side} (a confidence calibration fitted for an earlier {Path(path).name}) takes the "
+                          f"place of this model's own when it is loaded: refit it or remove it", GlimpseWarning,
+                          stacklevel=2)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, device: str | torch.device | None = "cpu", source: str = "checkpoint",

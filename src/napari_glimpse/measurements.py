@@ -144,7 +144,7 @@ def _canonical(landmarks, facing: str, integer_pixels: bool) -> np.ndarray:
     return c
 
 
-def measure_batch(landmarks, spacing: float = 0.1, *, facing: str = "auto",
+def measure_batch(landmarks, spacing: "float | np.ndarray" = 0.1, *, facing: str = "auto",
                   integer_pixels: bool = False) -> np.ndarray:
     """``(N, 8)`` values in :data:`MEASUREMENTS` order from ``(N, 19, 2)`` (or ``(19, 2)``) pixels.
 
@@ -248,8 +248,9 @@ def _fmt(name: str, value: float) -> str:
     return f"{value:.4f}" if name == "FHI" else f"{value:.3f}"
 
 
-def table_rows(names, landmarks, spacing: float = 0.1, **kw) -> list[list[str]]:
-    """Rows of :data:`TABLE_COLUMNS` for ``names`` and their ``(N, 19, 2)`` landmarks (NaN: empty cell)."""
+def table_rows(names, landmarks, spacing: "float | np.ndarray" = 0.1, **kw) -> list[list[str]]:
+    """Rows of :data:`TABLE_COLUMNS` for ``names`` and their ``(N, 19, 2)`` landmarks (NaN: empty
+    cell); ``spacing``: one for all, or ``(N,)`` (see :func:`measure_batch`)."""
     values = measure_batch(landmarks, spacing, **kw)
     classes = classify_batch(values)
     if len(names) != len(values):

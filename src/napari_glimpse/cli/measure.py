@@ -20,11 +20,8 @@ def add_parser(sub) -> None:
 def run(a: argparse.Namespace) -> int:
     import numpy as np
 
-    from .._predict import check_outputs
     from ..io import read_landmarks_csv
     from ..landmark_set import find_landmark_set
-
-    check_outputs([("--out", Path(a.out))], [Path(a.landmarks)], "inputs")  # not over its input, an image, a model
 
     lset = find_landmark_set(Path(a.landmarks).parent)  # the set a landmarks.json beside the CSV declares
     if lset is not None and not lset.is_isbi:
@@ -37,7 +34,8 @@ def run(a: argparse.Namespace) -> int:
         i, k = (int(v[0]) for v in np.nonzero(~np.isfinite(coords).all(-1)))
         raise GlimpseError(f"{a.landmarks}: image {names[i]} has landmark {k + 1} absent (empty cells); "
                            f"the measurements need all 19 landmarks")
-    from .._predict import write_measures
+    from .._predict import check_outputs, write_measures
 
+    check_outputs([("--out", Path(a.out))], [Path(a.landmarks)], "inputs")  # not over its input, an image, a model
     write_measures(Path(a.out), names, coords, a.spacing)
     return 0
