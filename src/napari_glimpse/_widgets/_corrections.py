@@ -255,6 +255,8 @@ class CorrectionsWidget(QWidget):
     def _sync(self) -> list[Correction]:
         """Log the differences between the layer and the log; redraw if the layer is off."""
         log, layer, image = self.state.log, self.layer, self.image
+        if log is not None and image is not None and not self.state.log_covers(image):
+            log = self.state.ensure_log(image, self._names())  # never into another folder's log (a namesake)
         if log is None or layer is None or image is None or not log.state.has_proposal(image):
             if layer is not None and image is None:
                 status(self.status_label, "this image has no file: edits are not logged", error=True)

@@ -40,6 +40,7 @@ from ..errors import GlimpseError
 from ..gate import gate_note
 from ..inference import Trajectory
 from ..io import IMAGE_SUFFIXES, read_image, to_grey_uint8
+from ..landmarks import ISBI_LANDMARKS, ISBI_PIXEL_SPACING_MM
 from ..spacing import remember_spacing, remembered_spacing
 from ._state import (
     Detection,
@@ -69,6 +70,7 @@ class _JobResult:
     trajectory: Trajectory | None
     image_path: Path | None
     spacing_note: str | None = None  # the spacing was assumed and may be wrong (see spacing.size_notice)
+    spacing: float | None = None  # mm per pixel the image is read at (None: unknown)
 
 
 def _read_any(path: Path) -> np.ndarray:
@@ -98,8 +100,12 @@ def _detect_job(image_path: Path | None, image: np.ndarray | None, get_model: Ca
 
     yield 0
     img = _read_any(image_path) if image is None else to_grey_uint8(image)
-    if get_model is None:
-        return _JobResult(img, None, image_path)
+    if get_model is None:  # opened only (its points from the log): the spacing it would be detected at
+        try:
+            at = _job_spacing(spacing, spacing_file, img.shape, ISBI_PIXEL_SPACING_MM)[0]
+        except GlimpseError:  # a bad recorded spacing: said when detecting
+            at = None
+        return _JobResult(img, None, image_path, spacing=at)
     yield 1
     model = get_model(model_key)
     yield 2
@@ -109,7 +115,7 @@ def _detect_job(image_path: Path | None, image: np.ndarray | None, get_model: Ca
     # image); its glimpse view computes its own steps from the proposal when asked: none recorded here
     at, source, note = _job_spacing(spacing, spacing_file, img.shape, model.pixel_spacing)
     traj = model.predict(pyr, iterations=iterations, record_stages=True, spacing=at)
-    return _JobResult(img, replace(traj, spacing_source=source), image_path, note)
+    return _JobResult(img, replace(traj, spacing_source=source), image_path, note, traj.pixel_spacing)
 
 
 def _spacing_text(traj: Trajectory) -> str:
@@ -309,6 +315,7 @@ class DetectWidget(QWidget):
         self.state.model_changed.connect(self._sync_model_edit)
         self.state.model_changed.connect(self.preload_model)
         self.state.log_changed.connect(self._refill_table_soon)
+        self._watched: set[int] = set()  # landmarks layers whose edits warn while no review widget logs them
         self._table_timer = QTimer(self)
         self._table_timer.setSingleShot(True)
         self._table_timer.setInterval(0)
@@ -488,7 +495,11 @@ class DetectWidget(QWidget):
         self.image.enabled = not n
 
     def show_image(self, i: int, start: bool = True):
-        """Show folder image ``i``: its logged landmarks if it has any, else detect (if set)."""
+        """Show folder image ``i``: its logged landmarks if it has any, else detect (if set). While a
+        detection runs, nothing changes (the folder's position stays the image shown)."""
+        if self.busy:
+            status(self.status_label, "busy: wait for the running detection", error=True)
+            return None
         self.folder_index = i
         path = self.folder_images[i]
         log = self.state.log
@@ -614,8 +625,12 @@ class DetectWidget(QWidget):
         """``(trajectory, names, layer data, warning)``: the new proposal (logged), or the log's points."""
         res, path, image_layer = job["res"], job["path"], job["image_layer"]
         image_name = path.name if path is not None else image_layer.name
-        log = self.state.log
         traj = res.trajectory
+        log = self.state.log
+        if path is not None:  # the image's own folder's log: its reviewed work, not a namesake's elsewhere
+            names = (tuple(traj.landmark_names) if traj is not None
+                     else log.state.landmark_names if log is not None else ISBI_LANDMARKS)
+            log = self.state.ensure_log(path, names)
         if (traj is not None and path is not None and log is not None and log.state.has_proposal(path)
                 and (log.state.corrected(path) or log.state.is_accepted(path))
                 and not self.replace.value):
@@ -639,7 +654,7 @@ class DetectWidget(QWidget):
             return None, names, landmarks_layer_from(
                 log.state.positions(path), names, log.state.confidence(path),
                 image_shape=res.image.shape, name=f"{path.stem} landmarks", image_path=path,
-                states=log_states(log, path, len(names))), warn
+                states=log_states(log, path, len(names)), pixel_spacing=res.spacing), warn
         return None, (), None, warn
 
     def _prepare_points(self, job: dict) -> None:
@@ -735,6 +750,23 @@ class DetectWidget(QWidget):
             viewer.layers.selection.active = points_layer
         if job["layer"] is None:
             viewer.reset_view()
+        if det.image_path is not None and points_layer is not None and not self._review_open():
+            self.status_label.setText(self.status_label.text()
+                                      + ". Edits are logged by 'Review and corrections' (Plugins menu): open it")
+            if id(points_layer) not in self._watched:  # a drag without it is said at once, not lost unseen
+                self._watched.add(id(points_layer))
+                points_layer.events.data.connect(self._edit_without_review)
+
+    def _review_open(self) -> bool:
+        """Whether the review widget (which logs the edits) is open in this viewer."""
+        return "accept" in self.state.actions
+
+    def _edit_without_review(self, event: Any) -> None:
+        if self.state.is_quiet or self._review_open() or str(getattr(event, "action", "changed")) not in (
+                "added", "removed", "changed"):
+            return
+        status(self.status_label, "this edit is NOT logged: open 'Review and corrections' (Plugins menu) before "
+               "editing, so that corrections are kept", error=True)
 
     # ------------------------------------------------------------------------ table
     def _refill_table_soon(self) -> None:

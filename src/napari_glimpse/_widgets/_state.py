@@ -243,9 +243,17 @@ class GlimpseState(QObject):
         self.log_changed.emit()
         return self.log
 
+    def log_covers(self, image_path: Path) -> bool:
+        """Whether the open log is ``image_path``'s: its image folder (or that folder's ``images/``)."""
+        if self.log is None:
+            return False
+        d = self.log.image_dir.resolve()
+        return image_path.parent.resolve() in (d, d / "images")
+
     def ensure_log(self, image_path: Path, landmark_names: tuple[str, ...]) -> CorrectionLog:
-        """The open log, or the default one in ``image_path``'s folder."""
-        if self.log is None or self.log.image_dir.resolve() != image_path.parent.resolve():
+        """The open log if it is ``image_path``'s (:meth:`log_covers`), else the default one in
+        ``image_path``'s folder."""
+        if not self.log_covers(image_path):
             # records are keyed by file name: each image folder keeps its own log
             self.open_log(image_path.parent, image_path.parent, landmark_names)
         assert self.log is not None
