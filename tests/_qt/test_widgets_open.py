@@ -24,3 +24,19 @@ def test_every_widget_opens_from_the_plugin_menu(make_napari_viewer):
         assert widget is not None
         assert dock.name.startswith(name)
     assert len(viewer.window.dock_widgets) >= len(WIDGETS)
+
+
+def test_the_docks_fit_a_laptop_screen(make_napari_viewer):
+    """Each dock shrinks to 200 px (then scrolls): the review's five docks together need less than a
+    1200-pixel-high screen (they needed 2709 px before, the Review dock alone 655)."""
+    from qtpy.QtWidgets import QApplication
+
+    from napari_glimpse._widgets._state import MIN_DOCK_HEIGHT
+
+    viewer = make_napari_viewer()
+    for name in ("Detect landmarks", "Review and corrections", "Measurements", "Glimpse explorer", "Fine-tune"):
+        _dock, widget = viewer.window.add_plugin_dock_widget("napari-glimpse", name)
+        assert widget.minimumSizeHint().height() <= MIN_DOCK_HEIGHT, name
+        assert widget.sizeHint().height() > MIN_DOCK_HEIGHT, name  # with room, it opens showing its content
+    QApplication.processEvents()
+    assert viewer.window._qt_window.minimumSizeHint().height() <= 1200

@@ -41,6 +41,7 @@ from ._state import (
     log_states,
     real_viewer,
     restyle,
+    scroll_body,
     set_layer_content,
     state_for,
     status,
@@ -158,7 +159,7 @@ class CorrectionsWidget(QWidget):
         self.status_label = status_label()
 
     def _build_layout(self, log_box: QGroupBox, pick: QHBoxLayout, ur: QHBoxLayout) -> None:
-        lay = QVBoxLayout(self)
+        lay = scroll_body(self)
         lay.addWidget(log_box)
         lay.addWidget(self.image_label)
         lay.addWidget(self.zero_btn)

@@ -52,6 +52,7 @@ from ._state import (
     prebuild_steps,
     prewarm_labelled_points,
     real_viewer,
+    scroll_body,
     set_bar,
     set_layer_content,
     state_for,
@@ -208,7 +209,7 @@ class DetectWidget(QWidget):
         self.status_label = status_label()
         self.table = self._build_table()
 
-        lay = QVBoxLayout(self)
+        lay = scroll_body(self)
         for title, form in (("Model", self.model_form), ("Image", self.image_form)):
             box = QGroupBox(title)
             QVBoxLayout(box).addWidget(form.native)

@@ -42,14 +42,13 @@ from qtpy.QtWidgets import (
     QScrollArea,
     QSlider,
     QSpinBox,
-    QVBoxLayout,
     QWidget,
 )
 
 from .. import _layer_data as ld
 from ..errors import GlimpseError
 from ..gate import gate_note
-from ._state import Detection, camera_of, error_text, layer_positions, real_viewer, state_for, status
+from ._state import Detection, camera_of, error_text, layer_positions, real_viewer, scroll_body, state_for, status
 
 PREFIX = "glimpse"
 LEVEL_COLORS = ld.LEVEL_COLORS
@@ -213,7 +212,7 @@ class ExplorerWidget(QWidget):
     def _build_layout(self) -> None:
         form = self._build_form()
         erow = self._build_view_rows()
-        lay = QVBoxLayout(self)
+        lay = scroll_body(self)
         lay.addLayout(form)
         lay.addWidget(self.tiles_scroll, 1)
         lay.addWidget(self.info)

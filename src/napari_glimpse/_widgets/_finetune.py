@@ -31,11 +31,10 @@ from qtpy.QtWidgets import (
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
-    QVBoxLayout,
     QWidget,
 )
 
-from ._state import real_viewer, set_bar, state_for, status, status_label
+from ._state import real_viewer, scroll_body, set_bar, state_for, status, status_label
 
 KILL_AFTER_MS = 3000
 PROGRESS_HZ = 4  # the bar and the status follow the training at most this often
@@ -201,7 +200,7 @@ class FinetuneWidget(QWidget):
         self.log.setPlaceholderText("messages of the training process")
         self.log.setMaximumHeight(90)
 
-        lay = QVBoxLayout(self)
+        lay = scroll_body(self)
         lay.addWidget(self.form.native)
         lay.addLayout(brow)
         lay.addWidget(self.progress)

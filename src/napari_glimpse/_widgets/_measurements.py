@@ -31,13 +31,12 @@ from qtpy.QtWidgets import (
     QPushButton,
     QTableWidget,
     QTableWidgetItem,
-    QVBoxLayout,
     QWidget,
 )
 
 from ..landmarks import ISBI_LANDMARKS, ISBI_PIXEL_SPACING_MM
 from ..measurements import MEASUREMENTS, NORMS, TABLE_COLUMNS, classify, classify_batch, measure_batch, table_rows
-from ._state import Detection, error_text, layer_positions, real_viewer, state_for, status
+from ._state import Detection, error_text, layer_positions, real_viewer, scroll_body, state_for, status
 
 K = 19
 OVERLAY_NAME = "measurement lines"
@@ -107,7 +106,7 @@ class MeasurementsWidget(QWidget):
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
 
-        lay = QVBoxLayout(self)
+        lay = scroll_body(self)
         lay.addWidget(self.info)
         lay.addWidget(self.table, 1)
         hint = QLabel("red rows: outside the normal range; an orange range: the class may change within "

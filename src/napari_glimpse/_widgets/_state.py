@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QObject, QTimer, Signal
-from qtpy.QtWidgets import QLabel, QProgressBar
+from qtpy.QtCore import QObject, QSize, Qt, QTimer, Signal
+from qtpy.QtWidgets import QFrame, QLabel, QProgressBar, QScrollArea, QVBoxLayout, QWidget
 
 from .._layer_data import register_labels
 from ..annotate import folder_set
@@ -631,3 +631,43 @@ def focus_landmark(state: GlimpseState, k: int, zoom: float | None = None) -> bo
             cam.zoom = zoom
     state.select_landmark(k)
     return True
+
+
+# a dock of ours shrinks to this height (then scrolls) so that several fit a laptop's screen
+MIN_DOCK_HEIGHT = 200
+
+
+class _DockScroll(QScrollArea):
+    """Scrolls a dock's content up and down, never sideways: as wide as the content needs, as tall
+    as it asks when there is room, down to :data:`MIN_DOCK_HEIGHT` when there is not."""
+
+    def _bar(self) -> int:
+        return self.verticalScrollBar().sizeHint().width()
+
+    def minimumSizeHint(self) -> QSize:
+        body = self.widget()
+        if body is None:
+            return super().minimumSizeHint()
+        return QSize(body.minimumSizeHint().width() + self._bar(), min(body.sizeHint().height(), MIN_DOCK_HEIGHT))
+
+    def sizeHint(self) -> QSize:
+        body = self.widget()
+        return super().sizeHint() if body is None else QSize(body.sizeHint().width() + self._bar(),
+                                                              body.sizeHint().height())
+
+
+def scroll_body(widget: QWidget) -> QVBoxLayout:
+    """The layout for ``widget``'s content, inside a scroll area that fills it (its
+    ``body_layout``): docks that do not fit the screen's height scroll instead of pushing napari's
+    window past the screen's bottom."""
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    area = _DockScroll(widget)
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+    body = QWidget()
+    area.setWidget(body)
+    outer.addWidget(area)
+    widget.body_layout = QVBoxLayout(body)
+    return widget.body_layout

@@ -46,7 +46,7 @@ class TrainWidget(FinetuneWidget):
         self.use_btn.setToolTip("Switch the Detect widget to the new model")
         help_label = QLabel(HELP)
         help_label.setWordWrap(True)
-        self.layout().insertWidget(1, help_label)
+        self.body_layout.insertWidget(1, help_label)
         self.state.log_changed.connect(self._show_base)
 
     def _build_form(self) -> Container:
