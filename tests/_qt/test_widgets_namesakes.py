@@ -130,3 +130,19 @@ def test_an_edit_without_the_review_widget_says_it_is_not_logged(make_napari_vie
     _move_first_point(det.points_layer)
     assert "NOT logged" not in detect.status_label.text()
     assert _log(clinic).state.corrected(clinic / "152.jpg") == [0] and corr is not None
+
+
+def test_the_review_lets_go_of_an_image_whose_layers_are_deleted(make_napari_viewer, qtbot, config, folders,
+                                                                 isbi_model_path):
+    clinic, _ = folders
+    viewer = make_napari_viewer()
+    detect, corr = _widgets(viewer, isbi_model_path)
+    det = _detect(qtbot, detect, detect.open_folder(clinic, start=False))
+    _move_first_point(det.points_layer)
+    assert "logged" in corr.status_label.text()
+    det = _detect(qtbot, detect, detect.go(+1, start=False))
+    assert "logged" not in corr.status_label.text()  # the last image's message does not carry over
+    viewer.layers.select_all()
+    viewer.layers.remove_selected()
+    assert "layers were removed" in corr.status_label.text()
+    assert corr.accept() is None and not _log(clinic).state.is_accepted(clinic / "152.jpg")

@@ -187,7 +187,17 @@ class CorrectionsWidget(QWidget):
         self.state.detection_changed.connect(self.bind)
         self.state.log_changed.connect(self._refresh)
         self.state.landmark_selected.connect(self.pick)
+        self.viewer.layers.events.removed.connect(self._layer_removed)
         self.bind(self.state.current)
+
+    def _layer_removed(self, _event: Any = None) -> None:
+        """The bound image's landmarks or image layer deleted: nothing on screen to review or accept."""
+        det = self.det
+        layers = self.viewer.layers
+        if det is not None and ((self.layer is not None and self.layer not in layers)
+                                or (det.image_layer is not None and det.image_layer not in layers)):
+            self.bind(None)
+            status(self.status_label, f"{det.image_name}: its layers were removed; detect again to review it")
 
     # ------------------------------------------------------------------------ binding
     @property
@@ -201,6 +211,8 @@ class CorrectionsWidget(QWidget):
                 self.layer.events.data.disconnect(self._on_data)
             except (TypeError, ValueError, RuntimeError):
                 pass
+        if det is None or self.det is None or det.image_path != self.det.image_path:
+            status(self.status_label, "")  # the last image's message does not carry over
         self.det = det
         self.layer = det.points_layer if det is not None else None
         self._last_k = None
