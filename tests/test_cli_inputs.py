@@ -52,6 +52,13 @@ def test_images_of_the_same_name_in_two_folders_get_a_row_each(capsys, tiny_mode
     assert "holds a row for ceph.png" in line and "p1/ceph.png, p2/ceph.png" in line
 
 
+def test_a_file_given_twice_is_predicted_once(capsys, tiny_model_path, tmp_path):
+    a = _image(tmp_path / "p1" / "ceph.png", 0)
+    _image(tmp_path / "p1" / "other.png", 1)
+    rc, _, _ = run(capsys, "predict", a, a.parent, "--model", tiny_model_path, "--out", tmp_path / "t.csv")
+    assert rc == 0 and read_landmarks_csv(tmp_path / "t.csv")[0] == ["ceph.png", "other.png"]
+
+
 def test_same_names_in_nested_folders_and_through_links(capsys, tiny_model_path, tmp_path):
     top = _image(tmp_path / "d" / "ceph.png", 0)
     _image(tmp_path / "d" / "sub" / "ceph.png", 1)

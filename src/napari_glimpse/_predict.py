@@ -290,7 +290,10 @@ def run_predict(a: argparse.Namespace, cpath: Path, mpath: Path | None = None) -
     ``mpath``: the measurements' CSV (``--measures``), written from every row of OUT at the end."""
     from .inference import GlimpseModel
 
-    paths = expand_image_args(a.images)
+    once: dict[Path, Path] = {}  # each file once (a folder and a file in it, a link beside its target)
+    for q in expand_image_args(a.images):
+        once.setdefault(q.resolve(), q)
+    paths = list(once.values())
     out = Path(a.out)
     check_outputs([("--out", out), ("--confidence-out", cpath)] + ([("--measures", mpath)] if mpath else []), paths)
     keys = row_keys(paths)  # of every image given, so that the shards of one run agree
