@@ -97,6 +97,32 @@ def test_states_and_keys_through_the_log(detected, qtbot, tmp_path):
     assert row[1 + 2 * other: 3 + 2 * other] == ["", ""]  # the absent landmark's cells are empty
 
 
+def test_arrow_keys_move_the_selected_point_and_each_press_is_logged(detected, qtbot):
+    from qtpy.QtCore import Qt
+
+    viewer, detect, review, det, image = detected
+    layer, log = det.points_layer, detect.state.log
+    assert viewer.layers.selection.active is layer
+    _key(qtbot, viewer, Qt.Key_N)
+    k = detect.state.selected_landmark
+    r = _row(layer, k)
+    start = layer.data[r].copy()  # (row, column) = (y, x)
+    for key, mod in ((Qt.Key_Right, None), (Qt.Key_Right, None), (Qt.Key_Down, Qt.ShiftModifier),
+                     (Qt.Key_Left, None)):
+        _key(qtbot, viewer, key, mod)
+    np.testing.assert_allclose(layer.data[r], start + (10.0, 1.0))
+    assert layer.selected_data == {r}  # still selected: the next press moves it on
+    moves = [rec for rec in log.records if rec.action == "move" and rec.k == k]
+    assert len(moves) == 4
+    np.testing.assert_allclose(log.state.positions(image)[k], start[::-1] + (1.0, 10.0))
+    # nothing selected: the arrows move nothing
+    layer.selected_data = set()
+    n = len(log.records)
+    _key(qtbot, viewer, Qt.Key_Up)
+    assert len(log.records) == n
+    np.testing.assert_allclose(layer.data[r], start + (10.0, 1.0))
+
+
 def test_labels_of_close_landmarks_do_not_collide():
     from napari_glimpse._layer_data import label_texts
 

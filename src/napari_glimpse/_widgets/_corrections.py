@@ -32,6 +32,8 @@ from ..corrections import DEFAULT_EXPORT_NAME, Correction
 from ..errors import GlimpseError
 from ..landmark_set import ISBI19
 from ._state import (
+    NUDGE,
+    NUDGE_FAST,
     SHORTCUTS,
     Detection,
     camera_of,
@@ -173,6 +175,7 @@ class CorrectionsWidget(QWidget):
         lay.addWidget(self.history, 1)
         lay.addWidget(self.status_label)
         keys = QLabel("<br>".join(f"<b>{k}</b>: {what}" for k, _a, what in SHORTCUTS)
+                      + f"<br><b>arrow keys</b>: move the selected point 1 pixel (Shift: {NUDGE_FAST})"
                       + "<br>" + "<br>".join(f"<i>{s}</i>: {t}" for s, t in STATE_LEGEND))
         keys.setWordWrap(True)
         keys.setToolTip("Keys work with the mouse over the viewer")
@@ -222,11 +225,27 @@ class CorrectionsWidget(QWidget):
             self.pick(log.state.missing(self.image)[0])
         if self.layer is not None:
             self.layer.events.data.connect(self._on_data)
+            self._bind_nudge(self.layer)
             self._set_defaults()
             log = self.state.log
             if log is not None and self.image is not None and log.state.has_proposal(self.image):
                 self._sync()  # catch up edits made while no widget was listening
         self._refresh()
+
+    def _bind_nudge(self, layer) -> None:
+        """Arrow keys move the selected point(s) of ``layer`` (Shift: further), each press logged as
+        a move (the layer's own keys: they work while it is the active layer)."""
+        for key, (dx, dy) in NUDGE.items():
+            for mod, step in (("", 1), ("Shift-", NUDGE_FAST)):
+                def nudge(ly, dx=dx * step, dy=dy * step) -> None:
+                    sel = sorted(ly.selected_data)
+                    if not sel or ly is not self.layer:
+                        return
+                    data = np.array(ly.data, dtype=float)
+                    data[sel] += (dy, dx)  # napari's (row, column)
+                    ly.data = data
+                    ly.selected_data = set(sel)
+                layer.bind_key(mod + key, nudge, overwrite=True)
 
     def _fill_picker(self) -> None:
         names = self._names()

@@ -43,6 +43,10 @@ SHORTCUTS = (
     ("Shift-X", "absent", "mark the selected landmark absent (not visible)"),
     ("Shift-Enter", "accept", "accept the image"),
 )
+# moving the selected point by keyboard (bound on the landmarks layer: napari's own arrow keys stay
+# as they are elsewhere): key -> (dx, dy) in image pixels; with Shift, NUDGE_FAST times as far
+NUDGE = {"Left": (-1, 0), "Right": (1, 0), "Up": (0, -1), "Down": (0, 1)}
+NUDGE_FAST = 10
 
 
 def inference_threads() -> int:
