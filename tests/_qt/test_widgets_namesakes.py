@@ -146,3 +146,17 @@ def test_the_review_lets_go_of_an_image_whose_layers_are_deleted(make_napari_vie
     viewer.layers.remove_selected()
     assert "layers were removed" in corr.status_label.text()
     assert corr.accept() is None and not _log(clinic).state.is_accepted(clinic / "152.jpg")
+
+
+def test_page_down_in_the_landmark_table_moves_along_the_folder(make_napari_viewer, qtbot, config, folders,
+                                                                isbi_model_path):
+    from qtpy.QtCore import Qt
+
+    clinic, _ = folders
+    viewer = make_napari_viewer()
+    detect, _ = _widgets(viewer, isbi_model_path)
+    _detect(qtbot, detect, detect.open_folder(clinic, start=False))
+    detect.table.setFocus()
+    with qtbot.waitSignal(detect.detected, timeout=120_000) as b:
+        qtbot.keyClick(detect.table, Qt.Key_PageDown)
+    assert b.args[0].image_path == clinic / "152.jpg" and detect.folder_index == 1

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, LineEdit, PushButton
 from napari.qt.threading import create_worker
-from qtpy.QtCore import Qt, QTimer, Signal
+from qtpy.QtCore import QEvent, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QFileDialog,
@@ -307,7 +307,15 @@ class DetectWidget(QWidget):
         table.setSortingEnabled(True)
         table.setToolTip("Click a landmark to select it and centre the view on it; click a header to sort")
         table.itemSelectionChanged.connect(self._row_selected)
+        table.installEventFilter(self)  # PageDown / PageUp move along the folder, as over the viewer
         return table
+
+    def eventFilter(self, obj: Any, event: Any) -> bool:
+        if (obj is getattr(self, "table", None) and event.type() == QEvent.KeyPress and self.folder_images
+                and event.key() in (Qt.Key_PageDown, Qt.Key_PageUp)):
+            self.go(+1 if event.key() == Qt.Key_PageDown else -1)
+            return True
+        return super().eventFilter(obj, event)
 
     def _connect(self) -> None:
         self.viewer.layers.events.inserted.connect(self._layer_inserted)
