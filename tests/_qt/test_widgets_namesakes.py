@@ -38,6 +38,13 @@ def _widgets(viewer, model, review: bool = True):
     return detect, corr
 
 
+def _open(make_napari_viewer, qtbot, folder, model, review: bool = True):
+    """A new viewer with the widgets, ``folder`` opened and its first image detected."""
+    viewer = make_napari_viewer()
+    detect, corr = _widgets(viewer, model, review)
+    return viewer, detect, corr, _detect(qtbot, detect, detect.open_folder(folder, start=False))
+
+
 def _detect(qtbot, detect, worker):
     assert worker is not None
     with qtbot.waitSignal(detect.detected, timeout=120_000) as b:
@@ -60,9 +67,7 @@ def _log(folder):
 def test_a_reviewed_image_opened_by_hand_keeps_its_review(make_napari_viewer, qtbot, config, folders,
                                                           isbi_model_path):
     clinic, _ = folders
-    viewer = make_napari_viewer()
-    detect, corr = _widgets(viewer, isbi_model_path)
-    det = _detect(qtbot, detect, detect.open_folder(clinic, start=False))
+    viewer, detect, corr, det = _open(make_napari_viewer, qtbot, clinic, isbi_model_path)
     _move_first_point(det.points_layer)
     corr.accept()
     image = clinic / "151.jpg"
@@ -86,9 +91,7 @@ def test_a_reviewed_image_opened_by_hand_keeps_its_review(make_napari_viewer, qt
 def test_a_namesake_in_another_folder_neither_shows_nor_edits_the_review(make_napari_viewer, qtbot, config,
                                                                          folders, isbi_model_path):
     clinic, other = folders
-    viewer = make_napari_viewer()
-    detect, corr = _widgets(viewer, isbi_model_path)
-    det = _detect(qtbot, detect, detect.open_folder(clinic, start=False))
+    viewer, detect, corr, det = _open(make_napari_viewer, qtbot, clinic, isbi_model_path)
     _move_first_point(det.points_layer)
     corr.accept()
     clinic_records = len(_log(clinic).records)
@@ -118,9 +121,7 @@ def test_a_folder_move_while_detecting_changes_nothing(make_napari_viewer, qtbot
 def test_an_edit_without_the_review_widget_says_it_is_not_logged(make_napari_viewer, qtbot, config, folders,
                                                                  isbi_model_path):
     clinic, _ = folders
-    viewer = make_napari_viewer()
-    detect, _ = _widgets(viewer, isbi_model_path, review=False)
-    det = _detect(qtbot, detect, detect.open_folder(clinic, start=False))
+    viewer, detect, _, det = _open(make_napari_viewer, qtbot, clinic, isbi_model_path, review=False)
     assert "open it" in detect.status_label.text()
     _move_first_point(det.points_layer)
     assert "NOT logged" in detect.status_label.text()
@@ -135,9 +136,7 @@ def test_an_edit_without_the_review_widget_says_it_is_not_logged(make_napari_vie
 def test_the_review_lets_go_of_an_image_whose_layers_are_deleted(make_napari_viewer, qtbot, config, folders,
                                                                  isbi_model_path):
     clinic, _ = folders
-    viewer = make_napari_viewer()
-    detect, corr = _widgets(viewer, isbi_model_path)
-    det = _detect(qtbot, detect, detect.open_folder(clinic, start=False))
+    viewer, detect, corr, det = _open(make_napari_viewer, qtbot, clinic, isbi_model_path)
     _move_first_point(det.points_layer)
     assert "logged" in corr.status_label.text()
     det = _detect(qtbot, detect, detect.go(+1, start=False))
@@ -153,9 +152,7 @@ def test_page_down_in_the_landmark_table_moves_along_the_folder(make_napari_view
     from qtpy.QtCore import Qt
 
     clinic, _ = folders
-    viewer = make_napari_viewer()
-    detect, _ = _widgets(viewer, isbi_model_path)
-    _detect(qtbot, detect, detect.open_folder(clinic, start=False))
+    _viewer, detect, _, _det = _open(make_napari_viewer, qtbot, clinic, isbi_model_path)
     detect.table.setFocus()
     with qtbot.waitSignal(detect.detected, timeout=120_000) as b:
         qtbot.keyClick(detect.table, Qt.Key_PageDown)
