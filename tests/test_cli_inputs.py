@@ -119,9 +119,17 @@ def test_a_folder_of_dicom_files_is_predicted(capsys, tiny_model_path, tmp_path)
     (tmp_path / "scans").mkdir()
     write_dicom(tmp_path / "scans" / "a.dcm", arr, PixelSpacing=[0.1, 0.1])
     save_png(tmp_path / "scans" / "b.png", synthetic_image(rng.uniform(20, 76, (3, 2)), rng, 96))
+    # as PACS exports name them: no suffix, or a UID
+    for name in ("IM0001", "1.2.840.113619.2.5"):
+        write_dicom(tmp_path / "scans" / (name + ".dcm"), arr, PixelSpacing=[0.11, 0.11])
+        (tmp_path / "scans" / (name + ".dcm")).rename(tmp_path / "scans" / name)
+    (tmp_path / "scans" / "notes.txt").write_text("not an image")
     rc, _, err = run(capsys, "predict", tmp_path / "scans", "--model", tiny_model_path, "--out", tmp_path / "d.csv")
     assert rc == 0, err
-    assert read_landmarks_csv(tmp_path / "d.csv")[0] == ["a.dcm", "b.png"]
+    assert read_landmarks_csv(tmp_path / "d.csv")[0] == ["1.2.840.113619.2.5", "IM0001", "a.dcm", "b.png"]
+    from napari_glimpse.spacing import read_spacing
+
+    assert read_spacing(tmp_path / "scans" / "IM0001") == pytest.approx(0.11)  # its recorded spacing is used
 
 
 @pytest.mark.parametrize("cmd", ["finetune", "train", "quantize"])

@@ -13,16 +13,16 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GlimpseError
-from .io import IMAGE_SUFFIXES, read_image, read_isbi_txt, read_landmarks_csv
+from .io import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_dicom, read_image, read_isbi_txt, read_landmarks_csv  # noqa: F401
 from .landmarks import ISBI_LANDMARKS
-from .spacing import DICOM_SUFFIXES, have_pydicom, read_dicom, tiff_spacing  # noqa: F401  re-exported
+from .spacing import have_pydicom, read_dicom, tiff_spacing  # noqa: F401  re-exported
 
 
 def read_cephalogram(path: str):
     """Reader: one grey image layer; ``metadata['path']`` records the file."""
     p = Path(path)
     spacing = None
-    if p.suffix.lower() in DICOM_SUFFIXES:
+    if is_dicom(p):
         img, spacing = read_dicom(p)
     else:
         img = read_image(p)

@@ -19,13 +19,12 @@ from .coarse import CoarseEnsemble, CoarseNet, facing_of
 from .devices import resolve_device  # noqa: F401  resolve_device: re-exported (recipe, benchmarks)
 from .errors import GlimpseError, GlimpseWarning
 from .fine import FineEnsemble, FineLook, FineNet
-from .io import read_image, to_grey_uint8
+from .io import is_dicom, read_image, to_grey_uint8
 from .landmark_set import LandmarkSet, model_landmark_set
 from .model import GlimpseModelNet, ModelConfig
 from .pyramid import Pyramid, build_pyramid
 from .result import Trajectory, mirror_points  # noqa: F401  re-exported where they used to live
 from .spacing import (
-    DICOM_SUFFIXES,
     SpacingWarning,
     model_shape,
     read_image_and_spacing,
@@ -376,7 +375,7 @@ class GlimpseModel:
 
         name, dicom, recorded = "image", False, None
         if isinstance(image, (str, os.PathLike)):
-            name, dicom = Path(image).name, Path(image).suffix.lower() in DICOM_SUFFIXES
+            name, dicom = Path(image).name, is_dicom(image)
             image, recorded = read_image_and_spacing(image)
         elif not isinstance(image, Pyramid):
             image = to_grey_uint8(image)

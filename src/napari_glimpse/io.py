@@ -377,11 +377,29 @@ def read_isbi_txt(path: str | os.PathLike, n_landmarks: int = 19) -> np.ndarray:
     return np.asarray(pts, dtype=np.float64)
 
 
+def is_dicom(path: str | os.PathLike) -> bool:
+    """A DICOM file: named ``.dcm`` / ``.dicom``, or (as PACS exports name them: ``IM0001``,
+    ``1.2.840.113619.2.5``) any other name but an image's whose bytes 128-131 are ``DICM``."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return True
+    if suffix in IMAGE_SUFFIXES:
+        return False
+    try:
+        with open(p, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def list_images(folder: str | os.PathLike, dicom: bool = False) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name; ``dicom``: DICOM files too."""
+    """Image files directly inside ``folder``, sorted by name; ``dicom``: DICOM files too (by
+    suffix or, without one, by content: :func:`is_dicom`)."""
     folder = Path(folder)
-    suffixes = IMAGE_SUFFIXES + (DICOM_SUFFIXES if dicom else ())
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and p.is_file())
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or (dicom and is_dicom(p))))
 
 
 def expand_image_args(args: Sequence[str | os.PathLike]) -> list[Path]:

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import GlimpseError, GlimpseWarning
-from .io import DICOM_SUFFIXES, Dataset, concat_datasets, read_image, to_grey_uint8
+from .io import Dataset, concat_datasets, is_dicom, read_image, to_grey_uint8
 
 MIN_SPACING_MM = 0.01
 MAX_SPACING_MM = 1.0
@@ -117,7 +117,7 @@ def read_spacing(path: str | os.PathLike) -> float | None:
     file needs pydicom (a clear error without it); the DICOM value is not range-checked."""
     p = Path(path)
     suffix = p.suffix.lower()
-    if suffix in DICOM_SUFFIXES:
+    if is_dicom(p):
         try:
             import pydicom
         except ImportError:
@@ -135,7 +135,7 @@ def read_spacing(path: str | os.PathLike) -> float | None:
 def read_image_and_spacing(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
     """An image file as grey ``uint8`` (DICOM too, with pydicom) and the spacing it records (or ``None``)."""
     p = Path(path)
-    if p.suffix.lower() in DICOM_SUFFIXES:
+    if is_dicom(p):
         return read_dicom(p)
     img = read_image(p)
     return img, tiff_spacing(p) if p.suffix.lower() in TIFF_SUFFIXES else None

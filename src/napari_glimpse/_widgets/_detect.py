@@ -39,7 +39,7 @@ from .._reader import DICOM_SUFFIXES, have_pydicom, read_dicom
 from ..errors import GlimpseError
 from ..gate import gate_note
 from ..inference import Trajectory
-from ..io import IMAGE_SUFFIXES, read_image, to_grey_uint8
+from ..io import IMAGE_SUFFIXES, is_dicom, list_images, read_image, to_grey_uint8
 from ..landmarks import ISBI_LANDMARKS, ISBI_PIXEL_SPACING_MM
 from ..spacing import remember_spacing, remembered_spacing
 from ._state import (
@@ -75,7 +75,7 @@ class _JobResult:
 
 
 def _read_any(path: Path) -> np.ndarray:
-    if path.suffix.lower() in DICOM_SUFFIXES:
+    if is_dicom(path):
         return read_dicom(path)[0]
     return read_image(path)
 
@@ -88,7 +88,7 @@ def _job_spacing(spacing: float | None, spacing_file: Path | None, shape: tuple[
 
     recorded = read_spacing(spacing_file) if spacing is None and spacing_file is not None else None
     name = spacing_file.name if spacing_file is not None else "image"
-    dicom = spacing_file is not None and spacing_file.suffix.lower() in DICOM_SUFFIXES
+    dicom = spacing_file is not None and is_dicom(spacing_file)
     return resolve_spacing(spacing, recorded, shape, model_spacing, name, dicom)
 
 
@@ -468,7 +468,7 @@ class DetectWidget(QWidget):
             folder = folder / "images"
         suffixes = IMAGE_SUFFIXES + (DICOM_SUFFIXES if have_pydicom() else ())
         try:
-            imgs = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and p.is_file())
+            imgs = list_images(folder, dicom=have_pydicom())  # DICOM files without a suffix too
         except OSError as exc:
             status(self.status_label, f"cannot list {folder}: {exc}", error=True)
             return None
