@@ -350,20 +350,19 @@ def _measures(out: Path, mpath: Path | None, paths: Sequence[Path], keys: dict[P
     if mpath is None:
         return
     from .io import read_landmarks_csv
-    from .spacing import read_spacing
+    from .spacing import read_spacing, resolve_spacing
 
     given = getattr(a, "spacing", None)
     spacing = dict(read_at)
     with warnings.catch_warnings():  # the file was read (and any notice shown) when predicted
         warnings.simplefilter("ignore")
         for p in paths:
-            if keys[p] in spacing:
-                continue
-            try:
-                recorded = None if given is not None else read_spacing(p)
-            except GlimpseError:
-                recorded = None
-            spacing[keys[p]] = given if given is not None else recorded if recorded is not None else model.pixel_spacing
+            if keys[p] not in spacing:
+                try:
+                    recorded = None if given is not None else read_spacing(p)
+                    spacing[keys[p]] = resolve_spacing(given, recorded, None, model.pixel_spacing)[0]
+                except GlimpseError:  # an unreadable file or spacing: it has no row
+                    continue
     names, coords = read_landmarks_csv(out)
     write_measures(mpath, names, coords, np.array([spacing.get(n, given or model.pixel_spacing) for n in names]))
 

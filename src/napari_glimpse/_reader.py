@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import GlimpseError
-from .io import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_dicom, read_image, read_isbi_txt, read_landmarks_csv  # noqa: F401
+from .io import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_dicom, read_image, read_isbi_txt, read_landmarks_csv
 from .landmarks import ISBI_LANDMARKS
 from .spacing import have_pydicom, read_dicom, tiff_spacing  # noqa: F401  re-exported
 

@@ -53,6 +53,16 @@ def _col(v: torch.Tensor) -> torch.Tensor:
     return v[:, None, None]
 
 
+def _centres(n: int) -> torch.Tensor:
+    """``(n,)`` the normalised coordinates (-1..1) of ``n`` pixels' centres."""
+    return (torch.arange(n, dtype=torch.float32) + 0.5) / n * 2 - 1
+
+
+def _darken(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``x`` (0-255) as behind a collimator where ``where``."""
+    return torch.where(where, x * 0.15 + 5.0, x)
+
+
 def paint_artefacts(x: torch.Tensor, target: torch.Tensor, p: float, mm_per_unit: float,
                     gen: torch.Generator) -> torch.Tensor:
     """``x`` ``(B, C, P, P)`` windows (0-255) with artefacts painted; ``target`` ``(B, 2)`` the
@@ -73,7 +83,7 @@ def paint_artefacts(x: torch.Tensor, target: torch.Tensor, p: float, mm_per_unit
     tick, grey = u(2.0, 6.0) / mm_per_unit, u(180.0, 255.0)
     edge, from_top = u(-2.0, 1.0), u(0, 1) < 0.5
     band = band & torch.where(from_top, ty > edge + 0.1, tx > edge + 0.1)  # never over the landmark
-    g = (torch.arange(w, dtype=torch.float32) + 0.5) / w * 2 - 1  # channel 0's normalised pixel centres
+    g = _centres(w)  # channel 0's
     out = x.clone()
     for ch in range(c):
         gx = (g * 2.0**ch)[None, None, :]  # (1, 1, W) in channel 0's units
@@ -84,7 +94,7 @@ def paint_artefacts(x: torch.Tensor, target: torch.Tensor, p: float, mm_per_unit
                  & (torch.remainder(gy - _col(top), _col(tick)) < 0.3 / mm_per_unit))
         paint = (bar | ticks) & _col(ruler)
         dark = torch.where(_col(from_top), gy < _col(edge), gx < _col(edge)) & _col(band)
-        v = torch.where(dark, out[:, ch] * 0.15 + 5.0, out[:, ch])
+        v = _darken(out[:, ch], dark)
         out[:, ch] = torch.where(paint, _col(grey).expand_as(v), v)
     return out
 
@@ -123,9 +133,9 @@ def paint_views(x: torch.Tensor, o: torch.Tensor, present: torch.Tensor, flip: t
     grey = u(180.0, 255.0)
     edge = -1 + 2 * u(0.0, 0.12)
     band = band & (back > edge + 0.02)
-    gx = ((torch.arange(w, dtype=torch.float32) + 0.5) / w * 2 - 1)[None, None, :] * s[:, :, None]  # (B, 1, W)
-    gy = ((torch.arange(h, dtype=torch.float32) + 0.5) / h * 2 - 1)[None, :, None]
+    gx = _centres(w)[None, None, :] * s[:, :, None]  # (B, 1, W)
+    gy = _centres(h)[None, :, None]
     bar = (gx >= _col(left)) & (gx <= _col(right)) & (gy >= _col(top)) & (gy <= _col(bottom)) & _col(ruler)
     dark = (gx < _col(edge)) & _col(band)
-    v = torch.where(dark, x[:, 0] * 0.15 + 5.0, x[:, 0])
+    v = _darken(x[:, 0], dark)
     return torch.where(bar, _col(grey).expand_as(v), v)[:, None]

@@ -249,17 +249,25 @@ def to_checkpoint(model: "GlimpseModel") -> dict:
 
 def round_to_half(model: "GlimpseModel") -> None:
     """Round the weights that a float16 file stores as float16 (see :func:`halve_weights`) in
-    place, so that the model in memory (and int8 graphs made from it) answers as the file will."""
+    place, so that the model in memory (and int8 graphs made from it) answers as the file will.
+    A tensor already rounded is not written to (a write marks the weights changed, and int8
+    graphs are kept only for the weights they were made from)."""
     with torch.no_grad():
         for net in (model.net, model.coarse, model.fine):
             for t in ([] if net is None else net.state_dict().values()):
                 if t.is_floating_point() and t.dim() >= 2:
-                    t.copy_(t.to(torch.float16).to(t.dtype))
+                    h = t.to(torch.float16).to(t.dtype)
+                    if not torch.equal(h, t):  # weights already float16's are left untouched: the int8
+                        t.copy_(h)             # graphs made from them still match them
 
 
 def save(model: "GlimpseModel", path: str | os.PathLike, half_weights: bool = False) -> None:
     """Write ``model`` to ``path`` (atomically). ``half_weights``: store the convolution and
-    linear weights as float16, about half the file (see :func:`halve_weights`)."""
+    linear weights as float16, about half the file (see :func:`halve_weights`), the model's own
+    rounded alike (:func:`round_to_half`: it answers as the file, and int8 graphs made from it
+    hold the file's weights)."""
+    if half_weights:
+        round_to_half(model)
     ckpt = to_checkpoint(model)
     atomic_torch_save(halve_weights(ckpt) if half_weights else ckpt, path)
 

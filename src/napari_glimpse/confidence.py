@@ -173,10 +173,15 @@ class Confidence:
                 "calibrator": None if self.calibrator is None else self.calibrator.to_dict()}
 
 
+def sidecar_path(model_path: str | Path) -> Path:
+    """The ``<stem>.confidence.json`` beside a model file."""
+    p = Path(model_path)
+    return p.with_name(p.stem + SIDECAR_SUFFIX)
+
+
 def read_sidecar(model_path: str | Path) -> dict | None:
     """The ``<stem>.confidence.json`` beside a model file, if there is one (else ``None``)."""
-    p = Path(model_path)
-    side = p.with_name(p.stem + SIDECAR_SUFFIX)
+    side = sidecar_path(model_path)
     return json.loads(side.read_text(encoding="utf-8")) if side.is_file() else None
 
 

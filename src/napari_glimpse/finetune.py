@@ -462,13 +462,11 @@ def _tune_nets(model, train_ds: LoadedDataset, cfg: FinetuneConfig, prog: Progre
 
 def _write(model, out: str | Path) -> None:
     """Record how many processes tuned, write ``out`` (rank 0) and wait for it on every rank. A
-    parent stored with float16 weights (the shipped model) gives a tuned file stored so too, the
-    weights in memory rounded as the file holds them (the returned model answers as the file)."""
-    from . import checkpoint, distributed
+    parent stored with float16 weights (the shipped model) gives a tuned file stored so too
+    (:meth:`GlimpseModel.save`)."""
+    from . import distributed
 
     model.meta["finetuned"]["world_size"] = distributed.world_size()
-    if model.half_weights:
-        checkpoint.round_to_half(model)
     if distributed.is_main():
         model.save(out)
     distributed.barrier()

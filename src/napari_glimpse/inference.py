@@ -230,12 +230,12 @@ class GlimpseModel:
         """Write the model to ``path`` (atomically). ``half_weights``: store the convolution and
         linear weights as float16, about half the file (see :func:`~napari_glimpse.checkpoint.halve_weights`);
         ``None``: as the file it was loaded from stored them (:attr:`half_weights`), so that a model
-        tuned from the shipped one is as small as it (the weights in memory are left as they are:
-        :func:`~napari_glimpse.checkpoint.round_to_half` rounds them as the file will)."""
+        tuned from the shipped one is as small as it. Stored as float16, the weights in memory are
+        rounded alike (:func:`~napari_glimpse.checkpoint.round_to_half`): the model answers as the file."""
         checkpoint.save(self, path, self.half_weights if half_weights is None else bool(half_weights))
-        from .confidence import SIDECAR_SUFFIX
+        from .confidence import sidecar_path
 
-        side = Path(path).with_name(Path(path).stem + SIDECAR_SUFFIX)
+        side = sidecar_path(path)
         if side.is_file():  # it was fitted for what was there before, and it wins when the file is loaded
             warnings.warn(f"{side} (a confidence calibration fitted for an earlier {Path(path).name}) takes the "
                           f"place of this model's own when it is loaded: refit it or remove it", GlimpseWarning,

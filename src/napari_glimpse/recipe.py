@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import checkpoint, distributed
+from . import distributed
 from ._serde import DictConfig
 from .artefacts import with_artefacts
 from .coarse import CoarseConfig, CoarseEnsemble, members_of, train_coarse, view_levels
@@ -503,8 +503,6 @@ def glimpse_only_build(recipe: Recipe, ds: Dataset, out: str | os.PathLike, time
         "train_device": str(model.device),
         "torch": str(torch.__version__)})
     model.net.cpu().eval()
-    if recipe.quantize.half_weights:
-        checkpoint.round_to_half(model)
     model.save(out, half_weights=recipe.quantize.half_weights)
     _say_validation(model, recipe, say)
     return model
@@ -569,8 +567,6 @@ def _save(model: GlimpseModel, recipe: Recipe, ds: Dataset, out: str | os.PathLi
         if net is not None:
             net.cpu().eval()
     q = recipe.quantize
-    if q.half_weights:
-        checkpoint.round_to_half(model)
     model.save(out, half_weights=q.half_weights)
     if not q.int8:
         return

@@ -55,11 +55,6 @@ def _apply(t: tuple[float, np.ndarray, np.ndarray], x: np.ndarray) -> np.ndarray
     return s * x @ rot.T + shift
 
 
-def _invert(t: tuple[float, np.ndarray, np.ndarray], y: np.ndarray) -> np.ndarray:
-    s, rot, shift = t
-    return (y - shift) @ rot / s
-
-
 @dataclass(frozen=True)
 class ShapeCheck:
     """A plausibility check of one answer (``K`` points, mm).
@@ -91,17 +86,10 @@ class ShapeModel:
     def n_landmarks(self) -> int:
         return self.mean.shape[0]
 
-    def _predict_one(self, points: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Landmark ``k``'s implied position (the answer's frame) and its residual in the mean frame."""
-        others = np.delete(np.arange(self.n_landmarks), k)
-        t = similarity(points[others], self.mean[others])
-        aligned = _apply(t, points[others])
-        guess = self.coef[k] @ np.append(aligned.reshape(-1), 1.0)
-        return _invert(t, guess[None])[0], _apply(t, points[k][None])[0] - guess
-
     def _round(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Every landmark's :meth:`_predict_one` at once (one batched similarity per left-out
-        landmark): implied positions, distances to them, and the residuals in training sds."""
+        """Each landmark predicted from the others (their :func:`similarity` onto the mean shape,
+        then ``coef``), every landmark at once: implied positions (the answer's frame), distances to
+        them, and the residuals (in the mean frame) in training sds."""
         n = self.n_landmarks
         others = np.array([np.delete(np.arange(n), k) for k in range(n)])  # (K, K - 1)
         src, dst = points[others], self.mean[others]  # (K, K - 1, 2)

@@ -155,11 +155,12 @@ def size_notice(shape: tuple[int, int], spacing: float, name: str = "image", dic
             + "; give the spacing (--spacing MM, or the Detect widget's field) if that is wrong")
 
 
-def resolve_spacing(given: float | None, recorded: float | None, shape: tuple[int, int], model_spacing: float,
-                    name: str = "image", dicom: bool = False) -> tuple[float, str, str | None]:
+def resolve_spacing(given: float | None, recorded: float | None, shape: tuple[int, int] | None,
+                    model_spacing: float, name: str = "image", dicom: bool = False) -> tuple[float, str, str | None]:
     """The spacing to read an image at, where it came from (``given``, ``file`` or ``model``) and the
     notice to show (or ``None``): ``given`` if not ``None``, else ``recorded`` (the file's), else the
-    model's with :func:`size_notice`. A bad given or recorded value is one clear :class:`GlimpseError`."""
+    model's with :func:`size_notice` (none without the image's ``shape``). A bad given or recorded
+    value is one clear :class:`GlimpseError`."""
     if given is not None:
         return check_spacing(given), "given", None
     if recorded is not None:
@@ -167,7 +168,7 @@ def resolve_spacing(given: float | None, recorded: float | None, shape: tuple[in
             return check_spacing(recorded, f"{name}: the recorded pixel spacing"), "file", None
         except GlimpseError as exc:
             raise GlimpseError(f"{exc}; give the right one (--spacing MM)") from None
-    return model_spacing, "model", size_notice(shape, model_spacing, name, dicom)
+    return model_spacing, "model", None if shape is None else size_notice(shape, model_spacing, name, dicom)
 
 
 def model_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:

@@ -14,7 +14,7 @@ import torch
 
 from . import distributed, loop
 from ._serde import DictConfig
-from .checkpoint import atomic_torch_save, read_checkpoint, round_to_half
+from .checkpoint import atomic_torch_save, read_checkpoint
 from .coarse import CoarseConfig, CoarseEnsemble, members_of, train_coarse, view_levels
 from .devices import autocast, resolve_device
 from .errors import GlimpseError
@@ -518,11 +518,8 @@ def train(
 def _write(model: GlimpseModel, out: Path, rpath: Path, opt, gen: torch.Generator, step: int, elapsed: float,
            history: list) -> None:
     """The last resume point, then ``out`` (rank 0), every rank waiting for it. A model tuned from
-    a float16 file (``train --init`` the shipped model) is written so too, its weights rounded in
-    memory as the file holds them (:func:`~napari_glimpse.checkpoint.round_to_half`)."""
+    a float16 file (``train --init`` the shipped model) is written so too (:meth:`GlimpseModel.save`)."""
     _save_resume(rpath, model, opt, step, elapsed, gen, history)
-    if model.half_weights:
-        round_to_half(model)
     if distributed.is_main():
         model.save(out)
     distributed.barrier()

@@ -32,6 +32,7 @@ from ..corrections import DEFAULT_EXPORT_NAME, Correction
 from ..errors import GlimpseError
 from ..landmark_set import ISBI19
 from ._state import (
+    EDIT_ACTIONS,
     NUDGE,
     NUDGE_FAST,
     SHORTCUTS,
@@ -49,8 +50,6 @@ from ._state import (
     status,
     status_label,
 )
-
-_EDIT_ACTIONS = ("changed", "added", "removed")
 
 
 def _describe(rec: Correction) -> str:
@@ -268,7 +267,7 @@ class CorrectionsWidget(QWidget):
 
     # ------------------------------------------------------------------------ events
     def _on_data(self, event) -> None:
-        if self.state.is_quiet or str(getattr(event, "action", "changed")) not in _EDIT_ACTIONS:
+        if self.state.is_quiet or str(getattr(event, "action", "changed")) not in EDIT_ACTIONS:
             return
         if QApplication.mouseButtons() != Qt.NoButton:  # a drag in progress: log at release
             self._pending = True

@@ -35,14 +35,15 @@ from qtpy.QtWidgets import (
 )
 
 from .._layer_data import abbreviations, landmarks_layer, landmarks_layer_from
-from .._reader import DICOM_SUFFIXES, have_pydicom, read_dicom
+from .._reader import have_pydicom, read_dicom
 from ..errors import GlimpseError
 from ..gate import gate_note
 from ..inference import Trajectory
-from ..io import IMAGE_SUFFIXES, is_dicom, list_images, read_image, to_grey_uint8
+from ..io import DICOM_SUFFIXES, IMAGE_SUFFIXES, is_dicom, list_images, read_image, to_grey_uint8
 from ..landmarks import ISBI_LANDMARKS, ISBI_PIXEL_SPACING_MM
 from ..spacing import remember_spacing, remembered_spacing
 from ._state import (
+    EDIT_ACTIONS,
     Detection,
     error_text,
     focus_landmark,
@@ -771,8 +772,7 @@ class DetectWidget(QWidget):
         return "accept" in self.state.actions
 
     def _edit_without_review(self, event: Any) -> None:
-        if self.state.is_quiet or self._review_open() or str(getattr(event, "action", "changed")) not in (
-                "added", "removed", "changed"):
+        if self.state.is_quiet or self._review_open() or str(getattr(event, "action", "changed")) not in EDIT_ACTIONS:
             return
         status(self.status_label, "this edit is NOT logged: open 'Review and corrections' (Plugins menu) before "
                "editing, so that corrections are kept", error=True)

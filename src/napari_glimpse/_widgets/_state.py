@@ -47,6 +47,8 @@ SHORTCUTS = (
 # as they are elsewhere): key -> (dx, dy) in image pixels; with Shift, NUDGE_FAST times as far
 NUDGE = {"Left": (-1, 0), "Right": (1, 0), "Up": (0, -1), "Down": (0, 1)}
 NUDGE_FAST = 10
+# a points layer's data events that are an edit (napari's "changing", "adding", ... come before them)
+EDIT_ACTIONS = ("changed", "added", "removed")
 
 
 def inference_threads() -> int:
